@@ -1,0 +1,15 @@
+// Host entry points of the 3D RoPE CUDA kernel (defined in rope3d.cu). Torch-free.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include "kernels/rope3d.h"
+
+namespace cogkern {
+
+// Applies the mix described by P to tokens [P.token_begin, P.seq) of every
+// (batch, head) row. x_dtype: kHalf, kBFloat16 or kFloat; table_dtype: kFloat
+// or x_dtype (read only in kTable mode). Returns the launch error, if any.
+cudaError_t launch_rope3d(const RopeParams& P, DType x_dtype, DType table_dtype, cudaStream_t stream);
+
+}  // namespace cogkern

@@ -1,0 +1,57 @@
+"""Loads the compiled extension (cogkern._C), refusing clearly when it cannot work.
+
+The extension is C++ compiled against one exact torch build; loading it under
+another torch gives undefined symbols at best and memory corruption at worst.
+So the version it was built against is checked before the shared library loads.
+"""
+from __future__ import annotations
+
+import torch
+
+_REBUILD = (
+    "Rebuild cogkern against the installed torch:\n"
+    "    pip install --no-build-isolation --force-reinstall --no-deps .\n"
+    "(from a cogkern checkout; or, for a development tree, scripts/dev_build.sh)"
+)
+
+
+def _load():
+    try:
+        from . import _build_config
+    except ImportError as exc:  # a source tree that was never built
+        raise ImportError(
+            "cogkern's compiled extension is not built (no cogkern/_build_config.py next to "
+            f"{__file__}). Install with `pip install .` or run scripts/dev_build.sh.\n{_REBUILD}"
+        ) from exc
+    if _build_config.TORCH_VERSION != torch.__version__:
+        raise ImportError(
+            f"cogkern was built against torch {_build_config.TORCH_VERSION}, but torch "
+            f"{torch.__version__} is installed; the compiled extension only works with the torch it "
+            f"was built against.\n{_REBUILD}"
+        )
+    try:
+        from . import _C
+    except ImportError as exc:
+        raise ImportError(f"cogkern's compiled extension failed to load: {exc}\n{_REBUILD}") from exc
+    return _C, _build_config
+
+
+_C, _build_config = _load()
+
+
+def build_info() -> dict:
+    """What the installed extension was built with.
+
+    Keys: ``torch_version`` (the torch it was compiled against), ``torch_cuda``
+    (that torch's CUDA version, '' for CPU builds), ``cuda_kernels`` (whether the
+    CUDA kernels are compiled in), ``cuda_version`` (nvcc's version),
+    ``cuda_archs`` (compiled architectures, e.g. ``['90a-real']``).
+    """
+    archs = _C.cuda_archs()
+    return {
+        "torch_version": _C.torch_version(),
+        "torch_cuda": _build_config.TORCH_CUDA,
+        "cuda_kernels": bool(_C.with_cuda()),
+        "cuda_version": _C.cuda_version(),
+        "cuda_archs": [a for a in archs.split(",") if a],
+    }

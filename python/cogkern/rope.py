@@ -1,0 +1,318 @@
+"""3D rotary position embedding for CogVideoX-style video tokens.
+
+``RoPE3D`` describes the rotation (grid, axis split, frequencies, positions);
+``apply_rope3d`` applies it with one fused kernel (torch.ops.cogkern.rope3d),
+computing angles in-kernel so no cos/sin table is materialized. For drop-in use
+with diffusers, ``rope`` may instead be the ``(cos, sin)`` pair that
+``get_3d_rotary_pos_embed(..., use_real=True)`` returns.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Union
+
+import torch
+
+from . import _extension  # noqa: F401  (loads the ops)
+
+_ops = torch.ops.cogkern
+RopeTable = tuple[torch.Tensor, torch.Tensor]
+
+
+def default_axes_dims(head_dim: int) -> tuple[int, int, int]:
+    """CogVideoX's split of the head dim into (t, h, w): D/4, 3D/8, 3D/8."""
+    return (head_dim // 4, head_dim // 8 * 3, head_dim // 8 * 3)
+
+
+class RoPE3D:
+    """A 3D rotary embedding over a ``(T, H, W)`` grid of video tokens.
+
+    Args:
+        grid: ``(T, H, W)``, the video token grid (after patching).
+        head_dim: the attention head dim D.
+        axes_dims: rotary channels of the t, h, w slices, in that order; each
+            even, summing to at most D (channels past the sum pass through).
+            Default: CogVideoX's ``(D/4, 3D/8, 3D/8)``.
+        theta: frequency base; pair j of an axis of dim d turns by
+            ``pos * theta ** (-2j/d)``.
+        interleaved: rotate pairs ``(2j, 2j+1)`` of each axis slice (CogVideoX);
+            False pairs ``j`` with ``j + d/2`` inside each slice (GPT-NeoX style).
+        positions: optional ``(pos_t, pos_h, pos_w)``, 1-D with T, H and W
+            entries, fractional allowed (diffusers' crop coordinates). Default:
+            the integers ``0..n-1``.
+    """
+
+    def __init__(
+        self,
+        grid: Sequence[int],
+        head_dim: int,
+        axes_dims: Sequence[int] | None = None,
+        theta: float = 10000.0,
+        interleaved: bool = True,
+        positions: Sequence[torch.Tensor | Sequence[float]] | None = None,
+    ) -> None:
+        if not isinstance(grid, Sequence) or len(grid) != 3 or not all(_is_int(g) and g >= 1 for g in grid):
+            raise ValueError(f"grid must be three positive ints (T, H, W), got {grid!r}")
+        if not _is_int(head_dim) or head_dim < 2 or head_dim % 2:
+            raise ValueError(f"head_dim must be a positive even int, got {head_dim!r}")
+        if axes_dims is None:
+            axes_dims = default_axes_dims(head_dim)
+            if any(d % 2 for d in axes_dims):
+                raise ValueError(
+                    f"the default axes_dims {axes_dims} for head_dim={head_dim} are not all even; pass axes_dims"
+                )
+        if (
+            not isinstance(axes_dims, Sequence)
+            or len(axes_dims) != 3
+            or not all(_is_int(d) and d >= 0 and d % 2 == 0 for d in axes_dims)
+        ):
+            raise ValueError(f"axes_dims must be three even non-negative ints, got {axes_dims!r}")
+        if sum(axes_dims) > head_dim:
+            raise ValueError(f"axes_dims {tuple(axes_dims)} sum to more than head_dim={head_dim}")
+        if not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta <= 0:
+            raise ValueError(f"theta must be a positive finite number, got {theta!r}")
+        self.grid = tuple(int(g) for g in grid)
+        self.head_dim = int(head_dim)
+        self.axes_dims = tuple(int(d) for d in axes_dims)
+        self.theta = float(theta)
+        self.interleaved = bool(interleaved)
+        self._positions = None if positions is None else _concat_positions(positions, self.grid)
+        self._positions_cache: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    @property
+    def num_video_tokens(self) -> int:
+        t, h, w = self.grid
+        return t * h * w
+
+    @property
+    def positions(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The (pos_t, pos_h, pos_w) given at construction, as float64, or None."""
+        if self._positions is None:
+            return None
+        t, h, _ = self.grid
+        p = self._positions
+        return p[:t], p[t : t + h], p[t + h :]
+
+    def positions_for(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Positions in the kernel's math dtype on x's device (cached: no copy per call)."""
+        if self._positions is None:
+            return None
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        key = (x.device, dtype)
+        pos = self._positions_cache.get(key)
+        if pos is None:
+            pos = self._positions.to(device=x.device, dtype=dtype)
+            self._positions_cache[key] = pos
+        return pos
+
+    def __repr__(self) -> str:
+        pos = "integer" if self._positions is None else "given"
+        return (
+            f"RoPE3D(grid={self.grid}, head_dim={self.head_dim}, axes_dims={self.axes_dims}, "
+            f"theta={self.theta}, interleaved={self.interleaved}, positions={pos})"
+        )
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _concat_positions(positions, grid) -> torch.Tensor:
+    if not isinstance(positions, Sequence) or len(positions) != 3:
+        raise ValueError("positions must be a sequence of three 1-D tensors (pos_t, pos_h, pos_w)")
+    device = next((p.device for p in positions if torch.is_tensor(p)), torch.device("cpu"))
+    parts = []
+    for name, p, n in zip(("pos_t", "pos_h", "pos_w"), positions, grid):
+        p = torch.as_tensor(p).detach()
+        if p.dim() != 1 or p.numel() != n:
+            raise ValueError(f"positions: {name} must be 1-D with {n} entries, got shape {tuple(p.shape)}")
+        if not (p.is_floating_point() or p.dtype in (torch.int32, torch.int64)):
+            raise ValueError(f"positions: {name} must be real numbers, got dtype {p.dtype}")
+        parts.append(p.to(dtype=torch.float64, device=device))
+    return torch.cat(parts).contiguous()
+
+
+_SUPPORTED = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_x(x: torch.Tensor, text_len: int, inplace: bool) -> None:
+    if not torch.is_tensor(x):
+        raise ValueError(f"x must be a tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D (batch, seq, heads, head_dim), got shape {tuple(x.shape)}")
+    if x.dtype not in _SUPPORTED:
+        raise ValueError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if x.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"x must be on the CPU or a CUDA device, got {x.device}")
+    if x.is_cuda and x.dtype == torch.float64:
+        raise ValueError("x of dtype float64 is supported on the CPU only")
+    if x.shape[-1] > 1 and x.stride(-1) != 1:
+        raise ValueError(f"x's last dimension must have stride 1, got strides {x.stride()}")
+    if not _is_int(text_len) or not 0 <= text_len <= x.shape[1]:
+        raise ValueError(f"text_len must be an int in [0, seq={x.shape[1]}], got {text_len!r}")
+    if inplace and not isinstance(inplace, bool):
+        raise ValueError(f"inplace must be a bool, got {inplace!r}")
+
+
+def apply_rope3d(
+    x: torch.Tensor,
+    rope: Union[RoPE3D, RopeTable],
+    text_len: int = 0,
+    inplace: bool = False,
+) -> torch.Tensor:
+    """Rotates the video tokens of ``x`` by a 3D rotary embedding.
+
+    Args:
+        x: ``(batch, seq, heads, head_dim)``, any strides with the last one 1
+            (a ``(B, H, S, D)`` tensor's ``.transpose(1, 2)`` view works without
+            a copy). ``seq == text_len + T*H*W``.
+        rope: a :class:`RoPE3D`, or a diffusers ``(cos, sin)`` pair of shape
+            ``(T*H*W, head_dim)`` (interleaved pairs), float32 or x's dtype.
+        text_len: the first ``text_len`` tokens (the text prefix) are untouched.
+        inplace: rotate ``x`` in place and return it.
+
+    Returns:
+        The rotated tensor (``x`` itself when ``inplace``), differentiable with
+        respect to ``x``; the backward is the inverse rotation.
+    """
+    _check_x(x, text_len, inplace)
+    n_video = x.shape[1] - text_len
+    if isinstance(rope, RoPE3D):
+        if x.shape[-1] != rope.head_dim:
+            raise ValueError(f"x has head_dim={x.shape[-1]} but rope was built for head_dim={rope.head_dim}")
+        if n_video != rope.num_video_tokens:
+            raise ValueError(
+                f"x has seq={x.shape[1]} = text_len {text_len} + {n_video} video tokens, but rope's grid "
+                f"{rope.grid} has {rope.num_video_tokens}"
+            )
+        args = (rope.positions_for(x), list(rope.grid), list(rope.axes_dims), rope.theta, rope.interleaved, text_len)
+        if not inplace:
+            return _ops.rope3d(x, *args, False)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _Rope3DInplace.apply(x, *args)
+        _ops.rope3d_(x, *args, False)
+        return x
+
+    cos, sin = _check_table(rope, x, n_video)
+    if not inplace:
+        return _ops.rope_table(x, cos, sin, text_len, False)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _RopeTableInplace.apply(x, cos, sin, text_len)
+    _ops.rope_table_(x, cos, sin, text_len, False)
+    return x
+
+
+def _check_table(rope, x: torch.Tensor, n_video: int) -> RopeTable:
+    if not (isinstance(rope, (tuple, list)) and len(rope) == 2 and all(torch.is_tensor(t) for t in rope)):
+        raise ValueError(f"rope must be a RoPE3D or a (cos, sin) pair of tensors, got {type(rope).__name__}")
+    cos, sin = rope
+    for name, t in (("cos", cos), ("sin", sin)):
+        if tuple(t.shape) != (n_video, x.shape[-1]):
+            raise ValueError(
+                f"rope: {name} must have shape (seq - text_len, head_dim) = {(n_video, x.shape[-1])}, "
+                f"got {tuple(t.shape)}"
+            )
+        if t.dtype not in (torch.float32, x.dtype):
+            raise ValueError(f"rope: {name} must be float32 or x's dtype {x.dtype}, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"rope: {name} is on {t.device} but x is on {x.device}")
+        if t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"rope: gradients with respect to the {name} table are not supported; detach it")
+    if cos.dtype != sin.dtype:
+        raise ValueError(f"rope: cos and sin must have the same dtype, got {cos.dtype} and {sin.dtype}")
+    if cos.stride(-1) != 1 or sin.stride(-1) != 1 or cos.stride(0) != sin.stride(0):
+        cos, sin = cos.contiguous(), sin.contiguous()
+    return cos, sin
+
+
+def _contiguous_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+# ----------------------------------------------------------------------------
+# Autograd and fake (meta) kernels for the functional ops. The backward of a
+# rotation is its inverse; of a table mix, its transpose.
+# ----------------------------------------------------------------------------
+
+
+def _rope3d_setup(ctx, inputs, output):
+    x, positions, grid, axes, theta, interleaved, text_len, inverse = inputs
+    ctx.save_for_backward(positions)
+    ctx.args = (grid, axes, theta, interleaved, text_len, not inverse)
+
+
+def _rope3d_backward(ctx, grad):
+    (positions,) = ctx.saved_tensors
+    grid, axes, theta, interleaved, text_len, inverse = ctx.args
+    gx = _ops.rope3d(_contiguous_last(grad), positions, grid, axes, theta, interleaved, text_len, inverse)
+    return gx, None, None, None, None, None, None, None
+
+
+def _rope_table_setup(ctx, inputs, output):
+    x, cos, sin, text_len, transpose = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.args = (text_len, not transpose)
+
+
+def _rope_table_backward(ctx, grad):
+    cos, sin = ctx.saved_tensors
+    text_len, transpose = ctx.args
+    return _ops.rope_table(_contiguous_last(grad), cos, sin, text_len, transpose), None, None, None, None
+
+
+torch.library.register_autograd("cogkern::rope3d", _rope3d_backward, setup_context=_rope3d_setup)
+torch.library.register_autograd("cogkern::rope_table", _rope_table_backward, setup_context=_rope_table_setup)
+
+
+@torch.library.register_fake("cogkern::rope3d")
+def _rope3d_fake(x, positions, grid, axes, theta, interleaved, text_len, inverse):
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("cogkern::rope3d_")
+def _rope3d_inplace_fake(x, positions, grid, axes, theta, interleaved, text_len, inverse):
+    return None
+
+
+@torch.library.register_fake("cogkern::rope_table")
+def _rope_table_fake(x, cos, sin, text_len, transpose):
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("cogkern::rope_table_")
+def _rope_table_inplace_fake(x, cos, sin, text_len, transpose):
+    return None
+
+
+class _Rope3DInplace(torch.autograd.Function):
+    """In-place rotation of a tensor that requires grad (mutating ops cannot use register_autograd)."""
+
+    @staticmethod
+    def forward(ctx, x, positions, grid, axes, theta, interleaved, text_len):
+        _ops.rope3d_(x, positions, grid, axes, theta, interleaved, text_len, False)
+        ctx.mark_dirty(x)
+        ctx.save_for_backward(positions)
+        ctx.args = (grid, axes, theta, interleaved, text_len)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        (positions,) = ctx.saved_tensors
+        gx = _ops.rope3d(_contiguous_last(grad), positions, *ctx.args, True)
+        return gx, None, None, None, None, None, None
+
+
+class _RopeTableInplace(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin, text_len):
+        _ops.rope_table_(x, cos, sin, text_len, False)
+        ctx.mark_dirty(x)
+        ctx.save_for_backward(cos, sin)
+        ctx.text_len = text_len
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return _ops.rope_table(_contiguous_last(grad), cos, sin, ctx.text_len, True), None, None, None
