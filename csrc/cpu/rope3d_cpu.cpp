@@ -1,6 +1,10 @@
-// CPU backend of the 3D RoPE op. Parallel over tokens: each task computes the
-// mixing coefficients of its tokens once (kernels/rope3d.h, shared with CUDA)
-// and applies them to every (batch, head) row of those tokens.
+// CPU backend of the 3D RoPE op, parallel over tokens.
+//
+// The math is kernels/rope3d.h's, shared with the CUDA kernel. The CPU pays
+// for trigonometry far more than a GPU does, so in kAngles mode the rotation of
+// pair p depends on one axis position only and is computed once per (axis
+// position, pair) — T*dt/2 + H*dh/2 + W*dw/2 sincos in all — then looked up per
+// token. Each token's coefficients are applied to all its (batch, head) rows.
 #include "cpu/rope3d_cpu.h"
 
 #include <ATen/Parallel.h>
@@ -13,36 +17,93 @@
 namespace cogkern::cpu {
 namespace {
 
+template <typename A>
+struct CoeffRow {  // structure of arrays, so the row loop vectorizes
+  std::vector<A> a0, b0, a1, b1;
+  explicit CoeffRow(int n) : a0(n), b0(n), a1(n), b1(n) {}
+  void set(int p, const PairCoeffs<A>& k) {
+    a0[p] = k.a0;
+    b0[p] = k.b0;
+    a1[p] = k.a1;
+    b1[p] = k.b1;
+  }
+};
+
+// Rotation coefficients of every (axis, position, pair j) of the grid.
+template <typename A>
+struct AxisRotations {
+  std::vector<PairCoeffs<A>> coeffs;
+  int offset[3] = {0, 0, 0};  // start of axis a's [grid[a]][axes[a]/2] block
+
+  explicit AxisRotations(const RopeParams& P) {
+    if (P.mode != RopeMode::kAngles) return;
+    int n = 0;
+    for (int a = 0; a < 3; ++a) {
+      offset[a] = n;
+      n += P.grid[a] * (P.axes[a] / 2);
+    }
+    coeffs.resize(n);
+    for (int a = 0; a < 3; ++a) {
+      const int half = P.axes[a] / 2;
+      for (int idx = 0; idx < P.grid[a]; ++idx) {
+        // a video token whose axis-a index is idx (the others 0), for rope_position
+        const int64_t v = a == 0 ? int64_t(idx) * P.grid[1] * P.grid[2] : a == 1 ? int64_t(idx) * P.grid[2] : idx;
+        const A pos = rope_position<A>(P, v, a);
+        for (int j = 0; j < half; ++j) {
+          coeffs[offset[a] + idx * half + j] =
+              rotation_coeffs<A>(pos * rope_inv_freq<A>(j, P.axes[a], P.log2_theta), P.inverse);
+        }
+      }
+    }
+  }
+};
+
 template <typename scalar_t, typename table_t>
 void rope3d_typed(const RopeParams& P) {
   using A = acc_t<scalar_t>;
   const int half_d = int(P.head_dim / 2);
+  const bool interleaved = P.mode == RopeMode::kTable || P.interleaved;
+  std::vector<RopePair> pairs(half_d);
+  for (int p = 0; p < half_d; ++p) pairs[p] = rope_pair(p, P.axes, interleaved);
+  const AxisRotations<A> rotations(P);
+
   const scalar_t* x = static_cast<const scalar_t*>(P.x);
   scalar_t* out = static_cast<scalar_t*>(P.out);
   const int64_t rows = P.batch * P.heads;
-  // Small grains still give each task a few thousand elements.
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, rows * P.head_dim));
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, rows * P.head_dim));
 
   at::parallel_for(P.token_begin, P.seq, grain, [&](int64_t begin, int64_t end) {
-    std::vector<PairCoeffs<A>> k(half_d);
-    std::vector<int> c0(half_d), c1(half_d);
-    for (int p = 0; p < half_d; ++p) {
-      const bool interleaved = P.mode == RopeMode::kTable || P.interleaved;
-      const RopePair pr = rope_pair(p, P.axes, interleaved);
-      c0[p] = pr.c0;
-      c1[p] = pr.c1;
-    }
+    CoeffRow<A> k(half_d);
     for (int64_t s = begin; s < end; ++s) {
-      for (int p = 0; p < half_d; ++p) k[p] = rope_coeffs<A, table_t>(P, s, p);
+      const int64_t v = s - P.text_len;
+      const int64_t idx[3] = {v / (int64_t(P.grid[1]) * P.grid[2]), (v / P.grid[2]) % P.grid[1], v % P.grid[2]};
+      for (int p = 0; p < half_d; ++p) {
+        if (P.mode == RopeMode::kTable || s < P.text_len) {
+          k.set(p, rope_coeffs<A, table_t>(P, s, p));
+        } else if (pairs[p].axis < 0) {
+          k.set(p, identity_coeffs<A>());
+        } else {
+          const int a = pairs[p].axis;
+          k.set(p, rotations.coeffs[rotations.offset[a] + idx[a] * (P.axes[a] / 2) + pairs[p].j]);
+        }
+      }
       for (int64_t b = 0; b < P.batch; ++b) {
         for (int64_t h = 0; h < P.heads; ++h) {
           const scalar_t* xr = x + b * P.x_stride_b + s * P.x_stride_s + h * P.x_stride_h;
           scalar_t* yr = out + b * P.out_stride_b + s * P.out_stride_s + h * P.out_stride_h;
-          for (int p = 0; p < half_d; ++p) {
-            A y0, y1;
-            rope_mix<A>(to_acc<A>(xr[c0[p]]), to_acc<A>(xr[c1[p]]), k[p], &y0, &y1);
-            yr[c0[p]] = from_acc<scalar_t>(y0);
-            yr[c1[p]] = from_acc<scalar_t>(y1);
+          if (interleaved) {
+            for (int p = 0; p < half_d; ++p) {
+              const A x0 = to_acc<A>(xr[2 * p]), x1 = to_acc<A>(xr[2 * p + 1]);
+              yr[2 * p] = from_acc<scalar_t>(k.a0[p] * x0 + k.b0[p] * x1);
+              yr[2 * p + 1] = from_acc<scalar_t>(k.a1[p] * x1 + k.b1[p] * x0);
+            }
+          } else {
+            for (int p = 0; p < half_d; ++p) {
+              const int c0 = pairs[p].c0, c1 = pairs[p].c1;
+              const A x0 = to_acc<A>(xr[c0]), x1 = to_acc<A>(xr[c1]);
+              yr[c0] = from_acc<scalar_t>(k.a0[p] * x0 + k.b0[p] * x1);
+              yr[c1] = from_acc<scalar_t>(k.a1[p] * x1 + k.b1[p] * x0);
+            }
           }
         }
       }

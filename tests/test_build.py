@@ -1,0 +1,36 @@
+"""The installed extension: build facts, and a clear refusal under the wrong torch."""
+import os
+import subprocess
+import sys
+
+import torch
+
+import cogkern
+
+
+def test_build_info():
+    info = cogkern.build_info()
+    assert set(info) == {"torch_version", "torch_cuda", "cuda_kernels", "cuda_version", "cuda_archs"}
+    assert info["torch_version"] == torch.__version__
+    assert isinstance(info["cuda_kernels"], bool)
+    if info["cuda_kernels"]:
+        assert info["cuda_archs"] and info["cuda_version"]
+        assert torch.ops.cogkern.rope3d.default.has_kernel_for_dispatch_key("CUDA")
+    else:
+        assert info["cuda_archs"] == []
+    expected = os.environ.get("COGKERN_EXPECT_CUDA_ARCH")  # set by .ci/run, which builds for sm_90a
+    if expected:
+        assert info["cuda_kernels"] and any(a.startswith(expected) for a in info["cuda_archs"]), info
+
+
+def test_ops_registered_for_cpu():
+    for name in ("rope3d", "rope3d_", "rope_table", "rope_table_"):
+        assert getattr(torch.ops.cogkern, name).default.has_kernel_for_dispatch_key("CPU")
+
+
+def test_import_under_other_torch_is_a_clear_import_error():
+    code = "import torch; torch.__version__ = '1.0.0+other'\ntry:\n import cogkern\nexcept ImportError as e:\n print(e)\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "built against torch" in out.stdout and "1.0.0+other" in out.stdout
+    assert "pip install --no-build-isolation" in out.stdout
