@@ -26,19 +26,6 @@ SHAPES = {
 }
 
 
-def diffusers_table(rope: RoPE3D, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (cos, sin) pair diffusers' get_3d_rotary_pos_embed(use_real=True) returns (fp32)."""
-    coss, sins = [], []
-    t, h, w = rope.grid
-    tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
-    for idx, d in zip((tt, hh, ww), rope.axes_dims):
-        freqs = 1.0 / (rope.theta ** (torch.arange(0, d, 2, dtype=torch.float32)[: d // 2] / d))
-        ang = idx.flatten().float()[:, None] * freqs[None]
-        coss.append(ang.cos().repeat_interleave(2, 1))
-        sins.append(ang.sin().repeat_interleave(2, 1))
-    return torch.cat(coss, 1).to(device), torch.cat(sins, 1).to(device)
-
-
 def diffusers_apply_rotary_emb(x, freqs_cis):
     """diffusers.models.embeddings.apply_rotary_emb(use_real=True, use_real_unbind_dim=-1), as written there."""
     cos, sin = freqs_cis
@@ -51,7 +38,7 @@ def diffusers_apply_rotary_emb(x, freqs_cis):
 def run(device: str, shape: str, dtypes: list[torch.dtype], quick: bool) -> list[dict]:
     batch, heads, d, text_len, grid = SHAPES[shape]
     rope = RoPE3D(grid, d)
-    table = diffusers_table(rope, device)
+    table = rope.cos_sin(device)  # what diffusers' get_3d_rotary_pos_embed(use_real=True) returns
     n_video = rope.num_video_tokens
     s = text_len + n_video
     repeats = 5 if quick else 20

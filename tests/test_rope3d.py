@@ -210,6 +210,20 @@ def test_torch_compile_inductor_inplace_no_grad():
         torch.testing.assert_close(f(x), apply_rope3d(x + 1, rope, text_len=1))
 
 
+def test_cos_sin_tables_match_diffusers_construction():
+    grid = (3, 4, 5)
+    positions = [torch.linspace(0, 3, 3), torch.arange(4) * 0.5, torch.arange(5)]
+    for rope, pos in ((RoPE3D(grid, 64), None), (RoPE3D(grid, 64, positions=positions), positions)):
+        cos, sin = rope.cos_sin(dtype=torch.float64)
+        ref_cos, ref_sin = diffusers_style_table(grid, 64, positions=pos, dtype=torch.float64)
+        torch.testing.assert_close(cos, ref_cos, **F64)
+        torch.testing.assert_close(sin, ref_sin, **F64)
+    cos, sin = RoPE3D(grid, 40, axes_dims=(8, 8, 8)).cos_sin()
+    assert torch.equal(cos[:, 24:], torch.ones(60, 16)) and torch.equal(sin[:, 24:], torch.zeros(60, 16))
+    with pytest.raises(ValueError, match="half-split"):
+        RoPE3D(grid, 64, interleaved=False).cos_sin()
+
+
 def test_default_axes_and_repr():
     r = RoPE3D((13, 30, 45), 64)
     assert r.axes_dims == (16, 24, 24) and r.num_video_tokens == 17550

@@ -106,6 +106,30 @@ class RoPE3D:
             self._positions_cache[key] = pos
         return pos
 
+    def cos_sin(self, device=None, dtype: torch.dtype = torch.float32) -> RopeTable:
+        """The rotation as diffusers' ``(cos, sin)`` tables, each ``(T*H*W, head_dim)``.
+
+        What ``get_3d_rotary_pos_embed(..., use_real=True)`` returns: the angle of
+        each interleaved pair repeated for both of its channels (pass-through
+        channels get cos 1, sin 0). For eager reference paths and for peers that
+        take tables; ``apply_rope3d`` itself never needs them. Interleaved only.
+        """
+        if not self.interleaved:
+            raise ValueError("cos_sin: diffusers' tables describe interleaved pairs; this RoPE3D is half-split")
+        t, h, w = self.grid
+        pos = self._positions if self._positions is not None else torch.cat([torch.arange(n) for n in self.grid])
+        pos = pos.to(device="cpu", dtype=torch.float64)
+        tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
+        idx = (tt.flatten(), t + hh.flatten(), t + h + ww.flatten())
+        angles = []
+        for axis_pos, d in zip(idx, self.axes_dims):
+            inv_freq = self.theta ** (-2.0 * torch.arange(d // 2, dtype=torch.float64) / d)
+            angles.append(torch.outer(pos[axis_pos], inv_freq).repeat_interleave(2, dim=1))
+        passthrough = self.head_dim - sum(self.axes_dims)
+        angles.append(torch.zeros(self.num_video_tokens, passthrough, dtype=torch.float64))
+        angle = torch.cat(angles, dim=1)
+        return angle.cos().to(device=device, dtype=dtype), angle.sin().to(device=device, dtype=dtype)
+
     def __repr__(self) -> str:
         pos = "integer" if self._positions is None else "given"
         return (

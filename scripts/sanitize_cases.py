@@ -1,0 +1,63 @@
+"""One small call of each CUDA kernel path, for compute-sanitizer and ncu.
+
+    compute-sanitizer --tool memcheck python scripts/sanitize_cases.py
+    python scripts/sanitize_cases.py --only rope   # a subset, by name prefix
+
+Small shapes with odd sizes (sequence not a multiple of any tile, misaligned
+views) so out-of-bounds accesses show. Each new CUDA op adds its cases here.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+
+def rope_cases():
+    from cogkern import RoPE3D, apply_rope3d
+
+    grid, text_len = (3, 5, 7), 11
+    s = text_len + 105
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        base = torch.randn(2, 3, s, 65, device="cuda", dtype=dtype)
+        views = {"vector": base[..., :64].transpose(1, 2), "misaligned": base[..., 1:].transpose(1, 2)}
+        for name, x in views.items():
+            for interleaved in (True, False):
+                rope = RoPE3D(grid, 64, interleaved=interleaved, positions=[torch.rand(n) for n in grid])
+                xg = x.detach().requires_grad_()
+                apply_rope3d(xg, rope, text_len=text_len).sum().backward()  # forward + inverse
+                apply_rope3d(x.clone(), rope, text_len=text_len, inplace=True)
+                yield f"rope3d {dtype} {name} interleaved={interleaved}"
+        t = torch.rand(105, 64, device="cuda")
+        apply_rope3d(views["vector"].detach().requires_grad_(), (t, t.flip(0)), text_len=text_len).sum().backward()
+        apply_rope3d(views["misaligned"].clone(), (t.to(dtype), t.to(dtype)), text_len=text_len, inplace=True)
+        yield f"rope_table {dtype}"
+
+
+CASES = {"rope": rope_cases}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", default="", help="comma-separated case groups: " + ",".join(CASES))
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("sanitize_cases: no CUDA GPU", file=sys.stderr)
+        return 2
+    wanted = [w for w in args.only.split(",") if w] or list(CASES)
+    unknown = [w for w in wanted if w not in CASES]
+    if unknown:
+        p.error(f"unknown case group(s) {unknown}; choose from {list(CASES)}")
+    n = 0
+    for group in wanted:
+        for label in CASES[group]():
+            torch.cuda.synchronize()
+            n += 1
+            print("ok", label, flush=True)
+    print(f"sanitize_cases: {n} cases ran")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
