@@ -1,0 +1,345 @@
+"""Fused CogVideoX attention: per-head QK-norm, 3D RoPE on the video tokens and
+softmax attention in one op (torch.ops.cogkern.fused_attention_fwd / _bwd).
+
+``fused_attention`` is the functional form; ``FusedAttention`` the module, with
+the parameter names of diffusers' ``Attention`` as CogVideoX builds it, so a
+CogVideoX attention state dict loads one to one.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from . import _extension  # noqa: F401  (loads the ops)
+from .rope import RoPE3D, RopeTable, _check_table, _is_int
+
+_ops = torch.ops.cogkern
+
+_SUPPORTED = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_NORMS = (None, "layer_norm", "rms_norm")
+
+# Whether a CUDA kernel is registered (csrc/ops/cuda/attention_cuda.cpp). Read
+# once: the registration happens when the extension loads.
+_HAS_CUDA_KERNEL = torch._C._dispatch_has_kernel_for_dispatch_key("cogkern::fused_attention_fwd", "CUDA")
+
+
+def fused_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    rope: Union[RoPE3D, RopeTable, None] = None,
+    text_len: int = 0,
+    qk_norm: Optional[str] = None,
+    q_norm_weight: Optional[torch.Tensor] = None,
+    q_norm_bias: Optional[torch.Tensor] = None,
+    k_norm_weight: Optional[torch.Tensor] = None,
+    k_norm_bias: Optional[torch.Tensor] = None,
+    norm_eps: float = 1e-6,
+    scale: Optional[float] = None,
+    causal: bool = False,
+    return_lse: bool = False,
+):
+    """Attention with CogVideoX's QK-norm and 3D RoPE fused in.
+
+    Per head, ``q`` and ``k`` of every token are normalized over head_dim
+    (``qk_norm``), the video tokens after ``text_len`` are rotated by ``rope``,
+    and then ``softmax(q k^T * scale) v`` is taken (non-causal unless ``causal``).
+
+    Args:
+        q, k, v: ``(batch, seq, heads, head_dim)``, same shape, dtype and device;
+            any strides with the last one 1 (the ``.transpose(1, 2)`` view of a
+            diffusers-style ``(batch, heads, seq, head_dim)`` tensor works
+            without a copy).
+        rope: a :class:`RoPE3D` over the ``seq - text_len`` video tokens, or a
+            diffusers ``(cos, sin)`` pair of shape ``(seq - text_len, head_dim)``;
+            None: no rotation.
+        text_len: the first ``text_len`` tokens (the text prefix) are not rotated.
+        qk_norm: None, ``"layer_norm"`` or ``"rms_norm"``.
+        q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias: optional
+            ``(head_dim,)`` affine parameters of the norms (absent: 1 and 0).
+        norm_eps: the norms' epsilon.
+        scale: softmax scale; default ``1 / sqrt(head_dim)``.
+        causal: mask key j > query i.
+        return_lse: also return the log-sum-exp of each row's scaled scores,
+            ``(batch, heads, seq)``, float32 (float64 for float64 inputs).
+
+    Returns:
+        ``out`` of shape ``(batch, seq, heads, head_dim)`` in q's dtype
+        (contiguous), or ``(out, lse)``. Differentiable with respect to q, k, v
+        and the norm parameters (and through lse).
+    """
+    _check_qkv(q, k, v)
+    if q.is_cuda and not _HAS_CUDA_KERNEL:
+        raise NotImplementedError(
+            "cogkern.fused_attention: the CUDA kernel is not built yet; this cogkern has the CPU backend only. "
+            "Move q, k, v to the CPU, or use the eager path (norm + RoPE + F.scaled_dot_product_attention)."
+        )
+    seq, head_dim = q.shape[1], q.shape[3]
+    if not _is_int(text_len) or not 0 <= text_len <= seq:
+        raise ValueError(f"text_len must be an int in [0, seq={seq}], got {text_len!r}")
+    if qk_norm not in _NORMS:
+        raise ValueError(f"qk_norm must be None, 'layer_norm' or 'rms_norm', got {qk_norm!r}")
+    norm_params = [
+        _check_norm_param(name, t, qk_norm, q)
+        for name, t in (
+            ("q_norm_weight", q_norm_weight),
+            ("q_norm_bias", q_norm_bias),
+            ("k_norm_weight", k_norm_weight),
+            ("k_norm_bias", k_norm_bias),
+        )
+    ]
+    if isinstance(norm_eps, bool) or not isinstance(norm_eps, (int, float)) or not 0 <= norm_eps < math.inf:
+        raise ValueError(f"norm_eps must be a finite number >= 0, got {norm_eps!r}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
+        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+    if not isinstance(causal, bool):
+        raise ValueError(f"causal must be a bool, got {causal!r}")
+    if not isinstance(return_lse, bool):
+        raise ValueError(f"return_lse must be a bool, got {return_lse!r}")
+
+    out, lse = _ops.fused_attention_fwd(
+        q,
+        k,
+        v,
+        qk_norm or "none",
+        *norm_params,
+        float(norm_eps),
+        *_rope_args(rope, q, text_len),
+        text_len,
+        float(scale),
+        causal,
+    )
+    return (out, lse) if return_lse else out
+
+
+def _check_qkv(q, k, v) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not torch.is_tensor(t):
+            raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (batch, seq, heads, head_dim), got shape {tuple(t.shape)}")
+        if t.dtype not in _SUPPORTED:
+            raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+        if t.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"{name} must be on the CPU or a CUDA device, got {t.device}")
+        if t.shape != q.shape:
+            raise ValueError(f"{name} must have q's shape {tuple(q.shape)}, got {tuple(t.shape)}")
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+        if t.shape[-1] > 1 and t.stride(-1) != 1:
+            raise ValueError(f"{name}'s last dimension must have stride 1, got strides {t.stride()}")
+    if q.shape[-1] < 1:
+        raise ValueError("q's head_dim must be at least 1")
+    if q.is_cuda and q.dtype == torch.float64:
+        raise ValueError("q of dtype float64 is supported on the CPU only")
+
+
+def _check_norm_param(name: str, t, qk_norm, q: torch.Tensor):
+    if t is None:
+        return None
+    if qk_norm is None:
+        raise ValueError(f"{name} was given but qk_norm is None")
+    if not torch.is_tensor(t):
+        raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+    if tuple(t.shape) != (q.shape[-1],):
+        raise ValueError(f"{name} must have shape (head_dim,) = ({q.shape[-1]},), got {tuple(t.shape)}")
+    if t.dtype not in _SUPPORTED:
+        raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if t.device != q.device:
+        raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    return t
+
+
+def _rope_args(rope, q: torch.Tensor, text_len: int) -> tuple:
+    """(positions, grid, axes_dims, theta, interleaved, cos, sin) for the op."""
+    head_dim, n_video = q.shape[-1], q.shape[1] - text_len
+    if rope is None:
+        return None, [], [], 10000.0, True, None, None
+    if isinstance(rope, RoPE3D):
+        if head_dim != rope.head_dim:
+            raise ValueError(f"q has head_dim={head_dim} but rope was built for head_dim={rope.head_dim}")
+        if n_video != rope.num_video_tokens:
+            raise ValueError(
+                f"rope: q has seq={q.shape[1]} = text_len {text_len} + {n_video} video tokens, but rope's grid "
+                f"{rope.grid} has {rope.num_video_tokens}"
+            )
+        return rope.positions_for(q), list(rope.grid), list(rope.axes_dims), rope.theta, rope.interleaved, None, None
+    if head_dim % 2:
+        raise ValueError(f"q's head_dim must be even for RoPE, got {head_dim}")
+    cos, sin = _check_table(rope, q, n_video)
+    return None, [], [], 10000.0, True, cos, sin
+
+
+# ----------------------------------------------------------------------------
+# Autograd and fake (meta) kernels.
+# ----------------------------------------------------------------------------
+
+# Positions of the op's inputs that carry gradients: q, k, v, then the norm parameters.
+_QKV = (0, 1, 2)
+_NORM_PARAMS = (4, 5, 6, 7)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v = inputs[0:3]
+    norm_params = inputs[4:8]
+    rope_tensors = (inputs[9], inputs[14], inputs[15])  # positions, cos, sin
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, *norm_params, *rope_tensors)
+    ctx.qk_norm = inputs[3]
+    ctx.norm_eps = inputs[8]
+    ctx.rope_static = inputs[10:14]  # grid, axes_dims, theta, interleaved
+    ctx.rest = inputs[16:19]  # text_len, scale, causal
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, qw, qb, kw, kb, positions, cos, sin = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    elif grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()
+    if grad_lse is not None:
+        grad_lse = grad_lse.contiguous()
+    dq, dk, dv, dqw, dqb, dkw, dkb = _ops.fused_attention_bwd(
+        grad_out, grad_lse, q, k, v, out, lse,
+        ctx.qk_norm, qw, qb, kw, kb, ctx.norm_eps,
+        positions, *ctx.rope_static, cos, sin,
+        *ctx.rest,
+    )  # fmt: skip
+    grads = [None] * 19
+    grads[0], grads[1], grads[2] = dq, dk, dv
+    for index, param, grad in zip(_NORM_PARAMS, (qw, qb, kw, kb), (dqw, dqb, dkw, dkb)):
+        if param is not None:
+            grads[index] = grad
+    return tuple(grads)
+
+
+torch.library.register_autograd("cogkern::fused_attention_fwd", _backward, setup_context=_setup_context)
+
+
+def _math_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("cogkern::fused_attention_fwd")
+def _fwd_fake(q, k, v, qk_norm, qw, qb, kw, kb, norm_eps, positions, grid, axes, theta, interleaved, cos, sin,
+              text_len, scale, causal):  # fmt: skip
+    batch, seq, heads, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((batch, heads, seq), dtype=_math_dtype(q.dtype))
+
+
+@torch.library.register_fake("cogkern::fused_attention_bwd")
+def _bwd_fake(grad_out, grad_lse, q, k, v, out, lse, qk_norm, qw, qb, kw, kb, norm_eps, positions, grid, axes,
+              theta, interleaved, cos, sin, text_len, scale, causal):  # fmt: skip
+    def param_grad(p):
+        return q.new_empty((0,)) if p is None else p.new_empty(p.shape)
+
+    return (
+        q.new_empty(q.shape),
+        q.new_empty(q.shape),
+        q.new_empty(q.shape),
+        *(param_grad(p) for p in (qw, qb, kw, kb)),
+    )
+
+
+# ----------------------------------------------------------------------------
+# The module.
+# ----------------------------------------------------------------------------
+
+
+class FusedAttention(nn.Module):
+    """CogVideoX's self-attention over the joint [text; video] sequence, fused.
+
+    Parameters are named as in diffusers' ``Attention`` built the CogVideoX way
+    (``to_q``, ``to_k``, ``to_v``, ``norm_q``, ``norm_k``, ``to_out.0``), so
+    ``load_state_dict`` takes a CogVideoX block's ``attn1`` weights unchanged.
+
+    Args:
+        dim: model width (input and output features).
+        heads: number of heads.
+        head_dim: per-head width; default ``dim // heads``.
+        qk_norm: ``"layer_norm"`` (CogVideoX), ``"rms_norm"`` or None.
+        bias: bias in to_q, to_k, to_v.
+        out_bias: bias in the output projection.
+        eps: the QK-norm epsilon.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        head_dim: Optional[int] = None,
+        qk_norm: Optional[str] = "layer_norm",
+        bias: bool = True,
+        out_bias: bool = True,
+        eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        if not _is_int(dim) or dim < 1:
+            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        if not _is_int(heads) or heads < 1:
+            raise ValueError(f"heads must be a positive int, got {heads!r}")
+        if head_dim is None:
+            if dim % heads:
+                raise ValueError(f"dim={dim} is not divisible by heads={heads}; pass head_dim")
+            head_dim = dim // heads
+        if not _is_int(head_dim) or head_dim < 1:
+            raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
+        if qk_norm not in _NORMS:
+            raise ValueError(f"qk_norm must be None, 'layer_norm' or 'rms_norm', got {qk_norm!r}")
+        self.heads = heads
+        self.head_dim = head_dim
+        self.qk_norm = qk_norm
+        inner = heads * head_dim
+        self.to_q = nn.Linear(dim, inner, bias=bias)
+        self.to_k = nn.Linear(dim, inner, bias=bias)
+        self.to_v = nn.Linear(dim, inner, bias=bias)
+        if qk_norm == "layer_norm":
+            self.norm_q = nn.LayerNorm(head_dim, eps=eps)
+            self.norm_k = nn.LayerNorm(head_dim, eps=eps)
+        elif qk_norm == "rms_norm":
+            self.norm_q = nn.RMSNorm(head_dim, eps=eps)
+            self.norm_k = nn.RMSNorm(head_dim, eps=eps)
+        else:
+            self.norm_q = None
+            self.norm_k = None
+        self.to_out = nn.ModuleList([nn.Linear(inner, dim, bias=out_bias), nn.Dropout(0.0)])
+
+    def forward(
+        self, hidden_states: torch.Tensor, rope: Union[RoPE3D, RopeTable, None] = None, text_len: int = 0
+    ) -> torch.Tensor:
+        """``hidden_states``: ``(batch, seq, dim)`` = [text; video] tokens; returns the same shape."""
+        if not torch.is_tensor(hidden_states) or hidden_states.dim() != 3:
+            shape = tuple(hidden_states.shape) if torch.is_tensor(hidden_states) else type(hidden_states).__name__
+            raise ValueError(f"hidden_states must be (batch, seq, dim), got {shape}")
+        batch, seq, _ = hidden_states.shape
+        shape = (batch, seq, self.heads, self.head_dim)
+        q = self.to_q(hidden_states).view(shape)
+        k = self.to_k(hidden_states).view(shape)
+        v = self.to_v(hidden_states).view(shape)
+        norm_kwargs = {}
+        if self.qk_norm is not None:
+            norm_kwargs = dict(
+                qk_norm=self.qk_norm,
+                q_norm_weight=self.norm_q.weight,
+                q_norm_bias=getattr(self.norm_q, "bias", None),
+                k_norm_weight=self.norm_k.weight,
+                k_norm_bias=getattr(self.norm_k, "bias", None),
+                norm_eps=_norm_eps(self.norm_q, hidden_states.dtype),
+            )
+        out = fused_attention(q, k, v, rope=rope, text_len=text_len, **norm_kwargs)
+        out = self.to_out[0](out.flatten(2))
+        return self.to_out[1](out)
+
+
+def _norm_eps(norm: nn.Module, dtype: torch.dtype) -> float:
+    # nn.RMSNorm's eps=None means the dtype's machine epsilon.
+    eps = norm.eps
+    return torch.finfo(dtype).eps if eps is None else float(eps)
