@@ -1,0 +1,109 @@
+"""Procedural text-to-video data, made on the fly: no downloads.
+
+Each sample is a short video of one colored shape moving across a dark
+background, with a caption such as "red square moving right". Sample i of a
+dataset with seed s is a pure function of (s, i), so any batch can be rebuilt
+exactly (resume, several ranks). Videos are turned into "latents" the way a
+VAE's encoder shapes them — pooled 4x in space and 2x in time, projected to
+``latent_channels`` by a fixed matrix — so the transformer sees CogVideoX-like
+``(C, T, H, W)`` inputs without a VAE.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+COLORS = {
+    "red": (1.0, 0.15, 0.1),
+    "green": (0.1, 0.9, 0.2),
+    "blue": (0.15, 0.3, 1.0),
+    "yellow": (1.0, 0.9, 0.1),
+    "purple": (0.6, 0.1, 0.8),
+    "white": (1.0, 1.0, 1.0),
+}
+SHAPES = ("square", "circle", "triangle")
+DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
+VOCAB = ("<pad>", "moving", *COLORS, *SHAPES, *DIRECTIONS)
+CAPTION_LEN = 4  # color, shape, "moving", direction
+
+
+def tokenize(caption: str) -> list[int]:
+    """Word ids of a caption, padded to CAPTION_LEN."""
+    ids = [VOCAB.index(w) for w in caption.split()]
+    if len(ids) > CAPTION_LEN:
+        raise ValueError(f"caption {caption!r} has more than {CAPTION_LEN} words")
+    return ids + [0] * (CAPTION_LEN - len(ids))
+
+
+@dataclass(frozen=True)
+class VideoSpec:
+    frames: int = 8  # pixel frames; latent frames = frames // 2
+    size: int = 32  # pixel height and width; latent size = size // 4
+    latent_channels: int = 4
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int, int]:
+        return (self.latent_channels, self.frames // 2, self.size // 4, self.size // 4)
+
+
+class ShapesVideos:
+    """Deterministic batches of (latents, caption ids, captions)."""
+
+    def __init__(self, spec: VideoSpec = VideoSpec(), seed: int = 0) -> None:
+        if spec.frames % 2 or spec.size % 8:
+            raise ValueError(f"frames must be even and size a multiple of 8, got {spec}")
+        self.spec = spec
+        self.seed = seed
+        g = torch.Generator().manual_seed(1234)  # the "encoder": fixed across seeds
+        proj = torch.randn(spec.latent_channels, 3, generator=g)
+        self._proj = proj / proj.norm(dim=1, keepdim=True)
+
+    def captions(self, indices: torch.Tensor) -> list[str]:
+        return [self._describe(int(i))[0] for i in indices]
+
+    def _describe(self, index: int):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        color = list(COLORS)[int(torch.randint(len(COLORS), (1,), generator=g))]
+        shape = SHAPES[int(torch.randint(len(SHAPES), (1,), generator=g))]
+        direction = list(DIRECTIONS)[int(torch.randint(len(DIRECTIONS), (1,), generator=g))]
+        start = torch.rand(2, generator=g) * 0.5 + 0.25  # center, in [0.25, 0.75] of the frame
+        radius = float(torch.rand(1, generator=g) * 0.1 + 0.12)
+        speed = float(torch.rand(1, generator=g) * 0.03 + 0.03)  # of the frame per pixel frame
+        return f"{color} {shape} moving {direction}", color, shape, direction, start, radius, speed
+
+    def video(self, index: int) -> torch.Tensor:
+        """Pixel video (3, frames, size, size) in [-1, 1]."""
+        _, color, shape, direction, start, radius, speed = self._describe(index)
+        n, f = self.spec.size, self.spec.frames
+        coords = (torch.arange(n, dtype=torch.float32) + 0.5) / n
+        yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+        dx, dy = DIRECTIONS[direction]
+        frames = []
+        for t in range(f):
+            cx, cy = float(start[0]) + dx * speed * t, float(start[1]) + dy * speed * t
+            ax, ay = (xx - cx).abs(), (yy - cy).abs()
+            if shape == "square":
+                mask = (ax <= radius) & (ay <= radius)
+            elif shape == "circle":
+                mask = (xx - cx) ** 2 + (yy - cy) ** 2 <= radius**2
+            else:  # triangle pointing up
+                mask = (yy - cy <= radius) & (ax <= (yy - cy + radius) * 0.5)
+            frames.append(mask.float())
+        masks = torch.stack(frames)  # (f, n, n)
+        rgb = torch.tensor(COLORS[color])[:, None, None, None]
+        return masks[None] * (rgb * 1.8) - 0.9  # background -0.9, shape up to +0.9
+
+    def encode(self, videos: torch.Tensor) -> torch.Tensor:
+        """(B, 3, F, S, S) pixels -> (B, C, F/2, S/4, S/4) latents of about unit variance."""
+        pooled = F.avg_pool3d(videos, kernel_size=(2, 4, 4))
+        return torch.einsum("cr,brthw->bcthw", self._proj, pooled) * 1.2
+
+    def batch(self, step: int, batch_size: int, rank: int = 0, world: int = 1):
+        """The batch of a training step: samples [(step * world + rank) * batch_size, ...)."""
+        first = (step * world + rank) * batch_size
+        indices = torch.arange(first, first + batch_size)
+        videos = torch.stack([self.video(int(i)) for i in indices])
+        ids = torch.tensor([tokenize(c) for c in self.captions(indices)])
+        return self.encode(videos), ids

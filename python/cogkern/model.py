@@ -1,0 +1,173 @@
+"""A small video diffusion transformer with CogVideoX's structure.
+
+Video latents (C, T, H, W) are cut into 2x2 patches; a caption's word
+embeddings form a text prefix; every block runs one attention over the joint
+[text; video] sequence (``cogkern.FusedAttention``: LayerNorm QK-norm, 3D RoPE
+on the video tokens) and a GELU MLP, each modulated by the timestep through
+adaptive LayerNorm (CogVideoX's ``CogVideoXLayerNormZero``: separate shift,
+scale and gate for video and text). The model predicts v.
+
+``attention="cogkern"`` uses the fused op; ``"sdpa"`` and ``"eager"`` compute
+the same attention from the same parameters the way diffusers writes it
+(cogkern.eager), for A/B runs.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import FusedAttention
+from .eager import cogvideox_attention
+from .rope import RoPE3D
+
+ATTENTION_IMPLS = ("cogkern", "sdpa", "eager")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    latent_channels: int = 4
+    latent_frames: int = 4
+    latent_size: int = 8
+    patch: int = 2
+    dim: int = 64
+    heads: int = 2
+    layers: int = 2
+    vocab: int = 16
+    text_len: int = 4
+    time_embed_dim: int = 128
+    mlp_ratio: int = 4
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        s = self.latent_size // self.patch
+        return (self.latent_frames, s, s)
+
+    @property
+    def seq_len(self) -> int:
+        t, h, w = self.grid
+        return self.text_len + t * h * w
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# Named sizes. tiny: the CPU demo; small/base: GPU runs.
+CONFIGS = {
+    "tiny": ModelConfig(),
+    "small": ModelConfig(latent_frames=4, latent_size=16, dim=256, heads=4, layers=4, time_embed_dim=256),
+    "base": ModelConfig(latent_channels=16, latent_frames=8, latent_size=32, dim=768, heads=12, layers=8,
+                        time_embed_dim=512),
+}
+
+
+def timestep_features(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal features of integer timesteps, cos first (diffusers' flip_sin_to_cos=True)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    angles = t.float()[:, None] * freqs[None]
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+class LayerNormZero(nn.Module):
+    """CogVideoX's adaptive LayerNorm: shift/scale/gate for video and for text, from the timestep."""
+
+    def __init__(self, time_dim: int, dim: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(time_dim, 6 * dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-5)
+
+    def forward(self, video, text, temb):
+        shift, scale, gate, t_shift, t_scale, t_gate = self.linear(F.silu(temb)).chunk(6, dim=1)
+        video = self.norm(video) * (1 + scale[:, None]) + shift[:, None]
+        text = self.norm(text) * (1 + t_scale[:, None]) + t_shift[:, None]
+        return video, text, gate[:, None], t_gate[:, None]
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.norm1 = LayerNormZero(cfg.time_embed_dim, cfg.dim)
+        self.attn1 = FusedAttention(cfg.dim, cfg.heads, qk_norm="layer_norm", eps=1e-6)
+        self.norm2 = LayerNormZero(cfg.time_embed_dim, cfg.dim)
+        self.ff = nn.Sequential(
+            nn.Linear(cfg.dim, cfg.mlp_ratio * cfg.dim), nn.GELU(approximate="tanh"),
+            nn.Linear(cfg.mlp_ratio * cfg.dim, cfg.dim),
+        )
+
+    def forward(self, video, text, temb, rope, rope_table, attention: str):
+        text_len = text.shape[1]
+        nv, nt, gate, t_gate = self.norm1(video, text, temb)
+        joint = torch.cat([nt, nv], dim=1)
+        if attention == "cogkern":
+            out = self.attn1(joint, rope=rope, text_len=text_len)
+        else:
+            out = cogvideox_attention(self.attn1, joint, rope_table, text_len, impl=attention)
+        video = video + gate * out[:, text_len:]
+        text = text + t_gate * out[:, :text_len]
+        nv, nt, gate, t_gate = self.norm2(video, text, temb)
+        ff = self.ff(torch.cat([nt, nv], dim=1))
+        return video + gate * ff[:, text_len:], text + t_gate * ff[:, :text_len]
+
+
+class VideoTransformer(nn.Module):
+    """v-prediction transformer: (latents (B, C, T, H, W), caption ids (B, L), timesteps (B,)) -> v."""
+
+    def __init__(self, cfg: ModelConfig, attention: str = "cogkern") -> None:
+        super().__init__()
+        if attention not in ATTENTION_IMPLS:
+            raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {attention!r}")
+        self.cfg = cfg
+        self.attention = attention
+        p, c = cfg.patch, cfg.latent_channels
+        self.patch_embed = nn.Linear(c * p * p, cfg.dim)
+        self.text_embed = nn.Embedding(cfg.vocab, cfg.dim)
+        self.time_proj = nn.Sequential(
+            nn.Linear(cfg.dim, cfg.time_embed_dim), nn.SiLU(), nn.Linear(cfg.time_embed_dim, cfg.time_embed_dim)
+        )
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
+        self.norm_final = nn.LayerNorm(cfg.dim, eps=1e-5)
+        self.norm_out = nn.Linear(cfg.time_embed_dim, 2 * cfg.dim)  # AdaLayerNorm's shift and scale
+        self.proj_out = nn.Linear(cfg.dim, c * p * p)
+        self.rope = RoPE3D(cfg.grid, cfg.head_dim)
+        self._rope_table = None
+
+    def rope_table(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._rope_table is None or self._rope_table[0].device != device:
+            self._rope_table = self.rope.cos_sin(device)
+        return self._rope_table
+
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        p = self.cfg.patch
+        x = x.reshape(b, c, t, h // p, p, w // p, p).permute(0, 2, 3, 5, 1, 4, 6)
+        return x.reshape(b, t * (h // p) * (w // p), c * p * p)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        t, hp, wp = self.cfg.grid
+        p, c = self.cfg.patch, self.cfg.latent_channels
+        x = x.reshape(b, t, hp, wp, c, p, p).permute(0, 4, 1, 2, 5, 3, 6)
+        return x.reshape(b, c, t, hp * p, wp * p)
+
+    def forward(self, latents: torch.Tensor, caption_ids: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        expected = (self.cfg.latent_channels, self.cfg.latent_frames, self.cfg.latent_size, self.cfg.latent_size)
+        if tuple(latents.shape[1:]) != expected:
+            raise ValueError(f"latents must be (batch, *{expected}), got {tuple(latents.shape)}")
+        dtype = self.patch_embed.weight.dtype
+        video = self.patch_embed(self.patchify(latents.to(dtype)))
+        text = self.text_embed(caption_ids)
+        temb = self.time_proj(timestep_features(timesteps, self.cfg.dim).to(dtype))
+        table = self.rope_table(latents.device) if self.attention != "cogkern" else None
+        for block in self.blocks:
+            video, text = block(video, text, temb, self.rope, table, self.attention)
+        shift, scale = self.norm_out(F.silu(temb)).chunk(2, dim=1)
+        video = self.norm_final(video) * (1 + scale[:, None]) + shift[:, None]
+        return self.unpatchify(self.proj_out(video))

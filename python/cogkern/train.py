@@ -1,0 +1,439 @@
+"""Train a small CogVideoX-style video transformer: the demo that uses all of cogkern.
+
+    python -m cogkern.train                                  # tiny model, CPU if no GPU, fp32
+    python -m cogkern.train --precision fp16 --steps 500 --out runs/fp16
+    python -m cogkern.train --attention sdpa --optimizer torch   # the same run, done the diffusers way
+    torchrun --nproc_per_node 2 -m cogkern.train ...              # DistributedDataParallel
+
+Precisions: fp32 (reference); fp16 (fp16 params, fp32 master weights, dynamic
+loss scaling); bf16 (bf16 params, fp32 master weights); bf16-sr (bf16 params,
+no master weights, stochastic rounding). With ``--optimizer torch`` the
+16-bit modes are torch's AMP recipe instead: fp32 params under autocast, with
+``torch.amp.GradScaler`` for fp16.
+
+Writes DIR/metrics.csv, DIR/loss.png and DIR/checkpoint.pt (atomically, every
+``--ckpt-every`` steps and at the end); ``--resume`` continues a run so that its
+losses equal an uninterrupted run's.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import math
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .data import VOCAB, CAPTION_LEN, ShapesVideos, VideoSpec
+from .diffusion import DDPMSchedule, v_loss
+from .model import ATTENTION_IMPLS, CONFIGS, ModelConfig, VideoTransformer
+
+PRECISIONS = ("fp32", "fp16", "bf16", "bf16-sr")
+CKPT_FORMAT = "cogkern-train-v1"
+METRIC_FIELDS = ("step", "loss", "loss_scale", "skipped", "grad_norm", "lr", "tokens_per_s", "peak_mem_mb")
+# Everything that must match for --resume to continue the same run.
+RUN_KEYS = ("config", "precision", "optimizer", "attention", "batch_size", "seed", "lr", "warmup", "weight_decay",
+            "max_grad_norm", "world_size")
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (NaN loss, bad checkpoint); the message says why."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m cogkern.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    p.add_argument("--steps", type=_positive_int, default=300)
+    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--attention", choices=ATTENTION_IMPLS, default="cogkern")
+    p.add_argument("--optimizer", choices=("cogkern", "torch"), default="cogkern")
+    p.add_argument("--lr", type=_positive_float, default=1e-3)
+    p.add_argument("--warmup", type=_nonneg_int, default=20, help="linear warm-up steps (counting applied steps)")
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--max-grad-norm", type=_positive_float, default=1.0)
+    p.add_argument("--out", default="runs/train")
+    p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
+    p.add_argument("--ckpt-every", type=_positive_int, default=100)
+    p.add_argument("--log-every", type=_positive_int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    return p
+
+
+def _positive_int(s: str) -> int:
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {s}")
+    return v
+
+
+def _nonneg_int(s: str) -> int:
+    v = int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
+    return v
+
+
+def _positive_float(s: str) -> float:
+    v = float(s)
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {s}")
+    return v
+
+
+# ----------------------------------------------------------------------------- precision
+
+
+@dataclass
+class StepOutputs:
+    """Device tensors of one step; read on the host only when logging."""
+
+    loss: torch.Tensor
+    loss_scale: torch.Tensor
+    skipped: torch.Tensor
+    grad_norm: torch.Tensor
+    lr: torch.Tensor
+
+
+class Stepper:
+    """One precision recipe: owns the optimizer (and loss scaler), runs backward + step.
+
+    The learning rate lives in a device tensor driven by the count of *applied*
+    steps, so a step skipped for overflow does not advance the schedule, and no
+    step synchronizes with the host.
+    """
+
+    def __init__(self, model: nn.Module, args, device: torch.device) -> None:
+        self.args = args
+        self.device = device
+        self.applied = torch.zeros((), dtype=torch.float32, device=device)  # steps taken so far
+        self.lr = torch.full((), args.lr, dtype=torch.float32, device=device)
+        self._set_lr()
+        params = [p for p in model.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [dict(params=decay, weight_decay=args.weight_decay), dict(params=no_decay, weight_decay=0.0)]
+        self.scaler = None
+        self.autocast_dtype = None
+        if args.optimizer == "cogkern":
+            from .amp import DynamicLossScaler
+            from .optim import FusedAdamW
+
+            self.opt = FusedAdamW(groups, lr=self.lr, max_grad_norm=args.max_grad_norm,
+                                  stochastic_rounding=args.precision == "bf16-sr", seed=args.seed + 1)
+            if args.precision == "fp16":
+                self.scaler = DynamicLossScaler()
+        else:
+            fused = device.type == "cuda"
+            self.opt = torch.optim.AdamW(groups, lr=self.lr if fused else args.lr, fused=fused or None,
+                                         foreach=None if fused else True)
+            self.autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.precision)
+            if args.precision == "fp16":
+                self.scaler = torch.amp.GradScaler(device.type)
+
+    def _set_lr(self) -> None:
+        warm = self.args.warmup
+        factor = torch.clamp((self.applied + 1) / warm, max=1.0) if warm > 0 else torch.ones_like(self.applied)
+        self.lr.copy_(self.args.lr * factor)
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def step(self, loss: torch.Tensor, params: list[torch.Tensor]) -> StepOutputs:
+        one = torch.ones((), device=self.device)
+        lr = self.lr.clone()
+        if self.args.optimizer == "cogkern":
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.opt)
+                self.scaler.update()
+                scale = self.scaler.scale_tensor.clone()
+            else:
+                loss.backward()
+                self.opt.step()
+                scale = one
+            skipped = self.opt.skipped_flag.clone()
+            grad_norm = self.opt.grad_norm.clone()
+        else:
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.unscale_(self.opt)
+            else:
+                loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm).float()
+            if self.scaler is not None:
+                scale_before = self.scaler.get_scale()  # torch's GradScaler syncs here anyway
+                self.scaler.step(self.opt)
+                self.scaler.update()
+                skipped = torch.tensor(float(self.scaler.get_scale() < scale_before), device=self.device)
+                scale = torch.tensor(scale_before, device=self.device)
+            else:
+                self.opt.step()
+                skipped = torch.zeros((), device=self.device)
+                scale = one
+        self.opt.zero_grad(set_to_none=True)
+        self.applied += 1 - skipped
+        self._set_lr()
+        if not torch.is_tensor(self.opt.param_groups[0]["lr"]):
+            lr = float(self.lr)  # torch's foreach AdamW takes a float lr (free on the CPU)
+            for g in self.opt.param_groups:
+                g["lr"] = lr
+        return StepOutputs(loss.detach().float(), scale.float(), skipped.float(), grad_norm.float(), lr)
+
+    def state_dict(self) -> dict:
+        return dict(opt=self.opt.state_dict(), scaler=None if self.scaler is None else self.scaler.state_dict(),
+                    applied=self.applied.cpu())
+
+    def load_state_dict(self, state: dict) -> None:
+        self.opt.load_state_dict(state["opt"])
+        if self.scaler is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        self.applied.copy_(state["applied"])
+        self._set_lr()
+
+
+def cast_model(model: nn.Module, args) -> nn.Module:
+    if args.optimizer == "cogkern" and args.precision in ("fp16", "bf16", "bf16-sr"):
+        return model.to(torch.float16 if args.precision == "fp16" else torch.bfloat16)
+    return model  # fp32 params (torch's AMP keeps fp32 params and autocasts)
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def resolve_device(choice: str, local_rank: int) -> torch.device:
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA GPU is available")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def check_precision_supported(args, device: torch.device) -> None:
+    if args.precision == "bf16-sr" and args.optimizer != "cogkern":
+        raise SystemExit("--precision bf16-sr needs --optimizer cogkern (torch has no stochastic-rounding AdamW)")
+    if args.precision in ("bf16", "bf16-sr") and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise SystemExit(f"--precision {args.precision}: this GPU ({torch.cuda.get_device_name(device)}) "
+                         "has no bfloat16 support; use fp16 or fp32")
+
+
+def run_key(args, world: int) -> dict:
+    return dict(config=args.config, precision=args.precision, optimizer=args.optimizer, attention=args.attention,
+                batch_size=args.batch_size, seed=args.seed, lr=args.lr, warmup=args.warmup,
+                weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, world_size=world)
+
+
+def save_checkpoint(path: str, payload: dict) -> None:
+    """Atomic: a crash mid-write never leaves a truncated checkpoint behind."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, key: dict) -> dict:
+    if not os.path.exists(path):
+        raise TrainingError(f"--resume: no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise TrainingError(f"--resume: {path} is not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
+        raise TrainingError(f"--resume: {path} is not a cogkern training checkpoint ({CKPT_FORMAT})")
+    diff = {k: (ckpt["run"].get(k), key[k]) for k in RUN_KEYS if ckpt["run"].get(k) != key[k]}
+    if diff:
+        lines = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+        raise TrainingError(f"--resume: {path} belongs to a different run ({lines})")
+    return ckpt
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def write_metrics(path: str, rows: list[dict]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def read_metrics(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return [{k: float(v) if k != "step" else int(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def plot_losses(path: str, rows: list[dict], title: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: skipping loss.png", file=sys.stderr)
+        return False
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, [r["loss"] for r in rows], lw=0.8, label="loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("v-prediction loss")
+    ax.set_yscale("log")
+    if any(r["loss_scale"] != 1.0 for r in rows):
+        ax2 = ax.twinx()
+        ax2.plot(steps, [r["loss_scale"] for r in rows], color="tab:orange", lw=0.8, label="loss scale")
+        ax2.set_yscale("log", base=2)
+        ax2.set_ylabel("loss scale")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def train(argv=None) -> dict:
+    """Runs training; returns a summary dict (also used by the precision study and tests)."""
+    args = build_parser().parse_args(argv)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(args.device, local_rank)
+    check_precision_supported(args, device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+    cfg: ModelConfig = CONFIGS[args.config]
+    if cfg.vocab < len(VOCAB) or cfg.text_len != CAPTION_LEN:
+        raise SystemExit(f"config {args.config} does not fit the caption vocabulary")
+    spec = VideoSpec(frames=cfg.latent_frames * 2, size=cfg.latent_size * 4, latent_channels=cfg.latent_channels)
+    data = ShapesVideos(spec, seed=args.seed)
+    schedule = DDPMSchedule()
+
+    torch.manual_seed(args.seed)
+    model = cast_model(VideoTransformer(cfg, attention=args.attention), args).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    stepper = Stepper(model, args, device)
+    ddp_model = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_path = os.path.join(args.out, "checkpoint.pt")
+    metrics_path = os.path.join(args.out, "metrics.csv")
+    key = run_key(args, world)
+    start_step, rows = 0, []
+    if args.resume:
+        ckpt = load_checkpoint(ckpt_path, key)
+        model.load_state_dict(ckpt["model"])
+        stepper.load_state_dict(ckpt["stepper"])
+        start_step = ckpt["step"]
+        rows = [r for r in read_metrics(metrics_path) if r["step"] < start_step]
+    if start_step >= args.steps:
+        raise TrainingError(f"--resume: the checkpoint is at step {start_step}, nothing left of --steps {args.steps}")
+
+    tokens_per_step = args.batch_size * cfg.seq_len * world
+    pending: list[tuple[int, StepOutputs]] = []
+    last_log_time, last_log_step = time.perf_counter(), start_step
+    show = rank == 0 and not args.quiet
+    last_good_step = start_step
+
+    def flush(step_now: int) -> None:
+        nonlocal last_log_time, last_log_step
+        if not pending:
+            return
+        stacked = torch.stack([torch.stack([o.loss, o.loss_scale, o.skipped, o.grad_norm, o.lr]) for _, o in pending])
+        values = stacked.cpu().tolist()  # the one host sync per log interval
+        now = time.perf_counter()
+        tps = tokens_per_step * (step_now - last_log_step) / max(now - last_log_time, 1e-9)
+        last_log_time, last_log_step = now, step_now
+        mem = peak_memory_mb(device)
+        for (s, _), (loss, scale, skipped, gnorm, lr) in zip(pending, values):
+            if not math.isfinite(loss) and args.precision != "fp16":
+                raise TrainingError(
+                    f"loss became {loss} at step {s} in {args.precision}; stopping. The last good checkpoint "
+                    f"(step {last_good_step}) is kept in {ckpt_path}")
+            rows.append(dict(step=s, loss=loss, loss_scale=scale, skipped=int(skipped), grad_norm=gnorm,
+                             lr=lr, tokens_per_s=tps, peak_mem_mb=mem))
+        pending.clear()
+        if show:
+            r = rows[-1]
+            skips = sum(x["skipped"] for x in rows)
+            msg = (f"step {r['step'] + 1}/{args.steps}  loss {r['loss']:.4f}  scale {r['loss_scale']:.0f}  "
+                   f"skipped {skips}  {tps:,.0f} tok/s")
+            end = "\r" if sys.stderr.isatty() and step_now < args.steps else "\n"
+            print(msg.ljust(78), end=end, file=sys.stderr, flush=True)
+
+    def checkpoint(step_now: int) -> None:
+        nonlocal last_good_step
+        flush(step_now)
+        if rank == 0:
+            save_checkpoint(ckpt_path, dict(format=CKPT_FORMAT, run=key, step=step_now, model=model.state_dict(),
+                                            stepper=stepper.state_dict(), model_config=cfg.to_dict()))
+            write_metrics(metrics_path, rows)
+        last_good_step = step_now
+
+    for step in range(start_step, args.steps):
+        latents, ids = data.batch(step, args.batch_size, rank, world)
+        g = torch.Generator().manual_seed((args.seed * 1_000_003 + step) * 64 + rank)
+        t = schedule.sample_timesteps(args.batch_size, g)
+        noise = torch.randn(latents.shape, generator=g)
+        xt, v = schedule.noisy_and_target(latents, noise, t)
+        xt, v, ids, t = xt.to(device), v.to(device), ids.to(device), t.to(device)
+        with stepper.autocast():
+            loss = v_loss(ddp_model(xt, ids, t), v)
+        pending.append((step, stepper.step(loss, params)))
+        done = step + 1
+        if done % args.log_every == 0:
+            flush(done)
+        if done % args.ckpt_every == 0 or done == args.steps:
+            checkpoint(done)
+
+    summary = dict(rows=rows, out=args.out, precision=args.precision, steps=args.steps, world=world, rank=rank,
+                   params=[p.detach().float().cpu() for p in params] if world > 1 else None)
+    if rank == 0 and not args.no_plot:
+        plot_losses(os.path.join(args.out, "loss.png"), rows,
+                    f"{args.config}, {args.precision}, attention={args.attention}, optimizer={args.optimizer}")
+    if world > 1:
+        dist.barrier()
+    return summary
+
+
+def main(argv=None) -> int:
+    try:
+        summary = train(argv)
+    except TrainingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    rows = summary["rows"]
+    if summary["rank"] == 0 and rows:
+        first = sum(r["loss"] for r in rows[:10]) / len(rows[:10])
+        last = sum(r["loss"] for r in rows[-10:]) / len(rows[-10:])
+        print(f"done: {len(rows)} steps logged, loss {first:.4f} (first 10) -> {last:.4f} (last 10); "
+              f"skipped {sum(r['skipped'] for r in rows)}; wrote {summary['out']}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
