@@ -146,7 +146,9 @@ def test_two_process_gloo_ranks_stay_identical(tmp_path):
 def test_audit_flags_fp16_overflow():
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
     with torch.no_grad():
-        model[2].weight.fill_(3e4)
+        model[0].weight.fill_(1.0)
+        model[0].bias.zero_()
+        model[2].weight.fill_(3e4)  # outputs 8 * 8 * 3e4 = 1.9e6
     report = audit(model, torch.ones(2, 8))
     assert report.recommendation == "bf16"
     flagged = {s.name for s in report.unsafe_in_fp16()}

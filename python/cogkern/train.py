@@ -188,9 +188,9 @@ class Stepper:
         self.applied += 1 - skipped
         self._set_lr()
         if not torch.is_tensor(self.opt.param_groups[0]["lr"]):
-            lr = float(self.lr)  # torch's foreach AdamW takes a float lr (free on the CPU)
+            lr_now = float(self.lr)  # torch's foreach AdamW takes a float lr (free on the CPU)
             for g in self.opt.param_groups:
-                g["lr"] = lr
+                g["lr"] = lr_now
         return StepOutputs(loss.detach().float(), scale.float(), skipped.float(), grad_norm.float(), lr)
 
     def state_dict(self) -> dict:
