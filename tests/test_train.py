@@ -166,3 +166,21 @@ def test_audit_recommends_fp16_for_a_tame_model():
     assert grads and all(0.0 <= s.underflow_frac <= 1.0 for s in grads)
     with pytest.raises(ValueError, match="loss_scale"):
         audit(model, torch.randn(4, 8), loss_scale=0)
+
+
+def test_data_is_deterministic_and_rank_disjoint():
+    from cogkern.data import VOCAB, ShapesVideos, tokenize
+
+    d = ShapesVideos(seed=3)
+    a, ids_a = d.batch(5, 4)
+    b, ids_b = ShapesVideos(seed=3).batch(5, 4)
+    assert torch.equal(a, b) and torch.equal(ids_a, ids_b)
+    r1, _ = d.batch(5, 4, rank=1, world=2)
+    assert not torch.equal(d.batch(5, 4, rank=0, world=2)[0], r1)
+    assert a.shape == (4, *d.spec.latent_shape)
+    caption = d.captions(torch.tensor([0]))[0]
+    assert [VOCAB[i] for i in tokenize(caption)] == caption.split()
+    with pytest.raises(ValueError, match="more than"):
+        tokenize("red square moving right right")
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        tokenize("red square moving fast")

@@ -31,10 +31,13 @@ CAPTION_LEN = 4  # color, shape, "moving", direction
 
 def tokenize(caption: str) -> list[int]:
     """Word ids of a caption, padded to CAPTION_LEN."""
-    ids = [VOCAB.index(w) for w in caption.split()]
-    if len(ids) > CAPTION_LEN:
+    words = caption.split()
+    unknown = [w for w in words if w not in VOCAB]
+    if unknown:
+        raise ValueError(f"caption {caption!r} has words outside the vocabulary: {unknown}")
+    if len(words) > CAPTION_LEN:
         raise ValueError(f"caption {caption!r} has more than {CAPTION_LEN} words")
-    return ids + [0] * (CAPTION_LEN - len(ids))
+    return [VOCAB.index(w) for w in words] + [0] * (CAPTION_LEN - len(words))
 
 
 @dataclass(frozen=True)
@@ -75,25 +78,25 @@ class ShapesVideos:
 
     def video(self, index: int) -> torch.Tensor:
         """Pixel video (3, frames, size, size) in [-1, 1]."""
-        _, color, shape, direction, start, radius, speed = self._describe(index)
+        return self._render(self._describe(index))
+
+    def _render(self, desc) -> torch.Tensor:
+        _, color, shape, direction, start, radius, speed = desc
         n, f = self.spec.size, self.spec.frames
         coords = (torch.arange(n, dtype=torch.float32) + 0.5) / n
-        yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+        yy, xx = coords.view(1, n, 1), coords.view(1, 1, n)
         dx, dy = DIRECTIONS[direction]
-        frames = []
-        for t in range(f):
-            cx, cy = float(start[0]) + dx * speed * t, float(start[1]) + dy * speed * t
-            ax, ay = (xx - cx).abs(), (yy - cy).abs()
-            if shape == "square":
-                mask = (ax <= radius) & (ay <= radius)
-            elif shape == "circle":
-                mask = (xx - cx) ** 2 + (yy - cy) ** 2 <= radius**2
-            else:  # triangle pointing up
-                mask = (yy - cy <= radius) & (ax <= (yy - cy + radius) * 0.5)
-            frames.append(mask.float())
-        masks = torch.stack(frames)  # (f, n, n)
-        rgb = torch.tensor(COLORS[color])[:, None, None, None]
-        return masks[None] * (rgb * 1.8) - 0.9  # background -0.9, shape up to +0.9
+        t = torch.arange(f, dtype=torch.float32).view(f, 1, 1)
+        cx, cy = float(start[0]) + dx * speed * t, float(start[1]) + dy * speed * t  # (f, 1, 1) each
+        ax, ay = (xx - cx).abs(), (yy - cy).abs()
+        if shape == "square":
+            mask = (ax <= radius) & (ay <= radius)
+        elif shape == "circle":
+            mask = ax**2 + ay**2 <= radius**2
+        else:  # triangle pointing up
+            mask = (yy - cy <= radius) & (ax <= (yy - cy + radius) * 0.5)
+        rgb = torch.tensor(COLORS[color]).view(3, 1, 1, 1)
+        return mask.float()[None] * (rgb * 1.8) - 0.9  # background -0.9, shape up to +0.9
 
     def encode(self, videos: torch.Tensor) -> torch.Tensor:
         """(B, 3, F, S, S) pixels -> (B, C, F/2, S/4, S/4) latents of about unit variance."""
@@ -103,7 +106,7 @@ class ShapesVideos:
     def batch(self, step: int, batch_size: int, rank: int = 0, world: int = 1):
         """The batch of a training step: samples [(step * world + rank) * batch_size, ...)."""
         first = (step * world + rank) * batch_size
-        indices = torch.arange(first, first + batch_size)
-        videos = torch.stack([self.video(int(i)) for i in indices])
-        ids = torch.tensor([tokenize(c) for c in self.captions(indices)])
+        descs = [self._describe(i) for i in range(first, first + batch_size)]
+        videos = torch.stack([self._render(d) for d in descs])
+        ids = torch.tensor([tokenize(d[0]) for d in descs])
         return self.encode(videos), ids

@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cogkern.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--precision", choices=PRECISIONS, default="fp32")
-    p.add_argument("--steps", type=_positive_int, default=300)
+    p.add_argument("--steps", type=_positive_int, default=200)
     p.add_argument("--batch-size", type=_positive_int, default=8)
     p.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
