@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import FusedAttention
+from .data import CAPTION_LEN, VOCAB, VideoSpec
 from .eager import cogvideox_attention
 from .rope import RoPE3D
 
@@ -31,7 +32,8 @@ ATTENTION_IMPLS = ("cogkern", "sdpa", "eager")
 class ModelConfig:
     latent_channels: int = 4
     latent_frames: int = 4
-    latent_size: int = 8
+    latent_size: int = 8  # latent height (and width, unless latent_width is set)
+    latent_width: int = 0  # 0: square latents
     patch: int = 2
     dim: int = 64
     heads: int = 2
@@ -46,9 +48,13 @@ class ModelConfig:
         return self.dim // self.heads
 
     @property
+    def latent_shape(self) -> tuple[int, int, int, int]:
+        return (self.latent_channels, self.latent_frames, self.latent_size, self.latent_width or self.latent_size)
+
+    @property
     def grid(self) -> tuple[int, int, int]:
-        s = self.latent_size // self.patch
-        return (self.latent_frames, s, s)
+        _, t, h, w = self.latent_shape
+        return (t, h // self.patch, w // self.patch)
 
     @property
     def seq_len(self) -> int:
@@ -58,6 +64,15 @@ class ModelConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def trainable_on_demo_data(self) -> bool:
+        """The procedural captions and square videos fit this config."""
+        return self.text_len == CAPTION_LEN and self.vocab >= len(VOCAB) and self.latent_width in (0, self.latent_size)
+
+    def video_spec(self) -> VideoSpec:
+        """The pixel videos whose latents have this config's shape."""
+        return VideoSpec(frames=self.latent_frames * 2, size=self.latent_size * 4, latent_channels=self.latent_channels)
+
 
 # Named sizes. tiny: the CPU demo; small/base: GPU runs.
 CONFIGS = {
@@ -65,6 +80,10 @@ CONFIGS = {
     "small": ModelConfig(latent_frames=4, latent_size=16, dim=256, heads=4, layers=4, time_embed_dim=256),
     "base": ModelConfig(latent_channels=16, latent_frames=8, latent_size=32, dim=768, heads=12, layers=8,
                         time_embed_dim=512),
+    # CogVideoX-5B's width, heads and sequence (480x720, 49 frames: 226 text + 13x30x45 video tokens), 4 blocks:
+    # for benchmarking a training step at the real shape.
+    "cogvideox-5b-4blocks": ModelConfig(latent_channels=16, latent_frames=13, latent_size=60, latent_width=90,
+                                        dim=3072, heads=48, layers=4, vocab=32, text_len=226, time_embed_dim=512),
 }
 
 
@@ -158,7 +177,7 @@ class VideoTransformer(nn.Module):
         return x.reshape(b, c, t, hp * p, wp * p)
 
     def forward(self, latents: torch.Tensor, caption_ids: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        expected = (self.cfg.latent_channels, self.cfg.latent_frames, self.cfg.latent_size, self.cfg.latent_size)
+        expected = self.cfg.latent_shape
         if tuple(latents.shape[1:]) != expected:
             raise ValueError(f"latents must be (batch, *{expected}), got {tuple(latents.shape)}")
         dtype = self.patch_embed.weight.dtype

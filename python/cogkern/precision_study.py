@@ -18,7 +18,7 @@ import sys
 import torch
 
 from . import train as train_mod
-from .data import ShapesVideos, VideoSpec
+from .data import ShapesVideos
 from .diffusion import DDPMSchedule, v_loss
 from .model import CONFIGS, VideoTransformer
 from .precision import audit
@@ -49,8 +49,7 @@ def summarize(rows: list[dict], ref: list[dict] | None) -> dict:
 
 def audit_batch(config: str, seed: int):
     cfg = CONFIGS[config]
-    spec = VideoSpec(frames=cfg.latent_frames * 2, size=cfg.latent_size * 4, latent_channels=cfg.latent_channels)
-    latents, ids = ShapesVideos(spec, seed=seed).batch(0, 4)
+    latents, ids = ShapesVideos(cfg.video_spec(), seed=seed).batch(0, 4)
     g = torch.Generator().manual_seed(seed)
     sched = DDPMSchedule()
     t = sched.sample_timesteps(4, g)
@@ -111,7 +110,7 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
+    p.add_argument("--config", choices=train_mod.TRAIN_CONFIGS, default="tiny")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)

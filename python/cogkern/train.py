@@ -31,11 +31,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .data import VOCAB, CAPTION_LEN, ShapesVideos, VideoSpec
+from .data import ShapesVideos
 from .diffusion import DDPMSchedule, v_loss
 from .model import ATTENTION_IMPLS, CONFIGS, ModelConfig, VideoTransformer
 
 PRECISIONS = ("fp32", "fp16", "bf16", "bf16-sr")
+TRAIN_CONFIGS = sorted(k for k, c in CONFIGS.items() if c.trainable_on_demo_data)
 CKPT_FORMAT = "cogkern-train-v1"
 METRIC_FIELDS = ("step", "loss", "loss_scale", "skipped", "grad_norm", "lr", "tokens_per_s", "peak_mem_mb")
 # Everything that must match for --resume to continue the same run.
@@ -53,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=PRECISIONS, default="fp32")
     p.add_argument("--steps", type=_positive_int, default=200)
     p.add_argument("--batch-size", type=_positive_int, default=8)
-    p.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
+    p.add_argument("--config", choices=TRAIN_CONFIGS, default="tiny")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--attention", choices=ATTENTION_IMPLS, default="cogkern")
     p.add_argument("--optimizer", choices=("cogkern", "torch"), default="cogkern")
@@ -325,10 +326,7 @@ def train(argv=None) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
 
     cfg: ModelConfig = CONFIGS[args.config]
-    if cfg.vocab < len(VOCAB) or cfg.text_len != CAPTION_LEN:
-        raise SystemExit(f"config {args.config} does not fit the caption vocabulary")
-    spec = VideoSpec(frames=cfg.latent_frames * 2, size=cfg.latent_size * 4, latent_channels=cfg.latent_channels)
-    data = ShapesVideos(spec, seed=args.seed)
+    data = ShapesVideos(cfg.video_spec(), seed=args.seed)
     schedule = DDPMSchedule()
 
     torch.manual_seed(args.seed)
