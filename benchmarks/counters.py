@@ -1,0 +1,46 @@
+"""FLOP and byte counts the benchmarks divide by. Counted by hand, unit-tested
+(tests/test_benchmarks.py): a throughput is only as honest as its counter.
+"""
+from __future__ import annotations
+
+BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
+
+
+def attention_flops(batch: int, seq: int, heads: int, head_dim: int, causal: bool = False, pass_: str = "fwd") -> float:
+    """Matmul FLOPs of softmax attention, the convention FlashAttention reports:
+    forward 4*B*S^2*H*D (QK^T and PV, 2 FLOPs per multiply-add), halved when
+    causal; backward 2.5x the forward (five matmuls against two); "fwd_bwd" both."""
+    fwd = 4.0 * batch * seq * seq * heads * head_dim
+    if causal:
+        fwd /= 2
+    factor = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
+    if pass_ not in factor:
+        raise ValueError(f"pass_ must be one of {sorted(factor)}, got {pass_!r}")
+    return fwd * factor[pass_]
+
+
+def rope_bytes(batch: int, seq: int, heads: int, head_dim: int, dtype: str, text_len: int = 0,
+               inplace: bool = False) -> int:
+    """Fewest bytes a RoPE pass moves: each element read once and written once —
+    all tokens out-of-place (the text prefix is copied), only the video tokens in place."""
+    tokens = seq - text_len if inplace else seq
+    return 2 * batch * tokens * heads * head_dim * BYTES[dtype]
+
+
+# Bytes an AdamW step must move per parameter (shared/REFERENCE.md): read
+# param (or master), grad, m, v; write param (and master), m, v.
+ADAMW_BYTES_PER_PARAM = {
+    "fp32": 4 + 4 + 4 + 4 + 4 + 4 + 4,  # r: p g m v, w: p m v = 28
+    "fp16+master": 2 + 4 + 4 + 4 + 4 + 4 + 4 + 2,  # r: g(2) master m v, w: master m v p(2) = 28
+    "bf16+master": 2 + 4 + 4 + 4 + 4 + 4 + 4 + 2,  # = 28
+    "bf16-sr": 2 + 2 + 4 + 4 + 2 + 4 + 4,  # r: g p m v, w: p m v = 22 counted exactly (the sheet rounds to 20)
+}
+# The fp16 overflow check reads the grads once more (read only).
+FP16_CHECK_BYTES_PER_PARAM = 2
+
+
+def adamw_bytes(num_params: int, mode: str, with_overflow_check: bool = False) -> int:
+    if mode not in ADAMW_BYTES_PER_PARAM:
+        raise ValueError(f"mode must be one of {sorted(ADAMW_BYTES_PER_PARAM)}, got {mode!r}")
+    per = ADAMW_BYTES_PER_PARAM[mode] + (FP16_CHECK_BYTES_PER_PARAM if with_overflow_check else 0)
+    return num_params * per
