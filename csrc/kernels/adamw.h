@@ -109,18 +109,63 @@ CK_HD AdamWCoeffs adamw_coeffs(const AdamWGroup& g, float step) {
   return c;
 }
 
-// torch's lerp: the form that is exact at its end point.
+// Single-rounding float ops. On the device they stop nvcc from contracting
+// a * b + c into an FMA, so the CUDA kernel rounds exactly where the CPU
+// backend (x86-64, no FMA contraction) and torch's formulas do.
+CK_HD float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+CK_HD float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+CK_HD float sub_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+CK_HD float div_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+CK_HD float sqrt_rn(float a) {
+#if defined(__CUDA_ARCH__)
+  return __fsqrt_rn(a);
+#else
+  return std::sqrt(a);
+#endif
+}
+
+// torch's lerp: the form that is exact at its end point. Both forms are
+// computed and one picked with a bit mask (no branch), so the host compiler
+// can vectorize the element loop; the result is exactly the chosen form.
 CK_HD float lerp_acc(float start, float end, float w) {
-  return fabsf(w) < 0.5f ? start + w * (end - start) : end - (end - start) * (1.0f - w);
+  const float diff = sub_rn(end, start);
+  const float from_start = add_rn(start, mul_rn(w, diff));
+  const float from_end = sub_rn(end, mul_rn(diff, sub_rn(1.0f, w)));
+  const uint32_t pick_start = 0u - uint32_t(fabsf(w) < 0.5f);
+  return bits_float((float_bits(from_start) & pick_start) | (float_bits(from_end) & ~pick_start));
 }
 
 CK_HD void adamw_element(float& p, float& m, float& v, float g, const AdamWCoeffs& c) {
-  p = p * c.decay;
+  p = mul_rn(p, c.decay);
   m = lerp_acc(m, g, c.lerp_weight);
-  v = v * c.beta2;
-  v = v + c.one_minus_beta2 * g * g;
-  const float denom = sqrtf(v) / c.bias_correction2_sqrt + c.eps;
-  p = p + c.neg_step_size * m / denom;
+  v = mul_rn(v, c.beta2);
+  v = add_rn(v, mul_rn(mul_rn(c.one_minus_beta2, g), g));
+  const float denom = add_rn(div_rn(sqrt_rn(v), c.bias_correction2_sqrt), c.eps);
+  p = add_rn(p, div_rn(mul_rn(c.neg_step_size, m), denom));
 }
 
 // ---------------------------------------------------------------------------
@@ -205,7 +250,7 @@ struct AdamWChunk {
 #pragma unroll
       for (int k = 0; k < N; ++k) {
         // Unscale, then clip: two roundings, as GradScaler.unscale_ + clip_grad_norm_ would.
-        const float g = (to_acc<float>(g_raw[k]) * inv_scale) * clip;
+        const float g = mul_rn(mul_rn(to_acc<float>(g_raw[k]), inv_scale), clip);
         adamw_element(p[k], m[k], v[k], g, c);
         if constexpr (MODE == AdamWMode::kStochastic) {
           static_assert(sizeof(T) == 2, "stochastic rounding writes bf16 bits");
@@ -262,8 +307,8 @@ struct GradCheckChunk {
       for (int k = 0; k < N; ++k) {
         const float g = to_acc<float>(g_raw[k]);
         nonfinite |= !is_finite_acc(g);
-        const float u = g * inv_scale;
-        r.sumsq += u * u;
+        const float u = mul_rn(g, inv_scale);
+        r.sumsq = add_rn(r.sumsq, mul_rn(u, u));
         if (L.unscale_inplace) g_raw[k] = from_acc<T>(u);
       }
       if (L.unscale_inplace) mt_store<T, N>(grad + i, n, vec, g_raw);
