@@ -1,7 +1,8 @@
 // Mixed-precision AdamW and dynamic loss scaling: the math, shared by the CUDA
 // kernels (adamw.cu) and the CPU backend (csrc/cpu/adamw_cpu.cpp). Torch-free.
 //
-// One optimizer step is three passes over memory at most:
+// One optimizer step reads the gradients at most twice (check, update), plus
+// two tiny kernels:
 //   1. grad check (read-only): per chunk, "any inf/NaN" and the sum of squares
 //      of the unscaled gradients, written to one slot per chunk (no atomics, so
 //      the norm is reproducible run to run);
@@ -10,8 +11,8 @@
 //   3. update: each chunk reads the step scalars; on found_inf it returns
 //      before touching anything, so params, master weights, moments and step
 //      counts stay bit-for-bit unchanged without the host ever looking.
-// The step count of every tensor is then advanced by a tiny pass, again only
-// when found_inf is clear.
+// The step count of every tensor is then advanced by a tiny kernel, again only
+// when found_inf is clear. Without a loss scale or clipping, step 1 is skipped.
 #pragma once
 
 #include "kernels/multi_tensor.h"
