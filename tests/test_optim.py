@@ -270,6 +270,30 @@ def test_skip_decision_needs_no_host_sync_attributes():
     assert opt.skipped_flag.item() == 0.0 and not opt.last_step_skipped
 
 
+def test_step_without_grads_clears_the_skipped_flag():
+    p = torch.randn(8)
+    opt = FusedAdamW([p])
+    scaler = DynamicLossScaler(init_scale=4.0, hysteresis=1)
+    scaler.scale(torch.ones(()))
+    p.grad = torch.full((8,), math.inf)
+    scaler.step(opt)
+    scaler.update()
+    assert opt.last_step_skipped and scaler.get_scale() == 2.0
+    p.grad = None
+    scaler.step(opt)  # nothing to update, nothing overflowed
+    scaler.update()
+    assert not opt.last_step_skipped and not scaler.last_step_skipped and scaler.get_scale() == 2.0
+
+
+def test_default_seed_does_not_consume_the_global_generator():
+    torch.manual_seed(3)
+    expected = torch.rand(3)
+    torch.manual_seed(3)
+    opt = FusedAdamW([torch.zeros(2).bfloat16()], stochastic_rounding=True)
+    assert torch.equal(torch.rand(3), expected)
+    assert opt.seed == 3
+
+
 def test_unscale_then_step_with_fp16_grads_and_external_clipping():
     # torch's GradScaler refuses to unscale float16 gradients; ours does not.
     params = make_params([(300,), (17, 5)], torch.float16)

@@ -20,7 +20,7 @@ constexpr int kThreads = 256;
 constexpr int kFinalizeThreads = 1024;
 
 template <typename T, AdamWMode MODE>
-__global__ void __launch_bounds__(kThreads) adamw_kernel(const __grid_constant__ AdamWLaunch L) {
+__global__ void __launch_bounds__(kThreads, 4) adamw_kernel(const __grid_constant__ AdamWLaunch L) {
   for (int64_t c = blockIdx.x; c < L.num_chunks; c += gridDim.x) {
     const int t = find_chunk_owner(L.num_tensors, c, [&](int i) { return L.tensors[i].chunk_begin; });
     AdamWChunk<T, MODE>{}(L, t, c - L.tensors[t].chunk_begin, threadIdx.x, blockDim.x);
@@ -111,11 +111,12 @@ int sm_count() {
 }
 
 // Enough resident blocks to fill the GPU, never more than there are chunks.
-template <typename Kernel>
-unsigned grid_for(Kernel kernel, int64_t num_chunks) {
-  static const int blocks_per_sm = [kernel] {
+// One occupancy query per kernel (the template parameter is the kernel itself).
+template <auto kKernel>
+unsigned grid_for(int64_t num_chunks) {
+  static const int blocks_per_sm = [] {
     int n = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, 0) != cudaSuccess || n < 1) n = 1;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kKernel, kThreads, 0) != cudaSuccess || n < 1) n = 1;
     return n;
   }();
   const int64_t full = int64_t(sm_count()) * blocks_per_sm;
@@ -125,8 +126,7 @@ unsigned grid_for(Kernel kernel, int64_t num_chunks) {
 template <typename T, AdamWMode MODE>
 cudaError_t launch_update(const AdamWLaunch& L, cudaStream_t stream) {
   if (L.num_chunks > 0) {
-    auto kernel = adamw_kernel<T, MODE>;
-    kernel<<<grid_for(kernel, L.num_chunks), kThreads, 0, stream>>>(L);
+    adamw_kernel<T, MODE><<<grid_for<adamw_kernel<T, MODE>>(L.num_chunks), kThreads, 0, stream>>>(L);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
@@ -140,8 +140,7 @@ cudaError_t launch_update(const AdamWLaunch& L, cudaStream_t stream) {
 
 template <typename T>
 cudaError_t launch_check(const GradCheckLaunch& L, cudaStream_t stream) {
-  auto kernel = grad_check_kernel<T>;
-  kernel<<<grid_for(kernel, L.num_chunks), kThreads, 0, stream>>>(L);
+  grad_check_kernel<T><<<grid_for<grad_check_kernel<T>>(L.num_chunks), kThreads, 0, stream>>>(L);
   return cudaGetLastError();
 }
 

@@ -1,7 +1,8 @@
 // Mixed-precision AdamW and dynamic loss scaling: the math, shared by the CUDA
 // kernels (adamw.cu) and the CPU backend (csrc/cpu/adamw_cpu.cpp). Torch-free.
 //
-// One optimizer step is three passes over memory at most:
+// One optimizer step reads the gradients at most twice (check, update), plus
+// two tiny kernels:
 //   1. grad check (read-only): per chunk, "any inf/NaN" and the sum of squares
 //      of the unscaled gradients, written to one slot per chunk (no atomics, so
 //      the norm is reproducible run to run);
@@ -10,11 +11,15 @@
 //   3. update: each chunk reads the step scalars; on found_inf it returns
 //      before touching anything, so params, master weights, moments and step
 //      counts stay bit-for-bit unchanged without the host ever looking.
-// The step count of every tensor is then advanced by a tiny pass, again only
-// when found_inf is clear.
+// The step count of every tensor is then advanced by a tiny kernel, again only
+// when found_inf is clear. Without a loss scale or clipping, step 1 is skipped.
 #pragma once
 
 #include "kernels/multi_tensor.h"
+
+#if defined(__SSE__) && !defined(__CUDACC__)
+#include <xmmintrin.h>
+#endif
 
 namespace cogkern {
 
@@ -109,18 +114,67 @@ CK_HD AdamWCoeffs adamw_coeffs(const AdamWGroup& g, float step) {
   return c;
 }
 
-// torch's lerp: the form that is exact at its end point.
+// Single-rounding float ops. On the device they stop nvcc from contracting
+// a * b + c into an FMA, so the CUDA kernel rounds exactly where the CPU
+// backend (x86-64, no FMA contraction) and torch's formulas do.
+CK_HD float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+CK_HD float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+CK_HD float sub_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+CK_HD float div_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+CK_HD float sqrt_rn(float a) {
+#if defined(__CUDA_ARCH__)
+  return __fsqrt_rn(a);
+#elif defined(__SSE__) && !defined(__CUDACC__)
+  // The IEEE sqrt instruction without std::sqrt's errno branch, which would
+  // keep the host compiler from vectorizing the element loop.
+  return _mm_cvtss_f32(_mm_sqrt_ss(_mm_set_ss(a)));
+#else
+  return std::sqrt(a);
+#endif
+}
+
+// torch's lerp: the form that is exact at its end point. Both forms are
+// computed and one picked with a bit mask (no branch), so the host compiler
+// can vectorize the element loop; the result is exactly the chosen form.
 CK_HD float lerp_acc(float start, float end, float w) {
-  return fabsf(w) < 0.5f ? start + w * (end - start) : end - (end - start) * (1.0f - w);
+  const float diff = sub_rn(end, start);
+  const float from_start = add_rn(start, mul_rn(w, diff));
+  const float from_end = sub_rn(end, mul_rn(diff, sub_rn(1.0f, w)));
+  const uint32_t pick_start = 0u - uint32_t(fabsf(w) < 0.5f);
+  return bits_float((float_bits(from_start) & pick_start) | (float_bits(from_end) & ~pick_start));
 }
 
 CK_HD void adamw_element(float& p, float& m, float& v, float g, const AdamWCoeffs& c) {
-  p = p * c.decay;
+  p = mul_rn(p, c.decay);
   m = lerp_acc(m, g, c.lerp_weight);
-  v = v * c.beta2;
-  v = v + c.one_minus_beta2 * g * g;
-  const float denom = sqrtf(v) / c.bias_correction2_sqrt + c.eps;
-  p = p + c.neg_step_size * m / denom;
+  v = mul_rn(v, c.beta2);
+  v = add_rn(v, mul_rn(mul_rn(c.one_minus_beta2, g), g));
+  const float denom = add_rn(div_rn(sqrt_rn(v), c.bias_correction2_sqrt), c.eps);
+  p = add_rn(p, div_rn(mul_rn(c.neg_step_size, m), denom));
 }
 
 // ---------------------------------------------------------------------------
@@ -205,7 +259,7 @@ struct AdamWChunk {
 #pragma unroll
       for (int k = 0; k < N; ++k) {
         // Unscale, then clip: two roundings, as GradScaler.unscale_ + clip_grad_norm_ would.
-        const float g = (to_acc<float>(g_raw[k]) * inv_scale) * clip;
+        const float g = mul_rn(mul_rn(to_acc<float>(g_raw[k]), inv_scale), clip);
         adamw_element(p[k], m[k], v[k], g, c);
         if constexpr (MODE == AdamWMode::kStochastic) {
           static_assert(sizeof(T) == 2, "stochastic rounding writes bf16 bits");
@@ -262,8 +316,8 @@ struct GradCheckChunk {
       for (int k = 0; k < N; ++k) {
         const float g = to_acc<float>(g_raw[k]);
         nonfinite |= !is_finite_acc(g);
-        const float u = g * inv_scale;
-        r.sumsq += u * u;
+        const float u = mul_rn(g, inv_scale);
+        r.sumsq = add_rn(r.sumsq, mul_rn(u, u));
         if (L.unscale_inplace) g_raw[k] = from_acc<T>(u);
       }
       if (L.unscale_inplace) mt_store<T, N>(grad + i, n, vec, g_raw);

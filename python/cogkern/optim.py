@@ -85,10 +85,12 @@ class FusedAdamW(torch.optim.Optimizer):
             fp32 and stochastically rounded back (unbiased; seeded by ``seed``).
         max_grad_norm: clip the global norm of the (unscaled) gradients to this,
             like ``torch.nn.utils.clip_grad_norm_``, inside the update. A step
-            whose gradients contain inf/NaN is then skipped.
+            whose gradients contain inf/NaN is then skipped. The norm is over
+            this process's gradients (identical on every rank under DDP;
+            sharded gradients would need a sum across ranks, not done here).
         capturable: allow the step inside CUDA graph capture. (Steps never
             synchronize; this only enables the capture-time checks.)
-        seed: stochastic-rounding seed (default: drawn from torch's CPU generator).
+        seed: stochastic-rounding seed (default: ``torch.initial_seed()``).
         process_group: overflow flags are MAX-reduced over it under
             torch.distributed (default: the world).
 
@@ -129,7 +131,8 @@ class FusedAdamW(torch.optim.Optimizer):
         if not isinstance(capturable, bool):
             raise TypeError(f"capturable must be a bool, got {type(capturable).__name__}")
         if seed is None:
-            seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+            # Reproducible under torch.manual_seed without consuming the global generator.
+            seed = torch.initial_seed() % 2**63
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
             raise ValueError(f"seed must be an int in [0, 2^63), got {seed!r}")
         self.master_weights = master_weights
@@ -266,9 +269,9 @@ class FusedAdamW(torch.optim.Optimizer):
                     raise ValueError(f"param_groups[{gi}]: a {p.dtype} param has a {g.dtype} gradient; "
                                      "they must match")
                 entries.append((index, gi, p, g))
-        if not entries:
-            return loss
         device = self._device
+        if device is None:  # no params at all
+            return loss
         scalars = self._step_scalars()
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             if not self.capturable:
@@ -293,11 +296,13 @@ class FusedAdamW(torch.optim.Optimizer):
         found_in = self._as_device_scalar(found_in, "found_inf")
 
         grads = [g for _, _, _, g in entries]
-        _ops.amp_grad_check_(grads, scale, found_in, self.max_grad_norm or 0.0, scan, False, scalars)
+        # Always rewrites the step scalars, so skipped_flag describes this step
+        # even when there is nothing to update.
+        _ops.amp_grad_check_(grads, scale, found_in, self.max_grad_norm or 0.0, scan and bool(entries), False, scalars)
         if scan or found_in is not None:
             reduce_found_inf_(scalars[0:1], self.process_group)
-
-        self._apply(entries, scalars)
+        if entries:
+            self._apply(entries, scalars)
         return loss
 
     def _as_device_scalar(self, t: torch.Tensor | None, name: str) -> torch.Tensor | None:
@@ -425,6 +430,24 @@ class FusedAdamW(torch.optim.Optimizer):
                     state[name] = like
                 else:
                     state[name] = value.detach().to(p.device).clone()
+
+
+# Fake (meta) kernels, so torch.compile can trace code that calls the ops.
+@torch.library.register_fake("cogkern::fused_adamw_")
+def _fused_adamw_fake(params, grads, exp_avgs, exp_avg_sqs, masters, steps, tensor_groups, tensor_ids, lrs,
+                      lr_tensors, beta1s, beta2s, epss, weight_decays, step_scalars, seed, stochastic_rounding):
+    return None
+
+
+@torch.library.register_fake("cogkern::amp_grad_check_")
+def _amp_grad_check_fake(grads, scale, found_inf, max_norm, scan, unscale_inplace, out):
+    return None
+
+
+@torch.library.register_fake("cogkern::loss_scale_update_")
+def _loss_scale_update_fake(scale, growth_tracker, hysteresis_tracker, found_inf, growth_factor, backoff_factor,
+                            growth_interval, hysteresis, min_scale, max_scale):
+    return None
 
 
 __all__ = ["FusedAdamW"]

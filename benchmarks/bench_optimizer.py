@@ -1,0 +1,276 @@
+"""Optimizer-step benchmark: cogkern.optim.FusedAdamW (+ DynamicLossScaler) against torch.
+
+For each precision mode it reports, all measured in this run:
+  * ms per step: ours without a scaler, ours with scaler.step + update, ours
+    replaying a CUDA graph of that step (GPU), torch's equivalent step, apex if importable;
+  * bytes moved per parameter by our step, as counted from what the kernels read
+    and write, the bandwidth that implies, and its share of the copy bandwidth
+    measured in the same run;
+  * host synchronizations per step (GPU: counted with torch's sync debug mode).
+
+torch's step: GradScaler + AdamW (fused=True on the GPU, foreach=True on the
+CPU) on fp32 params; for 16-bit modes the AMP-style fp32 master copy (grads
+copied to fp32 master grads, step, params copied back). The tensor list
+follows CogVideoX-5B transformer blocks (hidden 3072) until the target count.
+
+    python benchmarks/bench_optimizer.py                # 1 B params on the GPU, 16 M on the CPU
+    python benchmarks/bench_optimizer.py --quick        # small and fast
+    python benchmarks/bench_optimizer.py --device cpu --params 4e6 --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+
+from optim_timing import copy_bandwidth_gbps, time_ms  # noqa: E402
+
+from cogkern.amp import DynamicLossScaler  # noqa: E402
+from cogkern.optim import FusedAdamW  # noqa: E402
+
+# Bytes per parameter our step moves, counted per kernel:
+#   update  fp32:        read p, g, m, v (16)  write p, m, v (12)            = 28
+#   update  16b+master:  read g(2), master, m, v (14)  write p(2), master, m, v (14) = 28
+#   update  bf16 + SR:   read p(2), g(2), m, v (12)  write p(2), m, v (10)   = 22
+#   check (with a scaler or clipping): read g once = 4 (fp32) or 2 (16-bit)
+MODES = {
+    "fp32": dict(dtype=torch.float32, kw={}, update_bytes=28, check_bytes=4),
+    "fp16-master": dict(dtype=torch.float16, kw={}, update_bytes=28, check_bytes=2),
+    "bf16-master": dict(dtype=torch.bfloat16, kw={}, update_bytes=28, check_bytes=2),
+    "bf16-sr": dict(dtype=torch.bfloat16, kw={"stochastic_rounding": True}, update_bytes=22, check_bytes=2),
+}
+
+
+def cogvideox_shapes(target: int, hidden: int = 3072, ff_mult: int = 4, time_dim: int = 512, head_dim: int = 64):
+    """Param shapes of CogVideoX-style transformer blocks, repeated until `target` params."""
+    ff = hidden * ff_mult
+    block = []
+    for _ in range(4):  # to_q, to_k, to_v, to_out
+        block += [(hidden, hidden), (hidden,)]
+    block += [(head_dim,), (head_dim,), (head_dim,), (head_dim,)]  # q/k LayerNorm weight, bias
+    for _ in range(2):  # norm1 / norm2: adaLN modulation (time embedding -> 6 * hidden) and LayerNorm
+        block += [(6 * hidden, time_dim), (6 * hidden,), (hidden,), (hidden,)]
+    block += [(ff, hidden), (ff,), (hidden, ff), (hidden,)]  # feed-forward
+    per_block = sum(_numel(s) for s in block)
+    shapes = []
+    while sum(_numel(s) for s in shapes) + per_block <= max(target, per_block):
+        shapes += block
+    return shapes
+
+
+def _numel(shape):
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def make_tensors(shapes, dtype, device, scale=1.0):
+    return [(torch.randn(s, device=device) * scale).to(dtype) for s in shapes]
+
+
+def count_syncs(fn, device, n=3):
+    """Host synchronizations in n calls of fn, as torch's CUDA sync debug mode reports them."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(n):
+                fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    syncs = sum("synchroniz" in str(w.message) for w in caught)
+    return syncs / n
+
+
+def bench_ours(mode, shapes, device, warmup, iters):
+    spec = MODES[mode]
+    params = make_tensors(shapes, spec["dtype"], device)
+    for p in params:
+        p.grad = (torch.randn(p.shape, device=device) * 1e-3).to(spec["dtype"])
+    opt = FusedAdamW(params, lr=1e-4, capturable=device.type == "cuda", **spec["kw"])
+    scaler = DynamicLossScaler(init_scale=2.0**10, growth_interval=10**6)
+    scaler.scale(torch.ones((), device=device))
+
+    def scaled_step():
+        scaler.step(opt)
+        scaler.update()
+
+    out = {
+        "ms_plain": time_ms(opt.step, device, warmup, iters),
+        "ms_scaled": time_ms(scaled_step, device, warmup, iters),
+        "syncs_per_step": count_syncs(scaled_step, device),
+    }
+    if device.type == "cuda":
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                scaled_step()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                scaled_step()
+            out["ms_graph"] = time_ms(graph.replay, device, warmup, iters)
+            out["graph_capture"] = "ok"
+            del graph
+        except Exception as exc:  # report, do not hide
+            out["graph_capture"] = f"failed: {type(exc).__name__}: {exc}"
+    del params, opt, scaler
+    return out
+
+
+def bench_torch(mode, shapes, device, warmup, iters):
+    """torch's closest step: GradScaler + AdamW(fused on GPU / foreach on CPU), AMP master copy for 16-bit."""
+    spec = MODES[mode]
+    impl = dict(fused=True) if device.type == "cuda" else dict(foreach=True)
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**10, growth_interval=10**6)
+    scaler.scale(torch.ones((), device=device))
+    if spec["dtype"] == torch.float32:
+        params = make_tensors(shapes, torch.float32, device)
+        for p in params:
+            p.grad = torch.randn_like(p) * 1e-3
+        opt = torch.optim.AdamW(params, lr=1e-4, **impl)
+
+        def step():
+            scaler.step(opt)
+            scaler.update()
+    else:
+        model = make_tensors(shapes, spec["dtype"], device)
+        model_grads = [(torch.randn(p.shape, device=device) * 1e-3).to(spec["dtype"]) for p in model]
+        masters = [p.float() for p in model]
+        for m in masters:
+            m.grad = torch.empty_like(m)
+        master_grads = [m.grad for m in masters]
+        opt = torch.optim.AdamW(masters, lr=1e-4, **impl)
+
+        def step():
+            torch._foreach_copy_(master_grads, model_grads)
+            scaler.step(opt)
+            scaler.update()
+            torch._foreach_copy_(model, masters)
+
+    out = {"ms": time_ms(step, device, warmup, iters), "syncs_per_step": count_syncs(step, device),
+           "impl": "fused" if device.type == "cuda" else "foreach"}
+    return out
+
+
+def bench_apex(mode, shapes, device, warmup, iters):
+    try:
+        from apex.optimizers import FusedAdam  # type: ignore
+    except Exception as exc:
+        return {"skipped": f"apex not importable ({type(exc).__name__})"}
+    if device.type != "cuda":
+        return {"skipped": "apex needs CUDA"}
+    spec = MODES[mode]
+    params = make_tensors(shapes, torch.float32, device)  # fp32 (masters for 16-bit modes)
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    opt = FusedAdam(params, lr=1e-4, adam_w_mode=True)
+    out = {"ms": time_ms(opt.step, device, warmup, iters), "note": "FusedAdam on fp32 params, no loss scaling"}
+    if spec["dtype"] != torch.float32:
+        out["note"] += " (master copy only: no 16-bit model copy)"
+    return out
+
+
+def run(args):
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no GPU available")
+    target = int(float(args.params)) if args.params else None
+    if target is None:
+        target = {("cuda", False): 10**9, ("cuda", True): 2 * 10**8,
+                  ("cpu", False): 16 * 10**6, ("cpu", True): 2 * 10**6}[(device.type, args.quick)]
+    hidden = 3072 if device.type == "cuda" or target >= 10**8 else 512
+    shapes = cogvideox_shapes(target, hidden=hidden, time_dim=512 if hidden == 3072 else 128)
+    n = sum(_numel(s) for s in shapes)
+    warmup, iters = (2, 5) if args.quick else (3, 20)
+    if device.type == "cpu":
+        warmup, iters = (1, 3) if args.quick else (2, 5)
+
+    copy_bytes = min(4 * n, 8 * 2**30) if device.type == "cuda" else min(4 * n, 256 * 2**20)
+    copy_gbps = copy_bandwidth_gbps(device, copy_bytes)
+    info = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
+        "params": n,
+        "tensors": len(shapes),
+        "hidden": hidden,
+        "copy_gbps": copy_gbps,
+        "modes": {},
+    }
+    print(f"# {info['device']}, torch {torch.__version__}: {n / 1e6:.1f} M params in {len(shapes)} tensors "
+          f"(CogVideoX blocks, hidden {hidden}); copy bandwidth {copy_gbps:.1f} GB/s (read + write)")
+    for mode in args.modes:
+        spec = MODES[mode]
+        ours = bench_ours(mode, shapes, device, warmup, iters)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        theirs = bench_torch(mode, shapes, device, warmup, iters)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        apex = bench_apex(mode, shapes, device, warmup, iters) if device.type == "cuda" else {"skipped": "CPU run"}
+        bytes_plain = spec["update_bytes"]
+        bytes_scaled = spec["update_bytes"] + spec["check_bytes"]
+        best_scaled_ms = min(ours["ms_scaled"], ours.get("ms_graph", float("inf")))
+        res = {
+            **ours,
+            "bytes_per_param_plain": bytes_plain,
+            "bytes_per_param_scaled": bytes_scaled,
+            "gbps_plain": bytes_plain * n / (ours["ms_plain"] * 1e-3) / 1e9,
+            "gbps_scaled": bytes_scaled * n / (best_scaled_ms * 1e-3) / 1e9,
+            "torch": theirs,
+            "apex": apex,
+            "speedup_vs_torch": theirs["ms"] / best_scaled_ms,
+        }
+        res["pct_copy_plain"] = 100 * res["gbps_plain"] / copy_gbps
+        res["pct_copy_scaled"] = 100 * res["gbps_scaled"] / copy_gbps
+        info["modes"][mode] = res
+        graph = f", graph {ours['ms_graph']:.2f} ms" if "ms_graph" in ours else ""
+        syncs = "" if ours["syncs_per_step"] is None else \
+            f"; host syncs/step: ours {ours['syncs_per_step']:g}, torch {theirs['syncs_per_step']:g}"
+        print(f"{mode:12s} ours: {ours['ms_plain']:.2f} ms plain ({bytes_plain} B/param, {res['gbps_plain']:.0f} GB/s, "
+              f"{res['pct_copy_plain']:.0f}% of copy) | with scaler {ours['ms_scaled']:.2f} ms{graph} "
+              f"({bytes_scaled} B/param, {res['gbps_scaled']:.0f} GB/s, {res['pct_copy_scaled']:.0f}% of copy) | "
+              f"torch {theirs['impl']} + GradScaler {theirs['ms']:.2f} ms -> {res['speedup_vs_torch']:.2f}x{syncs}")
+        if "ms" in apex:
+            print(f"{'':12s} apex FusedAdam: {apex['ms']:.2f} ms ({apex['note']})")
+        elif device.type == "cuda":
+            print(f"{'':12s} apex: {apex['skipped']}")
+        if "graph_capture" in ours and ours["graph_capture"] != "ok":
+            print(f"{'':12s} CUDA graph capture {ours['graph_capture']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(info, f, indent=2)
+    return info
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--params", default=None, help="target parameter count (default: 1e9 GPU, 16e6 CPU)")
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    ap.add_argument("--quick", action="store_true", help="small sizes, few iterations")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (on a shared, oversubscribed box 1 gives steadier numbers)")
+    run(ap.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
