@@ -1,0 +1,1 @@
+"""Drop-in integrations with other libraries (imported on demand: each needs its library)."""
