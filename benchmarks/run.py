@@ -1,6 +1,6 @@
 """Every benchmark in one run, ceilings first, results to tables, JSON, CSV and plots.
 
-    python -m benchmarks.run [--quick] [--only rope,attention,optimizer,train] [--device cpu|cuda] [--out DIR]
+    python -m benchmarks.run [--quick] [--only rope,attention,optimizer,train,diffusers] [--device cpu|cuda] [--out DIR]
 
 First the two ceilings are measured in this process (device-to-device copy
 bandwidth; bf16 matmul rate on the GPU, float32 on the CPU); then each
@@ -29,6 +29,7 @@ BENCHMARKS = {
     "attention": "benchmarks.bench_attention",
     "optimizer": "benchmarks.bench_optimizer",
     "train": "benchmarks.bench_train_step",
+    "diffusers": "benchmarks.bench_diffusers",
 }
 
 
