@@ -35,7 +35,46 @@ def rope_cases():
         yield f"rope_table {dtype}"
 
 
-CASES = {"rope": rope_cases}
+def optimizer_cases():
+    from cogkern.amp import DynamicLossScaler
+    from cogkern.optim import FusedAdamW
+
+    shapes = [(7,), (33, 5), (1000, 3), (65537,)]  # odd sizes, one chunk boundary crossed
+    for dtype, kwargs in ((torch.float32, {}), (torch.float16, {}), (torch.bfloat16, {}),
+                          (torch.bfloat16, dict(stochastic_rounding=True)), (torch.float32, dict(max_grad_norm=1.0))):
+        params = [torch.nn.Parameter(torch.randn(s, device="cuda").to(dtype)) for s in shapes]
+        opt = FusedAdamW(params, lr=1e-3, **kwargs)
+        scaler = DynamicLossScaler(init_scale=2.0**8) if dtype == torch.float16 else None
+        for step in range(3):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            if step == 1:
+                params[2].grad.view(-1)[5] = float("inf")  # an overflow step
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+        yield f"FusedAdamW {dtype} {kwargs or ''}"
+
+
+def attention_cases():
+    from cogkern import RoPE3D, fused_attention
+
+    for dtype in (torch.float16, torch.bfloat16):
+        for d in (64, 128):
+            for s, text_len, causal in ((77, 5, False), (130, 0, True), (1, 0, False)):
+                video = s - text_len
+                rope = RoPE3D((1, 1, video), d) if video > 0 else None
+                q, k, v = (torch.randn(2, s, 3, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+                w = torch.randn(d, device="cuda", dtype=dtype, requires_grad=True)
+                out = fused_attention(q, k, v, rope=rope, text_len=text_len if rope else 0, qk_norm="layer_norm",
+                                      q_norm_weight=w, q_norm_bias=w, k_norm_weight=w, k_norm_bias=w, causal=causal)
+                out.float().sum().backward()
+                yield f"fused_attention {dtype} D={d} S={s} text={text_len} causal={causal}"
+
+
+CASES = {"rope": rope_cases, "optimizer": optimizer_cases, "attention": attention_cases}
 
 
 def main(argv=None) -> int:
