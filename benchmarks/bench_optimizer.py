@@ -22,19 +22,18 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import sys
 import warnings
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+from benchmarks.common import copy_bandwidth, print_table, time_fn
+from cogkern.amp import DynamicLossScaler
+from cogkern.optim import FusedAdamW
 
-from optim_timing import copy_bandwidth_gbps, time_ms  # noqa: E402
 
-from cogkern.amp import DynamicLossScaler  # noqa: E402
-from cogkern.optim import FusedAdamW  # noqa: E402
+def time_ms(fn, device, warmup, iters) -> float:
+    return 1e3 * time_fn(fn, device, warmup=warmup, repeats=iters)
 
 # Bytes per parameter our step moves, counted per kernel:
 #   update  fp32:        read p, g, m, v (16)  write p, m, v (12)            = 28
@@ -202,7 +201,7 @@ def run(args):
         warmup, iters = (1, 3) if args.quick else (2, 5)
 
     copy_bytes = min(4 * n, 8 * 2**30) if device.type == "cuda" else min(4 * n, 256 * 2**20)
-    copy_gbps = copy_bandwidth_gbps(device, copy_bytes)
+    copy_gbps = copy_bandwidth(device, copy_bytes) / 1e9
     info = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "torch": torch.__version__,
@@ -254,10 +253,39 @@ def run(args):
             print(f"{'':12s} apex: {apex['skipped']}")
         if "graph_capture" in ours and ours["graph_capture"] != "ok":
             print(f"{'':12s} CUDA graph capture {ours['graph_capture']}")
+    info["rows"] = rows_of(info)
+    print_table(f"Optimizer step on {info['device']}: {n / 1e6:.1f} M params, torch {torch.__version__}",
+                info["rows"], ["mode", "impl", "ms", "bytes_per_param", "GBps", "pct_copy", "speedup_vs_torch",
+                               "syncs_per_step", "status"])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(info, f, indent=2)
     return info
+
+
+def rows_of(info: dict) -> list[dict]:
+    """One row per (mode, implementation), for the suite's tables and CSV."""
+    rows = []
+    for mode, r in info["modes"].items():
+        torch_ms = r["torch"]["ms"]
+        rows.append(dict(mode=mode, impl="cogkern FusedAdamW", ms=r["ms_plain"], bytes_per_param=r["bytes_per_param_plain"],
+                         GBps=r["gbps_plain"], pct_copy=r["pct_copy_plain"], speedup_vs_torch=torch_ms / r["ms_plain"],
+                         syncs_per_step=r.get("syncs_per_step"), status="ok"))
+        rows.append(dict(mode=mode, impl="cogkern FusedAdamW + DynamicLossScaler", ms=r["ms_scaled"],
+                         bytes_per_param=r["bytes_per_param_scaled"],
+                         GBps=r["bytes_per_param_scaled"] * info["params"] / (r["ms_scaled"] * 1e-3) / 1e9,
+                         speedup_vs_torch=torch_ms / r["ms_scaled"], status="ok"))
+        if "ms_graph" in r:
+            rows.append(dict(mode=mode, impl="cogkern, CUDA graph of scaler step", ms=r["ms_graph"],
+                             speedup_vs_torch=torch_ms / r["ms_graph"], status="ok"))
+        rows.append(dict(mode=mode, impl=f"torch {r['torch']['impl']} + GradScaler", ms=torch_ms, speedup_vs_torch=1.0,
+                         syncs_per_step=r["torch"].get("syncs_per_step"), status="ok"))
+        apex = r["apex"]
+        rows.append(dict(mode=mode, impl="apex FusedAdam", ms=apex.get("ms"),
+                         status="ok" if "ms" in apex else f"absent: {apex.get('skipped', '')}"))
+    for row in rows:
+        row["pct_copy"] = row.get("pct_copy") if row.get("GBps") is None else 100 * row["GBps"] / info["copy_gbps"]
+    return rows
 
 
 def main(argv=None):
@@ -270,7 +298,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (on a shared, oversubscribed box 1 gives steadier numbers)")
     run(ap.parse_args(argv))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
