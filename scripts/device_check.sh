@@ -23,6 +23,11 @@ export PYTHONUNBUFFERED=1
 for d in "${CUDA_HOME:-}" /usr/local/cuda; do
   if [ -n "$d" ] && [ -x "$d/bin/nvcc" ]; then export PATH="$d/bin:$PATH"; break; fi
 done
+if ! command -v compute-sanitizer >/dev/null; then
+  for d in "${CUDA_HOME:-/usr/local/cuda}/compute-sanitizer" /usr/local/cuda/compute-sanitizer; do
+    [ -x "$d/compute-sanitizer" ] && export PATH="$PATH:$d" && break
+  done
+fi
 
 summary=()
 step() {  # step NAME LIMIT_S CMD...  -> CMD under a time limit, logged to $work/NAME.log
