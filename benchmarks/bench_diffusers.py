@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from benchmarks.common import device_name, print_table, time_fn, write_json
+from benchmarks.common import device_name, print_table, report, time_fn, write_json
 
 SHAPES = {
     # heads, head_dim, layers, frames(latent), height, width (latent), text_len, text_dim
@@ -93,18 +93,15 @@ def main(argv=None) -> int:
     try:
         import diffusers  # noqa: F401
     except ImportError:
-        rows = [dict(impl="diffusers", status="absent (pip install diffusers)")]
-        print_table("diffusers CogVideoX training step", rows, ["impl", "status"])
+        print_table("diffusers CogVideoX training step", [dict(impl="diffusers", status="absent")], ["impl", "status"])
         if args.json:
-            write_json(args.json, dict(benchmark="diffusers", rows=rows))
+            write_json(args.json, dict(benchmark="diffusers", rows=[]))
         return 0
     shape = args.shape or ("cogvideox-5b-4blocks" if args.device == "cuda" else "tiny")
     rows = run(args.device, shape, args.quick)
     title = f"diffusers CogVideoX training step on {device_name(args.device)}: {shape}, torch {torch.__version__}"
-    print_table(title, rows, ["dtype", "impl", "ms", "tokens_per_s", "peak_mem_gb", "speedup_vs_stock", "status"])
-    if args.json:
-        write_json(args.json, dict(benchmark="diffusers", device=device_name(args.device), shape=shape, rows=rows))
-    return 0 if all(r["status"] == "ok" for r in rows) else 1
+    return report(title, rows, ["dtype", "impl", "ms", "tokens_per_s", "peak_mem_gb", "speedup_vs_stock", "status"],
+                  args.json, benchmark="diffusers", device=device_name(args.device), shape=shape)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from benchmarks.common import copy_bandwidth, device_name, print_table, time_fn, write_json
+from benchmarks.common import copy_bandwidth, device_name, report, time_fn
 from cogkern import RoPE3D, apply_rope3d
 
 SHAPES = {
@@ -98,10 +98,8 @@ def main(argv=None) -> int:
     batch, heads, d, text_len, grid = SHAPES[shape]
     title = (f"3D RoPE on {device_name(args.device)}: batch {batch}, seq {text_len}+{grid[0]}x{grid[1]}x{grid[2]}, "
              f"{heads} heads x {d}, torch {torch.__version__}")
-    print_table(title, rows, ["dtype", "impl", "ms", "GBps", "pct_copy", "speedup_vs_eager", "status"])
-    if args.json:
-        write_json(args.json, dict(benchmark="rope", device=device_name(args.device), shape=shape, rows=rows))
-    return 0 if all(r.get("status", "ok") == "ok" for r in rows) else 1
+    return report(title, rows, ["dtype", "impl", "ms", "GBps", "pct_copy", "speedup_vs_eager", "status"], args.json,
+                  benchmark="rope", device=device_name(args.device), shape=shape)
 
 
 if __name__ == "__main__":

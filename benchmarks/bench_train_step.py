@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import torch
 
-from benchmarks.common import device_name, print_table, time_fn, write_json
+from benchmarks.common import device_name, report, time_fn
 from cogkern.diffusion import DDPMSchedule, v_loss
 from cogkern.model import CONFIGS, VideoTransformer
 from cogkern.train import Stepper, cast_model
@@ -101,10 +101,8 @@ def main(argv=None) -> int:
     cfg = CONFIGS[config]
     title = (f"Training step on {device_name(args.device)}: config {config} ({cfg.layers} blocks, dim {cfg.dim}, "
              f"seq {cfg.seq_len}), batch {batch}, torch {torch.__version__}; speedup vs the diffusers way")
-    print_table(title, rows, ["precision", "impl", "ms", "tokens_per_s", "peak_mem_gb", "speedup", "status"])
-    if args.json:
-        write_json(args.json, dict(benchmark="train_step", device=device_name(args.device), config=config, rows=rows))
-    return 0 if all(r["status"] == "ok" for r in rows) else 1
+    return report(title, rows, ["precision", "impl", "ms", "tokens_per_s", "peak_mem_gb", "speedup", "status"],
+                  args.json, benchmark="train_step", device=device_name(args.device), config=config)
 
 
 if __name__ == "__main__":

@@ -88,3 +88,12 @@ def fmt(v) -> str:
 def write_json(path: str, payload: dict) -> None:
     with open(path, "w") as f:
         json.dump(payload, f, indent=2, default=str)
+
+
+def report(title: str, rows: list[dict], columns: list[str], json_path: str | None, **meta) -> int:
+    """Prints the table, writes the JSON the suite collects, and returns the exit
+    status: non-zero when any row failed (failures are reported, never dropped)."""
+    print_table(title, rows, columns)
+    if json_path:
+        write_json(json_path, dict(meta, rows=rows))
+    return 0 if all(str(r.get("status", "ok")) == "ok" for r in rows) else 1
