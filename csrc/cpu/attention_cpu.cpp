@@ -23,6 +23,14 @@
 //
 // The tile GEMMs go through at::mm (BLAS); the softmax exponentials use a
 // vectorizable exp2 (cpu/fast_exp2.h).
+
+// Comparisons that may not trap are what lets GCC turn the clamps in
+// exp2_vectorizable and the max reductions into SIMD selects (torch itself
+// builds with this flag; nothing here reads floating-point exception flags).
+// It comes before every include so that header functions get the same options
+// and still inline into this file's loops.
+#pragma GCC optimize("no-trapping-math")
+
 #include "cpu/attention_cpu.h"
 
 #include <ATen/Parallel.h>
@@ -35,9 +43,11 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cstring>
 #include <limits>
 #include <stdexcept>
 #include <vector>
+
 
 #include "cpu/fast_exp2.h"
 
@@ -46,8 +56,8 @@ namespace {
 
 // A 64 x 256 fp32 score tile (64 KB) stays in L2 next to its K and V tiles,
 // and the GEMMs are large enough to amortize at::mm's per-call cost.
-constexpr int64_t kBlockQ = 64;
-constexpr int64_t kBlockK = 256;
+constexpr int64_t kBlockQ = 128;
+constexpr int64_t kBlockK = 512;
 // Tokens per prologue/epilogue task, and per partial sum of the norm grads.
 constexpr int64_t kTokenBlock = 16;
 
@@ -121,9 +131,18 @@ void store_row(scalar_t* dst, const A* src, int64_t d, A factor) {
   for (int64_t c = 0; c < d; ++c) dst[c] = from_acc<scalar_t>(src[c] * factor);
 }
 
+// The softmax row kernels below are cloned per x86 SIMD level (resolved once at
+// load time) so that the exponentials run 8 or 16 wide where the CPU allows;
+// the build itself targets the x86-64 baseline.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define COGKERN_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define COGKERN_SIMD_CLONES
+#endif
+
 // s[j] = exp2(s[j] * c - shift) for j < valid, 0 for valid <= j < cols; returns the sum.
 template <typename A>
-A exp2_tile_row(A* s, int64_t valid, int64_t cols, A c, A shift) {
+__attribute__((always_inline)) inline A exp2_tile_row_impl(A* s, int64_t valid, int64_t cols, A c, A shift) {
   for (int64_t j = 0; j < valid; ++j) s[j] = exp2_vectorizable(s[j] * c - shift);
   for (int64_t j = std::max<int64_t>(valid, 0); j < cols; ++j) s[j] = A(0);
   // Eight partial sums: a single accumulator would serialize on the add latency.
@@ -136,6 +155,46 @@ A exp2_tile_row(A* s, int64_t valid, int64_t cols, A c, A shift) {
   for (int u = 0; u < 8; ++u) sum += part[u];
   return sum;
 }
+
+// max(s[0..n)) ignoring NaN (a NaN score reaches the output through exp2 and
+// the sums instead). Written with GCC/Clang vector types: a scalar max
+// reduction does not vectorize without -ffinite-math-only.
+template <typename A>
+struct Vec8;
+template <>
+struct Vec8<float> {
+  typedef float type __attribute__((vector_size(8 * sizeof(float))));
+};
+template <>
+struct Vec8<double> {
+  typedef double type __attribute__((vector_size(8 * sizeof(double))));
+};
+
+template <typename A>
+__attribute__((always_inline)) inline A row_max_impl(const A* s, int64_t n) {
+  using Vec = typename Vec8<A>::type;
+  constexpr A kNegInf = -std::numeric_limits<A>::infinity();
+  Vec m = {kNegInf, kNegInf, kNegInf, kNegInf, kNegInf, kNegInf, kNegInf, kNegInf};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    Vec x;
+    std::memcpy(&x, s + j, sizeof(Vec));
+    m = x > m ? x : m;
+  }
+  A result = kNegInf;
+  for (; j < n; ++j) result = s[j] > result ? s[j] : result;
+  for (int u = 0; u < 8; ++u) result = m[u] > result ? m[u] : result;
+  return result;
+}
+
+COGKERN_SIMD_CLONES float exp2_tile_row(float* s, int64_t valid, int64_t cols, float c, float shift) {
+  return exp2_tile_row_impl<float>(s, valid, cols, c, shift);
+}
+double exp2_tile_row(double* s, int64_t valid, int64_t cols, double c, double shift) {
+  return exp2_tile_row_impl<double>(s, valid, cols, c, shift);
+}
+COGKERN_SIMD_CLONES float row_max_of(const float* s, int64_t n) { return row_max_impl<float>(s, n); }
+double row_max_of(const double* s, int64_t n) { return row_max_impl<double>(s, n); }
 
 // Keys of a key tile starting at k0 that query `query` may see.
 inline int64_t visible_keys(bool causal, int64_t query, int64_t k0, int64_t cols) {
@@ -237,11 +296,9 @@ class Attention {
           for (int64_t i = 0; i < rows; ++i) {
             A* s = scores.data() + i * kBlockK;
             const int64_t valid = visible_keys(P_.causal, q0 + i, k0, cols);
-            A tile_max = -std::numeric_limits<A>::infinity();
-            for (int64_t j = 0; j < valid; ++j) tile_max = s[j] > tile_max ? s[j] : tile_max;
-            const A new_max = softmax_max<A>(row_max[i], tile_max);
+            const A new_max = softmax_max<A>(row_max[i], row_max_of(s, valid));
             const A alpha = softmax_rescale<A>(row_max[i], new_max, c_);
-            const A sum = exp2_tile_row<A>(s, valid, cols, c_, softmax_shift<A>(new_max, c_));
+            const A sum = exp2_tile_row(s, valid, cols, c_, softmax_shift<A>(new_max, c_));
             row_sum[i] = row_sum[i] * alpha + sum;
             row_max[i] = new_max;
             if (alpha != A(1)) {
@@ -287,7 +344,7 @@ class Attention {
             at::mm_out(Pm, Q, K.t());
             for (int64_t i = 0; i < rows; ++i) {
               const int64_t valid = visible_keys(P_.causal, q0 + i, k0, cols);
-              exp2_tile_row<A>(probs.data() + i * kBlockK, valid, cols, c_,
+              exp2_tile_row(probs.data() + i * kBlockK, valid, cols, c_,
                                softmax_lse_shift<A>(lse[bh * S_ + q0 + i]));
             }
             dV.addmm_(Pm.t(), dO);
