@@ -84,17 +84,22 @@ struct Panels {
 };
 
 // The RoPE coefficients of one token, for every channel pair of the head dim.
+// Interleaved pairs (CogVideoX, and every (cos, sin) table) are pair p =
+// channels (2p, 2p+1); for those the coefficients are kept as separate arrays
+// so that the rotation is a branch-free loop the compiler vectorizes. Other
+// layouts go through the shared rope_row.
 template <typename A, typename scalar_t>
 class TokenRope {
  public:
   explicit TokenRope(const AttentionParams& P) : P_(P), half_d_(int(P.head_dim / 2)) {
     if (!P.has_rope) return;
-    const bool interleaved = P.rope.mode == RopeMode::kTable || P.rope.interleaved;
+    interleaved_ = P.rope.mode == RopeMode::kTable || P.rope.interleaved;
     c0_.resize(half_d_);
     c1_.resize(half_d_);
     coeffs_.resize(half_d_);
+    for (auto* v : {&a0_, &b0_, &a1_, &b1_}) v->resize(half_d_);
     for (int p = 0; p < half_d_; ++p) {
-      const RopePair pr = rope_pair(p, P.rope.axes, interleaved);
+      const RopePair pr = rope_pair(p, P.rope.axes, interleaved_);
       c0_[p] = pr.c0;
       c1_[p] = pr.c1;
     }
@@ -104,21 +109,38 @@ class TokenRope {
   bool load(int64_t s) {
     if (!P_.has_rope || s < P_.text_len) return false;
     for (int p = 0; p < half_d_; ++p) {
-      coeffs_[p] = P_.rope_table_dtype == DType::kFloat ? rope_coeffs<A, float>(P_.rope, s, p)
-                                                         : rope_coeffs<A, scalar_t>(P_.rope, s, p);
+      const PairCoeffs<A> k = P_.rope_table_dtype == DType::kFloat ? rope_coeffs<A, float>(P_.rope, s, p)
+                                                                    : rope_coeffs<A, scalar_t>(P_.rope, s, p);
+      coeffs_[p] = k;
+      a0_[p] = k.a0;
+      b0_[p] = k.b0;
+      a1_[p] = k.a1;
+      b1_[p] = k.b1;
     }
     return true;
   }
 
+  // The mix of rope3d.h (or its transpose): y0 = a0 x0 + b0 x1, y1 = a1 x1 + b1 x0.
   void apply(A* row, bool transpose) const {
-    rope_row<A>(row, half_d_, coeffs_.data(), c0_.data(), c1_.data(), transpose);
+    if (!interleaved_) return rope_row<A>(row, half_d_, coeffs_.data(), c0_.data(), c1_.data(), transpose);
+    const A* b0 = transpose ? b1_.data() : b0_.data();  // the transpose swaps b0 and b1
+    const A* b1 = transpose ? b0_.data() : b1_.data();
+    const A* a0 = a0_.data();
+    const A* a1 = a1_.data();
+    for (int p = 0; p < half_d_; ++p) {
+      const A x0 = row[2 * p], x1 = row[2 * p + 1];
+      row[2 * p] = a0[p] * x0 + b0[p] * x1;
+      row[2 * p + 1] = a1[p] * x1 + b1[p] * x0;
+    }
   }
 
  private:
   const AttentionParams& P_;
   int half_d_;
+  bool interleaved_ = true;
   std::vector<int> c0_, c1_;
   std::vector<PairCoeffs<A>> coeffs_;
+  std::vector<A> a0_, b0_, a1_, b1_;
 };
 
 template <typename A, typename scalar_t>
