@@ -255,7 +255,7 @@ CK_HD A softmax_max(A a, A b) {
 // lse (natural log) of a finished row: log(l) + scale * m.
 template <typename A>
 CK_HD A softmax_lse(A row_max, A row_sum, double scale) {
-  if (row_max == -INFINITY) return A(-INFINITY);
+  if (row_max == -INFINITY) return std::log(row_sum);  // -inf for an empty row; NaN stays NaN
   return std::log(row_sum) + A(scale) * row_max;
 }
 
