@@ -12,6 +12,7 @@ from torch import nn
 import cogkern
 from cogkern import FusedAttention, RoPE3D, fused_attention
 from attention_reference import reference_attention, rotate_video_tokens
+from attention_rule import check_flash_rule, factor_grid
 
 _ops = torch.ops.cogkern
 
@@ -19,17 +20,6 @@ _ops = torch.ops.cogkern
 # ----------------------------------------------------------------------------
 # Test cases
 # ----------------------------------------------------------------------------
-
-
-def factor_grid(n: int) -> tuple[int, int, int]:
-    """A (T, H, W) grid with n cells, as 3-D as n allows."""
-    for t in (4, 3, 2):
-        if n % t == 0:
-            rest = n // t
-            for h in range(int(math.isqrt(rest)), 0, -1):
-                if rest % h == 0:
-                    return (t, h, rest // h)
-    return (1, 1, n)
 
 
 def make_rope(kind, seq, text_len, head_dim, dtype, generator):
@@ -175,6 +165,13 @@ def test_low_precision_close_to_reference(dtype):
     assert all(g.dtype == dtype and torch.isfinite(g).all() for g in grads)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("seq, text_len", [(17, 0), (300, 44)])
+def test_flash_attention_error_rule_on_cpu(seq, text_len, dtype):
+    # The rule the CUDA kernel must meet (test_attention_cuda.py), here for the CPU kernel in 16-bit storage.
+    check_flash_rule(2, seq, 2, 64, text_len, dtype, "cpu")
+
+
 def test_large_fp16_inputs_do_not_overflow():
     # Scores reach ~1e6, far past fp16's 65504: the kernel must hold them in fp32.
     q, k, v, _ = make_case(1, 64, 2, 32, 0, None, None, dtype=torch.float16)
@@ -281,7 +278,7 @@ def test_opcheck(case):
     torch.library.opcheck(_ops.fused_attention_bwd, bwd_args)
 
 
-@pytest.mark.parametrize("rope_kind", ["angles", "table"])
+@pytest.mark.parametrize("rope_kind", ["angles", "halfsplit", "table"])
 def test_torch_compile_fullgraph(rope_kind):
     q, k, v, kwargs = make_case(2, 40, 2, 16, 8, "layer_norm", rope_kind, dtype=torch.float32)
     inputs = differentiable_inputs(q, k, v, kwargs)
@@ -290,7 +287,7 @@ def test_torch_compile_fullgraph(rope_kind):
         kw_ = dict(kwargs, q_norm_weight=qw, q_norm_bias=qb, k_norm_weight=kw, k_norm_bias=kb)
         return fused_attention(q, k, v, **kw_).square().sum()
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(step, fullgraph=True)
     loss_eager = step(*inputs)
     grads_eager = torch.autograd.grad(loss_eager, inputs)
     loss_compiled = compiled(*inputs)
