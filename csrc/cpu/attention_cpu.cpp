@@ -2,11 +2,12 @@
 // softmax, never materializing the seq x seq matrix.
 //
 // Stages (each an at::parallel_for):
-//   1. prologue, over token blocks: q^ = R(norm(q)), k^ = R(norm(k)) and v, in
-//      the math type, into [batch, heads, seq, head_dim] scratch panels, so the
-//      tile GEMMs read contiguous rows and the norm + RoPE run once per token
-//      instead of once per tile pair. The rotation coefficients of a token are
-//      computed once and reused over batch * heads rows.
+//   1. prologue, over token blocks: q^ = R(norm(q)), k^ = R(norm(k)) in the
+//      math type into [batch, heads, seq, head_dim] scratch panels, so the tile
+//      GEMMs read contiguous rows and the norm + RoPE run once per token
+//      instead of once per tile pair (v and grad_out are copied only when they
+//      need a conversion to the math type). The rotation coefficients of a
+//      token are computed once and reused over batch * heads rows.
 //   2. forward, over (batch, head, query tile): for each key tile, scores by
 //      GEMM, online softmax update of the running max / sum / output, P.V by
 //      GEMM; lse saved.
@@ -45,6 +46,8 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <optional>
+#include <type_traits>
 #include <stdexcept>
 #include <vector>
 
@@ -81,6 +84,30 @@ struct Panels {
         head_dim(P.head_dim) {}
   A* panel(int64_t bh) const { return storage.data_ptr<A>() + bh * seq * head_dim; }
   A* row(int64_t bh, int64_t s) const { return panel(bh) + s * head_dim; }
+};
+
+// The rows of an input ([batch, seq, heads, head_dim]) in the math type, by
+// (batch * heads + head, token): the input itself when it is already in the
+// math type (the GEMMs read it through its own row stride, no copy), else a
+// converted panel that the prologue fills.
+template <typename A, typename scalar_t>
+class MathRows {
+ public:
+  MathRows(const AttentionParams& P, const BshdTensor& t) : P_(P), t_(t) {
+    if constexpr (!std::is_same_v<A, scalar_t>) panel_.emplace(P);
+  }
+  // The row to write in the prologue, or nullptr when the input is used as is.
+  A* fill_row(int64_t bh, int64_t s) const { return panel_ ? panel_->row(bh, s) : nullptr; }
+  const A* row(int64_t bh, int64_t s) const {
+    if (panel_) return panel_->row(bh, s);
+    return static_cast<const A*>(t_.ptr) + t_.offset(bh / P_.heads, s, bh % P_.heads);
+  }
+  int64_t ld() const { return panel_ ? P_.head_dim : t_.stride_s; }
+
+ private:
+  const AttentionParams& P_;
+  BshdTensor t_;
+  std::optional<Panels<A>> panel_;
 };
 
 // The RoPE coefficients of one token, for every channel pair of the head dim.
@@ -233,13 +260,15 @@ class Attention {
       : P_(P), S_(P.seq), D_(P.head_dim), c_(softmax_log2_scale<A>(P.scale)) {}
 
   void forward() const {
-    Panels<A> qh(P_), kh(P_), vh(P_);
+    Panels<A> qh(P_), kh(P_);
+    MathRows<A, scalar_t> vh(P_, P_.v);
     prologue(qh, kh, vh, nullptr, nullptr);
     forward_tiles(qh, kh, vh);
   }
 
   void backward() const {
-    Panels<A> qh(P_), kh(P_), vh(P_), doh(P_);
+    Panels<A> qh(P_), kh(P_);
+    MathRows<A, scalar_t> vh(P_, P_.v), doh(P_, P_.grad_out);
     std::vector<A> delta(P_.batch * P_.heads * S_);
     prologue(qh, kh, vh, &doh, delta.data());
     // Accumulators of the grads of q^ and k^.
@@ -261,8 +290,8 @@ class Attention {
 
   // Stage 1. With doh/delta (backward): also dO in the math type and
   // delta = rowsum(dO * O) - dlse.
-  void prologue(const Panels<A>& qh, const Panels<A>& kh, const Panels<A>& vh, const Panels<A>* doh,
-                A* delta) const {
+  void prologue(const Panels<A>& qh, const Panels<A>& kh, const MathRows<A, scalar_t>& vh,
+                const MathRows<A, scalar_t>* doh, A* delta) const {
     const int64_t n_blocks = ceil_div(S_, kTokenBlock);
     at::parallel_for(0, n_blocks, 1, [&](int64_t blk_begin, int64_t blk_end) {
       TokenRope<A, scalar_t> rope(P_);
@@ -273,10 +302,10 @@ class Attention {
             const int64_t bh = b * P_.heads + h;
             prepare_row(qh.row(bh, s), in_row(P_.q, b, s, h), P_.q_norm, rotate ? &rope : nullptr);
             prepare_row(kh.row(bh, s), in_row(P_.k, b, s, h), P_.k_norm, rotate ? &rope : nullptr);
-            load_row(vh.row(bh, s), in_row(P_.v, b, s, h), D_);
+            if (A* vrow = vh.fill_row(bh, s)) load_row(vrow, in_row(P_.v, b, s, h), D_);
             if (doh == nullptr) continue;
-            A* dorow = doh->row(bh, s);
-            load_row(dorow, in_row(P_.grad_out, b, s, h), D_);
+            if (A* dorow = doh->fill_row(bh, s)) load_row(dorow, in_row(P_.grad_out, b, s, h), D_);
+            const A* dorow = doh->row(bh, s);
             const scalar_t* orow = in_row(P_.out_saved, b, s, h);
             A dot = 0;
             for (int64_t c = 0; c < D_; ++c) dot += dorow[c] * to_acc<A>(orow[c]);
@@ -296,7 +325,7 @@ class Attention {
   }
 
   // Stage 2, forward.
-  void forward_tiles(const Panels<A>& qh, const Panels<A>& kh, const Panels<A>& vh) const {
+  void forward_tiles(const Panels<A>& qh, const Panels<A>& kh, const MathRows<A, scalar_t>& vh) const {
     const int64_t n_qt = ceil_div(S_, kBlockQ);
     A* lse = static_cast<A*>(P_.lse);
     at::parallel_for(0, P_.batch * P_.heads * n_qt, 1, [&](int64_t begin, int64_t end) {
@@ -328,7 +357,7 @@ class Attention {
               for (int64_t d = 0; d < D_; ++d) o[d] *= alpha;
             }
           }
-          acc_m.addmm_(scores_m, matrix(vh.row(bh, k0), cols, D_, D_));
+          acc_m.addmm_(scores_m, matrix(vh.row(bh, k0), cols, D_, vh.ld()));
         }
         const int64_t b = bh / P_.heads, h = bh % P_.heads;
         for (int64_t i = 0; i < rows; ++i) {
@@ -340,7 +369,8 @@ class Attention {
   }
 
   // Stage 2, backward.
-  void backward_tiles(const Panels<A>& qh, const Panels<A>& kh, const Panels<A>& vh, const Panels<A>& doh,
+  void backward_tiles(const Panels<A>& qh, const Panels<A>& kh, const MathRows<A, scalar_t>& vh,
+                      const MathRows<A, scalar_t>& doh,
                       const A* delta, const Panels<A>& dqh, const Panels<A>& dkh) const {
     const A* lse = static_cast<const A*>(P_.lse);
     const A scale = A(P_.scale);
@@ -351,7 +381,7 @@ class Attention {
         for (int64_t k0 = 0; k0 < S_; k0 += kBlockK) {
           const int64_t cols = std::min(kBlockK, S_ - k0);
           const at::Tensor K = matrix(kh.row(bh, k0), cols, D_, D_);
-          const at::Tensor V = matrix(vh.row(bh, k0), cols, D_, D_);
+          const at::Tensor V = matrix(vh.row(bh, k0), cols, D_, vh.ld());
           const at::Tensor dK = matrix(dkh.row(bh, k0), cols, D_, D_);
           const at::Tensor dV = matrix(dv.data(), cols, D_, D_);
           dV.zero_();
@@ -360,7 +390,7 @@ class Attention {
           for (int64_t q0 = q_begin; q0 < S_; q0 += kBlockQ) {
             const int64_t rows = std::min(kBlockQ, S_ - q0);
             const at::Tensor Q = matrix(qh.row(bh, q0), rows, D_, D_);
-            const at::Tensor dO = matrix(doh.row(bh, q0), rows, D_, D_);
+            const at::Tensor dO = matrix(doh.row(bh, q0), rows, D_, doh.ld());
             at::Tensor Pm = matrix(probs.data(), rows, cols, kBlockK);
             at::Tensor dPm = matrix(dprobs.data(), rows, cols, kBlockK);
             at::mm_out(Pm, Q, K.t());
