@@ -450,3 +450,38 @@ def test_op_checks_its_arguments_too():
         _ops.fused_attention_bwd(torch.ones_like(out), None, q, k, v, out, lse[:, :1], *args[3:])
     with pytest.raises(ValueError, match="grad_lse must be"):
         _ops.fused_attention_bwd(torch.ones_like(out), lse.double(), q, k, v, out, lse, *args[3:])
+
+
+# ----------------------------------------------------------------------------
+# No seq x seq matrix
+# ----------------------------------------------------------------------------
+
+_MEMORY_PROBE = r"""
+import resource, sys, torch
+sys.path.insert(0, {python_dir!r})
+import cogkern
+torch.set_num_threads(1)
+seq = 10000
+q, k, v = (torch.randn(1, seq, 1, 8, requires_grad=True) for _ in range(3))
+small = [t[:, :64].detach().requires_grad_() for t in (q, k, v)]
+cogkern.fused_attention(*small, causal=True).sum().backward()  # warm up allocator and thread pool
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+cogkern.fused_attention(q, k, v, qk_norm="layer_norm").sum().backward()
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((after - before) * 1024)
+"""
+
+
+def test_memory_stays_linear_in_seq():
+    # One fp32 seq x seq matrix at seq = 10,000 is 400 MB; everything the kernel
+    # needs here (inputs, scratch panels, tiles) is a few MB.
+    import os
+    import subprocess
+    import sys
+
+    python_dir = os.path.dirname(os.path.dirname(cogkern.__file__))
+    probe = _MEMORY_PROBE.format(python_dir=python_dir)
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    grown = int(result.stdout.split()[-1])
+    assert grown < 100 * 2**20, f"peak memory grew by {grown / 2**20:.0f} MB"
