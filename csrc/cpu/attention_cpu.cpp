@@ -57,8 +57,9 @@
 namespace cogkern::cpu {
 namespace {
 
-// A 64 x 256 fp32 score tile (64 KB) stays in L2 next to its K and V tiles,
-// and the GEMMs are large enough to amortize at::mm's per-call cost.
+// A 128 x 512 fp32 score tile (256 KB) stays in L2 next to its K and V tiles,
+// and the GEMMs are large enough to amortize at::mm's per-call cost (torch's
+// own CPU flash attention uses similar splits).
 constexpr int64_t kBlockQ = 128;
 constexpr int64_t kBlockK = 512;
 // Tokens per prologue/epilogue task, and per partial sum of the norm grads.
