@@ -190,6 +190,19 @@ void store_row(scalar_t* dst, const A* src, int64_t d, A factor) {
 #define COGKERN_SIMD_CLONES
 #endif
 
+// sum_c a[c] * b[c], in eight partial sums so that the loop vectorizes.
+template <typename A, typename scalar_t>
+A dot_row(const A* a, const scalar_t* b, int64_t d) {
+  A part[8] = {};
+  int64_t c = 0;
+  for (; c + 8 <= d; c += 8)
+    for (int u = 0; u < 8; ++u) part[u] += a[c + u] * to_acc<A>(b[c + u]);
+  A sum = 0;
+  for (; c < d; ++c) sum += a[c] * to_acc<A>(b[c]);
+  for (int u = 0; u < 8; ++u) sum += part[u];
+  return sum;
+}
+
 // s[j] = exp2(s[j] * c - shift) for j < valid, 0 for valid <= j < cols; returns the sum.
 template <typename A>
 __attribute__((always_inline)) inline A exp2_tile_row_impl(A* s, int64_t valid, int64_t cols, A c, A shift) {
@@ -307,9 +320,7 @@ class Attention {
             if (doh == nullptr) continue;
             if (A* dorow = doh->fill_row(bh, s)) load_row(dorow, in_row(P_.grad_out, b, s, h), D_);
             const A* dorow = doh->row(bh, s);
-            const scalar_t* orow = in_row(P_.out_saved, b, s, h);
-            A dot = 0;
-            for (int64_t c = 0; c < D_; ++c) dot += dorow[c] * to_acc<A>(orow[c]);
+            const A dot = dot_row(dorow, in_row(P_.out_saved, b, s, h), D_);
             const A dlse = P_.grad_lse ? acc_ptr(P_.grad_lse)[bh * S_ + s] : A(0);
             delta[bh * S_ + s] = dot - dlse;
           }
