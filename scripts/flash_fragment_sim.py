@@ -96,7 +96,7 @@ def gemm_rows_nk(smA, colsA, r0, smB, colsB, N, K):
             acc[2*nn+1] = mma(acc[2*nn+1], a, b[:, 2], b[:, 3])
     return acc
 
-for D, BM, BN in [(64, 64, 128), (128, 64, 64), (128, 32, 64), (64, 64, 64)]:
+for D, BM, BN in [(64, 64, 128), (128, 64, 64), (128, 32, 64), (64, 64, 64), (128, 32, 128), (128, 64, 32)]:
     Q = rng.standard_normal((BM, D)); K = rng.standard_normal((BN, D)); V = rng.standard_normal((BN, D))
     sQ, sK, sV = store_tile(Q), store_tile(K), store_tile(V)
     for w in range(BM // 16):

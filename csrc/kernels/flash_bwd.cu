@@ -205,12 +205,20 @@ __global__ void __launch_bounds__(WARPS * kWarpSize) flash_bwd_kv_kernel(const F
           Tr::mma(acc[1], dsa, kb[2], kb[3]);
         }
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int64_t row = m0 + mm * 16 + g + (e < 2 ? 0 : 8);
+        for (int r = 0; r < 2; ++r) {
+          const int64_t row = m0 + mm * 16 + g + 8 * r;
           if (row >= seq) continue;
-          float* dst = a.dq_hat + (bh * seq + row) * D + dd * 16 + 2 * t + (e & 1);
-          atomicAdd(dst, acc[0][e]);
-          atomicAdd(dst + 8, acc[1][e]);
+          float* dst = a.dq_hat + (bh * seq + row) * D + dd * 16 + 2 * t;  // 8-byte aligned
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+          // One 64-bit float2 reduction per element pair (sm_90+).
+          atomicAdd(reinterpret_cast<float2*>(dst), make_float2(acc[0][2 * r], acc[0][2 * r + 1]));
+          atomicAdd(reinterpret_cast<float2*>(dst + 8), make_float2(acc[1][2 * r], acc[1][2 * r + 1]));
+#else
+          atomicAdd(dst, acc[0][2 * r]);
+          atomicAdd(dst + 1, acc[0][2 * r + 1]);
+          atomicAdd(dst + 8, acc[1][2 * r]);
+          atomicAdd(dst + 9, acc[1][2 * r + 1]);
+#endif
         }
       }
     }
@@ -373,19 +381,20 @@ __global__ void __launch_bounds__(WARPS * kWarpSize) flash_bwd_dq_kernel(const F
   }
 }
 
-// Tile shapes. kv kernel: 4 warps x 16 keys; BM queries per step (32 at
+// Tile shapes. kv kernel: 8 warps x 16 keys (128-key blocks: each q^ / dO
+// tile load and each dq^ atomic serves 128 keys); BM queries per step (32 at
 // D = 128 keeps S^T, dP^T and the two 16 x D accumulators in registers).
 // dq kernel: 4 warps x 16 queries; 32-key steps at D = 128 for the same reason.
 template <int D>
 struct BwdConfig;
 template <>
 struct BwdConfig<64> {
-  static constexpr int kWarps = 4, kBN = 64, kBM = 64;
+  static constexpr int kWarps = 8, kBN = 128, kBM = 64;
   static constexpr int kDqWarps = 4, kDqBM = 64, kDqBN = 64;
 };
 template <>
 struct BwdConfig<128> {
-  static constexpr int kWarps = 4, kBN = 64, kBM = 32;
+  static constexpr int kWarps = 8, kBN = 128, kBM = 32;
   static constexpr int kDqWarps = 4, kDqBM = 64, kDqBN = 32;
 };
 
