@@ -281,8 +281,8 @@ def shape_5b(device):
     report("5B shape: output slice within 2x eager bf16 error", err <= 2 * err_e + 1e-5, f"{err:.3g} vs {err_e:.3g}")
 
     flops = 4 * b * s * s * h * d
-    for name, fn in (("forward", lambda: cogkern.fused_attention(q, k, v, **kw)),
-                     ("backward", lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True))):
+
+    def timed(label, fn, f):
         fn()
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -292,8 +292,31 @@ def shape_5b(device):
         end.record()
         torch.cuda.synchronize()
         ms = start.elapsed_time(end) / 5
-        f = flops * (2.5 if name == "backward" else 1)
-        print(f"time 5B {name}: {ms:.2f} ms, {f / ms / 1e9:.0f} TFLOP/s", flush=True)
+        print(f"time 5B {label}: {ms:.2f} ms, {f / ms / 1e9:.0f} TFLOP/s", flush=True)
+
+    timed("cogkern forward", lambda: cogkern.fused_attention(q, k, v, **kw), flops)
+    timed("cogkern backward", lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True), 2.5 * flops)
+    torch.use_deterministic_algorithms(True)
+    try:
+        timed("cogkern backward (deterministic)",
+              lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True), 2.5 * flops)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    # Peers: attention core only (no norm / RoPE), (B, H, S, D) layout.
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    qs, ks, vs = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+        try:
+            with sdpa_kernel(backend):
+                o = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs)
+                timed(f"sdpa {backend.name} forward", lambda: torch.nn.functional.scaled_dot_product_attention(
+                    qs, ks, vs), flops)
+                g = torch.randn_like(o)
+                timed(f"sdpa {backend.name} backward",
+                      lambda: torch.autograd.grad(o, (qs, ks, vs), g, retain_graph=True), 2.5 * flops)
+        except Exception as e:  # noqa: BLE001
+            print(f"sdpa {backend.name}: unavailable ({type(e).__name__})")
 
 
 def main() -> int:
