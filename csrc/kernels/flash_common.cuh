@@ -62,6 +62,27 @@ constexpr int kWarpSize = 32;
 // values (low half = first element), and the mma instruction for the type.
 // ---------------------------------------------------------------------------
 
+// COGKERN_CUDA_EMULATION (scripts/cuda_emu): the kernels compile as host C++
+// and these PTX wrappers come from the emulator, which implements them from
+// the PTX ISA's fragment definitions; the kernel code itself is unchanged.
+#if defined(COGKERN_CUDA_EMULATION)
+#define COGKERN_DYNAMIC_SMEM(name) unsigned char* name = ::cuda_emu::dynamic_smem()
+}  // namespace cogkern::flash
+#include "cuda_emu_ptx.h"
+namespace cogkern::flash {
+using ::cuda_emu::ElemTraits;
+using ::cuda_emu::smem_addr;
+using ::cuda_emu::ldmatrix_x4;
+using ::cuda_emu::ldmatrix_x4_trans;
+using ::cuda_emu::cp_async_16;
+using ::cuda_emu::cp_async_commit;
+using ::cuda_emu::cp_async_wait;
+using ::cuda_emu::fast_exp2;
+using ::cuda_emu::opaque_lane;
+#else
+// Dynamic shared memory of a kernel, 128-byte aligned.
+#define COGKERN_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
+
 template <typename T>
 struct ElemTraits;
 
@@ -139,6 +160,18 @@ __device__ __forceinline__ float fast_exp2(float x) {
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
   return y;
 }
+
+// The lane index as a value the compiler cannot see through. Tile loops call
+// it once per iteration so that ptxas recomputes the (cheap) per-lane
+// ldmatrix addresses there instead of hoisting dozens of loop-invariant
+// addresses into registers, which otherwise spills the accumulators.
+__device__ __forceinline__ int opaque_lane(int lane) {
+  int v;
+  asm volatile("mov.b32 %0, %1;\n" : "=r"(v) : "r"(lane));
+  return v;
+}
+
+#endif  // COGKERN_CUDA_EMULATION
 
 // ---------------------------------------------------------------------------
 // Tile layout in shared memory: ROWS x COLS 16-bit elements, row-major, in
@@ -225,16 +258,6 @@ __device__ __forceinline__ void load_b_kn(uint32_t (&b)[4], const T* tile, int k
   const int row = k0 + (lane & 7) + ((lane >> 3) & 1) * 8;
   const int col = n0 + (lane >> 4) * 8;
   ldmatrix_x4_trans(b, smem_addr(tile + SmemTile<COLS>::offset(row, col)));
-}
-
-// The lane index as a value the compiler cannot see through. Tile loops call
-// it once per iteration so that ptxas recomputes the (cheap) per-lane
-// ldmatrix addresses there instead of hoisting dozens of loop-invariant
-// addresses into registers, which otherwise spills the accumulators.
-__device__ __forceinline__ int opaque_lane(int lane) {
-  int v;
-  asm volatile("mov.b32 %0, %1;\n" : "=r"(v) : "r"(lane));
-  return v;
 }
 
 // Reductions over the 4 lanes of a quad (the lanes holding one C row).
