@@ -5,7 +5,9 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
+#include <vector>
 
 namespace cuda_emu {
 
@@ -14,7 +16,9 @@ inline uint32_t smem_addr(const void* p) {
   return uint32_t(static_cast<const unsigned char*>(p) - dynamic_smem());
 }
 
+inline void check_smem(uint32_t addr, size_t bytes);
 inline uint16_t smem_u16(uint32_t addr) {
+  check_smem(addr, 2);
   uint16_t v;
   std::memcpy(&v, dynamic_smem() + addr, 2);
   return v;
@@ -133,17 +137,45 @@ struct ElemTraits<__nv_bfloat16> {
   static void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) { mma_impl(d, a, b0, b1, true); }
 };
 
-// cp.async completes immediately (a legal schedule of the asynchronous copy).
+// cp.async: each thread's copies are queued per commit group and performed
+// only when cp.async.wait_group retires the group (the latest completion the
+// PTX ISA allows), so a read of a tile before its wait sees stale data.
+struct AsyncCopy {
+  uint32_t dst;
+  const void* src;
+  bool valid;
+};
+inline thread_local std::vector<std::vector<AsyncCopy>> tl_groups;  // committed, oldest first
+inline thread_local std::vector<AsyncCopy> tl_open_group;
+
+inline void check_smem(uint32_t addr, size_t bytes) {
+  if (addr + bytes > g_block->dyn_smem.size() - 16) {
+    std::fprintf(stderr, "cuda_emu: shared memory access [%u, %zu) out of bounds\n", addr, addr + bytes);
+    std::abort();
+  }
+}
+
 inline void cp_async_16(uint32_t dst, const void* src, bool valid) {
   if (dst % 16 || reinterpret_cast<uintptr_t>(src) % 16) std::abort();  // cp.async 16 needs 16-byte alignment
-  if (valid)
-    std::memcpy(dynamic_smem() + dst, src, 16);
-  else
-    std::memset(dynamic_smem() + dst, 0, 16);
+  check_smem(dst, 16);
+  tl_open_group.push_back({dst, src, valid});
 }
-inline void cp_async_commit() {}
+inline void cp_async_commit() {
+  tl_groups.push_back(std::move(tl_open_group));
+  tl_open_group.clear();
+}
 template <int N>
-inline void cp_async_wait() {}
+inline void cp_async_wait() {
+  while (tl_groups.size() > size_t(N)) {
+    for (const AsyncCopy& c : tl_groups.front()) {
+      if (c.valid)
+        std::memcpy(dynamic_smem() + c.dst, c.src, 16);
+      else
+        std::memset(dynamic_smem() + c.dst, 0, 16);
+    }
+    tl_groups.erase(tl_groups.begin());
+  }
+}
 
 inline float fast_exp2(float x) { return std::exp2(x); }
 inline int opaque_lane(int lane) { return lane; }
