@@ -5,6 +5,10 @@ bitwise determinism of the deterministic backward, NaN propagation.
 
     PYTHONPATH=python:tests python scripts/cuda_emu/run_emu.py [--quick]
 
+Out-of-bounds global (and scratch) accesses: build with AddressSanitizer,
+    COGKERN_EMU_ASAN=1 ASAN_OPTIONS=detect_leaks=0 LD_PRELOAD=$(gcc -print-file-name=libasan.so) \
+        PYTHONPATH=python:tests python scripts/cuda_emu/run_emu.py
+
 What it covers: the actual kernel source (csrc/kernels/*_kernel.cuh,
 attention_rows.cuh) compiled as host C++, with each GPU thread a std::thread;
 ldmatrix / mma.sync / cp.async / shuffles emulated from their PTX ISA
@@ -35,7 +39,8 @@ def build(out_dir="/tmp/cogkern_cuda_emu"):
     os.makedirs(out_dir, exist_ok=True)
     lib = os.path.join(out_dir, "libemu.so")
     cuda_inc = os.environ.get("CUDA_HOME", "/usr/local/cuda") + "/include"
-    cmd = ["g++", "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-w", "-DCOGKERN_CUDA_EMULATION",
+    sanitize = ["-fsanitize=address", "-fno-omit-frame-pointer"] if os.environ.get("COGKERN_EMU_ASAN") else []
+    cmd = ["g++", "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-w", "-DCOGKERN_CUDA_EMULATION", *sanitize,
            "-include", os.path.join(HERE, "cuda_emu_prelude.h"), "-I", os.path.join(ROOT, "csrc"), "-I", HERE,
            "-I", cuda_inc, os.path.join(HERE, "emu_attention.cpp"), "-o", lib + ".tmp"]
     subprocess.run(cmd, check=True)
