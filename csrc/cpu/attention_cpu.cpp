@@ -2,11 +2,12 @@
 // softmax, never materializing the seq x seq matrix.
 //
 // Stages (each an at::parallel_for):
-//   1. prologue, over token blocks: q^ = R(norm(q)), k^ = R(norm(k)) and v, in
-//      the math type, into [batch, heads, seq, head_dim] scratch panels, so the
-//      tile GEMMs read contiguous rows and the norm + RoPE run once per token
-//      instead of once per tile pair. The rotation coefficients of a token are
-//      computed once and reused over batch * heads rows.
+//   1. prologue, over token blocks: q^ = R(norm(q)), k^ = R(norm(k)) in the
+//      math type into [batch, heads, seq, head_dim] scratch panels, so the tile
+//      GEMMs read contiguous rows and the norm + RoPE run once per token
+//      instead of once per tile pair (v and grad_out are copied only when they
+//      need a conversion to the math type). The rotation coefficients of a
+//      token are computed once and reused over batch * heads rows.
 //   2. forward, over (batch, head, query tile): for each key tile, scores by
 //      GEMM, online softmax update of the running max / sum / output, P.V by
 //      GEMM; lse saved.
@@ -23,6 +24,14 @@
 //
 // The tile GEMMs go through at::mm (BLAS); the softmax exponentials use a
 // vectorizable exp2 (cpu/fast_exp2.h).
+
+// Comparisons that may not trap are what lets GCC turn the clamps in
+// exp2_vectorizable and the max reductions into SIMD selects (torch itself
+// builds with this flag; nothing here reads floating-point exception flags).
+// It comes before every include so that header functions get the same options
+// and still inline into this file's loops.
+#pragma GCC optimize("no-trapping-math")
+
 #include "cpu/attention_cpu.h"
 
 #include <ATen/Parallel.h>
@@ -35,19 +44,24 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cstring>
 #include <limits>
+#include <optional>
+#include <type_traits>
 #include <stdexcept>
 #include <vector>
+
 
 #include "cpu/fast_exp2.h"
 
 namespace cogkern::cpu {
 namespace {
 
-// A 64 x 256 fp32 score tile (64 KB) stays in L2 next to its K and V tiles,
-// and the GEMMs are large enough to amortize at::mm's per-call cost.
-constexpr int64_t kBlockQ = 64;
-constexpr int64_t kBlockK = 256;
+// A 128 x 512 fp32 score tile (256 KB) stays in L2 next to its K and V tiles,
+// and the GEMMs are large enough to amortize at::mm's per-call cost (torch's
+// own CPU flash attention uses similar splits).
+constexpr int64_t kBlockQ = 128;
+constexpr int64_t kBlockK = 512;
 // Tokens per prologue/epilogue task, and per partial sum of the norm grads.
 constexpr int64_t kTokenBlock = 16;
 
@@ -73,18 +87,47 @@ struct Panels {
   A* row(int64_t bh, int64_t s) const { return panel(bh) + s * head_dim; }
 };
 
+// The rows of an input ([batch, seq, heads, head_dim]) in the math type, by
+// (batch * heads + head, token): the input itself when it is already in the
+// math type (the GEMMs read it through its own row stride, no copy), else a
+// converted panel that the prologue fills.
+template <typename A, typename scalar_t>
+class MathRows {
+ public:
+  MathRows(const AttentionParams& P, const BshdTensor& t) : P_(P), t_(t) {
+    if constexpr (!std::is_same_v<A, scalar_t>) panel_.emplace(P);
+  }
+  // The row to write in the prologue, or nullptr when the input is used as is.
+  A* fill_row(int64_t bh, int64_t s) const { return panel_ ? panel_->row(bh, s) : nullptr; }
+  const A* row(int64_t bh, int64_t s) const {
+    if (panel_) return panel_->row(bh, s);
+    return static_cast<const A*>(t_.ptr) + t_.offset(bh / P_.heads, s, bh % P_.heads);
+  }
+  int64_t ld() const { return panel_ ? P_.head_dim : t_.stride_s; }
+
+ private:
+  const AttentionParams& P_;
+  BshdTensor t_;
+  std::optional<Panels<A>> panel_;
+};
+
 // The RoPE coefficients of one token, for every channel pair of the head dim.
+// Interleaved pairs (CogVideoX, and every (cos, sin) table) are pair p =
+// channels (2p, 2p+1); for those the coefficients are kept as separate arrays
+// so that the rotation is a branch-free loop the compiler vectorizes. Other
+// layouts go through the shared rope_row.
 template <typename A, typename scalar_t>
 class TokenRope {
  public:
   explicit TokenRope(const AttentionParams& P) : P_(P), half_d_(int(P.head_dim / 2)) {
     if (!P.has_rope) return;
-    const bool interleaved = P.rope.mode == RopeMode::kTable || P.rope.interleaved;
+    interleaved_ = P.rope.mode == RopeMode::kTable || P.rope.interleaved;
     c0_.resize(half_d_);
     c1_.resize(half_d_);
     coeffs_.resize(half_d_);
+    for (auto* v : {&a0_, &b0_, &a1_, &b1_}) v->resize(half_d_);
     for (int p = 0; p < half_d_; ++p) {
-      const RopePair pr = rope_pair(p, P.rope.axes, interleaved);
+      const RopePair pr = rope_pair(p, P.rope.axes, interleaved_);
       c0_[p] = pr.c0;
       c1_[p] = pr.c1;
     }
@@ -94,21 +137,38 @@ class TokenRope {
   bool load(int64_t s) {
     if (!P_.has_rope || s < P_.text_len) return false;
     for (int p = 0; p < half_d_; ++p) {
-      coeffs_[p] = P_.rope_table_dtype == DType::kFloat ? rope_coeffs<A, float>(P_.rope, s, p)
-                                                         : rope_coeffs<A, scalar_t>(P_.rope, s, p);
+      const PairCoeffs<A> k = P_.rope_table_dtype == DType::kFloat ? rope_coeffs<A, float>(P_.rope, s, p)
+                                                                    : rope_coeffs<A, scalar_t>(P_.rope, s, p);
+      coeffs_[p] = k;
+      a0_[p] = k.a0;
+      b0_[p] = k.b0;
+      a1_[p] = k.a1;
+      b1_[p] = k.b1;
     }
     return true;
   }
 
+  // The mix of rope3d.h (or its transpose): y0 = a0 x0 + b0 x1, y1 = a1 x1 + b1 x0.
   void apply(A* row, bool transpose) const {
-    rope_row<A>(row, half_d_, coeffs_.data(), c0_.data(), c1_.data(), transpose);
+    if (!interleaved_) return rope_row<A>(row, half_d_, coeffs_.data(), c0_.data(), c1_.data(), transpose);
+    const A* b0 = transpose ? b1_.data() : b0_.data();  // the transpose swaps b0 and b1
+    const A* b1 = transpose ? b0_.data() : b1_.data();
+    const A* a0 = a0_.data();
+    const A* a1 = a1_.data();
+    for (int p = 0; p < half_d_; ++p) {
+      const A x0 = row[2 * p], x1 = row[2 * p + 1];
+      row[2 * p] = a0[p] * x0 + b0[p] * x1;
+      row[2 * p + 1] = a1[p] * x1 + b1[p] * x0;
+    }
   }
 
  private:
   const AttentionParams& P_;
   int half_d_;
+  bool interleaved_ = true;
   std::vector<int> c0_, c1_;
   std::vector<PairCoeffs<A>> coeffs_;
+  std::vector<A> a0_, b0_, a1_, b1_;
 };
 
 template <typename A, typename scalar_t>
@@ -121,9 +181,18 @@ void store_row(scalar_t* dst, const A* src, int64_t d, A factor) {
   for (int64_t c = 0; c < d; ++c) dst[c] = from_acc<scalar_t>(src[c] * factor);
 }
 
+// The softmax row kernels below are cloned per x86 SIMD level (resolved once at
+// load time) so that the exponentials run 8 or 16 wide where the CPU allows;
+// the build itself targets the x86-64 baseline.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define COGKERN_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define COGKERN_SIMD_CLONES
+#endif
+
 // s[j] = exp2(s[j] * c - shift) for j < valid, 0 for valid <= j < cols; returns the sum.
 template <typename A>
-A exp2_tile_row(A* s, int64_t valid, int64_t cols, A c, A shift) {
+__attribute__((always_inline)) inline A exp2_tile_row_impl(A* s, int64_t valid, int64_t cols, A c, A shift) {
   for (int64_t j = 0; j < valid; ++j) s[j] = exp2_vectorizable(s[j] * c - shift);
   for (int64_t j = std::max<int64_t>(valid, 0); j < cols; ++j) s[j] = A(0);
   // Eight partial sums: a single accumulator would serialize on the add latency.
@@ -136,6 +205,46 @@ A exp2_tile_row(A* s, int64_t valid, int64_t cols, A c, A shift) {
   for (int u = 0; u < 8; ++u) sum += part[u];
   return sum;
 }
+
+// max(s[0..n)) ignoring NaN (a NaN score reaches the output through exp2 and
+// the sums instead). Written with GCC/Clang vector types: a scalar max
+// reduction does not vectorize without -ffinite-math-only.
+template <typename A>
+struct Vec8;
+template <>
+struct Vec8<float> {
+  typedef float type __attribute__((vector_size(8 * sizeof(float))));
+};
+template <>
+struct Vec8<double> {
+  typedef double type __attribute__((vector_size(8 * sizeof(double))));
+};
+
+template <typename A>
+__attribute__((always_inline)) inline A row_max_impl(const A* s, int64_t n) {
+  using Vec = typename Vec8<A>::type;
+  constexpr A kNegInf = -std::numeric_limits<A>::infinity();
+  Vec m = {kNegInf, kNegInf, kNegInf, kNegInf, kNegInf, kNegInf, kNegInf, kNegInf};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    Vec x;
+    std::memcpy(&x, s + j, sizeof(Vec));
+    m = x > m ? x : m;
+  }
+  A result = kNegInf;
+  for (; j < n; ++j) result = s[j] > result ? s[j] : result;
+  for (int u = 0; u < 8; ++u) result = m[u] > result ? m[u] : result;
+  return result;
+}
+
+COGKERN_SIMD_CLONES float exp2_tile_row(float* s, int64_t valid, int64_t cols, float c, float shift) {
+  return exp2_tile_row_impl<float>(s, valid, cols, c, shift);
+}
+double exp2_tile_row(double* s, int64_t valid, int64_t cols, double c, double shift) {
+  return exp2_tile_row_impl<double>(s, valid, cols, c, shift);
+}
+COGKERN_SIMD_CLONES float row_max_of(const float* s, int64_t n) { return row_max_impl<float>(s, n); }
+double row_max_of(const double* s, int64_t n) { return row_max_impl<double>(s, n); }
 
 // Keys of a key tile starting at k0 that query `query` may see.
 inline int64_t visible_keys(bool causal, int64_t query, int64_t k0, int64_t cols) {
@@ -152,13 +261,15 @@ class Attention {
       : P_(P), S_(P.seq), D_(P.head_dim), c_(softmax_log2_scale<A>(P.scale)) {}
 
   void forward() const {
-    Panels<A> qh(P_), kh(P_), vh(P_);
+    Panels<A> qh(P_), kh(P_);
+    MathRows<A, scalar_t> vh(P_, P_.v);
     prologue(qh, kh, vh, nullptr, nullptr);
     forward_tiles(qh, kh, vh);
   }
 
   void backward() const {
-    Panels<A> qh(P_), kh(P_), vh(P_), doh(P_);
+    Panels<A> qh(P_), kh(P_);
+    MathRows<A, scalar_t> vh(P_, P_.v), doh(P_, P_.grad_out);
     std::vector<A> delta(P_.batch * P_.heads * S_);
     prologue(qh, kh, vh, &doh, delta.data());
     // Accumulators of the grads of q^ and k^.
@@ -180,8 +291,8 @@ class Attention {
 
   // Stage 1. With doh/delta (backward): also dO in the math type and
   // delta = rowsum(dO * O) - dlse.
-  void prologue(const Panels<A>& qh, const Panels<A>& kh, const Panels<A>& vh, const Panels<A>* doh,
-                A* delta) const {
+  void prologue(const Panels<A>& qh, const Panels<A>& kh, const MathRows<A, scalar_t>& vh,
+                const MathRows<A, scalar_t>* doh, A* delta) const {
     const int64_t n_blocks = ceil_div(S_, kTokenBlock);
     at::parallel_for(0, n_blocks, 1, [&](int64_t blk_begin, int64_t blk_end) {
       TokenRope<A, scalar_t> rope(P_);
@@ -192,10 +303,10 @@ class Attention {
             const int64_t bh = b * P_.heads + h;
             prepare_row(qh.row(bh, s), in_row(P_.q, b, s, h), P_.q_norm, rotate ? &rope : nullptr);
             prepare_row(kh.row(bh, s), in_row(P_.k, b, s, h), P_.k_norm, rotate ? &rope : nullptr);
-            load_row(vh.row(bh, s), in_row(P_.v, b, s, h), D_);
+            if (A* vrow = vh.fill_row(bh, s)) load_row(vrow, in_row(P_.v, b, s, h), D_);
             if (doh == nullptr) continue;
-            A* dorow = doh->row(bh, s);
-            load_row(dorow, in_row(P_.grad_out, b, s, h), D_);
+            if (A* dorow = doh->fill_row(bh, s)) load_row(dorow, in_row(P_.grad_out, b, s, h), D_);
+            const A* dorow = doh->row(bh, s);
             const scalar_t* orow = in_row(P_.out_saved, b, s, h);
             A dot = 0;
             for (int64_t c = 0; c < D_; ++c) dot += dorow[c] * to_acc<A>(orow[c]);
@@ -215,7 +326,7 @@ class Attention {
   }
 
   // Stage 2, forward.
-  void forward_tiles(const Panels<A>& qh, const Panels<A>& kh, const Panels<A>& vh) const {
+  void forward_tiles(const Panels<A>& qh, const Panels<A>& kh, const MathRows<A, scalar_t>& vh) const {
     const int64_t n_qt = ceil_div(S_, kBlockQ);
     A* lse = static_cast<A*>(P_.lse);
     at::parallel_for(0, P_.batch * P_.heads * n_qt, 1, [&](int64_t begin, int64_t end) {
@@ -237,11 +348,9 @@ class Attention {
           for (int64_t i = 0; i < rows; ++i) {
             A* s = scores.data() + i * kBlockK;
             const int64_t valid = visible_keys(P_.causal, q0 + i, k0, cols);
-            A tile_max = -std::numeric_limits<A>::infinity();
-            for (int64_t j = 0; j < valid; ++j) tile_max = s[j] > tile_max ? s[j] : tile_max;
-            const A new_max = softmax_max<A>(row_max[i], tile_max);
+            const A new_max = softmax_max<A>(row_max[i], row_max_of(s, valid));
             const A alpha = softmax_rescale<A>(row_max[i], new_max, c_);
-            const A sum = exp2_tile_row<A>(s, valid, cols, c_, softmax_shift<A>(new_max, c_));
+            const A sum = exp2_tile_row(s, valid, cols, c_, softmax_shift<A>(new_max, c_));
             row_sum[i] = row_sum[i] * alpha + sum;
             row_max[i] = new_max;
             if (alpha != A(1)) {
@@ -249,7 +358,7 @@ class Attention {
               for (int64_t d = 0; d < D_; ++d) o[d] *= alpha;
             }
           }
-          acc_m.addmm_(scores_m, matrix(vh.row(bh, k0), cols, D_, D_));
+          acc_m.addmm_(scores_m, matrix(vh.row(bh, k0), cols, D_, vh.ld()));
         }
         const int64_t b = bh / P_.heads, h = bh % P_.heads;
         for (int64_t i = 0; i < rows; ++i) {
@@ -261,7 +370,8 @@ class Attention {
   }
 
   // Stage 2, backward.
-  void backward_tiles(const Panels<A>& qh, const Panels<A>& kh, const Panels<A>& vh, const Panels<A>& doh,
+  void backward_tiles(const Panels<A>& qh, const Panels<A>& kh, const MathRows<A, scalar_t>& vh,
+                      const MathRows<A, scalar_t>& doh,
                       const A* delta, const Panels<A>& dqh, const Panels<A>& dkh) const {
     const A* lse = static_cast<const A*>(P_.lse);
     const A scale = A(P_.scale);
@@ -272,7 +382,7 @@ class Attention {
         for (int64_t k0 = 0; k0 < S_; k0 += kBlockK) {
           const int64_t cols = std::min(kBlockK, S_ - k0);
           const at::Tensor K = matrix(kh.row(bh, k0), cols, D_, D_);
-          const at::Tensor V = matrix(vh.row(bh, k0), cols, D_, D_);
+          const at::Tensor V = matrix(vh.row(bh, k0), cols, D_, vh.ld());
           const at::Tensor dK = matrix(dkh.row(bh, k0), cols, D_, D_);
           const at::Tensor dV = matrix(dv.data(), cols, D_, D_);
           dV.zero_();
@@ -281,13 +391,13 @@ class Attention {
           for (int64_t q0 = q_begin; q0 < S_; q0 += kBlockQ) {
             const int64_t rows = std::min(kBlockQ, S_ - q0);
             const at::Tensor Q = matrix(qh.row(bh, q0), rows, D_, D_);
-            const at::Tensor dO = matrix(doh.row(bh, q0), rows, D_, D_);
+            const at::Tensor dO = matrix(doh.row(bh, q0), rows, D_, doh.ld());
             at::Tensor Pm = matrix(probs.data(), rows, cols, kBlockK);
             at::Tensor dPm = matrix(dprobs.data(), rows, cols, kBlockK);
             at::mm_out(Pm, Q, K.t());
             for (int64_t i = 0; i < rows; ++i) {
               const int64_t valid = visible_keys(P_.causal, q0 + i, k0, cols);
-              exp2_tile_row<A>(probs.data() + i * kBlockK, valid, cols, c_,
+              exp2_tile_row(probs.data() + i * kBlockK, valid, cols, c_,
                                softmax_lse_shift<A>(lse[bh * S_ + q0 + i]));
             }
             dV.addmm_(Pm.t(), dO);

@@ -3,13 +3,12 @@
 // uses (arguments <= 0); NaN propagates.
 #pragma once
 
-#include <bit>
 #include <cmath>
 #include <cstdint>
 
 namespace cogkern::cpu {
 
-inline float exp2_vectorizable(float x) {
+__attribute__((always_inline)) inline float exp2_vectorizable(float x) {
   // Below 2^-126 a softmax term is negligible next to the row max term (1);
   // clamping keeps the result a normal float and the exponent arithmetic valid.
   x = x < -126.0f ? -126.0f : x;
@@ -18,7 +17,7 @@ inline float exp2_vectorizable(float x) {
   // mantissa bits of t, so it is read without a float -> int conversion.
   constexpr float kRound = 12582912.0f;
   const float t = x + kRound;
-  const int32_t n = std::bit_cast<int32_t>(t) - std::bit_cast<int32_t>(kRound);
+  const int32_t n = __builtin_bit_cast(int32_t, t) - __builtin_bit_cast(int32_t, kRound);
   const float f = x - (t - kRound);  // in [-0.5, 0.5]
   // 2^f = e^(f ln 2), Taylor to degree 7: truncation error < 1e-8 relative.
   float p = 1.525273380405984e-05f;
@@ -29,7 +28,7 @@ inline float exp2_vectorizable(float x) {
   p = p * f + 2.402265069591007e-01f;
   p = p * f + 6.931471805599453e-01f;
   p = p * f + 1.0f;
-  const float two_n = std::bit_cast<float>((n + 127) << 23);
+  const float two_n = __builtin_bit_cast(float, (n + 127) << 23);
   return p * two_n;
 }
 

@@ -116,48 +116,81 @@ struct RowNormStats {
   A center, rstd;
 };
 
+// Sum of a row in eight interleaved partial sums: a CPU loop then vectorizes
+// instead of waiting on one accumulator's add latency.
+template <typename A>
+CK_HD A row_sum(const A* x, int64_t d) {
+  A part[8] = {A(0), A(0), A(0), A(0), A(0), A(0), A(0), A(0)};
+  int64_t c = 0;
+  for (; c + 8 <= d; c += 8)
+    for (int u = 0; u < 8; ++u) part[u] += x[c + u];
+  A sum = 0;
+  for (; c < d; ++c) sum += x[c];
+  for (int u = 0; u < 8; ++u) sum += part[u];
+  return sum;
+}
+
+// Sum of (x - center)^2 over a row, likewise.
+template <typename A>
+CK_HD A row_centered_sum_sq(const A* x, A center, int64_t d) {
+  A part[8] = {A(0), A(0), A(0), A(0), A(0), A(0), A(0), A(0)};
+  int64_t c = 0;
+  for (; c + 8 <= d; c += 8)
+    for (int u = 0; u < 8; ++u) {
+      const A t = x[c + u] - center;
+      part[u] += t * t;
+    }
+  A sum = 0;
+  for (; c < d; ++c) sum += (x[c] - center) * (x[c] - center);
+  for (int u = 0; u < 8; ++u) sum += part[u];
+  return sum;
+}
+
 template <typename A>
 CK_HD RowNormStats<A> norm_row_stats(NormKind kind, const A* x, int64_t d, double eps) {
-  A sum = 0;
-  for (int64_t c = 0; c < d; ++c) sum += x[c];
-  const A center = norm_center<A>(kind, sum, d);
-  A sq = 0;
-  for (int64_t c = 0; c < d; ++c) {
-    const A t = x[c] - center;
-    sq += t * t;
-  }
-  return {center, norm_rstd<A>(sq, d, eps)};
+  const A center = kind == NormKind::kLayerNorm ? norm_center<A>(kind, row_sum<A>(x, d), d) : A(0);
+  return {center, norm_rstd<A>(row_centered_sum_sq<A>(x, center, d), d, eps)};
 }
 
 // y = norm(x) in place (kind != kNone).
 template <typename A>
 CK_HD void norm_row_forward(NormKind kind, A* x, int64_t d, double eps, const A* weight, const A* bias) {
   const RowNormStats<A> st = norm_row_stats<A>(kind, x, d, eps);
-  for (int64_t c = 0; c < d; ++c) x[c] = norm_affine<A>((x[c] - st.center) * st.rstd, weight, bias, int(c));
+  // Separate passes (same arithmetic as norm_affine) so that each vectorizes.
+  for (int64_t c = 0; c < d; ++c) x[c] = (x[c] - st.center) * st.rstd;
+  if (weight)
+    for (int64_t c = 0; c < d; ++c) x[c] *= weight[c];
+  if (bias)
+    for (int64_t c = 0; c < d; ++c) x[c] += bias[c];
 }
 
 // Given the row x (pre-norm) and dy = dL/dy, writes dx = dL/dx and adds this
 // row's share of dL/dweight and dL/dbias (when those pointers are non-null).
-// xhat_scratch holds D values.
+// xhat_scratch holds D values; dx must not alias x or dy.
 template <typename A>
 CK_HD void norm_row_backward(NormKind kind, const A* x, const A* dy, int64_t d, double eps, const A* weight,
                              A* dx, A* grad_weight, A* grad_bias, A* xhat_scratch) {
   const RowNormStats<A> st = norm_row_stats<A>(kind, x, d, eps);
-  A sum_g = 0, sum_gx = 0;
+  // g = dy * w lives in dx until dx overwrites it element by element.
+  A* g = dx;
   for (int64_t c = 0; c < d; ++c) {
-    const A xhat = (x[c] - st.center) * st.rstd;
-    xhat_scratch[c] = xhat;
-    const A g = weight ? dy[c] * weight[c] : dy[c];
-    sum_g += g;
-    sum_gx += g * xhat;
-    if (grad_weight) grad_weight[c] += dy[c] * xhat;
-    if (grad_bias) grad_bias[c] += dy[c];
+    xhat_scratch[c] = (x[c] - st.center) * st.rstd;
+    g[c] = weight ? dy[c] * weight[c] : dy[c];
   }
-  const A mean_g = sum_g / A(d), mean_gx = sum_gx / A(d);
-  for (int64_t c = 0; c < d; ++c) {
-    const A g = weight ? dy[c] * weight[c] : dy[c];
-    dx[c] = norm_input_grad<A>(kind, g, xhat_scratch[c], st.rstd, mean_g, mean_gx);
-  }
+  if (grad_weight)
+    for (int64_t c = 0; c < d; ++c) grad_weight[c] += dy[c] * xhat_scratch[c];
+  if (grad_bias)
+    for (int64_t c = 0; c < d; ++c) grad_bias[c] += dy[c];
+  const A mean_g = row_sum<A>(g, d) / A(d);
+  A part[8] = {A(0), A(0), A(0), A(0), A(0), A(0), A(0), A(0)};
+  int64_t c = 0;
+  for (; c + 8 <= d; c += 8)
+    for (int u = 0; u < 8; ++u) part[u] += g[c + u] * xhat_scratch[c + u];
+  A sum_gx = 0;
+  for (; c < d; ++c) sum_gx += g[c] * xhat_scratch[c];
+  for (int u = 0; u < 8; ++u) sum_gx += part[u];
+  const A mean_gx = sum_gx / A(d);
+  for (c = 0; c < d; ++c) dx[c] = norm_input_grad<A>(kind, g[c], xhat_scratch[c], st.rstd, mean_g, mean_gx);
 }
 
 // ---------------------------------------------------------------------------
@@ -222,7 +255,7 @@ CK_HD A softmax_max(A a, A b) {
 // lse (natural log) of a finished row: log(l) + scale * m.
 template <typename A>
 CK_HD A softmax_lse(A row_max, A row_sum, double scale) {
-  if (row_max == -INFINITY) return A(-INFINITY);
+  if (row_max == -INFINITY) return std::log(row_sum);  // -inf for an empty row; NaN stays NaN
   return std::log(row_sum) + A(scale) * row_max;
 }
 

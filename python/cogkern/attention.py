@@ -69,8 +69,15 @@ def fused_attention(
 
     Returns:
         ``out`` of shape ``(batch, seq, heads, head_dim)`` in q's dtype
-        (contiguous), or ``(out, lse)``. Differentiable with respect to q, k, v
-        and the norm parameters (and through lse).
+        (contiguous), or ``(out, lse)``. Differentiable (once) with respect to
+        q, k, v and the norm parameters, also through lse; not with respect to
+        the RoPE tables or positions.
+
+    Raises:
+        ValueError: a bad argument (shape, dtype, device, strides, norm
+            parameters, a RoPE that does not fit ``seq - text_len``), before
+            any kernel runs.
+        NotImplementedError: CUDA tensors while the CUDA kernel is not built.
     """
     _check_qkv(q, k, v)
     if q.is_cuda and not _HAS_CUDA_KERNEL:

@@ -1,0 +1,88 @@
+"""What the CUDA fused attention kernel must meet (skipped without a GPU).
+
+FlashAttention's rule (attention_rule.py): output and every gradient within 2x
+the error of eager PyTorch in the same dtype, against a float32 reference,
+over the shapes CogVideoX uses and the edges around them.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import cogkern
+from cogkern.attention import _HAS_CUDA_KERNEL
+from attention_reference import reference_attention
+from attention_rule import check_flash_rule, eager_attention, rule_case
+
+pytestmark = pytest.mark.cuda
+
+needs_kernel = pytest.mark.skipif(not _HAS_CUDA_KERNEL, reason="the CUDA attention kernel is not built yet")
+
+SEQS = [1, 17, 128, 1000, 4096 + 113]
+
+
+def _configs():
+    for seq in SEQS:
+        for text_len in (0, 226):
+            if text_len > seq:
+                continue
+            for head_dim in (64, 128):
+                for batch in (1, 2):
+                    for dtype in (torch.float16, torch.bfloat16):
+                        yield pytest.param(batch, seq, head_dim, text_len, dtype,
+                                           id=f"B{batch}-S{seq}-D{head_dim}-text{text_len}-{str(dtype)[6:]}")  # fmt: skip
+
+
+def test_cuda_tensors_raise_clearly_until_the_kernel_is_built():
+    if _HAS_CUDA_KERNEL:
+        pytest.skip("the CUDA kernel is built")
+    q = torch.randn(1, 8, 2, 64, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(NotImplementedError, match="CUDA kernel is not built yet"):
+        cogkern.fused_attention(q, q, q)
+
+
+@needs_kernel
+@pytest.mark.parametrize("batch, seq, head_dim, text_len, dtype", list(_configs()))
+def test_flash_attention_error_rule(batch, seq, head_dim, text_len, dtype):
+    check_flash_rule(batch, seq, 3, head_dim, text_len, dtype, "cuda")
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_unsupported_head_dim_is_a_value_error(dtype):
+    q = torch.randn(1, 16, 2, 40, device="cuda", dtype=dtype)
+    with pytest.raises(ValueError, match="head_dim"):
+        cogkern.fused_attention(q, q, q)
+
+
+@needs_kernel
+def test_cogvideox_5b_shape():
+    """batch 1, S = 17,776 (226 text + 13x30x45 video), 48 heads, D = 64, bf16: no NaN anywhere,
+    and the error rule on two heads (heads are independent, so a slice is exact)."""
+    seq, heads, head_dim, text_len = 17776, 48, 64, 226
+    q, k, v, norms, rope, table = rule_case(1, seq, heads, head_dim, text_len, torch.bfloat16, "cuda", grid=(13, 30, 45))
+    (qw, qb), (kw, kb) = norms
+    kwargs = dict(rope=rope, text_len=text_len, qk_norm="layer_norm",
+                  q_norm_weight=qw, q_norm_bias=qb, k_norm_weight=kw, k_norm_bias=kb)  # fmt: skip
+    out = cogkern.fused_attention(q, k, v, **kwargs)
+    grad_out = torch.randn_like(out)
+    dq, dk, dv, *dnorm = torch.autograd.grad(out, [q, k, v, qw, qb, kw, kb], grad_out)
+    for t in (out, dq, dk, dv, *dnorm):
+        assert not torch.isnan(t).any()
+
+    heads_slice = slice(0, 2)
+    parts = [t.detach()[:, :, heads_slice] for t in (q, k, v)]
+    ref_in = [p.float().requires_grad_() for p in parts]
+    ref_out, _ = reference_attention(*ref_in, rope=table, text_len=text_len, qk_norm="layer_norm",
+                                     q_norm_weight=qw.detach().float(), q_norm_bias=qb.detach().float(),
+                                     k_norm_weight=kw.detach().float(), k_norm_bias=kb.detach().float())  # fmt: skip
+    g = grad_out[:, :, heads_slice]
+    ref_grads = torch.autograd.grad(ref_out, ref_in, g.float())
+    eager_in = [p.clone().requires_grad_() for p in parts]
+    eager_out = eager_attention(*eager_in, tuple((w.detach(), b.detach()) for w, b in norms), table, text_len)
+    eager_grads = torch.autograd.grad(eager_out, eager_in, g)
+    ours = [out[:, :, heads_slice], dq[:, :, heads_slice], dk[:, :, heads_slice], dv[:, :, heads_slice]]
+    for name, mine, eager, ref in zip(["out", "dq", "dk", "dv"], ours, [eager_out, *eager_grads], [ref_out, *ref_grads]):
+        err = (mine.float() - ref).abs().max().item()
+        err_eager = (eager.float() - ref).abs().max().item()
+        assert err <= 2 * err_eager + 1e-5, f"{name}: {err:.3e} > 2 x {err_eager:.3e}"
