@@ -75,12 +75,13 @@ def table_from(rope: RoPE3D, d: int):
 
 
 def emu_run(lib, c, dtype, causal, deterministic):
+    """Forward, then backward with c["dout"], c["dlse"]: [out, lse, dq, dk, dv, grads of the given norm params]."""
     b, s, h, d = c["q"].shape
     q, k, v = (c[n].to(dtype).contiguous() for n in "qkv")
     nan = float("nan")
     out = torch.full_like(q, nan)
     lse = torch.full((b, h, s), nan)
-    w = c["params"]
+    w = [None if t is None else t.detach().float().contiguous() for t in c["params"]]
     spec = EmuSpec()
     spec.batch, spec.seq, spec.heads, spec.head_dim = b, s, h, d
     spec.dtype = 0 if dtype == torch.float16 else 1
@@ -162,11 +163,65 @@ def make_case(b, s, h, d, text_len, qk_norm, rope_mode, table_in_dtype=False):
                 table_in_dtype=table_in_dtype)
 
 
+def rule_suite(lib):
+    """The colleague's test_attention_cuda rule (tests/attention_rule.py: eager = layer_norm + diffusers RoPE
+    + SDPA in the same dtype) with cogkern.fused_attention replaced by the emulated kernels."""
+    import cogkern
+    import attention_rule
+
+    class Emu(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v, qw, qb, kw, kb, rope, text_len):
+            ctx.case = dict(q=q.detach(), k=k.detach(), v=v.detach(), params=[qw, qb, kw, kb], rope=rope,
+                            text_len=text_len, qk_norm="layer_norm", table_in_dtype=False)
+            ctx.param_dtypes = [t.dtype for t in (qw, qb, kw, kb)]
+            c = dict(ctx.case, dout=torch.zeros_like(q, dtype=torch.float32),
+                     dlse=torch.zeros(q.shape[0], q.shape[2], q.shape[1]))
+            return emu_run(lib, c, q.dtype, False, False)[0].to(q.dtype)
+
+        @staticmethod
+        def backward(ctx, dout):
+            c = dict(ctx.case, dout=dout.float(), dlse=torch.zeros(dout.shape[0], dout.shape[2], dout.shape[1]))
+            res = emu_run(lib, c, dout.dtype, False, False)
+            grads = [res[2].to(dout.dtype), res[3].to(dout.dtype), res[4].to(dout.dtype)]
+            grads += [g.to(dt) for g, dt in zip(res[5:], ctx.param_dtypes)]
+            return (*grads, None, None)
+
+    def emu_fused(q, k, v, *, rope, text_len, qk_norm, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias):
+        assert qk_norm == "layer_norm"
+        return Emu.apply(q, k, v, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, rope, text_len)
+
+    real = cogkern.fused_attention
+    cogkern.fused_attention = emu_fused
+    fails = 0
+    try:
+        for dtype in (torch.bfloat16, torch.float16):
+            for batch, seq, d, text_len in ((1, 17, 64, 0), (2, 130, 128, 0), (1, 300, 64, 226)):
+                try:
+                    ef, ee = attention_rule.check_flash_rule(batch, seq, 3 if seq < 200 else 1, d, text_len, dtype,
+                                                             "cpu")
+                    ratios = " ".join(f"{a / max(b, 1e-12):.2f}" for a, b in zip(ef, ee))
+                    print(f"ok   rule (tests/attention_rule.py) {str(dtype)[6:]} B={batch} S={seq} D={d} "
+                          f"text={text_len}: err / eager err {ratios}", flush=True)
+                except AssertionError as e:
+                    fails += 1
+                    print(f"FAIL rule (tests/attention_rule.py) {str(dtype)[6:]} B={batch} S={seq} D={d} "
+                          f"text={text_len}: {e}", flush=True)
+    finally:
+        cogkern.fused_attention = real
+    return fails
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--rule", action="store_true", help="only the tests/attention_rule.py suite")
     args = ap.parse_args()
     lib = build()
+    if args.rule:
+        fails = rule_suite(lib)
+        print(f"{fails} failed")
+        return 1 if fails else 0
     torch.manual_seed(0)
     cases = [
         # (dtype, D, S, text, B, H, causal, norm, rope, det)
