@@ -155,8 +155,8 @@ def test_gradcheck(case):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_low_precision_close_to_reference(dtype):
     q, k, v, kwargs = make_case(2, 300, 2, 16, 12, "layer_norm", "angles", dtype=dtype)
-    out = fused_attention(q, k, v, **kwargs)
-    assert out.dtype == dtype
+    out, lse = fused_attention(q, k, v, return_lse=True, **kwargs)
+    assert out.dtype == dtype and lse.dtype == torch.float32
     as64 = {n: (t.double() if torch.is_tensor(t) else t) for n, t in kwargs.items()}
     ref, _ = reference_attention(q.double(), k.double(), v.double(), **as64)
     tol = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}[dtype]

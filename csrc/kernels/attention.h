@@ -71,6 +71,9 @@ struct AttentionParams {
   int64_t text_len = 0;
   double scale = 1.0;
   bool causal = false;
+  // torch.use_deterministic_algorithms(True) is on: a backend whose fastest
+  // backward sums in a run-dependent order (atomics) must use an ordered one.
+  bool deterministic = false;
 };
 
 // ---------------------------------------------------------------------------

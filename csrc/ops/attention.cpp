@@ -10,6 +10,7 @@ namespace cogkern::ops {
 namespace {
 
 struct CpuBackend {
+  static void check_supported(const char*, const AttentionParams&) {}  // any head_dim, any dtype
   static void forward(const AttentionParams& P, const at::Tensor&) { cpu::attention_forward(P); }
   static void backward(const AttentionParams& P, const at::Tensor&) { cpu::attention_backward(P); }
 };

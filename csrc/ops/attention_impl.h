@@ -5,6 +5,7 @@
 // naming the argument, before any kernel runs.
 #pragma once
 
+#include <ATen/Context.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 
@@ -171,6 +172,7 @@ inline AttentionInputs attention_inputs(const char* op, const at::Tensor& q, con
   P.text_len = a.text_len;
   P.scale = a.scale;
   P.causal = a.causal;
+  P.deterministic = at::globalContext().deterministicAlgorithms();
   return in;
 }
 
@@ -197,8 +199,11 @@ inline at::Tensor norm_grad_output(const std::optional<at::Tensor>& param, const
   return acc_grad.to(param->scalar_type());
 }
 
-// Backend: a type with `static void forward(const AttentionParams&, const at::Tensor& q)`
-// and `static void backward(const AttentionParams&, const at::Tensor& q)`.
+// Backend: a type with
+//   static void check_supported(const char* op, const AttentionParams&)  (device limits, e.g. head_dim;
+//                                                                          TORCH_CHECK_VALUE on failure)
+//   static void forward(const AttentionParams&, const at::Tensor& q)
+//   static void backward(const AttentionParams&, const at::Tensor& q)
 template <typename Backend>
 struct AttentionOps {
   static std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -219,6 +224,7 @@ struct AttentionOps {
                           rope_interleaved, rope_cos,     rope_sin,    text_len,         scale,
                           causal};
     AttentionInputs in = attention_inputs(op, q, k, v, a);
+    Backend::check_supported(op, in.params);
     at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, q.options());
     at::Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(acc_dtype(q.scalar_type())));
     if (q.numel() == 0) return {out, lse};
@@ -243,6 +249,7 @@ struct AttentionOps {
                           rope_interleaved, rope_cos,     rope_sin,    text_len,         scale,
                           causal};
     AttentionInputs in = attention_inputs(op, q, k, v, a);
+    Backend::check_supported(op, in.params);
     TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes() && grad_out.scalar_type() == q.scalar_type() &&
                           grad_out.device() == q.device(),
                       op, ": grad_out must match q's shape, dtype and device");
