@@ -4,7 +4,6 @@
 // backend adds the CUDA-only checks, allocates the scratch buffers through
 // the caching allocator (stream-ordered, CUDA-graph capturable) and launches
 // on the current stream.
-#include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
@@ -17,14 +16,6 @@
 
 namespace cogkern::ops {
 namespace {
-
-void check_cuda_support(const char* op, const AttentionParams& P, const at::Tensor& q) {
-  TORCH_CHECK_VALUE(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, op,
-                    ": q must be float16 or bfloat16 on CUDA, got ", q.scalar_type(),
-                    " (float32 and float64 run on the CPU backend)");
-  TORCH_CHECK_VALUE(attention_cuda_supported(P.dtype, P.head_dim), op,
-                    ": q's head_dim must be 64 or 128 on CUDA, got ", P.head_dim);
-}
 
 // A [batch, seq, heads, head_dim] operand whose rows the tile loads can read
 // with 16-byte copies: the view itself when aligned, else a contiguous copy
@@ -42,8 +33,17 @@ void check_launch(cudaError_t err, const char* what) {
 }
 
 struct CudaBackend {
+  // Called by AttentionOps after the common checks, before any allocation or launch.
+  static void check_supported(const char* op, const AttentionParams& P) {
+    TORCH_CHECK_VALUE(P.dtype == DType::kHalf || P.dtype == DType::kBFloat16, op,
+                      ": q must be float16 or bfloat16 on CUDA, got ",
+                      P.dtype == DType::kFloat ? "float32" : "float64", " (float32 and float64 run on the CPU backend)");
+    TORCH_CHECK_VALUE(attention_cuda_supported(P.dtype, P.head_dim), op,
+                      ": q's head_dim must be 64 or 128 on CUDA, got ", P.head_dim);
+  }
+
   static void forward(const AttentionParams& params, const at::Tensor& q) {
-    check_cuda_support("fused_attention", params, q);
+    check_supported("fused_attention", params);  // again: forward() must never launch on unsupported input
     const c10::cuda::CUDAGuard guard(q.device());
     AttentionParams P = params;
     at::Tensor v_copy;
@@ -58,7 +58,7 @@ struct CudaBackend {
   }
 
   static void backward(const AttentionParams& params, const at::Tensor& q) {
-    check_cuda_support("fused_attention_bwd", params, q);
+    check_supported("fused_attention_bwd", params);
     const c10::cuda::CUDAGuard guard(q.device());
     AttentionParams P = params;
     at::Tensor v_copy, grad_out_copy;
@@ -81,9 +81,8 @@ struct CudaBackend {
       partials = at::empty({4 * P.head_dim * attention_norm_partial_blocks(P)}, f32);
       s.norm_partials = partials.data_ptr<float>();
     }
-    // torch.use_deterministic_algorithms(True) selects the atomic-free dq path.
-    const bool deterministic = at::globalContext().deterministicAlgorithms();
-    check_launch(launch_attention_backward(P, s, deterministic, c10::cuda::getCurrentCUDAStream()), "backward");
+    // P.deterministic (torch.use_deterministic_algorithms(True)) selects the atomic-free dq path.
+    check_launch(launch_attention_backward(P, s, P.deterministic, c10::cuda::getCurrentCUDAStream()), "backward");
   }
 };
 using CudaAttention = AttentionOps<CudaBackend>;
