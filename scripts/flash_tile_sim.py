@@ -130,7 +130,7 @@ def ref(Q, K, V, dO, dlse, scale, causal):
     dS = P * (dP - delta[:, None]) * scale
     return O, lse, dS @ K, dS.T @ Q, P.T @ dO
 
-for D, fBM, fBN, BM, BN, BMq, BNq in [(64, 128, 64, 64, 128, 64, 64), (128, 128, 64, 32, 128, 64, 32)]:
+for D, fBM, fBN, BM, BN, BMq, BNq in [(64, 128, 64, 64, 128, 64, 64), (128, 64, 64, 32, 128, 64, 32)]:
     for S in (1, 17, 77, 130, 200):
         for causal in (False, True):
             Q, K, V, dO = (rng.standard_normal((S, D)).astype(np.float32) for _ in range(4))

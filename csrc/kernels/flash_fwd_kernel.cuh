@@ -211,10 +211,10 @@ __global__ void __launch_bounds__(WARPS * kWarpSize) flash_fwd_kernel(const Flas
   }
 }
 
-// Tile shapes per head dim (FlashAttention-2's for mma.sync): 4 warps x 32
-// query rows (two 16-row MMA tiles each, so each k^ / v fragment read from
-// shared memory feeds two MMAs), 64-key tiles. ptxas: 251 (D = 64) and 255
-// (D = 128) registers, no spills, at 128 threads per block.
+// Tile shapes per head dim, 4 warps, 64-key tiles. D = 64: 32 query rows per
+// warp (two 16-row MMA tiles, so each k^ / v fragment read from shared memory
+// feeds two MMAs; ptxas: 251 registers, no spills). D = 128: 16 rows per warp
+// (two tiles would need 255 registers and spill 240 bytes; one: 246, none).
 template <int D>
 struct FwdConfig;
 template <>
@@ -223,7 +223,7 @@ struct FwdConfig<64> {
 };
 template <>
 struct FwdConfig<128> {
-  static constexpr int kWarps = 4, kBM = 128, kBN = 64;
+  static constexpr int kWarps = 4, kBM = 64, kBN = 64;
 };
 
 // Dynamic shared memory of flash_fwd_kernel: q^ tile + two stages of k^ and v tiles.
