@@ -192,35 +192,42 @@ __global__ void __launch_bounds__(WARPS * kWarpSize) flash_bwd_kv_kernel(const F
 
     if constexpr (ATOMIC_DQ) {
       __syncthreads();  // the whole dS^T tile is in shared memory
-      // dq^[m0 .. m0+BM) += dS k^ (BM x D): work items of 16 queries x 16 dims spread over the warps.
-      // A(query, key) = sdS[key][query] (transposed load); B(key, d) = k^[key][d].
-      constexpr int kItems = (BM / 16) * (D / 16);
+      // dq^[m0 .. m0+BM) += dS k^ (BM x D): work items of 16 queries x 32 dims spread over the warps
+      // (one dS fragment feeds four MMAs). A(query, key) = sdS[key][query] (transposed load);
+      // B(key, d) = k^[key][d].
+      constexpr int kItemCols = 32;
+      static_assert(D % kItemCols == 0, "whole dq work items");
+      constexpr int kItems = (BM / 16) * (D / kItemCols);
       for (int item = warp; item < kItems; item += WARPS) {
-        const int mm = item / (D / 16), dd = item % (D / 16);
-        float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+        const int mm = item / (D / kItemCols), d0 = (item % (D / kItemCols)) * kItemCols;
+        float acc[4][4] = {};
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {
-          uint32_t dsa[4], kb[4];
+          uint32_t dsa[4];
           load_a_trans<BM>(dsa, sdS, kk * 16, mm * 16, lane_v);
-          load_b_kn<D>(kb, sK, kk * 16, dd * 16, lane_v);
-          Tr::mma(acc[0], dsa, kb[0], kb[1]);
-          Tr::mma(acc[1], dsa, kb[2], kb[3]);
+#pragma unroll
+          for (int hh = 0; hh < 2; ++hh) {
+            uint32_t kb[4];
+            load_b_kn<D>(kb, sK, kk * 16, d0 + hh * 16, lane_v);
+            Tr::mma(acc[2 * hh], dsa, kb[0], kb[1]);
+            Tr::mma(acc[2 * hh + 1], dsa, kb[2], kb[3]);
+          }
         }
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           const int64_t row = m0 + mm * 16 + g + 8 * r;
           if (row >= seq) continue;
-          float* dst = a.dq_hat + (bh * seq + row) * D + dd * 16 + 2 * t;  // 8-byte aligned
+          float* dst = a.dq_hat + (bh * seq + row) * D + d0 + 2 * t;  // n8 tile j at dst + 8j; 8-byte aligned
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-          // One 64-bit float2 reduction per element pair (sm_90+).
-          atomicAdd(reinterpret_cast<float2*>(dst), make_float2(acc[0][2 * r], acc[0][2 * r + 1]));
-          atomicAdd(reinterpret_cast<float2*>(dst + 8), make_float2(acc[1][2 * r], acc[1][2 * r + 1]));
+            // One 64-bit float2 reduction per element pair (sm_90+).
+            atomicAdd(reinterpret_cast<float2*>(dst + 8 * j), make_float2(acc[j][2 * r], acc[j][2 * r + 1]));
 #else
-          atomicAdd(dst, acc[0][2 * r]);
-          atomicAdd(dst + 1, acc[0][2 * r + 1]);
-          atomicAdd(dst + 8, acc[1][2 * r]);
-          atomicAdd(dst + 9, acc[1][2 * r + 1]);
+            atomicAdd(dst + 8 * j, acc[j][2 * r]);
+            atomicAdd(dst + 8 * j + 1, acc[j][2 * r + 1]);
 #endif
+          }
         }
       }
     }
