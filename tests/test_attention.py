@@ -75,6 +75,7 @@ CASES = {
     "rms-halfsplit-positions": (1, 70, 2, 16, 10, "rms_norm", "halfsplit", False),
     "all-text": (1, 40, 1, 16, 40, "layer_norm", "table", False),
     "no-norm-no-rope-causal": (1, 130, 3, 8, 0, None, None, True),
+    "one-head-three-key-tiles-causal": (1, 1100, 1, 8, 20, "rms_norm", "table", True),
 }
 
 
@@ -215,15 +216,22 @@ def test_strided_views_give_identical_results():
     assert torch.equal(grads[1], grad_qkv[:, :, :, 0]) and torch.equal(grads[2], grad_qkv[:, :, :, 1])
 
 
-def test_results_do_not_depend_on_thread_count():
-    q, k, v, kwargs = make_case(2, 300, 2, 16, 12, "layer_norm", "angles", dtype=torch.float32)
+@pytest.mark.parametrize(
+    "batch, heads, seq, causal",
+    # 2 x 2 heads: the backward runs one (batch, head) per task; 1 x 1 over
+    # several key tiles: with more than one thread it splits dK/dV and dQ.
+    [(2, 2, 300, False), (1, 1, 1100, False), (1, 1, 1100, True)],
+    ids=["bh-parallel", "tile-parallel", "tile-parallel-causal"],
+)
+def test_results_do_not_depend_on_thread_count(batch, heads, seq, causal):
+    q, k, v, kwargs = make_case(batch, seq, heads, 16, 12, "layer_norm", "angles", dtype=torch.float32)
     inputs = differentiable_inputs(q, k, v, kwargs)
     threads = torch.get_num_threads()
     results = []
     try:
         for n in (1, max(2, threads)):
             torch.set_num_threads(n)
-            out = fused_attention(q, k, v, **kwargs)
+            out = fused_attention(q, k, v, causal=causal, **kwargs)
             results.append([out.detach(), *torch.autograd.grad(out.square().sum(), inputs)])
     finally:
         torch.set_num_threads(threads)

@@ -13,7 +13,9 @@
 //      GEMM; lse saved.
 //      backward, over (batch, head): for each key tile, for each query tile,
 //      P recomputed from lse, dV += P^T dO, dP = dO V^T, dS = P (dP - delta),
-//      dQ^ += dS K^, dK^ += dS^T Q^ (deterministic: no cross-task sums).
+//      dQ^ += dS K^, dK^ += dS^T Q^ (deterministic: no cross-task sums; with
+//      fewer (batch, head) pairs than threads, split into a key-tile-parallel
+//      dK/dV pass and a query-tile-parallel dQ pass, same sums in same order).
 //   3. backward epilogue, over token blocks: dq^, dk^ through R^T and the norm
 //      backward; the norm parameter grads are summed per fixed token block and
 //      then in block order, so they do not depend on the thread count.
@@ -190,6 +192,19 @@ void store_row(scalar_t* dst, const A* src, int64_t d, A factor) {
 #define COGKERN_SIMD_CLONES
 #endif
 
+// sum_c a[c] * b[c], in eight partial sums so that the loop vectorizes.
+template <typename A, typename scalar_t>
+A dot_row(const A* a, const scalar_t* b, int64_t d) {
+  A part[8] = {};
+  int64_t c = 0;
+  for (; c + 8 <= d; c += 8)
+    for (int u = 0; u < 8; ++u) part[u] += a[c + u] * to_acc<A>(b[c + u]);
+  A sum = 0;
+  for (; c < d; ++c) sum += a[c] * to_acc<A>(b[c]);
+  for (int u = 0; u < 8; ++u) sum += part[u];
+  return sum;
+}
+
 // s[j] = exp2(s[j] * c - shift) for j < valid, 0 for valid <= j < cols; returns the sum.
 template <typename A>
 __attribute__((always_inline)) inline A exp2_tile_row_impl(A* s, int64_t valid, int64_t cols, A c, A shift) {
@@ -307,9 +322,7 @@ class Attention {
             if (doh == nullptr) continue;
             if (A* dorow = doh->fill_row(bh, s)) load_row(dorow, in_row(P_.grad_out, b, s, h), D_);
             const A* dorow = doh->row(bh, s);
-            const scalar_t* orow = in_row(P_.out_saved, b, s, h);
-            A dot = 0;
-            for (int64_t c = 0; c < D_; ++c) dot += dorow[c] * to_acc<A>(orow[c]);
+            const A dot = dot_row(dorow, in_row(P_.out_saved, b, s, h), D_);
             const A dlse = P_.grad_lse ? acc_ptr(P_.grad_lse)[bh * S_ + s] : A(0);
             delta[bh * S_ + s] = dot - dlse;
           }
@@ -369,52 +382,110 @@ class Attention {
     });
   }
 
-  // Stage 2, backward.
+  // Stage 2, backward. Two schedules with the same arithmetic in the same
+  // order (so bitwise the same results):
+  //  - fused, parallel over (batch, head): per key tile, per query tile, one
+  //    tile pair feeds dV, dK and dQ (5 GEMMs per pair);
+  //  - split, when there are fewer (batch, head) pairs than threads and more
+  //    than one key tile: dK, dV in parallel over key tiles, then dQ in
+  //    parallel over query tiles, recomputing P and dP (7 GEMMs per pair, but
+  //    seq / tile-way parallel).
   void backward_tiles(const Panels<A>& qh, const Panels<A>& kh, const MathRows<A, scalar_t>& vh,
-                      const MathRows<A, scalar_t>& doh,
-                      const A* delta, const Panels<A>& dqh, const Panels<A>& dkh) const {
-    const A* lse = static_cast<const A*>(P_.lse);
-    const A scale = A(P_.scale);
-    at::parallel_for(0, P_.batch * P_.heads, 1, [&](int64_t begin, int64_t end) {
-      std::vector<A> probs(kBlockQ * kBlockK), dprobs(kBlockQ * kBlockK), dv(kBlockK * D_), lse_shift(kBlockQ);
-      for (int64_t bh = begin; bh < end; ++bh) {
-        const int64_t b = bh / P_.heads, h = bh % P_.heads;
-        for (int64_t k0 = 0; k0 < S_; k0 += kBlockK) {
-          const int64_t cols = std::min(kBlockK, S_ - k0);
-          const at::Tensor K = matrix(kh.row(bh, k0), cols, D_, D_);
-          const at::Tensor V = matrix(vh.row(bh, k0), cols, D_, vh.ld());
-          const at::Tensor dK = matrix(dkh.row(bh, k0), cols, D_, D_);
-          const at::Tensor dV = matrix(dv.data(), cols, D_, D_);
-          dV.zero_();
-          // Causal: queries before k0 see none of these keys.
-          const int64_t q_begin = P_.causal ? k0 / kBlockQ * kBlockQ : 0;
-          for (int64_t q0 = q_begin; q0 < S_; q0 += kBlockQ) {
-            const int64_t rows = std::min(kBlockQ, S_ - q0);
-            const at::Tensor Q = matrix(qh.row(bh, q0), rows, D_, D_);
-            const at::Tensor dO = matrix(doh.row(bh, q0), rows, D_, doh.ld());
-            at::Tensor Pm = matrix(probs.data(), rows, cols, kBlockK);
-            at::Tensor dPm = matrix(dprobs.data(), rows, cols, kBlockK);
-            at::mm_out(Pm, Q, K.t());
-            for (int64_t i = 0; i < rows; ++i) {
-              const int64_t valid = visible_keys(P_.causal, q0 + i, k0, cols);
-              exp2_tile_row(probs.data() + i * kBlockK, valid, cols, c_,
-                               softmax_lse_shift<A>(lse[bh * S_ + q0 + i]));
-            }
-            dV.addmm_(Pm.t(), dO);
-            at::mm_out(dPm, dO, V.t());
-            for (int64_t i = 0; i < rows; ++i) {
-              const A di = delta[bh * S_ + q0 + i];
-              const A* p = probs.data() + i * kBlockK;
-              A* ds = dprobs.data() + i * kBlockK;
-              for (int64_t j = 0; j < cols; ++j) ds[j] = p[j] * (ds[j] - di) * scale;
-            }
-            matrix(dqh.row(bh, q0), rows, D_, D_).addmm_(dPm, K);
-            dK.addmm_(dPm.t(), Q);
-          }
-          for (int64_t j = 0; j < cols; ++j) store_row(out_row(P_.grad_v, b, k0 + j, h), dv.data() + j * D_, D_, A(1));
-        }
-      }
+                      const MathRows<A, scalar_t>& doh, const A* delta, const Panels<A>& dqh,
+                      const Panels<A>& dkh) const {
+    const TileInputs in{qh, kh, vh, doh, delta};
+    const int64_t bh_count = P_.batch * P_.heads, n_kt = ceil_div(S_, kBlockK), n_qt = ceil_div(S_, kBlockQ);
+    if (bh_count >= at::get_num_threads() || n_kt == 1) {
+      at::parallel_for(0, bh_count, 1, [&](int64_t begin, int64_t end) {
+        PairScratch scratch(D_);
+        for (int64_t bh = begin; bh < end; ++bh)
+          for (int64_t kt = 0; kt < n_kt; ++kt) key_tile_grads(in, bh, kt * kBlockK, scratch, &dqh, dkh);
+      });
+      return;
+    }
+    at::parallel_for(0, bh_count * n_kt, 1, [&](int64_t begin, int64_t end) {
+      PairScratch scratch(D_);
+      for (int64_t task = begin; task < end; ++task)
+        key_tile_grads(in, task / n_kt, (task % n_kt) * kBlockK, scratch, nullptr, dkh);
     });
+    at::parallel_for(0, bh_count * n_qt, 1, [&](int64_t begin, int64_t end) {
+      PairScratch scratch(D_);
+      for (int64_t task = begin; task < end; ++task) query_tile_grads(in, task / n_qt, (task % n_qt) * kBlockQ, scratch, dqh);
+    });
+  }
+
+  struct TileInputs {
+    const Panels<A>& qh;
+    const Panels<A>& kh;
+    const MathRows<A, scalar_t>& vh;
+    const MathRows<A, scalar_t>& doh;
+    const A* delta;
+  };
+
+  struct PairScratch {
+    std::vector<A> probs, dprobs, dv;
+    explicit PairScratch(int64_t d) : probs(kBlockQ * kBlockK), dprobs(kBlockQ * kBlockK), dv(kBlockK * d) {}
+  };
+
+  // For the tile pair (queries [q0, q0+rows), keys [k0, k0+cols)): P into
+  // scratch.probs and dS * scale into scratch.dprobs.
+  void pair_probs_and_dscores(const TileInputs& in, int64_t bh, int64_t q0, int64_t rows, int64_t k0, int64_t cols,
+                              PairScratch& scratch) const {
+    const A* lse = static_cast<const A*>(P_.lse);
+    at::Tensor Pm = matrix(scratch.probs.data(), rows, cols, kBlockK);
+    at::Tensor dPm = matrix(scratch.dprobs.data(), rows, cols, kBlockK);
+    at::mm_out(Pm, matrix(in.qh.row(bh, q0), rows, D_, D_), matrix(in.kh.row(bh, k0), cols, D_, D_).t());
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t valid = visible_keys(P_.causal, q0 + i, k0, cols);
+      exp2_tile_row(scratch.probs.data() + i * kBlockK, valid, cols, c_, softmax_lse_shift<A>(lse[bh * S_ + q0 + i]));
+    }
+    at::mm_out(dPm, matrix(in.doh.row(bh, q0), rows, D_, in.doh.ld()),
+               matrix(in.vh.row(bh, k0), cols, D_, in.vh.ld()).t());
+    const A scale = A(P_.scale);
+    for (int64_t i = 0; i < rows; ++i) {
+      const A di = in.delta[bh * S_ + q0 + i];
+      const A* p = scratch.probs.data() + i * kBlockK;
+      A* ds = scratch.dprobs.data() + i * kBlockK;
+      for (int64_t j = 0; j < cols; ++j) ds[j] = p[j] * (ds[j] - di) * scale;
+    }
+  }
+
+  // dK^, dV of the key tile at k0 (and, when dqh is given, its share of dQ^).
+  void key_tile_grads(const TileInputs& in, int64_t bh, int64_t k0, PairScratch& scratch, const Panels<A>* dqh,
+                      const Panels<A>& dkh) const {
+    const int64_t cols = std::min(kBlockK, S_ - k0);
+    const at::Tensor K = matrix(in.kh.row(bh, k0), cols, D_, D_);
+    const at::Tensor dK = matrix(dkh.row(bh, k0), cols, D_, D_);
+    const at::Tensor dV = matrix(scratch.dv.data(), cols, D_, D_);
+    dV.zero_();
+    // Causal: queries before k0 see none of these keys.
+    const int64_t q_begin = P_.causal ? k0 / kBlockQ * kBlockQ : 0;
+    for (int64_t q0 = q_begin; q0 < S_; q0 += kBlockQ) {
+      const int64_t rows = std::min(kBlockQ, S_ - q0);
+      pair_probs_and_dscores(in, bh, q0, rows, k0, cols, scratch);
+      const at::Tensor Pm = matrix(scratch.probs.data(), rows, cols, kBlockK);
+      const at::Tensor dSm = matrix(scratch.dprobs.data(), rows, cols, kBlockK);
+      dV.addmm_(Pm.t(), matrix(in.doh.row(bh, q0), rows, D_, in.doh.ld()));
+      if (dqh) matrix(dqh->row(bh, q0), rows, D_, D_).addmm_(dSm, K);
+      dK.addmm_(dSm.t(), matrix(in.qh.row(bh, q0), rows, D_, D_));
+    }
+    const int64_t b = bh / P_.heads, h = bh % P_.heads;
+    for (int64_t j = 0; j < cols; ++j)
+      store_row(out_row(P_.grad_v, b, k0 + j, h), scratch.dv.data() + j * D_, D_, A(1));
+  }
+
+  // dQ^ of the query tile at q0, over the key tiles in ascending order (the
+  // fused schedule's order).
+  void query_tile_grads(const TileInputs& in, int64_t bh, int64_t q0, PairScratch& scratch,
+                        const Panels<A>& dqh) const {
+    const int64_t rows = std::min(kBlockQ, S_ - q0);
+    const at::Tensor dQ = matrix(dqh.row(bh, q0), rows, D_, D_);
+    const int64_t k_end = P_.causal ? q0 + rows : S_;
+    for (int64_t k0 = 0; k0 < k_end; k0 += kBlockK) {
+      const int64_t cols = std::min(kBlockK, S_ - k0);  // the fused schedule's tile, masked alike
+      pair_probs_and_dscores(in, bh, q0, rows, k0, cols, scratch);
+      dQ.addmm_(matrix(scratch.dprobs.data(), rows, cols, kBlockK), matrix(in.kh.row(bh, k0), cols, D_, D_));
+    }
   }
 
   // Stage 3: dq^, dk^ -> dq, dk through R^T and the norm backward.
