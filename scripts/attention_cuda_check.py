@@ -20,11 +20,15 @@ Checks, each printed as one line (FAIL lines say why), summary last:
 from __future__ import annotations
 
 import argparse
+import os
 import math
 import sys
 import time
 
 import torch
+
+# torch.use_deterministic_algorithms(True) (the deterministic backward) makes cuBLAS insist on this.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 import cogkern
 from attention_reference import reference_attention

@@ -14,10 +14,14 @@ per case and checks that every output is finite. Run with PYTHONPATH=python.
 from __future__ import annotations
 
 import argparse
+import os
 import itertools
 import sys
 
 import torch
+
+# torch.use_deterministic_algorithms(True) (the deterministic backward) makes cuBLAS insist on this.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 import cogkern
 from cogkern import RoPE3D
