@@ -1,0 +1,26 @@
+// Launcher and instantiations of the flash-attention forward (kernel:
+// flash_fwd_kernel.cuh).
+#include "kernels/flash_fwd_kernel.cuh"
+
+namespace cogkern::flash {
+
+template <typename T, int D>
+cudaError_t run_flash_fwd(const FlashArgs& a, cudaStream_t stream) {
+  using C = FwdConfig<D>;
+  if (a.seq <= 0 || a.batch * a.heads <= 0) return cudaSuccess;
+  const int64_t blocks = a.batch * a.heads * ceil_div(a.seq, C::kBM);
+  if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  const size_t smem = fwd_smem_bytes<T, D>();
+  auto kernel = flash_fwd_kernel<T, D, C::kBM, C::kBN, C::kWarps>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  if (err != cudaSuccess) return err;
+  kernel<<<unsigned(blocks), C::kWarps * kWarpSize, smem, stream>>>(a);
+  return cudaGetLastError();
+}
+
+template cudaError_t run_flash_fwd<__half, 64>(const FlashArgs&, cudaStream_t);
+template cudaError_t run_flash_fwd<__half, 128>(const FlashArgs&, cudaStream_t);
+template cudaError_t run_flash_fwd<__nv_bfloat16, 64>(const FlashArgs&, cudaStream_t);
+template cudaError_t run_flash_fwd<__nv_bfloat16, 128>(const FlashArgs&, cudaStream_t);
+
+}  // namespace cogkern::flash

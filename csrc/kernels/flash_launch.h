@@ -1,0 +1,45 @@
+// Internal interface between the attention orchestration
+// (attention_prologue.cu) and the tensor-core flash kernels (flash_fwd.cu,
+// flash_bwd.cu). Torch-free.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include "kernels/attention.h"
+
+namespace cogkern::flash {
+
+struct FlashArgs {
+  int64_t batch = 0, heads = 0, seq = 0;
+  // q^ = R(norm(q)) and k^ = R(norm(k)) from the prologue: [batch, heads, seq,
+  // head_dim] contiguous, in the input dtype.
+  const void* q_hat = nullptr;
+  const void* k_hat = nullptr;
+  // v (and, backward, grad_out): [batch, seq, heads, head_dim] views whose rows
+  // start on 16-byte boundaries (base 16-byte aligned, strides multiples of 8).
+  BshdTensor v;
+  float scale = 1.f;       // softmax scale
+  float scale_log2 = 1.f;  // scale * log2(e): exp(scale * x) = exp2(x * scale_log2)
+  bool causal = false;
+  float* lse = nullptr;    // [batch, heads, seq]: written by the forward, read by the backward
+
+  // Forward.
+  BshdTensorMut out;  // rows 4-byte aligned (element pairs are stored as one word)
+
+  // Backward.
+  BshdTensor grad_out;
+  const float* delta = nullptr;  // [batch, heads, seq]: rowsum(dO * O) - dlse
+  float* dq_hat = nullptr;       // [batch, heads, seq, head_dim]: dL/dq^ (zeroed by the caller unless deterministic)
+  float* dk_hat = nullptr;       // [batch, heads, seq, head_dim]: dL/dk^
+  BshdTensorMut grad_v;          // rows 4-byte aligned
+};
+
+// T: __half or __nv_bfloat16; D: 64 or 128.
+template <typename T, int D>
+cudaError_t run_flash_fwd(const FlashArgs& a, cudaStream_t stream);
+
+// deterministic: dq^ by a second, query-parallel kernel instead of atomics.
+template <typename T, int D>
+cudaError_t run_flash_bwd(const FlashArgs& a, bool deterministic, cudaStream_t stream);
+
+}  // namespace cogkern::flash

@@ -1,0 +1,97 @@
+// CUDA registration of the fused attention ops (kernels:
+// csrc/kernels/attention_prologue.cu, flash_fwd.cu, flash_bwd.cu). The op
+// bodies and argument checks are AttentionOps (ops/attention_impl.h); this
+// backend adds the CUDA-only checks, allocates the scratch buffers through
+// the caching allocator (stream-ordered, CUDA-graph capturable) and launches
+// on the current stream.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "kernels/attention_launch.h"
+#include "ops/attention_impl.h"
+
+namespace cogkern::ops {
+namespace {
+
+// A [batch, seq, heads, head_dim] operand whose rows the tile loads can read
+// with 16-byte copies: the view itself when aligned, else a contiguous copy
+// (kept alive in `keep`).
+BshdTensor aligned_rows(const BshdTensor& t, const at::Tensor& q, at::Tensor& keep) {
+  if (attention_rows_aligned16(t, q.element_size())) return t;
+  const at::Tensor view = at::from_blob(const_cast<void*>(t.ptr), q.sizes(),
+                                        {t.stride_b, t.stride_s, t.stride_h, 1}, q.options());
+  keep = view.clone(at::MemoryFormat::Contiguous);
+  return bshd(keep);
+}
+
+void check_launch(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "cogkern fused_attention: CUDA ", what, " failed: ", cudaGetErrorString(err));
+}
+
+struct CudaBackend {
+  // Called by AttentionOps after the common checks, before any allocation or launch.
+  static void check_supported(const char* op, const AttentionParams& P) {
+    TORCH_CHECK_VALUE(P.dtype == DType::kHalf || P.dtype == DType::kBFloat16, op,
+                      ": q must be float16 or bfloat16 on CUDA, got ",
+                      P.dtype == DType::kFloat ? "float32" : "float64", " (float32 and float64 run on the CPU backend)");
+    TORCH_CHECK_VALUE(attention_cuda_supported(P.dtype, P.head_dim), op,
+                      ": q's head_dim must be 64 or 128 on CUDA, got ", P.head_dim);
+  }
+
+  static void forward(const AttentionParams& params, const at::Tensor& q) {
+    check_supported("fused_attention", params);  // again: forward() must never launch on unsupported input
+    const c10::cuda::CUDAGuard guard(q.device());
+    AttentionParams P = params;
+    at::Tensor v_copy;
+    P.v = aligned_rows(P.v, q, v_copy);
+
+    const auto shape = {P.batch, P.heads, P.seq, P.head_dim};
+    const at::Tensor q_hat = at::empty(shape, q.options()), k_hat = at::empty(shape, q.options());
+    AttentionScratch s;
+    s.q_hat = q_hat.data_ptr();
+    s.k_hat = k_hat.data_ptr();
+    check_launch(launch_attention_forward(P, s, c10::cuda::getCurrentCUDAStream()), "forward");
+  }
+
+  static void backward(const AttentionParams& params, const at::Tensor& q) {
+    check_supported("fused_attention_bwd", params);
+    const c10::cuda::CUDAGuard guard(q.device());
+    AttentionParams P = params;
+    at::Tensor v_copy, grad_out_copy;
+    P.v = aligned_rows(P.v, q, v_copy);
+    P.grad_out = aligned_rows(P.grad_out, q, grad_out_copy);
+
+    const auto shape = {P.batch, P.heads, P.seq, P.head_dim};
+    const auto f32 = q.options().dtype(at::kFloat);
+    const at::Tensor q_hat = at::empty(shape, q.options()), k_hat = at::empty(shape, q.options());
+    const at::Tensor delta = at::empty({P.batch, P.heads, P.seq}, f32);
+    const at::Tensor dq_hat = at::empty(shape, f32), dk_hat = at::empty(shape, f32);
+    at::Tensor partials;
+    AttentionScratch s;
+    s.q_hat = q_hat.data_ptr();
+    s.k_hat = k_hat.data_ptr();
+    s.delta = delta.data_ptr<float>();
+    s.dq_hat = dq_hat.data_ptr<float>();
+    s.dk_hat = dk_hat.data_ptr<float>();
+    if (P.norm != NormKind::kNone) {
+      partials = at::empty({4 * P.head_dim * attention_norm_partial_blocks(P)}, f32);
+      s.norm_partials = partials.data_ptr<float>();
+    }
+    // P.deterministic (torch.use_deterministic_algorithms(True)) selects the atomic-free dq path.
+    check_launch(launch_attention_backward(P, s, P.deterministic, c10::cuda::getCurrentCUDAStream()), "backward");
+  }
+};
+using CudaAttention = AttentionOps<CudaBackend>;
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(cogkern, CUDA, m) {
+  m.impl("fused_attention_fwd", &CudaAttention::fwd);
+  m.impl("fused_attention_bwd", &CudaAttention::bwd);
+}
+
+}  // namespace cogkern::ops

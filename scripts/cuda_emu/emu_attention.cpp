@@ -1,0 +1,178 @@
+// The CUDA fused attention's kernels, run on the CPU under the emulator
+// (cuda_emu_prelude.h, cuda_emu_ptx.h), behind a C API for run_emu.py.
+// The launch sequence mirrors csrc/kernels/attention_prologue.cu
+// (forward_typed / backward_typed) and the launchers of flash_fwd.cu and
+// flash_bwd.cu: keep them in step.
+#include <cstdio>
+
+#include "kernels/attention_rows.cuh"
+#include "kernels/flash_bwd_kernel.cuh"
+#include "kernels/flash_fwd_kernel.cuh"
+
+using namespace cogkern;
+
+extern "C" {
+struct EmuSpec {
+  int64_t batch, seq, heads, head_dim;
+  int32_t dtype;  // 0 = fp16, 1 = bf16
+  int32_t norm;   // NormKind
+  double eps;
+  void *qw, *qb, *kw, *kb;  // float [D] or null
+  int32_t rope;             // 0 none, 1 angles, 2 table
+  int32_t grid[3], axes[3];
+  int32_t interleaved;
+  double theta;
+  void* positions;  // float [T+H+W] or null
+  void *cos, *sin;  // [n_video, D]
+  int64_t table_stride;
+  int32_t table_in_dtype;
+  int64_t text_len;
+  double scale;
+  int32_t causal, deterministic;
+  void *q, *k, *v, *out;  // contiguous [B, S, H, D]
+  float* lse;
+  void* dout;
+  float* dlse;  // or null
+  void *dq, *dk, *dv;
+  float *dqw, *dqb, *dkw, *dkb;
+};
+}
+
+namespace {
+
+BshdTensor bshd(const EmuSpec& s, const void* p) { return {p, s.seq * s.heads * s.head_dim, s.heads * s.head_dim, s.head_dim}; }
+BshdTensorMut bshd_mut(const EmuSpec& s, void* p) { return {p, s.seq * s.heads * s.head_dim, s.heads * s.head_dim, s.head_dim}; }
+
+AttentionParams params_of(const EmuSpec& s) {
+  AttentionParams P;
+  P.batch = s.batch;
+  P.seq = s.seq;
+  P.heads = s.heads;
+  P.head_dim = s.head_dim;
+  P.dtype = s.dtype == 0 ? DType::kHalf : DType::kBFloat16;
+  P.q = bshd(s, s.q);
+  P.k = bshd(s, s.k);
+  P.v = bshd(s, s.v);
+  P.out = bshd_mut(s, s.out);
+  P.lse = s.lse;
+  P.out_saved = bshd(s, s.out);
+  P.grad_out = bshd(s, s.dout);
+  P.grad_lse = s.dlse;
+  P.grad_q = bshd_mut(s, s.dq);
+  P.grad_k = bshd_mut(s, s.dk);
+  P.grad_v = bshd_mut(s, s.dv);
+  P.norm = NormKind(s.norm);
+  P.norm_eps = s.eps;
+  P.q_norm = {s.qw, s.qb, s.dqw, s.dqb};
+  P.k_norm = {s.kw, s.kb, s.dkw, s.dkb};
+  P.has_rope = s.rope != 0;
+  P.rope.text_len = s.text_len;
+  if (s.rope == 1) {
+    P.rope.mode = RopeMode::kAngles;
+    for (int i = 0; i < 3; ++i) {
+      P.rope.grid[i] = s.grid[i];
+      P.rope.axes[i] = s.axes[i];
+    }
+    P.rope.interleaved = s.interleaved != 0;
+    P.rope.log2_theta = std::log2(s.theta);
+    P.rope.positions = s.positions;
+  } else if (s.rope == 2) {
+    P.rope.mode = RopeMode::kTable;
+    P.rope.interleaved = true;
+    P.rope.cos = s.cos;
+    P.rope.sin = s.sin;
+    P.rope.table_stride = s.table_stride;
+  }
+  P.rope_table_dtype = s.table_in_dtype ? P.dtype : DType::kFloat;
+  P.text_len = s.text_len;
+  P.scale = s.scale;
+  P.causal = s.causal != 0;
+  return P;
+}
+
+flash::FlashArgs flash_args(const AttentionParams& P, const AttentionScratch& s) {
+  flash::FlashArgs a;
+  a.batch = P.batch;
+  a.heads = P.heads;
+  a.seq = P.seq;
+  a.q_hat = s.q_hat;
+  a.k_hat = s.k_hat;
+  a.v = P.v;
+  a.scale = float(P.scale);
+  a.scale_log2 = softmax_log2_scale<float>(P.scale);
+  a.causal = P.causal;
+  a.lse = static_cast<float*>(P.lse);
+  a.out = P.out;
+  a.grad_out = P.grad_out;
+  a.delta = s.delta;
+  a.dq_hat = s.dq_hat;
+  a.dk_hat = s.dk_hat;
+  a.grad_v = P.grad_v;
+  return a;
+}
+
+template <typename T, typename table_t, int D>
+void run(const EmuSpec& spec, bool backward) {
+  const AttentionParams P = params_of(spec);
+  const int64_t n = P.batch * P.heads * P.seq;
+  std::vector<T> q_hat(n * D), k_hat(n * D);
+  std::vector<float> delta(n, NAN), dq_hat(n * D, NAN), dk_hat(n * D, NAN);
+  const int64_t n_blocks = ceil_div(P.seq, rows::kTokens);
+  std::vector<float> partials(4 * D * n_blocks, NAN);
+  AttentionScratch s;
+  s.q_hat = q_hat.data();
+  s.k_hat = k_hat.data();
+  s.delta = delta.data();
+  s.dq_hat = dq_hat.data();
+  s.dk_hat = dk_hat.data();
+  s.norm_partials = partials.data();
+  const flash::FlashArgs a = flash_args(P, s);
+  const unsigned row_blocks = unsigned(n_blocks);
+
+  if (!backward) {
+    cuda_emu::launch(row_blocks, rows::kRowThreads, 0,
+                     [&] { rows::attention_prologue_kernel<T, table_t, D, false>(P, s); });
+    using C = flash::FwdConfig<D>;
+    cuda_emu::launch(unsigned(P.batch * P.heads * ceil_div(P.seq, C::kBM)), C::kWarps * 32,
+                     flash::fwd_smem_bytes<T, D>(),
+                     [&] { flash::flash_fwd_kernel<T, D, C::kBM, C::kBN, C::kWarps>(a); });
+    return;
+  }
+  cuda_emu::launch(row_blocks, rows::kRowThreads, 0, [&] { rows::attention_prologue_kernel<T, table_t, D, true>(P, s); });
+  using C = flash::BwdConfig<D>;
+  const unsigned kv_blocks = unsigned(P.batch * P.heads * ceil_div(P.seq, C::kBN));
+  if (spec.deterministic) {
+    cuda_emu::launch(kv_blocks, C::kWarps * 32, flash::bwd_kv_smem_bytes<T, D, false>(),
+                     [&] { flash::flash_bwd_kv_kernel<T, D, C::kBM, C::kBN, C::kWarps, false>(a); });
+    cuda_emu::launch(unsigned(P.batch * P.heads * ceil_div(P.seq, C::kDqBM)), C::kDqWarps * 32,
+                     flash::bwd_dq_smem_bytes<T, D>(),
+                     [&] { flash::flash_bwd_dq_kernel<T, D, C::kDqBM, C::kDqBN, C::kDqWarps>(a); });
+  } else {
+    std::fill(dq_hat.begin(), dq_hat.end(), 0.f);
+    cuda_emu::launch(kv_blocks, C::kWarps * 32, flash::bwd_kv_smem_bytes<T, D, true>(),
+                     [&] { flash::flash_bwd_kv_kernel<T, D, C::kBM, C::kBN, C::kWarps, true>(a); });
+  }
+  cuda_emu::launch(row_blocks, rows::kRowThreads, 0, [&] { rows::attention_epilogue_kernel<T, table_t, D>(P, s); });
+  if (P.norm != NormKind::kNone)
+    cuda_emu::launch(4 * D, 256, 0, [&] { rows::norm_grad_reduce_kernel<D>(P, partials.data(), n_blocks); });
+}
+
+template <typename T>
+int run_dtype(const EmuSpec& s, bool backward) {
+  const bool table_t_is_T = s.rope == 2 && s.table_in_dtype;
+  if (s.head_dim == 64) {
+    table_t_is_T ? run<T, T, 64>(s, backward) : run<T, float, 64>(s, backward);
+  } else if (s.head_dim == 128) {
+    table_t_is_T ? run<T, T, 128>(s, backward) : run<T, float, 128>(s, backward);
+  } else {
+    return 1;
+  }
+  return 0;
+}
+
+}  // namespace
+
+extern "C" int emu_attention(const EmuSpec* s, int backward) {
+  return s->dtype == 0 ? run_dtype<__half>(*s, backward != 0) : run_dtype<__nv_bfloat16>(*s, backward != 0);
+}
+extern "C" int emu_spec_size() { return int(sizeof(EmuSpec)); }
