@@ -19,7 +19,7 @@ mkdir -p "$out"
 work=$(mktemp -d)
 budget=${DEVICE_CHECK_BUDGET:-450}
 t_start=$(date +%s)
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 CUBLAS_WORKSPACE_CONFIG=:4096:8  # the latter for the deterministic attention backward
 for d in "${CUDA_HOME:-}" /usr/local/cuda; do
   if [ -n "$d" ] && [ -x "$d/bin/nvcc" ]; then export PATH="$d/bin:$PATH"; break; fi
 done
@@ -67,6 +67,7 @@ python3 -c "import cogkern; print(cogkern.build_info())" >>"$work/env.txt" 2>&1
 
 step cuda_tests 180 python3 -m pytest tests -q -m cuda --junitxml="$work/cuda_tests.xml" -p no:cacheprovider
 grep -E "^(FAILED|ERROR)" "$work/cuda_tests.log" | head -30 >"$work/cuda_failures.txt" || true
+step attention_check 90 env PYTHONPATH=tests python3 scripts/attention_cuda_check.py --quick
 step memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 3 python3 scripts/sanitize_cases.py
 step racecheck 60 compute-sanitizer --tool racecheck --error-exitcode 3 python3 scripts/sanitize_cases.py --only rope,attention
 step benchmarks 150 python3 -m benchmarks.run --quick --out "$work/bench"

@@ -9,9 +9,14 @@ views) so out-of-bounds accesses show. Each new CUDA op adds its cases here.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
+
+# The deterministic attention backward runs under torch.use_deterministic_algorithms(True),
+# which makes cuBLAS insist on this.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
 def rope_cases():
@@ -58,20 +63,36 @@ def optimizer_cases():
         yield f"FusedAdamW {dtype} {kwargs or ''}"
 
 
-def attention_cases():
+def attention_cases(quick: bool = True):
+    """Every kernel path of the fused attention: fp16/bf16, head_dim 64/128, causal or
+    not, atomic and deterministic backward, RoPE by angles and by table, LayerNorm
+    (weight + bias) and RMSNorm (weight), S = 77 (and 130) with text_len 5 (and 0)."""
+    import itertools
+
     from cogkern import RoPE3D, fused_attention
 
-    for dtype in (torch.float16, torch.bfloat16):
-        for d in (64, 128):
-            for s, text_len, causal in ((77, 5, False), (130, 0, True), (1, 0, False)):
-                video = s - text_len
-                rope = RoPE3D((1, 1, video), d) if video > 0 else None
-                q, k, v = (torch.randn(2, s, 3, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
-                w = torch.randn(d, device="cuda", dtype=dtype, requires_grad=True)
-                out = fused_attention(q, k, v, rope=rope, text_len=text_len if rope else 0, qk_norm="layer_norm",
-                                      q_norm_weight=w, q_norm_bias=w, k_norm_weight=w, k_norm_bias=w, causal=causal)
-                out.float().sum().backward()
-                yield f"fused_attention {dtype} D={d} S={s} text={text_len} causal={causal}"
+    grids = {72: (2, 6, 6), 77: (7, 11, 1), 125: (5, 5, 5), 130: (2, 5, 13)}  # seq - text_len -> (T, H, W)
+    seqs, texts = ((77,), (5,)) if quick else ((77, 130), (0, 5))
+    cases = itertools.product((torch.float16, torch.bfloat16), (64, 128), (False, True), seqs, texts, (False, True))
+    for i, (dtype, d, causal, s, text_len, deterministic) in enumerate(cases):
+        torch.use_deterministic_algorithms(deterministic)
+        rope = RoPE3D(grids[s - text_len], d)
+        if (i // 4) % 2:
+            rope = rope.cos_sin("cuda")
+        layer = (i // 2) % 2 == 0
+        q, k, v = (torch.randn(1, s, 2, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+        w = [torch.randn(d, device="cuda", requires_grad=True) for _ in range(4)]
+        out, lse = fused_attention(q, k, v, rope=rope, text_len=text_len, causal=causal, return_lse=True,
+                                   qk_norm="layer_norm" if layer else "rms_norm", q_norm_weight=w[0],
+                                   q_norm_bias=w[1] if layer else None, k_norm_weight=w[2],
+                                   k_norm_bias=w[3] if layer else None)
+        (out.float().square().sum() + lse.sum()).backward()
+        finite = all(bool(torch.isfinite(t).all()) for t in (out, lse, q.grad, k.grad, v.grad, w[0].grad, w[2].grad))
+        torch.use_deterministic_algorithms(False)
+        if not finite:
+            raise RuntimeError(f"non-finite output or gradient in attention case {i}")
+        yield (f"fused_attention {dtype} D={d} S={s} text={text_len} causal={causal} det={deterministic} "
+               f"{'layer' if layer else 'rms'}_norm rope={'table' if (i // 4) % 2 else 'angles'}")
 
 
 CASES = {"rope": rope_cases, "optimizer": optimizer_cases, "attention": attention_cases}

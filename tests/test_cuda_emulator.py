@@ -1,0 +1,23 @@
+"""The CUDA attention kernels' own source, run on the CPU under scripts/cuda_emu's
+thread-level emulator (PTX fragments as the ISA defines them): the 2x error rule,
+deterministic backward, NaN propagation. Catches indexing, masking and
+synchronization-order bugs between GPU runs; real PTX semantics and timing still
+need the GPU (scripts/device_check.sh)."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to build the emulator")
+def test_attention_kernels_under_the_emulator():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "tests"), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "cuda_emu", "run_emu.py"), "--quick"],
+                         capture_output=True, text=True, timeout=1200, cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert "\n0 failed" in out.stdout, out.stdout[-4000:]
