@@ -9,6 +9,7 @@ from conftest import GPU_TEST_DEVICE as DEV
 from rope_reference import apply_table_reference, diffusers_apply_rotary_emb, diffusers_style_table, rope3d_reference
 
 pytestmark = pytest.mark.cuda
+CPU_DRY_RUN = True  # COGKERN_CUDA_TESTS_DEVICE=cpu runs these against the CPU backend (conftest.py)
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
 
