@@ -22,27 +22,6 @@ using rows::attention_prologue_kernel;
 using rows::attention_epilogue_kernel;
 using rows::norm_grad_reduce_kernel;
 
-flash::FlashArgs flash_args(const AttentionParams& P, const AttentionScratch& s) {
-  flash::FlashArgs a;
-  a.batch = P.batch;
-  a.heads = P.heads;
-  a.seq = P.seq;
-  a.q_hat = s.q_hat;
-  a.k_hat = s.k_hat;
-  a.v = P.v;
-  a.scale = float(P.scale);
-  a.scale_log2 = softmax_log2_scale<float>(P.scale);
-  a.causal = P.causal;
-  a.lse = static_cast<float*>(P.lse);
-  a.out = P.out;
-  a.grad_out = P.grad_out;
-  a.delta = s.delta;
-  a.dq_hat = s.dq_hat;
-  a.dk_hat = s.dk_hat;
-  a.grad_v = P.grad_v;
-  return a;
-}
-
 bool rows_aligned(const void* ptr, int64_t sb, int64_t ss, int64_t sh, int64_t elem_bytes, int64_t align) {
   const int64_t elems = align / elem_bytes;
   return reinterpret_cast<uintptr_t>(ptr) % uintptr_t(align) == 0 && sb % elems == 0 && ss % elems == 0 &&
@@ -61,7 +40,7 @@ cudaError_t forward_typed(const AttentionParams& P, const AttentionScratch& s, c
     attention_prologue_kernel<T, float, D, false><<<blocks, kRowThreads, 0, stream>>>(P, s);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  return flash::run_flash_fwd<T, D>(flash_args(P, s), stream);
+  return flash::run_flash_fwd<T, D>(flash::flash_args(P, s), stream);
 }
 
 template <typename T, int D>
@@ -82,7 +61,7 @@ cudaError_t backward_typed(const AttentionParams& P, const AttentionScratch& s, 
     err = cudaMemsetAsync(s.dq_hat, 0, size_t(P.batch * P.heads * P.seq * D) * sizeof(float), stream);
     if (err != cudaSuccess) return err;
   }
-  err = flash::run_flash_bwd<T, D>(flash_args(P, s), deterministic, stream);
+  err = flash::run_flash_bwd<T, D>(flash::flash_args(P, s), deterministic, stream);
   if (err != cudaSuccess) return err;
 
   if (table_in_dtype)

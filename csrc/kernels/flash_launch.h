@@ -6,6 +6,7 @@
 #include <cuda_runtime_api.h>
 
 #include "kernels/attention.h"
+#include "kernels/attention_launch.h"
 
 namespace cogkern::flash {
 
@@ -33,6 +34,29 @@ struct FlashArgs {
   float* dk_hat = nullptr;       // [batch, heads, seq, head_dim]: dL/dk^
   BshdTensorMut grad_v;          // rows 4-byte aligned
 };
+
+// The flash kernels' view of one attention call: q^, k^ and the fp32 gradients
+// live in the scratch; v, out, lse and the other gradients are the op's own.
+inline FlashArgs flash_args(const AttentionParams& P, const AttentionScratch& s) {
+  FlashArgs a;
+  a.batch = P.batch;
+  a.heads = P.heads;
+  a.seq = P.seq;
+  a.q_hat = s.q_hat;
+  a.k_hat = s.k_hat;
+  a.v = P.v;
+  a.scale = float(P.scale);
+  a.scale_log2 = softmax_log2_scale<float>(P.scale);
+  a.causal = P.causal;
+  a.lse = static_cast<float*>(P.lse);
+  a.out = P.out;
+  a.grad_out = P.grad_out;
+  a.delta = s.delta;
+  a.dq_hat = s.dq_hat;
+  a.dk_hat = s.dk_hat;
+  a.grad_v = P.grad_v;
+  return a;
+}
 
 // T: __half or __nv_bfloat16; D: 64 or 128.
 template <typename T, int D>

@@ -90,27 +90,6 @@ AttentionParams params_of(const EmuSpec& s) {
   return P;
 }
 
-flash::FlashArgs flash_args(const AttentionParams& P, const AttentionScratch& s) {
-  flash::FlashArgs a;
-  a.batch = P.batch;
-  a.heads = P.heads;
-  a.seq = P.seq;
-  a.q_hat = s.q_hat;
-  a.k_hat = s.k_hat;
-  a.v = P.v;
-  a.scale = float(P.scale);
-  a.scale_log2 = softmax_log2_scale<float>(P.scale);
-  a.causal = P.causal;
-  a.lse = static_cast<float*>(P.lse);
-  a.out = P.out;
-  a.grad_out = P.grad_out;
-  a.delta = s.delta;
-  a.dq_hat = s.dq_hat;
-  a.dk_hat = s.dk_hat;
-  a.grad_v = P.grad_v;
-  return a;
-}
-
 template <typename T, typename table_t, int D>
 void run(const EmuSpec& spec, bool backward) {
   const AttentionParams P = params_of(spec);
@@ -126,7 +105,7 @@ void run(const EmuSpec& spec, bool backward) {
   s.dq_hat = dq_hat.data();
   s.dk_hat = dk_hat.data();
   s.norm_partials = partials.data();
-  const flash::FlashArgs a = flash_args(P, s);
+  const flash::FlashArgs a = flash::flash_args(P, s);
   const unsigned row_blocks = unsigned(n_blocks);
 
   if (!backward) {
