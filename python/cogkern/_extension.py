@@ -55,3 +55,13 @@ def build_info() -> dict:
         "cuda_version": _C.cuda_version(),
         "cuda_archs": [a for a in archs.split(",") if a],
     }
+
+
+def require_cuda_kernels(what: str, tensor: torch.Tensor) -> None:
+    """A clear error for CUDA tensors when this build has no CUDA kernels (a CPU-only build)."""
+    if tensor.is_cuda and not _C.with_cuda():
+        raise NotImplementedError(
+            f"{what}: this cogkern was built without CUDA kernels (CPU-only build), so CUDA tensors cannot be used. "
+            "Rebuild with the CUDA toolkit present (COGKERN_CUDA=ON makes a missing toolkit an error), "
+            "or move the tensors to the CPU."
+        )

@@ -13,7 +13,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from . import _extension  # noqa: F401  (loads the ops)
+from ._extension import require_cuda_kernels  # (importing it loads the ops)
 from .rope import RoPE3D, RopeTable, _check_table, _is_int
 
 _ops = torch.ops.cogkern
@@ -23,7 +23,6 @@ _NORMS = (None, "layer_norm", "rms_norm")
 
 # Whether a CUDA kernel is registered (csrc/ops/cuda/attention_cuda.cpp). Read
 # once: the registration happens when the extension loads.
-_HAS_CUDA_KERNEL = torch._C._dispatch_has_kernel_for_dispatch_key("cogkern::fused_attention_fwd", "CUDA")
 
 
 def fused_attention(
@@ -77,14 +76,10 @@ def fused_attention(
         ValueError: a bad argument (shape, dtype, device, strides, norm
             parameters, a RoPE that does not fit ``seq - text_len``), before
             any kernel runs.
-        NotImplementedError: CUDA tensors while the CUDA kernel is not built.
+        NotImplementedError: CUDA tensors in a build without CUDA kernels.
     """
     _check_qkv(q, k, v)
-    if q.is_cuda and not _HAS_CUDA_KERNEL:
-        raise NotImplementedError(
-            "cogkern.fused_attention: the CUDA kernel is not built yet; this cogkern has the CPU backend only. "
-            "Move q, k, v to the CPU, or use the eager path (norm + RoPE + F.scaled_dot_product_attention)."
-        )
+    require_cuda_kernels("cogkern.fused_attention", q)
     seq, head_dim = q.shape[1], q.shape[3]
     if not _is_int(text_len) or not 0 <= text_len <= seq:
         raise ValueError(f"text_len must be an int in [0, seq={seq}], got {text_len!r}")

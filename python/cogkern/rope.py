@@ -14,7 +14,7 @@ from typing import Union
 
 import torch
 
-from . import _extension  # noqa: F401  (loads the ops)
+from ._extension import require_cuda_kernels  # (importing it loads the ops)
 
 _ops = torch.ops.cogkern
 RopeTable = tuple[torch.Tensor, torch.Tensor]
@@ -201,6 +201,7 @@ def apply_rope3d(
         respect to ``x``; the backward is the inverse rotation.
     """
     _check_x(x, text_len, inplace)
+    require_cuda_kernels("cogkern.apply_rope3d", x)
     n_video = x.shape[1] - text_len
     if isinstance(rope, RoPE3D):
         if x.shape[-1] != rope.head_dim:
