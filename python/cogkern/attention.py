@@ -14,11 +14,13 @@ import torch
 from torch import nn
 
 from ._extension import require_cuda_kernels  # (importing it loads the ops)
-from .rope import RoPE3D, RopeTable, _check_table, _is_int
+from ._checks import FLOAT_DTYPES as _SUPPORTED
+from ._checks import check_bshd
+from ._checks import is_int as _is_int
+from .rope import RoPE3D, RopeTable, _check_table
 
 _ops = torch.ops.cogkern
 
-_SUPPORTED = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _NORMS = (None, "layer_norm", "rms_norm")
 
 # Whether a CUDA kernel is registered (csrc/ops/cuda/attention_cuda.cpp). Read
@@ -122,26 +124,15 @@ def fused_attention(
 
 def _check_qkv(q, k, v) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not torch.is_tensor(t):
-            raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (batch, seq, heads, head_dim), got shape {tuple(t.shape)}")
-        if t.dtype not in _SUPPORTED:
-            raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-        if t.device.type not in ("cpu", "cuda"):
-            raise ValueError(f"{name} must be on the CPU or a CUDA device, got {t.device}")
+        check_bshd(name, t)
         if t.shape != q.shape:
             raise ValueError(f"{name} must have q's shape {tuple(q.shape)}, got {tuple(t.shape)}")
         if t.dtype != q.dtype:
             raise ValueError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
-        if t.shape[-1] > 1 and t.stride(-1) != 1:
-            raise ValueError(f"{name}'s last dimension must have stride 1, got strides {t.stride()}")
     if q.shape[-1] < 1:
         raise ValueError("q's head_dim must be at least 1")
-    if q.is_cuda and q.dtype == torch.float64:
-        raise ValueError("q of dtype float64 is supported on the CPU only")
 
 
 def _check_norm_param(name: str, t, qk_norm, q: torch.Tensor):

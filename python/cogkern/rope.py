@@ -14,6 +14,8 @@ from typing import Union
 
 import torch
 
+from ._checks import check_bshd
+from ._checks import is_int as _is_int
 from ._extension import require_cuda_kernels  # (importing it loads the ops)
 
 _ops = torch.ops.cogkern
@@ -138,10 +140,6 @@ class RoPE3D:
         )
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _concat_positions(positions, grid) -> torch.Tensor:
     if not isinstance(positions, Sequence) or len(positions) != 3:
         raise ValueError("positions must be a sequence of three 1-D tensors (pos_t, pos_h, pos_w)")
@@ -157,22 +155,8 @@ def _concat_positions(positions, grid) -> torch.Tensor:
     return torch.cat(parts).contiguous()
 
 
-_SUPPORTED = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
 def _check_x(x: torch.Tensor, text_len: int, inplace: bool) -> None:
-    if not torch.is_tensor(x):
-        raise ValueError(f"x must be a tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"x must be 4-D (batch, seq, heads, head_dim), got shape {tuple(x.shape)}")
-    if x.dtype not in _SUPPORTED:
-        raise ValueError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
-    if x.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"x must be on the CPU or a CUDA device, got {x.device}")
-    if x.is_cuda and x.dtype == torch.float64:
-        raise ValueError("x of dtype float64 is supported on the CPU only")
-    if x.shape[-1] > 1 and x.stride(-1) != 1:
-        raise ValueError(f"x's last dimension must have stride 1, got strides {x.stride()}")
+    check_bshd("x", x)
     if not _is_int(text_len) or not 0 <= text_len <= x.shape[1]:
         raise ValueError(f"text_len must be an int in [0, seq={x.shape[1]}], got {text_len!r}")
     if inplace and not isinstance(inplace, bool):
