@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 export PATH=/usr/local/cuda/bin:$PATH
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
 build=${BUILD_DIR:-build/dev}
+mkdir -p "$build"
 cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
   -DCOGKERN_CUDA="${COGKERN_CUDA:-AUTO}" -DPython_EXECUTABLE="$(command -v python3)" "$@" >"$build.configure.log" 2>&1 \
   || { cat "$build.configure.log"; exit 1; }
