@@ -10,7 +10,7 @@ import cogkern
 
 def test_build_info():
     info = cogkern.build_info()
-    assert set(info) == {"torch_version", "torch_cuda", "cuda_kernels", "cuda_version", "cuda_archs"}
+    assert set(info) == {"torch_version", "torch_cuda", "cuda_kernels", "cuda_version", "cuda_archs", "cpu_threads"}
     assert info["torch_version"] == torch.__version__
     assert isinstance(info["cuda_kernels"], bool)
     if info["cuda_kernels"]:
@@ -21,6 +21,17 @@ def test_build_info():
     expected = os.environ.get("COGKERN_EXPECT_CUDA_ARCH")  # set by .ci/run, which builds for sm_90a
     if expected:
         assert info["cuda_kernels"] and any(a.startswith(expected) for a in info["cuda_archs"]), info
+
+
+def test_cpu_kernels_use_torch_threads():
+    """at::parallel_for in the extension runs on torch's threads (serial if built without OpenMP)."""
+    before = torch.get_num_threads()
+    try:
+        for threads in sorted({1, min(2, os.cpu_count() or 1)}):
+            torch.set_num_threads(threads)
+            assert cogkern.build_info()["cpu_threads"] == threads
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_ops_registered_for_cpu():

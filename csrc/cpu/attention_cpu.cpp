@@ -55,6 +55,7 @@
 
 
 #include "cpu/fast_exp2.h"
+#include "cpu/serial_blas.h"
 
 namespace cogkern::cpu {
 namespace {
@@ -62,7 +63,7 @@ namespace {
 // A 128 x 512 fp32 score tile (256 KB) stays in L2 next to its K and V tiles,
 // and the GEMMs are large enough to amortize at::mm's per-call cost (torch's
 // own CPU flash attention uses similar splits).
-constexpr int64_t kBlockQ = 128;
+constexpr int64_t kBlockQ = 256;
 constexpr int64_t kBlockK = 512;
 // Tokens per prologue/epilogue task, and per partial sum of the norm grads.
 constexpr int64_t kTokenBlock = 16;
@@ -343,6 +344,7 @@ class Attention {
     const int64_t n_qt = ceil_div(S_, kBlockQ);
     A* lse = static_cast<A*>(P_.lse);
     at::parallel_for(0, P_.batch * P_.heads * n_qt, 1, [&](int64_t begin, int64_t end) {
+      const SerialBlasScope serial_blas;
       std::vector<A> scores(kBlockQ * kBlockK), acc(kBlockQ * D_), row_max(kBlockQ), row_sum(kBlockQ);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t bh = task / n_qt, q0 = (task % n_qt) * kBlockQ;
@@ -397,6 +399,7 @@ class Attention {
     const int64_t bh_count = P_.batch * P_.heads, n_kt = ceil_div(S_, kBlockK), n_qt = ceil_div(S_, kBlockQ);
     if (bh_count >= at::get_num_threads() || n_kt == 1) {
       at::parallel_for(0, bh_count, 1, [&](int64_t begin, int64_t end) {
+        const SerialBlasScope serial_blas;
         PairScratch scratch(D_);
         for (int64_t bh = begin; bh < end; ++bh)
           for (int64_t kt = 0; kt < n_kt; ++kt) key_tile_grads(in, bh, kt * kBlockK, scratch, &dqh, dkh);
@@ -404,11 +407,13 @@ class Attention {
       return;
     }
     at::parallel_for(0, bh_count * n_kt, 1, [&](int64_t begin, int64_t end) {
+      const SerialBlasScope serial_blas;
       PairScratch scratch(D_);
       for (int64_t task = begin; task < end; ++task)
         key_tile_grads(in, task / n_kt, (task % n_kt) * kBlockK, scratch, nullptr, dkh);
     });
     at::parallel_for(0, bh_count * n_qt, 1, [&](int64_t begin, int64_t end) {
+      const SerialBlasScope serial_blas;
       PairScratch scratch(D_);
       for (int64_t task = begin; task < end; ++task) query_tile_grads(in, task / n_qt, (task % n_qt) * kBlockQ, scratch, dqh);
     });

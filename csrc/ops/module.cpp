@@ -2,8 +2,12 @@
 // op with the torch dispatcher (TORCH_LIBRARY below; each op's file adds its
 // schemas as a TORCH_LIBRARY_FRAGMENT); Python then calls them as
 // torch.ops.cogkern.<name>. The module itself only exposes build facts.
+#include <ATen/Parallel.h>
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
+
+#include <mutex>
+#include <set>
 
 #ifndef COGKERN_CUDA_ARCHS
 #define COGKERN_CUDA_ARCHS ""
@@ -15,11 +19,28 @@
 // The namespace itself; the ops are defined next to their kernels' glue.
 TORCH_LIBRARY(cogkern, m) {}
 
+namespace {
+// How many threads actually run the tasks of one at::parallel_for in this
+// extension. at::parallel_for is a header template, so this checks how the
+// extension was compiled (without OpenMP it is silently serial), not torch.
+int cpu_parallel_threads() {
+  std::mutex mutex;
+  std::set<int> threads;
+  at::parallel_for(0, 4096, 1, [&](int64_t, int64_t) {
+    const std::lock_guard<std::mutex> lock(mutex);
+    threads.insert(at::get_thread_num());
+  });
+  return static_cast<int>(threads.size());
+}
+}  // namespace
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "cogkern compiled core: registers torch.ops.cogkern.*";
   m.def("torch_version", []() { return std::string(COGKERN_TORCH_VERSION); });
   m.def("cuda_version", []() { return std::string(COGKERN_CUDA_VERSION); });
   m.def("cuda_archs", []() { return std::string(COGKERN_CUDA_ARCHS); });
+  m.def("cpu_parallel_threads", &cpu_parallel_threads,
+        "Threads that run one at::parallel_for in this extension (torch.get_num_threads() when built right).");
 #ifdef COGKERN_WITH_CUDA
   m.def("with_cuda", []() { return true; });
 #else

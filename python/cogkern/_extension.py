@@ -45,7 +45,9 @@ def build_info() -> dict:
     Keys: ``torch_version`` (the torch it was compiled against), ``torch_cuda``
     (that torch's CUDA version, '' for CPU builds), ``cuda_kernels`` (whether the
     CUDA kernels are compiled in), ``cuda_version`` (nvcc's version),
-    ``cuda_archs`` (compiled architectures, e.g. ``['90a-real']``).
+    ``cuda_archs`` (compiled architectures, e.g. ``['90a-real']``),
+    ``cpu_threads`` (how many threads the CPU kernels use now: torch.get_num_threads()
+    unless the extension was built without torch's OpenMP, when it is 1).
     """
     archs = _C.cuda_archs()
     return {
@@ -54,6 +56,7 @@ def build_info() -> dict:
         "cuda_kernels": bool(_C.with_cuda()),
         "cuda_version": _C.cuda_version(),
         "cuda_archs": [a for a in archs.split(",") if a],
+        "cpu_threads": _C.cpu_parallel_threads(),
     }
 
 
