@@ -55,6 +55,7 @@
 
 
 #include "cpu/fast_exp2.h"
+#include "cpu/rope_axis_rotations.h"
 #include "cpu/serial_blas.h"
 
 namespace cogkern::cpu {
@@ -114,7 +115,8 @@ class MathRows {
   std::optional<Panels<A>> panel_;
 };
 
-// The RoPE coefficients of one token, for every channel pair of the head dim.
+// The RoPE coefficients of one token, for every channel pair of the head dim
+// (angles mode: looked up in the call's AxisRotations, no trigonometry per token).
 // Interleaved pairs (CogVideoX, and every (cos, sin) table) are pair p =
 // channels (2p, 2p+1); for those the coefficients are kept as separate arrays
 // so that the rotation is a branch-free loop the compiler vectorizes. Other
@@ -122,26 +124,32 @@ class MathRows {
 template <typename A, typename scalar_t>
 class TokenRope {
  public:
-  explicit TokenRope(const AttentionParams& P) : P_(P), half_d_(int(P.head_dim / 2)) {
+  TokenRope(const AttentionParams& P, const AxisRotations<A>& rotations)
+      : P_(P), rotations_(rotations), half_d_(int(P.head_dim / 2)) {
     if (!P.has_rope) return;
     interleaved_ = P.rope.mode == RopeMode::kTable || P.rope.interleaved;
     c0_.resize(half_d_);
     c1_.resize(half_d_);
     coeffs_.resize(half_d_);
     for (auto* v : {&a0_, &b0_, &a1_, &b1_}) v->resize(half_d_);
+    pairs_.resize(half_d_);
     for (int p = 0; p < half_d_; ++p) {
-      const RopePair pr = rope_pair(p, P.rope.axes, interleaved_);
-      c0_[p] = pr.c0;
-      c1_[p] = pr.c1;
+      pairs_[p] = rope_pair(p, P.rope.axes, interleaved_);
+      c0_[p] = pairs_[p].c0;
+      c1_[p] = pairs_[p].c1;
     }
   }
 
   // Loads token s's coefficients; false when token s is not rotated.
   bool load(int64_t s) {
     if (!P_.has_rope || s < P_.text_len) return false;
+    const bool angles = P_.rope.mode == RopeMode::kAngles;
+    int64_t idx[3] = {0, 0, 0};
+    if (angles) rotations_.indices(s - P_.text_len, idx);
     for (int p = 0; p < half_d_; ++p) {
-      const PairCoeffs<A> k = P_.rope_table_dtype == DType::kFloat ? rope_coeffs<A, float>(P_.rope, s, p)
-                                                                    : rope_coeffs<A, scalar_t>(P_.rope, s, p);
+      const PairCoeffs<A> k = angles ? rotations_.lookup(idx, pairs_[p])
+                              : P_.rope_table_dtype == DType::kFloat ? rope_coeffs<A, float>(P_.rope, s, p)
+                                                                     : rope_coeffs<A, scalar_t>(P_.rope, s, p);
       coeffs_[p] = k;
       a0_[p] = k.a0;
       b0_[p] = k.b0;
@@ -167,8 +175,10 @@ class TokenRope {
 
  private:
   const AttentionParams& P_;
+  const AxisRotations<A>& rotations_;
   int half_d_;
   bool interleaved_ = true;
+  std::vector<RopePair> pairs_;
   std::vector<int> c0_, c1_;
   std::vector<PairCoeffs<A>> coeffs_;
   std::vector<A> a0_, b0_, a1_, b1_;
@@ -274,7 +284,7 @@ class Attention {
 
  public:
   explicit Attention(const AttentionParams& P)
-      : P_(P), S_(P.seq), D_(P.head_dim), c_(softmax_log2_scale<A>(P.scale)) {}
+      : P_(P), S_(P.seq), D_(P.head_dim), c_(softmax_log2_scale<A>(P.scale)), rotations_(P.rope) {}
 
   void forward() const {
     Panels<A> qh(P_), kh(P_);
@@ -311,7 +321,7 @@ class Attention {
                 const MathRows<A, scalar_t>* doh, A* delta) const {
     const int64_t n_blocks = ceil_div(S_, kTokenBlock);
     at::parallel_for(0, n_blocks, 1, [&](int64_t blk_begin, int64_t blk_end) {
-      TokenRope<A, scalar_t> rope(P_);
+      TokenRope<A, scalar_t> rope(P_, rotations_);
       for (int64_t s = blk_begin * kTokenBlock; s < std::min(S_, blk_end * kTokenBlock); ++s) {
         const bool rotate = rope.load(s);
         for (int64_t b = 0; b < P_.batch; ++b) {
@@ -500,7 +510,7 @@ class Attention {
     // Per token block: partial grads of q weight, q bias, k weight, k bias.
     std::vector<A> partials(norm ? n_blocks * 4 * D_ : 0, A(0));
     at::parallel_for(0, n_blocks, 1, [&](int64_t blk_begin, int64_t blk_end) {
-      TokenRope<A, scalar_t> rope(P_);
+      TokenRope<A, scalar_t> rope(P_, rotations_);
       std::vector<A> dy(D_), x(D_), dx(D_), scratch(D_);
       for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
         A* part = norm ? partials.data() + blk * 4 * D_ : nullptr;
@@ -552,6 +562,7 @@ class Attention {
   const AttentionParams& P_;
   const int64_t S_, D_;
   const A c_;  // scale * log2(e)
+  const AxisRotations<A> rotations_;  // empty unless RoPE in angles mode
 };
 
 template <template <typename> class Fn>

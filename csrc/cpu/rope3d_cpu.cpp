@@ -1,11 +1,12 @@
 // CPU backend of the 3D RoPE op, parallel over tokens.
 //
-// The math is kernels/rope3d.h's, shared with the CUDA kernel. The CPU pays
-// for trigonometry far more than a GPU does, so in kAngles mode the rotation of
-// pair p depends on one axis position only and is computed once per (axis
-// position, pair) — T*dt/2 + H*dh/2 + W*dw/2 sincos in all — then looked up per
-// token. Each token's coefficients are applied to all its (batch, head) rows.
+// The math is kernels/rope3d.h's, shared with the CUDA kernel. In kAngles mode
+// the trigonometry is done once per (axis position, pair) (AxisRotations) and
+// looked up per token. Each token's coefficients are applied to all its
+// (batch, head) rows.
 #include "cpu/rope3d_cpu.h"
+
+#include "cpu/rope_axis_rotations.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -29,35 +30,6 @@ struct CoeffRow {  // structure of arrays, so the row loop vectorizes
   }
 };
 
-// Rotation coefficients of every (axis, position, pair j) of the grid.
-template <typename A>
-struct AxisRotations {
-  std::vector<PairCoeffs<A>> coeffs;
-  int offset[3] = {0, 0, 0};  // start of axis a's [grid[a]][axes[a]/2] block
-
-  explicit AxisRotations(const RopeParams& P) {
-    if (P.mode != RopeMode::kAngles) return;
-    int n = 0;
-    for (int a = 0; a < 3; ++a) {
-      offset[a] = n;
-      n += P.grid[a] * (P.axes[a] / 2);
-    }
-    coeffs.resize(n);
-    for (int a = 0; a < 3; ++a) {
-      const int half = P.axes[a] / 2;
-      for (int idx = 0; idx < P.grid[a]; ++idx) {
-        // a video token whose axis-a index is idx (the others 0), for rope_position
-        const int64_t v = a == 0 ? int64_t(idx) * P.grid[1] * P.grid[2] : a == 1 ? int64_t(idx) * P.grid[2] : idx;
-        const A pos = rope_position<A>(P, v, a);
-        for (int j = 0; j < half; ++j) {
-          coeffs[offset[a] + idx * half + j] =
-              rotation_coeffs<A>(pos * rope_inv_freq<A>(j, P.axes[a], P.log2_theta), P.inverse);
-        }
-      }
-    }
-  }
-};
-
 template <typename scalar_t, typename table_t>
 void rope3d_typed(const RopeParams& P) {
   using A = acc_t<scalar_t>;
@@ -75,16 +47,13 @@ void rope3d_typed(const RopeParams& P) {
   at::parallel_for(P.token_begin, P.seq, grain, [&](int64_t begin, int64_t end) {
     CoeffRow<A> k(half_d);
     for (int64_t s = begin; s < end; ++s) {
-      const int64_t v = s - P.text_len;
-      const int64_t idx[3] = {v / (int64_t(P.grid[1]) * P.grid[2]), (v / P.grid[2]) % P.grid[1], v % P.grid[2]};
+      int64_t idx[3];
+      rotations.indices(s - P.text_len, idx);
       for (int p = 0; p < half_d; ++p) {
         if (P.mode == RopeMode::kTable || s < P.text_len) {
           k.set(p, rope_coeffs<A, table_t>(P, s, p));
-        } else if (pairs[p].axis < 0) {
-          k.set(p, identity_coeffs<A>());
         } else {
-          const int a = pairs[p].axis;
-          k.set(p, rotations.coeffs[rotations.offset[a] + idx[a] * (P.axes[a] / 2) + pairs[p].j]);
+          k.set(p, rotations.lookup(idx, pairs[p]));
         }
       }
       for (int64_t b = 0; b < P.batch; ++b) {
