@@ -34,6 +34,11 @@ def test_cpu_kernels_use_torch_threads():
         torch.set_num_threads(before)
 
 
+def test_cpu_fp16_conversions_match_c10_half():
+    """The optimizer's vectorizable fp16 conversions (cpu/fp16_bits.h) give c10::Half's bits."""
+    assert cogkern._C.fp16_conversion_mismatches() == 0
+
+
 def test_ops_registered_for_cpu():
     for name in ("rope3d", "rope3d_", "rope_table", "rope_table_"):
         assert getattr(torch.ops.cogkern, name).default.has_kernel_for_dispatch_key("CPU")

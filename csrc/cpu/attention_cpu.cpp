@@ -57,6 +57,7 @@
 #include "cpu/fast_exp2.h"
 #include "cpu/rope_axis_rotations.h"
 #include "cpu/serial_blas.h"
+#include "cpu/simd_clones.h"
 
 namespace cogkern::cpu {
 namespace {
@@ -194,14 +195,8 @@ void store_row(scalar_t* dst, const A* src, int64_t d, A factor) {
   for (int64_t c = 0; c < d; ++c) dst[c] = from_acc<scalar_t>(src[c] * factor);
 }
 
-// The softmax row kernels below are cloned per x86 SIMD level (resolved once at
-// load time) so that the exponentials run 8 or 16 wide where the CPU allows;
-// the build itself targets the x86-64 baseline.
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define COGKERN_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define COGKERN_SIMD_CLONES
-#endif
+// The softmax row kernels below are cloned per x86 SIMD level
+// (cpu/simd_clones.h) so that the exponentials run 8 or 16 wide where the CPU allows.
 
 // sum_c a[c] * b[c], in eight partial sums so that the loop vectorizes.
 template <typename A, typename scalar_t>

@@ -148,6 +148,8 @@ CK_HD float div_rn(float a, float b) {
 CK_HD float sqrt_rn(float a) {
 #if defined(__CUDA_ARCH__)
   return __fsqrt_rn(a);
+#elif defined(__NO_MATH_ERRNO__) && (defined(__GNUC__) || defined(__clang__))
+  return __builtin_sqrtf(a);  // vectorizable: no errno to set (the CPU backend's files)
 #elif defined(__SSE__) && !defined(__CUDACC__)
   // The IEEE sqrt instruction without std::sqrt's errno branch, which would
   // keep the host compiler from vectorizing the element loop.
@@ -219,12 +221,14 @@ CK_HD float bf16_bits_to_float(uint16_t h) { return bits_float(uint32_t(h) << 16
 // ---------------------------------------------------------------------------
 // The per-chunk bodies (multi_tensor.h): one (tensor, chunk), lanes striding.
 // T is the param/grad storage type (float, or a 16-bit type of the backend).
+// N: elements per lane and iteration; the CUDA kernels use kMultiTensorILP
+// (one 16-byte load), the CPU backend a SIMD register's worth. Every element's
+// arithmetic is the same whatever N is.
 // ---------------------------------------------------------------------------
 
-template <typename T, AdamWMode MODE>
+template <typename T, AdamWMode MODE, int N = kMultiTensorILP>
 struct AdamWChunk {
   CK_HD void operator()(const AdamWLaunch& L, int t, int64_t chunk, int lane, int nlanes) const {
-    constexpr int N = kMultiTensorILP;
     const float* scalars = L.step_scalars;
     if (scalars != nullptr && scalars[kFoundInf] != 0.0f) return;  // skipped step: touch nothing
     const AdamWTensor& d = L.tensors[t];
@@ -294,11 +298,11 @@ CK_HD float inv_loss_scale(const float* scale) {
 }
 
 // Read-only unless unscale_inplace: finds inf/NaN in the (scaled) gradients and
-// sums the squares of the unscaled ones.
-template <typename T>
+// sums the squares of the unscaled ones (N running sums, added in order at the
+// end, so that the CPU loop vectorizes; deterministic for a given N).
+template <typename T, int N = kMultiTensorILP>
 struct GradCheckChunk {
   CK_HD GradCheckPartial operator()(const GradCheckLaunch& L, int t, int64_t chunk, int lane, int nlanes) const {
-    constexpr int N = kMultiTensorILP;
     const GradCheckTensor& d = L.tensors[t];
     const float inv_scale = inv_loss_scale(L.scale);
     T* grad = static_cast<T*>(d.grad);
@@ -306,22 +310,31 @@ struct GradCheckChunk {
     const int64_t begin = chunk * kMultiTensorChunk;
     const int64_t end = begin + kMultiTensorChunk < d.numel ? begin + kMultiTensorChunk : d.numel;
     const T zero = from_acc<T>(0.0f);
-    GradCheckPartial r;
-    bool nonfinite = false;
+    float sumsq[N];
+    uint32_t nonfinite = 0;
+#pragma unroll
+    for (int k = 0; k < N; ++k) sumsq[k] = 0.0f;
     for (int64_t i = begin + int64_t(lane) * N; i < end; i += int64_t(nlanes) * N) {
       const int64_t n = end - i < N ? end - i : N;
       T g_raw[N];
       mt_load<T, N>(grad + i, n, vec, g_raw, zero);
+      float u[N];
 #pragma unroll
       for (int k = 0; k < N; ++k) {
         const float g = to_acc<float>(g_raw[k]);
-        nonfinite |= !is_finite_acc(g);
-        const float u = mul_rn(g, inv_scale);
-        r.sumsq = add_rn(r.sumsq, mul_rn(u, u));
-        if (L.unscale_inplace) g_raw[k] = from_acc<T>(u);
+        nonfinite |= uint32_t(!is_finite_acc(g));
+        u[k] = mul_rn(g, inv_scale);
+        sumsq[k] = add_rn(sumsq[k], mul_rn(u[k], u[k]));
       }
-      if (L.unscale_inplace) mt_store<T, N>(grad + i, n, vec, g_raw);
+      if (L.unscale_inplace) {  // a separate pass keeps the loop above branch-free
+#pragma unroll
+        for (int k = 0; k < N; ++k) g_raw[k] = from_acc<T>(u[k]);
+        mt_store<T, N>(grad + i, n, vec, g_raw);
+      }
     }
+    GradCheckPartial r;
+#pragma unroll
+    for (int k = 0; k < N; ++k) r.sumsq = add_rn(r.sumsq, sumsq[k]);
     r.nonfinite = nonfinite ? 1.0f : 0.0f;
     return r;
   }

@@ -5,8 +5,13 @@
 #include <cmath>
 #include <cstdint>
 
+// Always inlined, as nvcc does with __forceinline__: on the CPU this is also
+// what lets the shared bodies be compiled inside the SIMD clones of a CPU loop
+// (cpu/simd_clones.h) instead of being called at the baseline ISA.
 #if defined(__CUDACC__)
 #define CK_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__) || defined(__clang__)
+#define CK_HD inline __attribute__((always_inline))
 #else
 #define CK_HD inline
 #endif

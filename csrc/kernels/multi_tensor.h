@@ -46,8 +46,16 @@ struct alignas(sizeof(T) * N) MtVec {
 
 // Loads N elements at p[0..n) (n <= N), as one vector when `vector_ok`
 // (aligned and full); missing elements are left as `fill`.
+// On the host a full group is a memcpy (no alignment needed; the compiler
+// makes it one SIMD load), so the CPU backend may use any N.
 template <typename T, int N>
 CK_HD void mt_load(const T* p, int64_t n, bool vector_ok, T (&out)[N], T fill) {
+#if !defined(__CUDA_ARCH__)
+  if (n == N) {
+    std::memcpy(out, p, sizeof(out));
+    return;
+  }
+#endif
   if (vector_ok && n == N) {
     const MtVec<T, N> v = *reinterpret_cast<const MtVec<T, N>*>(p);
 #pragma unroll
@@ -60,6 +68,12 @@ CK_HD void mt_load(const T* p, int64_t n, bool vector_ok, T (&out)[N], T fill) {
 
 template <typename T, int N>
 CK_HD void mt_store(T* p, int64_t n, bool vector_ok, const T (&in)[N]) {
+#if !defined(__CUDA_ARCH__)
+  if (n == N) {
+    std::memcpy(p, in, sizeof(in));
+    return;
+  }
+#endif
   if (vector_ok && n == N) {
     MtVec<T, N> v;
 #pragma unroll
