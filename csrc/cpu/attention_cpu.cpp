@@ -62,9 +62,11 @@
 namespace cogkern::cpu {
 namespace {
 
-// A 128 x 512 fp32 score tile (256 KB) stays in L2 next to its K and V tiles,
+// A 256 x 512 fp32 score tile (512 KB) stays in L2 next to its K and V tiles,
 // and the GEMMs are large enough to amortize at::mm's per-call cost (torch's
-// own CPU flash attention uses similar splits).
+// own CPU flash attention uses the same split for long sequences). Fixed, not
+// tuned to the thread count: the tiles set the order of the sums, and the
+// results must not depend on the number of threads.
 constexpr int64_t kBlockQ = 256;
 constexpr int64_t kBlockK = 512;
 // Tokens per prologue/epilogue task, and per partial sum of the norm grads.
