@@ -226,6 +226,28 @@ def test_scaled_step_equals_unscaled_step_and_grads_untouched(dtype, kw):
     assert_bitwise_equal(state_snapshot(opt_a, a), state_snapshot(opt_b, b))
 
 
+@pytest.mark.parametrize("dtype,kw", [(torch.float32, {"max_grad_norm": 0.5}), (torch.float16, {"max_grad_norm": 0.5}),
+                                      (torch.bfloat16, {"stochastic_rounding": True, "seed": 5})])
+def test_steps_do_not_depend_on_thread_count(dtype, kw):
+    """Chunks run in parallel; the grad norm is summed per chunk, then in chunk order."""
+    shapes = [(70000,), (33, 1000), (5,)]  # several chunks, so several threads get work
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        params = make_params(shapes, dtype, seed=7)
+        opt = FusedAdamW(params, lr=1e-3, **kw)
+        scaler = DynamicLossScaler(init_scale=64.0)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            scaler.scale(torch.ones(()))
+            for p in params:
+                p.grad = (torch.randn(p.shape, generator=g) * 64).to(dtype)
+            scaler.step(opt)
+            scaler.update()
+        results.append(state_snapshot(opt, params) + [opt.grad_norm.clone()])
+    assert_bitwise_equal(results[0], results[1])
+
+
 @pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
 @pytest.mark.parametrize("dtype,kw", [(torch.float32, {}), (torch.float16, {}), (torch.bfloat16, {}),
                                       (torch.bfloat16, {"stochastic_rounding": True}),
