@@ -69,7 +69,7 @@ step cuda_tests 180 python3 -m pytest tests -q -m cuda --junitxml="$work/cuda_te
 grep -E "^(FAILED|ERROR)" "$work/cuda_tests.log" | head -30 >"$work/cuda_failures.txt" || true
 step attention_check 90 env PYTHONPATH=tests python3 scripts/attention_cuda_check.py --quick
 step memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 3 python3 scripts/sanitize_cases.py
-step racecheck 60 compute-sanitizer --tool racecheck --error-exitcode 3 python3 scripts/sanitize_cases.py --only rope,attention
+step racecheck 60 compute-sanitizer --tool racecheck --error-exitcode 3 python3 scripts/sanitize_cases.py --only rope,attention,wgmma
 step benchmarks 150 python3 -m benchmarks.run --quick --out "$work/bench"
 if command -v ncu >/dev/null; then
   step ncu_attention 60 profiling/ncu.sh --what attention --set full --out "$work"

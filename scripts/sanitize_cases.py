@@ -95,7 +95,18 @@ def attention_cases(quick: bool = True):
                f"{'layer' if layer else 'rms'}_norm rope={'table' if (i // 4) % 2 else 'angles'}")
 
 
-CASES = {"rope": rope_cases, "optimizer": optimizer_cases, "attention": attention_cases}
+def wgmma_cases():
+    """The Hopper wgmma conformance tile (tests/test_sm90_wgmma_cuda.py); nothing on other GPUs."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        return
+    for dtype in (torch.bfloat16, torch.float16):
+        for d in (64, 128):
+            q, k, v = (torch.randn(64, d, device="cuda", dtype=dtype) for _ in range(3))
+            torch.ops.cogkern._sm90_wgmma_selftest(q, k, v)
+            yield f"sm90 wgmma tile {dtype} D={d}"
+
+
+CASES = {"rope": rope_cases, "optimizer": optimizer_cases, "attention": attention_cases, "wgmma": wgmma_cases}
 
 
 def main(argv=None) -> int:

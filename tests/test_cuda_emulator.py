@@ -1,6 +1,7 @@
 """The CUDA attention kernels' own source, run on the CPU under scripts/cuda_emu's
 thread-level emulator (PTX fragments as the ISA defines them): the 2x error rule,
-deterministic backward, NaN propagation. Catches indexing, masking and
+deterministic backward, NaN propagation; and the Hopper wgmma building blocks'
+conformance tile (descriptors, swizzle, fragments; csrc/kernels/sm90_wgmma.cuh). Catches indexing, masking and
 synchronization-order bugs between GPU runs; real PTX semantics and timing still
 need the GPU (scripts/device_check.sh)."""
 import os

@@ -42,9 +42,16 @@ struct Warp {
   alignas(16) unsigned char slot[32][64];  // per-lane publication area
 };
 
+// The 128 threads of a warpgroup (wgmma's collective), like Warp.
+struct WarpGroup {
+  std::barrier<> bar{128};
+  alignas(16) unsigned char slot[128][16];
+};
+
 struct Block {
   std::unique_ptr<std::barrier<>> bar;
   std::vector<std::unique_ptr<Warp>> warps;
+  std::vector<std::unique_ptr<WarpGroup>> warpgroups;  // only when the block is whole warpgroups
   std::vector<unsigned char> dyn_smem;
 };
 inline Block* g_block = nullptr;
@@ -60,6 +67,8 @@ inline void launch(unsigned grid, unsigned threads, size_t smem, const std::func
     Block blk;
     blk.bar = std::make_unique<std::barrier<>>(threads);
     for (unsigned w = 0; w < (threads + 31) / 32; ++w) blk.warps.push_back(std::make_unique<Warp>());
+    if (threads % 128 == 0)
+      for (unsigned g = 0; g < threads / 128; ++g) blk.warpgroups.push_back(std::make_unique<WarpGroup>());
     blk.dyn_smem.assign(smem + 16, 0xCD);  // poison: reads of unwritten shared memory show up as garbage
     g_block = &blk;
     std::vector<std::thread> pool;

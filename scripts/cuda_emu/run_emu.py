@@ -42,7 +42,8 @@ def build(out_dir="/tmp/cogkern_cuda_emu"):
     sanitize = ["-fsanitize=address", "-fno-omit-frame-pointer"] if os.environ.get("COGKERN_EMU_ASAN") else []
     cmd = ["g++", "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-w", "-DCOGKERN_CUDA_EMULATION", *sanitize,
            "-include", os.path.join(HERE, "cuda_emu_prelude.h"), "-I", os.path.join(ROOT, "csrc"), "-I", HERE,
-           "-I", cuda_inc, os.path.join(HERE, "emu_attention.cpp"), "-o", lib + ".tmp"]
+           "-I", cuda_inc, os.path.join(HERE, "emu_attention.cpp"), os.path.join(HERE, "emu_wgmma.cpp"),
+           "-o", lib + ".tmp"]
     subprocess.run(cmd, check=True)
     os.replace(lib + ".tmp", lib)  # a running emulator keeps its (unlinked) copy
     return ctypes.CDLL(lib)
@@ -212,6 +213,30 @@ def rule_suite(lib):
     return fails
 
 
+def wgmma_suite(lib):
+    """The Hopper wgmma building blocks (csrc/kernels/sm90_wgmma.cuh) on their
+    conformance tile: S = Q K^T (shared-memory operands, K-major) and
+    O = 16bit(S) V (A from registers, V MN-major), against torch in fp32."""
+    fails = 0
+    lib.emu_wgmma_selftest.restype = ctypes.c_int
+    lib.emu_wgmma_selftest.argtypes = [P, P, P, P, P, I32, I32]
+    for dtype in (torch.bfloat16, torch.float16):
+        for d in (64, 128):
+            q, k, v = (torch.randn(64, d).to(dtype).contiguous() for _ in range(3))
+            s = torch.empty(64, 64)
+            o = torch.empty(64, d)
+            rc = lib.emu_wgmma_selftest(ptr(q), ptr(k), ptr(v), ptr(s), ptr(o), d, int(dtype == torch.bfloat16))
+            s_ref = q.float() @ k.float().T
+            o_ref = s.to(dtype).float() @ v.float()
+            es = (s - s_ref).abs().max().item() / s_ref.abs().max().item()
+            eo = (o - o_ref).abs().max().item() / o_ref.abs().max().item()
+            ok = rc == 0 and es < 1e-5 and eo < 1e-5
+            print(f"{'ok  ' if ok else 'FAIL'} wgmma tile {str(dtype)[6:]} D={d}: S rel err {es:.1e}, O rel err {eo:.1e}",
+                  flush=True)
+            fails += not ok
+    return fails
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -239,7 +264,7 @@ def main():
         cases = cases[:2]
     # Lazy cp.async (see cuda_emu_ptx.h) makes a missing wait visible: verified by
     # mutating a cp_async_wait<1> into <2>, which fails every case.
-    fails = 0
+    fails = wgmma_suite(lib)
     for dtype, d, s, text, b, h, causal, norm, rope_mode, det in cases:
         c = make_case(b, s, h, d, text, norm, rope_mode, table_in_dtype=(rope_mode == "table" and d == 128))
         t0 = time.time()

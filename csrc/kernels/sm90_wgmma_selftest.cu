@@ -1,0 +1,55 @@
+// Launcher of the wgmma conformance kernel. The kernel body exists only in
+// sm_90a code (wgmma); other targets get a trap, and the host refuses to
+// launch on anything but compute capability 9.0.
+#include "kernels/sm90_wgmma_selftest.h"
+#include "kernels/sm90_wgmma_selftest_kernel.cuh"
+
+namespace cogkern::sm90 {
+namespace {
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kWarpgroupThreads, 1)
+    wgmma_selftest_kernel(const uint16_t* q, const uint16_t* k, const uint16_t* v, float* s, float* o) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  extern __shared__ __align__(128) unsigned char smem[];
+  wgmma_selftest_body<T, D>(q, k, v, s, o, smem);
+#else
+  __trap();
+#endif
+}
+
+template <typename T, int D>
+cudaError_t launch_typed(const void* q, const void* k, const void* v, float* s, float* o, cudaStream_t stream) {
+  constexpr int smem = selftest_smem_bytes(D);
+  auto kernel = wgmma_selftest_kernel<T, D>;
+  // The device code must come from sm_90a (wgmma): PTX of an older target,
+  // JIT-compiled for this GPU, holds only the trap.
+  cudaFuncAttributes attr;
+  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess || attr.ptxVersion < 90) return cudaErrorInvalidDeviceFunction;
+  if (smem > 48 * 1024) {
+    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (err != cudaSuccess) return err;
+  }
+  kernel<<<1, kWarpgroupThreads, smem, stream>>>(static_cast<const uint16_t*>(q), static_cast<const uint16_t*>(k),
+                                                 static_cast<const uint16_t*>(v), s, o);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_wgmma_selftest(const void* q, const void* k, const void* v, float* s, float* o, int head_dim,
+                                  bool bf16, cudaStream_t stream) {
+  int device = 0, major = 0, minor = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+  if (major != 9 || minor != 0) return cudaErrorInvalidDeviceFunction;
+  if (head_dim == 64)
+    return bf16 ? launch_typed<__nv_bfloat16, 64>(q, k, v, s, o, stream) : launch_typed<__half, 64>(q, k, v, s, o, stream);
+  if (head_dim == 128)
+    return bf16 ? launch_typed<__nv_bfloat16, 128>(q, k, v, s, o, stream)
+                : launch_typed<__half, 128>(q, k, v, s, o, stream);
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace cogkern::sm90

@@ -1,0 +1,116 @@
+// Conformance check of the wgmma building blocks (sm90_wgmma.cuh) on one
+// attention-shaped tile, run by one warpgroup:
+//   S = Q K^T       (64 x 64; A and B K-major from 128-byte-swizzled panels)
+//   O = 16bit(S) V  (64 x D;  A from the S accumulators in registers, B = V
+//                    MN-major, i.e. V as stored [key][dim])
+// with Q [64][D], K [64][D], V [64][D] row-major in global memory, D = 64 or
+// 128. S and O go back to global memory in fp32 so that the test compares them
+// with torch.matmul. Exactly the layouts and fragment moves the Hopper
+// attention forward needs; the GPU test is tests/test_sm90_wgmma_cuda.py, the
+// CPU one scripts/cuda_emu/run_emu.py (emulator).
+#pragma once
+
+#include "kernels/sm90_wgmma.cuh"
+
+namespace cogkern::sm90 {
+
+constexpr int kSelftestRows = 64;  // queries (one warpgroup's M) and keys
+
+// Bytes of dynamic shared memory the kernel needs for head dim D (plus the
+// 1024 bytes it may skip to align its panels).
+__host__ __device__ constexpr int selftest_smem_bytes(int d) { return 3 * kSelftestRows * d * 2 + kPanelGroupBytes; }
+
+// Packs two floats into the 16-bit pair of one A register (low half first).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  const __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+// Copies a row-major [64][D] 16-bit matrix into D/64 swizzled panels of 64
+// rows (panel p holds columns 64p..64p+63, kSelftestRows * 128 bytes each).
+template <int D>
+__device__ __forceinline__ void load_panels(unsigned char* panels, const uint16_t* src, int tid) {
+  constexpr int kChunksPerRow = D / 8;  // 16-byte chunks
+  for (int i = tid; i < kSelftestRows * kChunksPerRow; i += kWarpgroupThreads) {
+    const int row = i / kChunksPerRow, col = (i % kChunksPerRow) * 8;
+    const uint4 v = *reinterpret_cast<const uint4*>(src + row * D + col);
+    unsigned char* panel = panels + (col / kPanelCols) * (kSelftestRows * 128);
+    *reinterpret_cast<uint4*>(panel + sw128_offset(row, col % kPanelCols)) = v;
+  }
+}
+
+template <typename T, int D>
+__device__ __forceinline__ void wgmma_selftest_body(const uint16_t* q, const uint16_t* k, const uint16_t* v, float* s_out,
+                                                    float* o_out, unsigned char* smem_raw) {
+  // Panels must start 1024-byte aligned (the swizzle reads address bits 7..9).
+  const uint32_t raw = smem_addr(smem_raw);
+  unsigned char* smem = smem_raw + ((kPanelGroupBytes - raw % kPanelGroupBytes) % kPanelGroupBytes);
+  constexpr int kMatrixBytes = kSelftestRows * D * 2;
+  unsigned char* qs = smem;
+  unsigned char* ks = smem + kMatrixBytes;
+  unsigned char* vs = smem + 2 * kMatrixBytes;
+  const int tid = int(threadIdx.x);
+  load_panels<D>(qs, q, tid);
+  load_panels<D>(ks, k, tid);
+  load_panels<D>(vs, v, tid);
+  fence_proxy_async_shared();  // ordinary stores -> tensor-core reads
+  __syncthreads();
+
+  // S = Q K^T over D / 16 k-slices (4 per 64-column panel).
+  constexpr int kPanelBytes = kSelftestRows * 128;
+  float s[32];
+#pragma unroll
+  for (int i = 0; i < 32; ++i) s[i] = 0.0f;
+  wgmma_fence();
+#pragma unroll
+  for (int ks_i = 0; ks_i < D / 16; ++ks_i) {
+    const int panel = ks_i / 4, slice = ks_i % 4;
+    Wgmma<64, T>::ss(s, desc_k_major(smem_addr(qs + panel * kPanelBytes), slice),
+                     desc_k_major(smem_addr(ks + panel * kPanelBytes), slice), ks_i > 0);
+  }
+  wgmma_commit();
+  wgmma_wait<0>();
+
+  const int w = tid / 32, g = (tid % 32) / 4, qd = tid % 4;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int row = 16 * w + g + (e >= 2 ? 8 : 0), col = 8 * j + 2 * qd + (e % 2);
+      s_out[row * kSelftestRows + col] = s[4 * j + e];
+    }
+  }
+
+  // O = 16bit(S) V: the accumulators of n8 blocks 2j, 2j+1 are the A registers
+  // of key slice j; V is the MN-major B (panels kPanelBytes apart along D).
+  float o[D / 2];
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
+  wgmma_fence();
+#pragma unroll
+  for (int j = 0; j < kSelftestRows / 16; ++j) {
+    const uint32_t a[4] = {pack2<T>(s[8 * j + 0], s[8 * j + 1]), pack2<T>(s[8 * j + 2], s[8 * j + 3]),
+                           pack2<T>(s[8 * j + 4], s[8 * j + 5]), pack2<T>(s[8 * j + 6], s[8 * j + 7])};
+    Wgmma<D, T>::template rs<1>(o, a, desc_mn_major(smem_addr(vs), j, kPanelBytes), j > 0);
+  }
+  wgmma_commit();
+  wgmma_wait<0>();
+#pragma unroll
+  for (int j = 0; j < D / 8; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int row = 16 * w + g + (e >= 2 ? 8 : 0), col = 8 * j + 2 * qd + (e % 2);
+      o_out[row * D + col] = o[4 * j + e];
+    }
+  }
+}
+
+}  // namespace cogkern::sm90

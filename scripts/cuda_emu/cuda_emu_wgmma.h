@@ -1,0 +1,134 @@
+// Emulated wgmma (csrc/kernels/sm90_wgmma.cuh), implemented from the PTX ISA's
+// descriptor and fragment definitions and CUTLASS's canonical GMMA layouts:
+//   K-major, 128-byte swizzle:  ((8,n),2) : ((8,SBO),1)          in 16-byte units
+//   MN-major, 128-byte swizzle: ((8,n),(8,k)) : ((1,LBO),(8,SBO))  in 16-byte units
+// with the swizzle applied to the absolute shared address (bits [4,7) ^= bits
+// [7,10)). Like the hardware, an issued wgmma runs asynchronously: it is queued
+// per thread and performed only when wgmma_wait retires its commit group, so a
+// kernel that reads accumulators (or overwrites operands) before waiting
+// reads stale values here too. A-from-registers is captured at issue.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "cuda_emu_ptx.h"
+
+namespace cuda_emu {
+
+template <typename T>
+constexpr bool is_bf16() {
+  return std::is_same_v<T, __nv_bfloat16>;
+}
+
+inline WarpGroup& my_warpgroup() {
+  if (g_block->warpgroups.empty()) {
+    std::fprintf(stderr, "cuda_emu: wgmma in a block that is not whole warpgroups\n");
+    std::abort();
+  }
+  return *g_block->warpgroups[tl_thread_idx.x / 128];
+}
+
+struct WgmmaOp {
+  float* d;
+  int n;
+  bool bf16;
+  bool a_in_regs;
+  std::vector<uint32_t> a_regs;  // all 128 threads' A registers (4 each), when a_in_regs
+  uint64_t desc_a, desc_b;
+  bool trans_b, accumulate;
+};
+inline thread_local std::vector<WgmmaOp> tl_wgmma_open;
+inline thread_local std::vector<std::vector<WgmmaOp>> tl_wgmma_groups;
+
+struct SmemDesc {
+  uint32_t start, lbo, sbo;
+};
+inline SmemDesc decode_desc(uint64_t desc) {
+  if ((desc >> 62) != 1 || ((desc >> 49) & 7) != 0) {
+    std::fprintf(stderr, "cuda_emu: wgmma descriptor 0x%016llx: only the 128-byte swizzle, base offset 0, is emulated\n",
+                 static_cast<unsigned long long>(desc));
+    std::abort();
+  }
+  return {uint32_t(desc & 0x3FFF) << 4, uint32_t((desc >> 16) & 0x3FFF) << 4, uint32_t((desc >> 32) & 0x3FFF) << 4};
+}
+inline uint32_t swizzle128(uint32_t addr) { return addr ^ (((addr >> 7) & 7u) << 4); }
+
+// Element (row r of the M/N side, k of the 16-wide K slice) of a K-major operand.
+inline float k_major_elem(const SmemDesc& s, int r, int k, bool bf16) {
+  const uint32_t a = s.start + uint32_t(r % 8) * 128u + uint32_t(r / 8) * s.sbo + uint32_t(k / 8) * 16u + uint32_t(k % 8) * 2u;
+  return half_bits_to_float(smem_u16(swizzle128(a)), bf16);
+}
+// Element (m of the M/N side, k of the K slice) of an MN-major operand.
+inline float mn_major_elem(const SmemDesc& s, int m, int k, bool bf16) {
+  const uint32_t a = s.start + uint32_t(m / 64) * s.lbo + uint32_t((m / 8) % 8) * 16u + uint32_t(m % 8) * 2u +
+                     uint32_t(k % 8) * 128u + uint32_t(k / 8) * s.sbo;
+  return half_bits_to_float(smem_u16(swizzle128(a)), bf16);
+}
+
+inline void wgmma_issue(float* d, int n, bool bf16, const uint32_t* a_regs, uint64_t desc_a, uint64_t desc_b,
+                        bool trans_b, bool accumulate) {
+  WgmmaOp op{d, n, bf16, a_regs != nullptr, {}, desc_a, desc_b, trans_b, accumulate};
+  if (a_regs != nullptr) {  // gather the warpgroup's A registers now (the collective reads them at issue)
+    WarpGroup& wg = my_warpgroup();
+    const int t = int(tl_thread_idx.x % 128);
+    std::memcpy(wg.slot[t], a_regs, 16);
+    wg.bar.arrive_and_wait();
+    op.a_regs.resize(128 * 4);
+    for (int i = 0; i < 128; ++i) std::memcpy(&op.a_regs[4 * i], wg.slot[i], 16);
+    wg.bar.arrive_and_wait();
+  }
+  tl_wgmma_open.push_back(std::move(op));
+}
+
+inline void wgmma_perform(const WgmmaOp& op) {
+  const int t = int(tl_thread_idx.x % 128), w = t / 32, g = (t % 32) / 4, q = t % 4;
+  float A[64][16];
+  if (op.a_in_regs) {
+    for (int i = 0; i < 128; ++i) {
+      const int wi = i / 32, gi = (i % 32) / 4, qi = i % 4;
+      const uint32_t* r = &op.a_regs[4 * i];
+      const int rows[4] = {16 * wi + gi, 16 * wi + gi + 8, 16 * wi + gi, 16 * wi + gi + 8};
+      const int cols[4] = {2 * qi, 2 * qi, 2 * qi + 8, 2 * qi + 8};
+      for (int e = 0; e < 4; ++e) {
+        A[rows[e]][cols[e]] = half_bits_to_float(uint16_t(r[e] & 0xFFFF), op.bf16);
+        A[rows[e]][cols[e] + 1] = half_bits_to_float(uint16_t(r[e] >> 16), op.bf16);
+      }
+    }
+  } else {
+    const SmemDesc sa = decode_desc(op.desc_a);
+    for (int m = 0; m < 64; ++m)
+      for (int k = 0; k < 16; ++k) A[m][k] = k_major_elem(sa, m, k, op.bf16);
+  }
+  const SmemDesc sb = decode_desc(op.desc_b);
+  for (int j = 0; j < op.n / 8; ++j) {
+    for (int e = 0; e < 4; ++e) {
+      const int row = 16 * w + g + (e >= 2 ? 8 : 0), col = 8 * j + 2 * q + (e % 2);
+      float acc = op.accumulate ? op.d[4 * j + e] : 0.0f;
+      for (int k = 0; k < 16; ++k) {
+        const float b = op.trans_b ? mn_major_elem(sb, col, k, op.bf16) : k_major_elem(sb, col, k, op.bf16);
+        acc = std::fma(A[row][k], b, acc);
+      }
+      op.d[4 * j + e] = acc;
+    }
+  }
+}
+
+inline void wgmma_fence() {}
+inline void wgmma_commit() {
+  tl_wgmma_groups.push_back(std::move(tl_wgmma_open));
+  tl_wgmma_open.clear();
+}
+inline void wgmma_wait(int n) {
+  while (tl_wgmma_groups.size() > size_t(n)) {
+    for (const WgmmaOp& op : tl_wgmma_groups.front()) wgmma_perform(op);
+    tl_wgmma_groups.erase(tl_wgmma_groups.begin());
+  }
+}
+
+}  // namespace cuda_emu
