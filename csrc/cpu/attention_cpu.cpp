@@ -269,6 +269,23 @@ double exp2_tile_row(double* s, int64_t valid, int64_t cols, double c, double sh
 COGKERN_SIMD_CLONES float row_max_of(const float* s, int64_t n) { return row_max_impl<float>(s, n); }
 double row_max_of(const double* s, int64_t n) { return row_max_impl<double>(s, n); }
 
+// The per-row norm (forward, backward), compiled per SIMD level for fp32:
+// the prologue and epilogue run them for every (token, head) of q and k.
+COGKERN_SIMD_CLONES void norm_forward(NormKind kind, float* x, int64_t d, double eps, const float* w, const float* b) {
+  norm_row_forward<float>(kind, x, d, eps, w, b);
+}
+void norm_forward(NormKind kind, double* x, int64_t d, double eps, const double* w, const double* b) {
+  norm_row_forward<double>(kind, x, d, eps, w, b);
+}
+COGKERN_SIMD_CLONES void norm_backward(NormKind kind, const float* x, const float* dy, int64_t d, double eps,
+                                       const float* w, float* dx, float* gw, float* gb, float* scratch) {
+  norm_row_backward<float>(kind, x, dy, d, eps, w, dx, gw, gb, scratch);
+}
+void norm_backward(NormKind kind, const double* x, const double* dy, int64_t d, double eps, const double* w,
+                   double* dx, double* gw, double* gb, double* scratch) {
+  norm_row_backward<double>(kind, x, dy, d, eps, w, dx, gw, gb, scratch);
+}
+
 // Keys of a key tile starting at k0 that query `query` may see.
 inline int64_t visible_keys(bool causal, int64_t query, int64_t k0, int64_t cols) {
   if (!causal) return cols;
@@ -342,7 +359,7 @@ class Attention {
   void prepare_row(A* dst, const scalar_t* src, const NormParams& norm, const TokenRope<A, scalar_t>* rope) const {
     load_row(dst, src, D_);
     if (P_.norm != NormKind::kNone)
-      norm_row_forward<A>(P_.norm, dst, D_, P_.norm_eps, acc_ptr(norm.weight), acc_ptr(norm.bias));
+      norm_forward(P_.norm, dst, D_, P_.norm_eps, acc_ptr(norm.weight), acc_ptr(norm.bias));
     if (rope) rope->apply(dst, /*transpose=*/false);
   }
 
@@ -529,7 +546,7 @@ class Attention {
                 const NormParams& np = is_q ? P_.q_norm : P_.k_norm;
                 A* pw = part + (is_q ? 0 : 2) * D_;
                 load_row(x.data(), in_row(is_q ? P_.q : P_.k, b, s, h), D_);
-                norm_row_backward<A>(P_.norm, x.data(), dy.data(), D_, P_.norm_eps, acc_ptr(np.weight), dx.data(),
+                norm_backward(P_.norm, x.data(), dy.data(), D_, P_.norm_eps, acc_ptr(np.weight), dx.data(),
                                      np.weight ? pw : nullptr, np.bias ? pw + D_ : nullptr, scratch.data());
                 store_row(dst, dx.data(), D_, A(1));
               }
