@@ -16,7 +16,9 @@ measured in the same run. FLOPs (benchmarks.counters): 4*B*S^2*H*D forward,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import os
 import sys
 
 import torch
@@ -78,11 +80,28 @@ def time_passes(fn, grad, device, repeats):
     return t_fwd, max(t_fb - t_fwd, 1e-9), t_fb
 
 
+@contextlib.contextmanager
+def _env(name, value):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
 def impls_for(device, q, k, v, norms, rope, table, text_len):
     """name -> (callable, context factory); a peer that cannot run is reported by the caller."""
     import contextlib
 
     impls = {"cogkern": (lambda: cogkern_attention(q, k, v, norms, rope, text_len), contextlib.nullcontext)}
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0):
+        # The opt-in Hopper (wgmma) forward; the backward is the same kernel as "cogkern"'s.
+        impls["cogkern (sm90 wgmma fwd)"] = (lambda: cogkern_attention(q, k, v, norms, rope, text_len),
+                                             lambda: _env("COGKERN_ATTENTION_SM90", "1"))
     if device.type == "cuda":
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -136,7 +155,7 @@ def run(device: torch.device, quick: bool) -> tuple[list[dict], float]:
                         results[name] = time_passes(fn, grad, device, repeats)
                 except Exception as exc:  # a peer that refuses the shape is reported, not dropped
                     rows.append(dict(base, impl=name, status=f"FAILED: {str(exc).splitlines()[0][:120]}"))
-            peers = {n: t for n, t in results.items() if n != "cogkern"}
+            peers = {n: t for n, t in results.items() if not n.startswith("cogkern")}
             for name, times in results.items():
                 for p, t in zip(("fwd", "bwd", "fwd_bwd"), times):
                     best_peer = min((pt[("fwd", "bwd", "fwd_bwd").index(p)] for pt in peers.values()), default=None)

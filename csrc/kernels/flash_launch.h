@@ -62,6 +62,14 @@ inline FlashArgs flash_args(const AttentionParams& P, const AttentionScratch& s)
 template <typename T, int D>
 cudaError_t run_flash_fwd(const FlashArgs& a, cudaStream_t stream);
 
+// The Hopper (wgmma) forward, flash_fwd_sm90.cu: available when
+// COGKERN_ATTENTION_SM90=1 (opt-in until validated on a GPU), the device is
+// compute capability 9.0 and the build has sm_90a code. run_flash_fwd uses it then.
+template <typename T, int D>
+bool sm90_forward_available();
+template <typename T, int D>
+cudaError_t run_flash_fwd_sm90(const FlashArgs& a, cudaStream_t stream);
+
 // deterministic: dq^ by a second, query-parallel kernel instead of atomics.
 template <typename T, int D>
 cudaError_t run_flash_bwd(const FlashArgs& a, bool deterministic, cudaStream_t stream);

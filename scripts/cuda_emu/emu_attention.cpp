@@ -8,6 +8,7 @@
 #include "kernels/attention_rows.cuh"
 #include "kernels/flash_bwd_kernel.cuh"
 #include "kernels/flash_fwd_kernel.cuh"
+#include "kernels/flash_fwd_sm90_kernel.cuh"
 
 using namespace cogkern;
 
@@ -39,6 +40,8 @@ struct EmuSpec {
 }
 
 namespace {
+
+bool g_sm90_forward = false;  // emu_set_sm90_forward
 
 BshdTensor bshd(const EmuSpec& s, const void* p) { return {p, s.seq * s.heads * s.head_dim, s.heads * s.head_dim, s.head_dim}; }
 BshdTensorMut bshd_mut(const EmuSpec& s, void* p) { return {p, s.seq * s.heads * s.head_dim, s.heads * s.head_dim, s.head_dim}; }
@@ -111,6 +114,13 @@ void run(const EmuSpec& spec, bool backward) {
   if (!backward) {
     cuda_emu::launch(row_blocks, rows::kRowThreads, 0,
                      [&] { rows::attention_prologue_kernel<T, table_t, D, false>(P, s); });
+    if (g_sm90_forward) {  // the Hopper (wgmma) forward, as run_flash_fwd picks it
+      using C = flash::Sm90FwdConfig<D>;
+      cuda_emu::launch(unsigned(P.batch * P.heads * ceil_div(P.seq, C::kBM)), C::kThreads,
+                       flash::sm90_fwd_smem_bytes<D>(),
+                       [&] { flash::flash_fwd_sm90_body<T, D>(a, cuda_emu::dynamic_smem()); });
+      return;
+    }
     using C = flash::FwdConfig<D>;
     cuda_emu::launch(unsigned(P.batch * P.heads * ceil_div(P.seq, C::kBM)), C::kWarps * 32,
                      flash::fwd_smem_bytes<T, D>(),
@@ -154,4 +164,5 @@ int run_dtype(const EmuSpec& s, bool backward) {
 extern "C" int emu_attention(const EmuSpec* s, int backward) {
   return s->dtype == 0 ? run_dtype<__half>(*s, backward != 0) : run_dtype<__nv_bfloat16>(*s, backward != 0);
 }
+extern "C" void emu_set_sm90_forward(int on) { g_sm90_forward = on != 0; }
 extern "C" int emu_spec_size() { return int(sizeof(EmuSpec)); }

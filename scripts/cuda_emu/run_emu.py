@@ -237,6 +237,34 @@ def wgmma_suite(lib):
     return fails
 
 
+def check_case(lib, case, label=""):
+    """One (forward, backward) emulator run against the fp32 reference and eager in the same dtype: 2x rule."""
+    dtype, d, s, text, b, h, causal, norm, rope_mode, det = case
+    c = make_case(b, s, h, d, text, norm, rope_mode, table_in_dtype=(rope_mode == "table" and d == 128))
+    t0 = time.time()
+    got = emu_run(lib, c, dtype, causal, det)
+    secs = time.time() - t0
+    ref = ref_run(c, torch.float32, causal)
+    eager = ref_run(c, dtype, causal)
+    bad = []
+    ratios = []
+    for i, (g_, e_, r_) in enumerate(zip(got, eager, ref)):
+        err, err_e = (g_ - r_).abs().max().item(), (e_ - r_).abs().max().item()
+        ratios.append(f"{NAMES[i]}={err / max(err_e, 1e-12):.2f}")
+        if not torch.isfinite(g_).all() or not err <= 2 * err_e + 1e-5 * (1 + r_.abs().max().item()):
+            bad.append(f"{NAMES[i]} err {err:.3g} vs eager {err_e:.3g}")
+    extra = ""
+    if det:
+        again = emu_run(lib, c, dtype, causal, det)
+        if not all(torch.equal(x, y) for x, y in zip(got, again)):
+            bad.append("deterministic backward not bitwise reproducible")
+        extra = " (bitwise reproducible)" if not bad else ""
+    name = f"{str(dtype)[6:]} D={d} S={s} text={text} B={b} H={h} causal={causal} norm={norm} rope={rope_mode} det={det}"
+    print(f"{'ok  ' if not bad else 'FAIL'} {label}{name} [{secs:.0f}s] {'; '.join(bad) if bad else ' '.join(ratios)}{extra}",
+          flush=True)
+    return not bad
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -265,30 +293,26 @@ def main():
     # Lazy cp.async (see cuda_emu_ptx.h) makes a missing wait visible: verified by
     # mutating a cp_async_wait<1> into <2>, which fails every case.
     fails = wgmma_suite(lib)
-    for dtype, d, s, text, b, h, causal, norm, rope_mode, det in cases:
-        c = make_case(b, s, h, d, text, norm, rope_mode, table_in_dtype=(rope_mode == "table" and d == 128))
-        t0 = time.time()
-        got = emu_run(lib, c, dtype, causal, det)
-        secs = time.time() - t0
-        ref = ref_run(c, torch.float32, causal)
-        eager = ref_run(c, dtype, causal)
-        bad = []
-        ratios = []
-        for i, (g_, e_, r_) in enumerate(zip(got, eager, ref)):
-            err, err_e = (g_ - r_).abs().max().item(), (e_ - r_).abs().max().item()
-            ratios.append(f"{NAMES[i]}={err / max(err_e, 1e-12):.2f}")
-            if not torch.isfinite(g_).all() or not err <= 2 * err_e + 1e-5 * (1 + r_.abs().max().item()):
-                bad.append(f"{NAMES[i]} err {err:.3g} vs eager {err_e:.3g}")
-        extra = ""
-        if det:
-            again = emu_run(lib, c, dtype, causal, det)
-            if not all(torch.equal(x, y) for x, y in zip(got, again)):
-                bad.append("deterministic backward not bitwise reproducible")
-            extra = " (bitwise reproducible)" if not bad else ""
-        name = f"{str(dtype)[6:]} D={d} S={s} text={text} B={b} H={h} causal={causal} norm={norm} rope={rope_mode} det={det}"
-        print(f"{'ok  ' if not bad else 'FAIL'} {name} [{secs:.0f}s] {'; '.join(bad) if bad else ' '.join(ratios)}{extra}",
-              flush=True)
-        fails += bool(bad)
+    for case in cases:
+        fails += not check_case(lib, case)
+    # The Hopper (wgmma) forward (flash_fwd_sm90_kernel.cuh), then the backward
+    # on its out and lse: key tiles of 128 (D = 64) and 64 (D = 128), tails, causal.
+    sm90_cases = [
+        (torch.bfloat16, 64, 200, 5, 1, 2, False, "layer_norm", "angles", False),
+        (torch.float16, 128, 130, 0, 1, 1, True, "rms_norm", "table", False),
+    ]
+    if not args.quick:
+        sm90_cases += [
+            (torch.float16, 64, 300, 22, 1, 1, True, "layer_norm", "angles", False),
+            (torch.bfloat16, 128, 17, 3, 2, 1, False, None, "table", True),
+            (torch.bfloat16, 64, 1, 0, 1, 2, False, "layer_norm", "none", False),
+        ]
+    lib.emu_set_sm90_forward(1)
+    try:
+        for case in sm90_cases:
+            fails += not check_case(lib, case, label="[sm90 fwd] ")
+    finally:
+        lib.emu_set_sm90_forward(0)
     # NaN in one q row: that row's output is NaN, nothing else.
     c = make_case(1, 40, 2, 64, 0, "layer_norm", "none")
     c["q"][0, 7, 1, 3] = float("nan")
