@@ -186,13 +186,20 @@ __device__ __forceinline__ void flash_fwd_sm90_body(const FlashArgs& a, unsigned
     // O += P V: key slice kk's A registers are the S accumulators of n8 blocks
     // 2kk and 2kk+1; V (stored [key][dim]) is the MN-major B, its 64-column
     // panels kBN * 128 bytes apart.
-    sm90::wgmma_fence();
+    // All A registers are written before the fence: wgmma.fence orders register
+    // writes by other instructions before the wgmma that read them.
+    uint32_t pa[kBN / 16][4];
 #pragma unroll
     for (int kk = 0; kk < kBN / 16; ++kk) {
-      const uint32_t pa[4] = {Tr::pack(s[8 * kk + 0], s[8 * kk + 1]), Tr::pack(s[8 * kk + 2], s[8 * kk + 3]),
-                              Tr::pack(s[8 * kk + 4], s[8 * kk + 5]), Tr::pack(s[8 * kk + 6], s[8 * kk + 7])};
-      MmaPV::template rs<1>(acc_o, pa, sm90::desc_mn_major(v_base, kk, uint32_t(kBN * 128)), true);
+      pa[kk][0] = Tr::pack(s[8 * kk + 0], s[8 * kk + 1]);
+      pa[kk][1] = Tr::pack(s[8 * kk + 2], s[8 * kk + 3]);
+      pa[kk][2] = Tr::pack(s[8 * kk + 4], s[8 * kk + 5]);
+      pa[kk][3] = Tr::pack(s[8 * kk + 6], s[8 * kk + 7]);
     }
+    sm90::wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk)
+      MmaPV::template rs<1>(acc_o, pa[kk], sm90::desc_mn_major(v_base, kk, uint32_t(kBN * 128)), true);
     sm90::wgmma_commit();
     sm90::wgmma_wait<0>();
     __syncthreads();  // both warpgroups are done with this stage before it is refilled

@@ -94,13 +94,18 @@ __device__ __forceinline__ void wgmma_selftest_body(const uint16_t* q, const uin
   float o[D / 2];
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
-  wgmma_fence();
+  uint32_t a[kSelftestRows / 16][4];  // written before the fence that orders them before the wgmma
 #pragma unroll
   for (int j = 0; j < kSelftestRows / 16; ++j) {
-    const uint32_t a[4] = {pack2<T>(s[8 * j + 0], s[8 * j + 1]), pack2<T>(s[8 * j + 2], s[8 * j + 3]),
-                           pack2<T>(s[8 * j + 4], s[8 * j + 5]), pack2<T>(s[8 * j + 6], s[8 * j + 7])};
-    Wgmma<D, T>::template rs<1>(o, a, desc_mn_major(smem_addr(vs), j, kPanelBytes), j > 0);
+    a[j][0] = pack2<T>(s[8 * j + 0], s[8 * j + 1]);
+    a[j][1] = pack2<T>(s[8 * j + 2], s[8 * j + 3]);
+    a[j][2] = pack2<T>(s[8 * j + 4], s[8 * j + 5]);
+    a[j][3] = pack2<T>(s[8 * j + 6], s[8 * j + 7]);
   }
+  wgmma_fence();
+#pragma unroll
+  for (int j = 0; j < kSelftestRows / 16; ++j)
+    Wgmma<D, T>::template rs<1>(o, a[j], desc_mn_major(smem_addr(vs), j, kPanelBytes), j > 0);
   wgmma_commit();
   wgmma_wait<0>();
 #pragma unroll
