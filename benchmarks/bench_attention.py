@@ -99,9 +99,10 @@ def impls_for(device, q, k, v, norms, rope, table, text_len):
 
     impls = {"cogkern": (lambda: cogkern_attention(q, k, v, norms, rope, text_len), contextlib.nullcontext)}
     if device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0):
-        # The opt-in Hopper (wgmma) forward; the backward is the same kernel as "cogkern"'s.
-        impls["cogkern (sm90 wgmma fwd)"] = (lambda: cogkern_attention(q, k, v, norms, rope, text_len),
-                                             lambda: _env("COGKERN_ATTENTION_SM90", "1"))
+        # The opt-in Hopper (wgmma) forwards; the backward is the same kernel as "cogkern"'s.
+        for mode, label in (("1", "plain"), ("2", "pipelined")):
+            impls[f"cogkern (sm90 wgmma fwd, {label})"] = (lambda: cogkern_attention(q, k, v, norms, rope, text_len),
+                                                          lambda m=mode: _env("COGKERN_ATTENTION_SM90", m))
     if device.type == "cuda":
         from torch.nn.attention import SDPBackend, sdpa_kernel
 

@@ -107,14 +107,15 @@ def wgmma_cases():
     # The wgmma attention forward (opt-in), key-tile tails and causal masks.
     from cogkern import fused_attention
 
-    os.environ["COGKERN_ATTENTION_SM90"] = "1"
     try:
-        for dtype, d, causal in ((torch.bfloat16, 64, False), (torch.float16, 128, True)):
-            q, k, v = (torch.randn(1, 141, 2, d, device="cuda", dtype=dtype) for _ in range(3))
-            out = fused_attention(q, k, v, causal=causal)
-            if not bool(torch.isfinite(out).all()):
-                raise RuntimeError("non-finite output from the sm90 attention forward")
-            yield f"sm90 attention forward {dtype} D={d} S=141 causal={causal}"
+        for mode in ("1", "2"):  # plain, pipelined
+            os.environ["COGKERN_ATTENTION_SM90"] = mode
+            for dtype, d, causal in ((torch.bfloat16, 64, False), (torch.float16, 128, True)):
+                q, k, v = (torch.randn(1, 300, 2, d, device="cuda", dtype=dtype) for _ in range(3))
+                out = fused_attention(q, k, v, causal=causal)
+                if not bool(torch.isfinite(out).all()):
+                    raise RuntimeError("non-finite output from the sm90 attention forward")
+                yield f"sm90 attention forward mode {mode} {dtype} D={d} S=300 causal={causal}"
     finally:
         os.environ.pop("COGKERN_ATTENTION_SM90", None)
 

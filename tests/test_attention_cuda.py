@@ -103,23 +103,26 @@ needs_sm90 = pytest.mark.skipif(not (_HAS_CUDA_KERNEL and _HOPPER and _HAS_SM90A
 
 
 @needs_sm90
+@pytest.mark.parametrize("mode", ["1", "2"], ids=["plain", "pipelined"])
 @pytest.mark.parametrize("batch, seq, head_dim, text_len, dtype", [
     (1, 1, 64, 0, torch.bfloat16), (2, 17, 128, 0, torch.float16), (1, 1000, 64, 226, torch.bfloat16),
     (1, 4096 + 113, 64, 226, torch.float16), (2, 1000, 128, 226, torch.bfloat16), (1, 4096 + 113, 128, 0, torch.bfloat16),
 ])  # fmt: skip
-def test_sm90_forward_error_rule(monkeypatch, batch, seq, head_dim, text_len, dtype):
-    """COGKERN_ATTENTION_SM90=1: the wgmma forward (flash_fwd_sm90_kernel.cuh), and the backward on its out and lse."""
-    monkeypatch.setenv("COGKERN_ATTENTION_SM90", "1")
+def test_sm90_forward_error_rule(monkeypatch, batch, seq, head_dim, text_len, dtype, mode):
+    """COGKERN_ATTENTION_SM90=1|2: the wgmma forward (flash_fwd_sm90_kernel.cuh), plain or pipelined,
+    and the backward on its out and lse."""
+    monkeypatch.setenv("COGKERN_ATTENTION_SM90", mode)
     check_flash_rule(batch, seq, 3, head_dim, text_len, dtype, "cuda")
 
 
 @needs_sm90
+@pytest.mark.parametrize("mode", ["1", "2"], ids=["plain", "pipelined"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_sm90_forward_agrees_with_the_mma_sync_forward(monkeypatch, head_dim, causal):
+def test_sm90_forward_agrees_with_the_mma_sync_forward(monkeypatch, head_dim, causal, mode):
     q, k, v = (torch.randn(2, 700, 3, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     base, base_lse = cogkern.fused_attention(q, k, v, causal=causal, return_lse=True)
-    monkeypatch.setenv("COGKERN_ATTENTION_SM90", "1")
+    monkeypatch.setenv("COGKERN_ATTENTION_SM90", mode)
     out, lse = cogkern.fused_attention(q, k, v, causal=causal, return_lse=True)
     torch.testing.assert_close(lse, base_lse, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out.float(), base.float(), rtol=2e-2, atol=2e-2)

@@ -8,7 +8,7 @@ template <typename T, int D>
 cudaError_t run_flash_fwd(const FlashArgs& a, cudaStream_t stream) {
   using C = FwdConfig<D>;
   if (a.seq <= 0 || a.batch * a.heads <= 0) return cudaSuccess;
-  if (sm90_forward_available<T, D>()) return run_flash_fwd_sm90<T, D>(a, stream);
+  if (const int mode = sm90_forward_mode<T, D>()) return run_flash_fwd_sm90<T, D>(a, mode == 2, stream);
   const int64_t blocks = a.batch * a.heads * ceil_div(a.seq, C::kBM);
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   const size_t smem = fwd_smem_bytes<T, D>();

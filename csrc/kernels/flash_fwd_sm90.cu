@@ -1,7 +1,8 @@
-// Launcher of the Hopper (wgmma) flash-attention forward (kernel:
-// flash_fwd_sm90_kernel.cuh). run_flash_fwd (flash_fwd.cu) calls it instead
-// of the mma.sync kernel when COGKERN_ATTENTION_SM90=1 and the GPU and the
-// build allow it; until it has been validated on a GPU it is opt-in.
+// Launchers of the Hopper (wgmma) flash-attention forward (kernel:
+// flash_fwd_sm90_kernel.cuh). run_flash_fwd (flash_fwd.cu) calls them instead
+// of the mma.sync kernel when COGKERN_ATTENTION_SM90 is 1 (plain schedule) or
+// 2 (pipelined) and the GPU and the build allow it; until they have been
+// validated on a GPU they are opt-in.
 #include <cstdlib>
 #include <cstring>
 
@@ -10,50 +11,58 @@
 namespace cogkern::flash {
 namespace {
 
-template <typename T, int D>
+template <typename T, int D, bool PIPELINED>
 __global__ void __launch_bounds__(Sm90FwdConfig<D>::kThreads, 1) flash_fwd_sm90_kernel(const FlashArgs a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ __align__(128) unsigned char smem[];
-  flash_fwd_sm90_body<T, D>(a, smem);
+  flash_fwd_sm90_body<T, D, PIPELINED>(a, smem);
 #else
-  __trap();  // never launched: sm90_forward_available() checks the code is sm_90a
+  __trap();  // never launched: sm90_forward_mode() checks the code is sm_90a
 #endif
 }
 
-}  // namespace
-
-template <typename T, int D>
-bool sm90_forward_available() {
-  const char* env = std::getenv("COGKERN_ATTENTION_SM90");
-  if (env == nullptr || std::strcmp(env, "1") != 0) return false;
-  int device = 0, major = 0, minor = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return false;
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
-  if (major != 9 || minor != 0) return false;
-  // The device code must come from sm_90a: PTX of an older target, JIT-compiled
-  // for this GPU, holds only the trap.
-  cudaFuncAttributes attr;
-  return cudaFuncGetAttributes(&attr, flash_fwd_sm90_kernel<T, D>) == cudaSuccess && attr.ptxVersion >= 90;
-}
-
-template <typename T, int D>
-cudaError_t run_flash_fwd_sm90(const FlashArgs& a, cudaStream_t stream) {
+template <typename T, int D, bool PIPELINED>
+cudaError_t launch(const FlashArgs& a, cudaStream_t stream) {
   using C = Sm90FwdConfig<D>;
-  if (a.seq <= 0 || a.batch * a.heads <= 0) return cudaSuccess;
   const int64_t blocks = a.batch * a.heads * ceil_div(a.seq, C::kBM);
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  constexpr size_t smem = sm90_fwd_smem_bytes<D>();
-  auto kernel = flash_fwd_sm90_kernel<T, D>;
+  constexpr size_t smem = sm90_fwd_smem_bytes<D, PIPELINED>();
+  auto kernel = flash_fwd_sm90_kernel<T, D, PIPELINED>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
   if (err != cudaSuccess) return err;
   kernel<<<unsigned(blocks), C::kThreads, smem, stream>>>(a);
   return cudaGetLastError();
 }
 
-#define COGKERN_SM90_FWD_INSTANTIATE(T, D)                                   \
-  template bool sm90_forward_available<T, D>();                              \
-  template cudaError_t run_flash_fwd_sm90<T, D>(const FlashArgs&, cudaStream_t);
+}  // namespace
+
+template <typename T, int D>
+int sm90_forward_mode() {
+  const char* env = std::getenv("COGKERN_ATTENTION_SM90");
+  if (env == nullptr) return 0;
+  const int mode = std::strcmp(env, "1") == 0 ? 1 : std::strcmp(env, "2") == 0 ? 2 : 0;
+  if (mode == 0) return 0;
+  int device = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+  if (major != 9 || minor != 0) return 0;
+  // The device code must come from sm_90a: PTX of an older target, JIT-compiled
+  // for this GPU, holds only the trap.
+  cudaFuncAttributes attr;
+  if (cudaFuncGetAttributes(&attr, flash_fwd_sm90_kernel<T, D, false>) != cudaSuccess || attr.ptxVersion < 90) return 0;
+  return mode;
+}
+
+template <typename T, int D>
+cudaError_t run_flash_fwd_sm90(const FlashArgs& a, bool pipelined, cudaStream_t stream) {
+  if (a.seq <= 0 || a.batch * a.heads <= 0) return cudaSuccess;
+  return pipelined ? launch<T, D, true>(a, stream) : launch<T, D, false>(a, stream);
+}
+
+#define COGKERN_SM90_FWD_INSTANTIATE(T, D) \
+  template int sm90_forward_mode<T, D>();  \
+  template cudaError_t run_flash_fwd_sm90<T, D>(const FlashArgs&, bool, cudaStream_t);
 COGKERN_SM90_FWD_INSTANTIATE(__half, 64)
 COGKERN_SM90_FWD_INSTANTIATE(__half, 128)
 COGKERN_SM90_FWD_INSTANTIATE(__nv_bfloat16, 64)

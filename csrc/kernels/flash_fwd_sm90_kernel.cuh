@@ -9,10 +9,18 @@
 // wgmma accumulators, whose per-warp layout is mma.sync's C layout, so the
 // online-softmax code is the mma.sync kernel's.
 //
-// Not yet FA3: no TMA, no producer warp, no overlap of the softmax of one tile
-// with the GEMMs of the next (ping-pong). Opt-in until it has run on a GPU
-// (COGKERN_ATTENTION_SM90=1, see flash_fwd_sm90.cu); checked on the CPU by the
-// emulator (scripts/cuda_emu/run_emu.py).
+// Two schedules (PIPELINED), both opt-in until they have run on a GPU
+// (COGKERN_ATTENTION_SM90=1 or 2, see flash_fwd_sm90.cu):
+//  - plain: per tile, S wgmma -> wait -> softmax -> P V wgmma -> wait; the
+//    tensor cores idle while the softmax runs.
+//  - pipelined (FA3's intra-warpgroup overlap): tile j's S = q^ k_j^T and tile
+//    j-1's O += P_{j-1} V_{j-1} are issued together; the exponentials of tile j
+//    run while P_{j-1} V_{j-1} is still on the tensor cores, and O is rescaled
+//    only once that product has landed. V keeps three stages (k^ two) so that
+//    tile j+1 can load during all of iteration j.
+// Not yet FA3: no TMA, no producer warp, no ping-pong between the warpgroups.
+// Checked on the CPU by the emulator (scripts/cuda_emu/run_emu.py), whose
+// wgmma is asynchronous like the hardware's.
 #pragma once
 
 #include "kernels/flash_common.cuh"
@@ -32,11 +40,12 @@ struct Sm90FwdConfig {
   static constexpr int kThreads = kWarpgroups * sm90::kWarpgroupThreads;
 };
 
-// Dynamic shared memory: q^ tile, two stages of k^ and v tiles (swizzled
-// panels), plus 1024 bytes of alignment slack.
-template <int D>
+// Dynamic shared memory: q^ tile, two stages of k^, two (plain) or three
+// (pipelined) stages of v, plus 1024 bytes of alignment slack.
+template <int D, bool PIPELINED>
 constexpr size_t sm90_fwd_smem_bytes() {
-  return size_t(Sm90FwdConfig<D>::kBM + 4 * Sm90FwdConfig<D>::kBN) * D * 2 + sm90::kPanelGroupBytes;
+  using C = Sm90FwdConfig<D>;
+  return size_t(C::kBM + (2 + (PIPELINED ? 3 : 2)) * C::kBN) * D * 2 + sm90::kPanelGroupBytes;
 }
 
 // Rows [row0, row0 + ROWS) of a [seq, D] row stream into D / 64 swizzled
@@ -60,12 +69,14 @@ __device__ __forceinline__ void load_panels_async(unsigned char* panels, int64_t
   }
 }
 
-template <typename T, int D>
+template <typename T, int D, bool PIPELINED>
 __device__ __forceinline__ void flash_fwd_sm90_body(const FlashArgs& a, unsigned char* smem_raw) {
   using C = Sm90FwdConfig<D>;
   constexpr int kBM = C::kBM, kBN = C::kBN, kThreads = C::kThreads;
   constexpr int kNT = kBN / 8;  // n8 score blocks per key tile
   constexpr int kDT = D / 8;    // n8 output blocks
+  constexpr int kKS = kBN / 16; // key slices of P V
+  constexpr int kVStages = PIPELINED ? 3 : 2;
   using Tr = ElemTraits<T>;
   using Mma = sm90::Wgmma<kBN, T>;
   using MmaPV = sm90::Wgmma<D, T>;
@@ -74,9 +85,9 @@ __device__ __forceinline__ void flash_fwd_sm90_body(const FlashArgs& a, unsigned
   const uint32_t raw = smem_addr(smem_raw);
   unsigned char* smem = smem_raw + ((sm90::kPanelGroupBytes - raw % sm90::kPanelGroupBytes) % sm90::kPanelGroupBytes);
   constexpr int kQBytes = kBM * D * 2, kKVBytes = kBN * D * 2;
-  unsigned char* sQ = smem;                 // D/64 panels of kBM lines
-  unsigned char* sK = sQ + kQBytes;         // [2 stages] D/64 panels of kBN lines
-  unsigned char* sV = sK + 2 * kKVBytes;    // [2 stages] likewise
+  unsigned char* sQ = smem;               // D/64 panels of kBM lines
+  unsigned char* sK = sQ + kQBytes;       // [2 stages] D/64 panels of kBN lines
+  unsigned char* sV = sK + 2 * kKVBytes;  // [kVStages stages] likewise
 
   const int64_t seq = a.seq;
   const int64_t n_mtiles = ceil_div(seq, kBM);
@@ -94,17 +105,19 @@ __device__ __forceinline__ void flash_fwd_sm90_body(const FlashArgs& a, unsigned
   const int64_t kv_end = a.causal ? (m0 + kBM < seq ? m0 + kBM : seq) : seq;
   const int n_tiles = int(ceil_div(kv_end, kBN));
 
-  const auto load_kv = [&](int j, int stage) {
+  const auto k_stage = [&](int j) { return sK + (j & 1) * kKVBytes; };
+  const auto v_stage = [&](int j) { return sV + (j % kVStages) * kKVBytes; };
+  const auto load_kv = [&](int j) {
     const int64_t n0 = int64_t(j) * kBN;
-    load_panels_async<kBN, D, kThreads>(sK + stage * kKVBytes, n0, seq, k_g, [&](int64_t r) { return k_g + r * D; });
-    load_panels_async<kBN, D, kThreads>(sV + stage * kKVBytes, n0, seq, v_g, [&](int64_t r) { return v_g + r * v_ss; });
+    load_panels_async<kBN, D, kThreads>(k_stage(j), n0, seq, k_g, [&](int64_t r) { return k_g + r * D; });
+    load_panels_async<kBN, D, kThreads>(v_stage(j), n0, seq, v_g, [&](int64_t r) { return v_g + r * v_ss; });
   };
   load_panels_async<kBM, D, kThreads>(sQ, m0, seq, q_g, [&](int64_t r) { return q_g + r * D; });
-  load_kv(0, 0);
+  load_kv(0);
   cp_async_commit();
 
   const int tid = int(threadIdx.x);
-  const int wg = tid / sm90::kWarpgroupThreads;               // warpgroup: rows 64 wg .. 64 wg + 63
+  const int wg = tid / sm90::kWarpgroupThreads;                  // warpgroup: rows 64 wg .. 64 wg + 63
   const int warp = (tid % sm90::kWarpgroupThreads) / kWarpSize;  // warp in the warpgroup: 16 rows each
   const int lane = tid % kWarpSize, g = lane >> 2, t = lane & 3;
   const int64_t wg_row0 = m0 + 64 * wg;
@@ -119,19 +132,9 @@ __device__ __forceinline__ void flash_fwd_sm90_body(const FlashArgs& a, unsigned
 #pragma unroll
   for (int i = 0; i < kDT * 4; ++i) acc_o[i] = 0.f;
 
-  for (int j = 0; j < n_tiles; ++j) {
-    const int stage = j & 1;
-    if (j + 1 < n_tiles) load_kv(j + 1, stage ^ 1);
-    cp_async_commit();   // possibly empty: keeps the group count uniform
-    cp_async_wait<1>();  // everything but the newest group: tile j (and q^) has landed
-    sm90::fence_proxy_async_shared();  // cp.async wrote through the generic proxy; wgmma reads through the async one
-    __syncthreads();
-    const int64_t n0 = int64_t(j) * kBN;
-    const uint32_t k_base = smem_addr(sK + stage * kKVBytes), v_base = smem_addr(sV + stage * kKVBytes);
-
-    // S = q^ k^T for this warpgroup's 64 rows: D / 16 k-slices, 4 per panel.
-    float s[kNT * 4];
-    sm90::wgmma_fence();
+  // S = q^ k_j^T for this warpgroup's 64 rows (D / 16 k-slices, 4 per panel); issued and committed.
+  const auto issue_s = [&](float (&s)[kNT * 4], int j) {
+    const uint32_t k_base = smem_addr(k_stage(j));
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks) {
       const uint32_t panel = uint32_t(ks / 4);
@@ -139,9 +142,22 @@ __device__ __forceinline__ void flash_fwd_sm90_body(const FlashArgs& a, unsigned
               sm90::desc_k_major(k_base + panel * uint32_t(kBN * 128), ks % 4), ks > 0);
     }
     sm90::wgmma_commit();
-    sm90::wgmma_wait<0>();
-
-    // Mask keys past the sequence end and, when causal, keys after the query.
+  };
+  // O += P V_j: key slice kk's A registers pa[kk]; V (stored [key][dim]) is the
+  // MN-major B, its 64-column panels kBN * 128 bytes apart. Issued and committed.
+  const auto issue_pv = [&](const uint32_t (&pa)[kKS][4], int j) {
+    const uint32_t v_base = smem_addr(v_stage(j));
+#pragma unroll
+    for (int kk = 0; kk < kKS; ++kk)
+      MmaPV::template rs<1>(acc_o, pa[kk], sm90::desc_mn_major(v_base, kk, uint32_t(kBN * 128)), true);
+    sm90::wgmma_commit();
+  };
+  // Masks keys past the sequence end and, when causal, keys after the query;
+  // then the online-softmax step of tile j for the thread's two rows: new
+  // maxima, s := exp2(s c - max c) in place, and the factors alpha by which O
+  // and the running sums must shrink (applied by rescale()).
+  const auto softmax_step = [&](float (&s)[kNT * 4], int j, float (&alpha)[2], float (&tile_sum)[2]) {
+    const int64_t n0 = int64_t(j) * kBN;
     const bool need_mask = n0 + kBN > seq || (a.causal && n0 + kBN - 1 > wg_row0 + 16 * warp);
     if (need_mask) {
 #pragma unroll
@@ -153,8 +169,6 @@ __device__ __forceinline__ void flash_fwd_sm90_body(const FlashArgs& a, unsigned
         }
       }
     }
-
-    // Online softmax update of the thread's two rows.
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       float tile_max = -INFINITY;
@@ -165,7 +179,7 @@ __device__ __forceinline__ void flash_fwd_sm90_body(const FlashArgs& a, unsigned
       }
       tile_max = quad_max(tile_max);
       const float new_max = softmax_max<float>(row_max[r], tile_max);
-      const float alpha = softmax_rescale<float>(row_max[r], new_max, c);
+      alpha[r] = softmax_rescale<float>(row_max[r], new_max, c);
       const float shift = softmax_shift<float>(new_max, c);
       float sum = 0.f;
 #pragma unroll
@@ -174,35 +188,96 @@ __device__ __forceinline__ void flash_fwd_sm90_body(const FlashArgs& a, unsigned
         s[4 * i + 2 * r + 1] = fast_exp2(fmaf(s[4 * i + 2 * r + 1], c, -shift));
         sum += s[4 * i + 2 * r] + s[4 * i + 2 * r + 1];
       }
-      row_sum[r] = row_sum[r] * alpha + sum;
+      tile_sum[r] = sum;
       row_max[r] = new_max;
+    }
+  };
+  const auto rescale = [&](const float (&alpha)[2], const float (&tile_sum)[2]) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      row_sum[r] = row_sum[r] * alpha[r] + tile_sum[r];
 #pragma unroll
       for (int i = 0; i < kDT; ++i) {
-        acc_o[4 * i + 2 * r] *= alpha;
-        acc_o[4 * i + 2 * r + 1] *= alpha;
+        acc_o[4 * i + 2 * r] *= alpha[r];
+        acc_o[4 * i + 2 * r + 1] *= alpha[r];
       }
     }
-
-    // O += P V: key slice kk's A registers are the S accumulators of n8 blocks
-    // 2kk and 2kk+1; V (stored [key][dim]) is the MN-major B, its 64-column
-    // panels kBN * 128 bytes apart.
-    // All A registers are written before the fence: wgmma.fence orders register
-    // writes by other instructions before the wgmma that read them.
-    uint32_t pa[kBN / 16][4];
+  };
+  // P in the input dtype as A registers: key slice kk = n8 blocks 2kk, 2kk+1.
+  const auto pack_p = [&](const float (&s)[kNT * 4], uint32_t (&pa)[kKS][4]) {
 #pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk) {
+    for (int kk = 0; kk < kKS; ++kk) {
       pa[kk][0] = Tr::pack(s[8 * kk + 0], s[8 * kk + 1]);
       pa[kk][1] = Tr::pack(s[8 * kk + 2], s[8 * kk + 3]);
       pa[kk][2] = Tr::pack(s[8 * kk + 4], s[8 * kk + 5]);
       pa[kk][3] = Tr::pack(s[8 * kk + 6], s[8 * kk + 7]);
     }
+  };
+  // Tile j's data has landed for every thread, and both warpgroups are done
+  // with the stages the next prefetch overwrites.
+  const auto tile_ready = [&](int pending_after) {
+    if (pending_after) cp_async_wait<1>(); else cp_async_wait<0>();
+    sm90::fence_proxy_async_shared();  // cp.async wrote through the generic proxy; wgmma reads through the async one
+    __syncthreads();
+  };
+
+  float s[kNT * 4];
+  uint32_t pa[kKS][4];
+  float alpha[2], tile_sum[2];
+  if constexpr (!PIPELINED) {
+    for (int j = 0; j < n_tiles; ++j) {
+      if (j + 1 < n_tiles) load_kv(j + 1);
+      cp_async_commit();  // possibly empty: keeps the group count uniform
+      tile_ready(1);      // everything but the newest group: tile j (and q^) has landed
+      sm90::wgmma_fence();
+      issue_s(s, j);
+      sm90::wgmma_wait<0>();
+      sm90::fence_operands(s);
+      softmax_step(s, j, alpha, tile_sum);
+      rescale(alpha, tile_sum);
+      pack_p(s, pa);  // all A registers written before the fence
+      sm90::wgmma_fence();
+      issue_pv(pa, j);
+      sm90::wgmma_wait<0>();
+      sm90::fence_operands(acc_o);
+      sm90::fence_operands(pa);
+      __syncthreads();  // both warpgroups are done with this stage before it is refilled
+    }
+  } else {
+    // Tile 0: its scores and softmax; P_0 waits in pa for the next iteration.
+    tile_ready(0);
+    if (1 < n_tiles) load_kv(1);
+    cp_async_commit();
     sm90::wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk)
-      MmaPV::template rs<1>(acc_o, pa[kk], sm90::desc_mn_major(v_base, kk, uint32_t(kBN * 128)), true);
-    sm90::wgmma_commit();
+    issue_s(s, 0);
     sm90::wgmma_wait<0>();
-    __syncthreads();  // both warpgroups are done with this stage before it is refilled
+    sm90::fence_operands(s);
+    softmax_step(s, 0, alpha, tile_sum);
+    rescale(alpha, tile_sum);
+    pack_p(s, pa);
+    for (int j = 1; j < n_tiles; ++j) {
+      // Tile j has landed; everyone is past iteration j-1, so k^ stage (j+1)&1
+      // (tile j-1's, read by its S) and v stage (j+1)%3 (tile j-2's, read by
+      // P V in iteration j-1) are free for tile j+1.
+      tile_ready(0);
+      if (j + 1 < n_tiles) load_kv(j + 1);
+      cp_async_commit();
+      sm90::wgmma_fence();  // orders pa and the rescaled acc_o before both batches
+      issue_s(s, j);
+      issue_pv(pa, j - 1);
+      sm90::wgmma_wait<1>();  // S of tile j has landed; P_{j-1} V_{j-1} may still run
+      sm90::fence_operands(s);
+      softmax_step(s, j, alpha, tile_sum);
+      sm90::wgmma_wait<0>();  // now acc_o and pa are ours again
+      sm90::fence_operands(acc_o);
+      sm90::fence_operands(pa);
+      rescale(alpha, tile_sum);
+      pack_p(s, pa);
+    }
+    sm90::wgmma_fence();
+    issue_pv(pa, n_tiles - 1);
+    sm90::wgmma_wait<0>();
+    sm90::fence_operands(acc_o);
   }
 
   // Finish: O / l and lse, rows inside the sequence only.

@@ -62,13 +62,14 @@ inline FlashArgs flash_args(const AttentionParams& P, const AttentionScratch& s)
 template <typename T, int D>
 cudaError_t run_flash_fwd(const FlashArgs& a, cudaStream_t stream);
 
-// The Hopper (wgmma) forward, flash_fwd_sm90.cu: available when
-// COGKERN_ATTENTION_SM90=1 (opt-in until validated on a GPU), the device is
-// compute capability 9.0 and the build has sm_90a code. run_flash_fwd uses it then.
+// The Hopper (wgmma) forward, flash_fwd_sm90.cu. sm90_forward_mode(): 0 (use
+// the mma.sync kernel), 1 (plain schedule) or 2 (pipelined), from
+// COGKERN_ATTENTION_SM90 (opt-in until validated on a GPU), and only on a
+// compute capability 9.0 device with sm_90a code in the build.
 template <typename T, int D>
-bool sm90_forward_available();
+int sm90_forward_mode();
 template <typename T, int D>
-cudaError_t run_flash_fwd_sm90(const FlashArgs& a, cudaStream_t stream);
+cudaError_t run_flash_fwd_sm90(const FlashArgs& a, bool pipelined, cudaStream_t stream);
 
 // deterministic: dq^ by a second, query-parallel kernel instead of atomics.
 template <typename T, int D>

@@ -175,6 +175,30 @@ COGKERN_WGMMA_M64N128(__half, "f16")
 #endif  // sm_90a
 #endif  // COGKERN_CUDA_EMULATION
 
+// Pins registers that an asynchronous wgmma writes (accumulators) or reads
+// (A operands) at this point of the instruction stream. The compiler sees a
+// wgmma's register operands as used and defined by the issuing asm statement
+// alone; without this it may move reads of the accumulators above the
+// wgmma_wait that makes them valid, or reuse an in-flight A register early.
+// Put it right after the wgmma_wait, on every register array the waited
+// batches used (CUTLASS's warpgroup_fence_operand).
+template <int N>
+__device__ __forceinline__ void fence_operands(float (&r)[N]) {
+#if !defined(COGKERN_CUDA_EMULATION)
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+#endif
+}
+template <int N, int M>
+__device__ __forceinline__ void fence_operands(uint32_t (&r)[N][M]) {
+#if !defined(COGKERN_CUDA_EMULATION)
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int k = 0; k < M; ++k) asm volatile("" : "+r"(r[i][k])::"memory");
+#endif
+}
+
 // Makes this thread's ordinary shared-memory stores visible to the tensor
 // cores' (async proxy) reads; each writing thread, before the barrier.
 __device__ __forceinline__ void fence_proxy_async_shared() {

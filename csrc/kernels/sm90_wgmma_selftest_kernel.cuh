@@ -78,6 +78,7 @@ __device__ __forceinline__ void wgmma_selftest_body(const uint16_t* q, const uin
   }
   wgmma_commit();
   wgmma_wait<0>();
+  fence_operands(s);
 
   const int w = tid / 32, g = (tid % 32) / 4, qd = tid % 4;
 #pragma unroll
@@ -108,6 +109,8 @@ __device__ __forceinline__ void wgmma_selftest_body(const uint16_t* q, const uin
     Wgmma<D, T>::template rs<1>(o, a[j], desc_mn_major(smem_addr(vs), j, kPanelBytes), j > 0);
   wgmma_commit();
   wgmma_wait<0>();
+  fence_operands(o);
+  fence_operands(a);
 #pragma unroll
   for (int j = 0; j < D / 8; ++j) {
 #pragma unroll

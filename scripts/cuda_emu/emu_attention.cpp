@@ -41,7 +41,7 @@ struct EmuSpec {
 
 namespace {
 
-bool g_sm90_forward = false;  // emu_set_sm90_forward
+int g_sm90_forward = 0;  // emu_set_sm90_forward: 0 mma.sync, 1 sm90 plain, 2 sm90 pipelined
 
 BshdTensor bshd(const EmuSpec& s, const void* p) { return {p, s.seq * s.heads * s.head_dim, s.heads * s.head_dim, s.head_dim}; }
 BshdTensorMut bshd_mut(const EmuSpec& s, void* p) { return {p, s.seq * s.heads * s.head_dim, s.heads * s.head_dim, s.head_dim}; }
@@ -116,9 +116,13 @@ void run(const EmuSpec& spec, bool backward) {
                      [&] { rows::attention_prologue_kernel<T, table_t, D, false>(P, s); });
     if (g_sm90_forward) {  // the Hopper (wgmma) forward, as run_flash_fwd picks it
       using C = flash::Sm90FwdConfig<D>;
-      cuda_emu::launch(unsigned(P.batch * P.heads * ceil_div(P.seq, C::kBM)), C::kThreads,
-                       flash::sm90_fwd_smem_bytes<D>(),
-                       [&] { flash::flash_fwd_sm90_body<T, D>(a, cuda_emu::dynamic_smem()); });
+      const unsigned blocks = unsigned(P.batch * P.heads * ceil_div(P.seq, C::kBM));
+      if (g_sm90_forward == 2)
+        cuda_emu::launch(blocks, C::kThreads, flash::sm90_fwd_smem_bytes<D, true>(),
+                         [&] { flash::flash_fwd_sm90_body<T, D, true>(a, cuda_emu::dynamic_smem()); });
+      else
+        cuda_emu::launch(blocks, C::kThreads, flash::sm90_fwd_smem_bytes<D, false>(),
+                         [&] { flash::flash_fwd_sm90_body<T, D, false>(a, cuda_emu::dynamic_smem()); });
       return;
     }
     using C = flash::FwdConfig<D>;
@@ -164,5 +168,5 @@ int run_dtype(const EmuSpec& s, bool backward) {
 extern "C" int emu_attention(const EmuSpec* s, int backward) {
   return s->dtype == 0 ? run_dtype<__half>(*s, backward != 0) : run_dtype<__nv_bfloat16>(*s, backward != 0);
 }
-extern "C" void emu_set_sm90_forward(int on) { g_sm90_forward = on != 0; }
+extern "C" void emu_set_sm90_forward(int mode) { g_sm90_forward = mode; }
 extern "C" int emu_spec_size() { return int(sizeof(EmuSpec)); }

@@ -295,8 +295,9 @@ def main():
     fails = wgmma_suite(lib)
     for case in cases:
         fails += not check_case(lib, case)
-    # The Hopper (wgmma) forward (flash_fwd_sm90_kernel.cuh), then the backward
-    # on its out and lse: key tiles of 128 (D = 64) and 64 (D = 128), tails, causal.
+    # The Hopper (wgmma) forward (flash_fwd_sm90_kernel.cuh), both schedules, then
+    # the backward on its out and lse: key tiles of 128 (D = 64) and 64 (D = 128),
+    # several tiles (the pipelined loop), tails, causal.
     sm90_cases = [
         (torch.bfloat16, 64, 200, 5, 1, 2, False, "layer_norm", "angles", False),
         (torch.float16, 128, 130, 0, 1, 1, True, "rms_norm", "table", False),
@@ -307,10 +308,11 @@ def main():
             (torch.bfloat16, 128, 17, 3, 2, 1, False, None, "table", True),
             (torch.bfloat16, 64, 1, 0, 1, 2, False, "layer_norm", "none", False),
         ]
-    lib.emu_set_sm90_forward(1)
     try:
-        for case in sm90_cases:
-            fails += not check_case(lib, case, label="[sm90 fwd] ")
+        for mode, label in ((1, "[sm90 fwd] "), (2, "[sm90 fwd, pipelined] ")):
+            lib.emu_set_sm90_forward(mode)
+            for case in sm90_cases:
+                fails += not check_case(lib, case, label=label)
     finally:
         lib.emu_set_sm90_forward(0)
     # NaN in one q row: that row's output is NaN, nothing else.
