@@ -93,12 +93,12 @@ def _env(name, value):
             os.environ[name] = old
 
 
-def impls_for(device, q, k, v, norms, rope, table, text_len):
+def impls_for(device, q, k, v, norms, rope, table, text_len, sm90=False):
     """name -> (callable, context factory); a peer that cannot run is reported by the caller."""
     import contextlib
 
     impls = {"cogkern": (lambda: cogkern_attention(q, k, v, norms, rope, text_len), contextlib.nullcontext)}
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0):
+    if sm90 and device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0):
         # The opt-in Hopper (wgmma) forwards; the backward is the same kernel as "cogkern"'s.
         for mode, label in (("1", "plain"), ("2", "pipelined")):
             impls[f"cogkern (sm90 wgmma fwd, {label})"] = (lambda: cogkern_attention(q, k, v, norms, rope, text_len),
@@ -122,7 +122,7 @@ def impls_for(device, q, k, v, norms, rope, table, text_len):
     return impls
 
 
-def run(device: torch.device, quick: bool) -> tuple[list[dict], float]:
+def run(device: torch.device, quick: bool, sm90: bool = False) -> tuple[list[dict], float]:
     if device.type == "cuda":
         text_len, grid, batch = 226, (13, 30, 45), 1
         dtypes = [torch.bfloat16] if quick else [torch.bfloat16, torch.float16]
@@ -147,7 +147,7 @@ def run(device: torch.device, quick: bool) -> tuple[list[dict], float]:
             flops = {p: attention_flops(batch, seq, heads, d, pass_=p) for p in ("fwd", "bwd", "fwd_bwd")}
             base = dict(dtype=str(dtype).replace("torch.", ""), seq=seq, heads=heads, head_dim=d)
             results = {}
-            for name, (fn, ctx) in impls_for(device, q, k, v, norms, rope, table, text_len).items():
+            for name, (fn, ctx) in impls_for(device, q, k, v, norms, rope, table, text_len, sm90).items():
                 if fn is None:
                     rows.append(dict(base, impl=name, status="absent (not importable)"))
                     continue
@@ -172,6 +172,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer shapes, fewer repeats")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--json", default=None)
+    p.add_argument("--sm90", action="store_true",
+                   help="also the opt-in Hopper (wgmma) forwards, COGKERN_ATTENTION_SM90=1 and 2 (H100/H200 only)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU is available")
@@ -179,7 +181,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
-    rows, ceiling = run(device, args.quick)
+    rows, ceiling = run(device, args.quick, args.sm90)
     title = (f"Fused attention on {device_name(device)} (matmul ceiling {ceiling / 1e12:.1f} TFLOP/s), "
              f"torch {torch.__version__}; speed-up of each row over the fastest peer")
     return report(title, rows, ["dtype", "seq", "heads", "head_dim", "impl", "pass", "ms", "TFLOPs", "pct_matmul",

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The one script for the GPU machine: build (no build isolation, sm_90a, ptxas
 # register/spill report), all CUDA tests, compute-sanitizer memcheck and
-# racecheck on small cases of each kernel, the quick benchmarks and one Nsight
-# Compute capture. Prints a summary table last.
+# racecheck on small cases of each kernel, the quick benchmarks, then the
+# Hopper (wgmma) kernels' tests, sanitizer run and benchmark in processes of
+# their own, and one Nsight Compute capture. Prints a summary table last.
 #
 #   scripts/device_check.sh [--out DIR]     (default: $OUT, else ./device_out)
 #
@@ -65,12 +66,17 @@ grep -E "spill (stores|loads)" "$work/build.log" | grep -v " 0 bytes spill store
   | sort | uniq -c >"$work/spills.txt" || true
 python3 -c "import cogkern; print(cogkern.build_info())" >>"$work/env.txt" 2>&1
 
-step cuda_tests 180 python3 -m pytest tests -q -m cuda --junitxml="$work/cuda_tests.xml" -p no:cacheprovider
-grep -E "^(FAILED|ERROR)" "$work/cuda_tests.log" | head -30 >"$work/cuda_failures.txt" || true
+# The Hopper (wgmma) kernels, never run on hardware before, go in processes of
+# their own: a fault there poisons the CUDA context of everything after it.
+step cuda_tests 180 python3 -m pytest tests -q -m "cuda and not sm90" --junitxml="$work/cuda_tests.xml" -p no:cacheprovider
+step sm90_tests 90 python3 -m pytest tests -q -m sm90 --junitxml="$work/sm90_tests.xml" -p no:cacheprovider
+grep -hE "^(FAILED|ERROR)" "$work/cuda_tests.log" "$work/sm90_tests.log" 2>/dev/null | head -40 >"$work/cuda_failures.txt" || true
 step attention_check 90 env PYTHONPATH=tests python3 scripts/attention_cuda_check.py --quick
-step memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 3 python3 scripts/sanitize_cases.py
-step racecheck 60 compute-sanitizer --tool racecheck --error-exitcode 3 python3 scripts/sanitize_cases.py --only rope,attention,wgmma
+step memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 3 python3 scripts/sanitize_cases.py --only rope,optimizer,attention
+step racecheck 60 compute-sanitizer --tool racecheck --error-exitcode 3 python3 scripts/sanitize_cases.py --only rope,attention
+step sm90_sanitize 60 compute-sanitizer --tool memcheck --error-exitcode 3 python3 scripts/sanitize_cases.py --only wgmma
 step benchmarks 150 python3 -m benchmarks.run --quick --out "$work/bench"
+step bench_sm90 60 python3 -m benchmarks.bench_attention --quick --sm90 --json "$work/bench_sm90.json"
 if command -v ncu >/dev/null; then
   step ncu_attention 60 profiling/ncu.sh --what attention --set full --out "$work"
 fi
@@ -78,6 +84,9 @@ fi
 {
   echo "---------------- benchmark tables ----------------"
   sed -n '/^Ceilings/,$p' "$work/benchmarks.log" 2>/dev/null
+  echo
+  echo "---------------- attention with the Hopper (wgmma) forwards ----------------"
+  sed -n '/^Fused attention/,$p' "$work/bench_sm90.log" 2>/dev/null
   echo
   echo "---------------- CUDA test failures ----------------"
   if [ -s "$work/cuda_failures.txt" ]; then cat "$work/cuda_failures.txt"; else tail -n 1 "$work/cuda_tests.log" 2>/dev/null; fi

@@ -103,6 +103,7 @@ needs_sm90 = pytest.mark.skipif(not (_HAS_CUDA_KERNEL and _HOPPER and _HAS_SM90A
 
 
 @needs_sm90
+@pytest.mark.sm90
 @pytest.mark.parametrize("mode", ["1", "2"], ids=["plain", "pipelined"])
 @pytest.mark.parametrize("batch, seq, head_dim, text_len, dtype", [
     (1, 1, 64, 0, torch.bfloat16), (2, 17, 128, 0, torch.float16), (1, 1000, 64, 226, torch.bfloat16),
@@ -116,6 +117,7 @@ def test_sm90_forward_error_rule(monkeypatch, batch, seq, head_dim, text_len, dt
 
 
 @needs_sm90
+@pytest.mark.sm90
 @pytest.mark.parametrize("mode", ["1", "2"], ids=["plain", "pipelined"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("head_dim", [64, 128])

@@ -9,7 +9,7 @@ import torch
 
 import cogkern
 
-pytestmark = pytest.mark.cuda
+pytestmark = [pytest.mark.cuda, pytest.mark.sm90]
 
 
 def _hopper():
