@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The one script for the GPU machine: build (no build isolation, sm_90a, ptxas
 # register/spill report), all CUDA tests, compute-sanitizer memcheck and
-# racecheck on small cases of each kernel, the quick benchmarks, then the
-# Hopper (wgmma) kernels' tests, sanitizer run and benchmark in processes of
-# their own, and one Nsight Compute capture. Prints a summary table last.
+# racecheck on small cases of each kernel, the quick benchmarks and one Nsight
+# Compute capture; the Hopper (wgmma) kernels' tests, sanitizer run and
+# benchmark each in a process of its own. Prints a summary table last.
 #
 #   scripts/device_check.sh [--out DIR]     (default: $OUT, else ./device_out)
 #
