@@ -4,7 +4,7 @@
 //     S = q^ k^T        wgmma m64nBNk16, q^ and k^ from 128-byte-swizzled shared panels
 //     O += P V          wgmma m64nDk16, P straight from the S registers, V MN-major
 // Grid: one block per (batch * head, 128 query rows); two warpgroups, each
-// owning 64 rows, share every k^ / v tile. Key tiles (Sm90FwdConfig) are double-buffered
+// owning 64 rows, share every k^ / v tile. Key tiles (Sm90FwdConfig) stream in
 // with cp.async (tile j+1 loads while tile j computes). The softmax runs on the
 // wgmma accumulators, whose per-warp layout is mma.sync's C layout, so the
 // online-softmax code is the mma.sync kernel's.
@@ -29,9 +29,9 @@
 
 namespace cogkern::flash {
 
-// Key tiles of 128 at D = 64 (ptxas: 190 registers, no spills); of 64 at
-// D = 128, where 128 would need more than 255 registers (S and O accumulators
-// are 64 + 64 per thread) and spill.
+// Key tiles of 128 at D = 64 (ptxas: 196 registers, no spills); of 64 at
+// D = 128 (187 / 193), where 128 would need more than 255 registers (S and O
+// accumulators are 64 + 64 per thread) and spill.
 template <int D>
 struct Sm90FwdConfig {
   static constexpr int kWarpgroups = 2;
