@@ -52,6 +52,7 @@
 #include <cstdint>
 
 #include "kernels/attention.h"
+#include "kernels/flash_launch.h"
 
 namespace cogkern::flash {
 
@@ -258,6 +259,37 @@ __device__ __forceinline__ void load_b_kn(uint32_t (&b)[4], const T* tile, int k
   const int row = k0 + (lane & 7) + ((lane >> 3) & 1) * 8;
   const int col = n0 + (lane >> 4) * 8;
   ldmatrix_x4_trans(b, smem_addr(tile + SmemTile<COLS>::offset(row, col)));
+}
+
+// What a forward block works on: (batch * head, query tile of BM rows) from
+// blockIdx.x, the rows of q^, k^ (contiguous [seq][D] per head) and v, and the
+// keys it can see. Causal grids run the longest (last) query tiles first.
+template <typename T, int D>
+struct FwdBlock {
+  int64_t bh, b, h, m0;
+  int64_t kv_end;  // keys [0, kv_end): all, or up to the tile's last query when causal
+  const T* q;
+  const T* k;
+  const T* v;
+  int64_t v_stride;  // between v rows (tokens)
+};
+template <typename T, int D, int BM>
+__device__ __forceinline__ FwdBlock<T, D> fwd_block(const FlashArgs& a) {
+  const int64_t seq = a.seq;
+  const int64_t n_mtiles = ceil_div(seq, BM);
+  FwdBlock<T, D> f;
+  f.bh = int64_t(blockIdx.x) / n_mtiles;
+  int64_t m_tile = int64_t(blockIdx.x) % n_mtiles;
+  if (a.causal) m_tile = n_mtiles - 1 - m_tile;
+  f.m0 = m_tile * BM;
+  f.b = f.bh / a.heads;
+  f.h = f.bh % a.heads;
+  f.kv_end = a.causal ? (f.m0 + BM < seq ? f.m0 + BM : seq) : seq;
+  f.q = static_cast<const T*>(a.q_hat) + f.bh * seq * D;
+  f.k = static_cast<const T*>(a.k_hat) + f.bh * seq * D;
+  f.v = static_cast<const T*>(a.v.ptr) + f.b * a.v.stride_b + f.h * a.v.stride_h;
+  f.v_stride = a.v.stride_s;
+  return f;
 }
 
 // Reductions over the 4 lanes of a quad (the lanes holding one C row).

@@ -41,21 +41,11 @@ __global__ void __launch_bounds__(WARPS * kWarpSize) flash_fwd_kernel(const Flas
   T* sV = sK + 2 * BN * D;                  // [2][BN][D]
 
   const int64_t seq = a.seq;
-  const int64_t n_mtiles = ceil_div(seq, BM);
-  const int64_t bh = int64_t(blockIdx.x) / n_mtiles;
-  int64_t m_tile = int64_t(blockIdx.x) % n_mtiles;
-  if (a.causal) m_tile = n_mtiles - 1 - m_tile;  // the longest (last) query tiles start first
-  const int64_t m0 = m_tile * BM;
-  const int64_t b = bh / a.heads, h = bh % a.heads;
-
-  const T* q_g = static_cast<const T*>(a.q_hat) + bh * seq * D;
-  const T* k_g = static_cast<const T*>(a.k_hat) + bh * seq * D;
-  const T* v_g = static_cast<const T*>(a.v.ptr) + b * a.v.stride_b + h * a.v.stride_h;
-  const int64_t v_ss = a.v.stride_s;
-
-  // Keys this tile can see: all, or up to its last query when causal.
-  const int64_t kv_end = a.causal ? (m0 + BM < seq ? m0 + BM : seq) : seq;
-  const int n_tiles = int(ceil_div(kv_end, BN));
+  const FwdBlock<T, D> blk = fwd_block<T, D, BM>(a);
+  const int64_t bh = blk.bh, b = blk.b, h = blk.h, m0 = blk.m0;
+  const T *q_g = blk.q, *k_g = blk.k, *v_g = blk.v;
+  const int64_t v_ss = blk.v_stride;
+  const int n_tiles = int(ceil_div(blk.kv_end, BN));
 
   const auto load_kv = [&](int j, int stage) {
     const int64_t n0 = int64_t(j) * BN;

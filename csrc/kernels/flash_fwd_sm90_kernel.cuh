@@ -90,20 +90,11 @@ __device__ __forceinline__ void flash_fwd_sm90_body(const FlashArgs& a, unsigned
   unsigned char* sV = sK + 2 * kKVBytes;  // [kVStages stages] likewise
 
   const int64_t seq = a.seq;
-  const int64_t n_mtiles = ceil_div(seq, kBM);
-  const int64_t bh = int64_t(blockIdx.x) / n_mtiles;
-  int64_t m_tile = int64_t(blockIdx.x) % n_mtiles;
-  if (a.causal) m_tile = n_mtiles - 1 - m_tile;  // the longest (last) query tiles start first
-  const int64_t m0 = m_tile * kBM;
-  const int64_t b = bh / a.heads, h = bh % a.heads;
-
-  const T* q_g = static_cast<const T*>(a.q_hat) + bh * seq * D;
-  const T* k_g = static_cast<const T*>(a.k_hat) + bh * seq * D;
-  const T* v_g = static_cast<const T*>(a.v.ptr) + b * a.v.stride_b + h * a.v.stride_h;
-  const int64_t v_ss = a.v.stride_s;
-
-  const int64_t kv_end = a.causal ? (m0 + kBM < seq ? m0 + kBM : seq) : seq;
-  const int n_tiles = int(ceil_div(kv_end, kBN));
+  const FwdBlock<T, D> blk = fwd_block<T, D, kBM>(a);
+  const int64_t bh = blk.bh, b = blk.b, h = blk.h, m0 = blk.m0;
+  const T *q_g = blk.q, *k_g = blk.k, *v_g = blk.v;
+  const int64_t v_ss = blk.v_stride;
+  const int n_tiles = int(ceil_div(blk.kv_end, kBN));
 
   const auto k_stage = [&](int j) { return sK + (j & 1) * kKVBytes; };
   const auto v_stage = [&](int j) { return sV + (j % kVStages) * kKVBytes; };
