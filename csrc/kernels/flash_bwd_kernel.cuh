@@ -269,21 +269,12 @@ __global__ void __launch_bounds__(WARPS * kWarpSize) flash_bwd_dq_kernel(const F
   T* sV = sK + 2 * BN * D;                  // [2][BN][D]
 
   const int64_t seq = a.seq;
-  const int64_t n_mtiles = ceil_div(seq, BM);
-  const int64_t bh = int64_t(blockIdx.x) / n_mtiles;
-  int64_t mt = int64_t(blockIdx.x) % n_mtiles;
-  if (a.causal) mt = n_mtiles - 1 - mt;
-  const int64_t m0 = mt * BM;
-  const int64_t b = bh / a.heads, h = bh % a.heads;
-
-  const T* q_g = static_cast<const T*>(a.q_hat) + bh * seq * D;
-  const T* k_g = static_cast<const T*>(a.k_hat) + bh * seq * D;
-  const T* v_g = static_cast<const T*>(a.v.ptr) + b * a.v.stride_b + h * a.v.stride_h;
+  const QueryTileBlock<T, D> blk = query_tile_block<T, D, BM>(a);
+  const int64_t bh = blk.bh, b = blk.b, h = blk.h, m0 = blk.m0;
+  const T *q_g = blk.q, *k_g = blk.k, *v_g = blk.v;
   const T* do_g = static_cast<const T*>(a.grad_out.ptr) + b * a.grad_out.stride_b + h * a.grad_out.stride_h;
-  const int64_t v_ss = a.v.stride_s, do_ss = a.grad_out.stride_s;
-
-  const int64_t kv_end = a.causal ? (m0 + BM < seq ? m0 + BM : seq) : seq;
-  const int n_tiles = int(ceil_div(kv_end, BN));
+  const int64_t v_ss = blk.v_stride, do_ss = a.grad_out.stride_s;
+  const int n_tiles = int(ceil_div(blk.kv_end, BN));
 
   const auto load_kv = [&](int j, int stage) {
     const int64_t n0 = int64_t(j) * BN;

@@ -261,11 +261,12 @@ __device__ __forceinline__ void load_b_kn(uint32_t (&b)[4], const T* tile, int k
   ldmatrix_x4_trans(b, smem_addr(tile + SmemTile<COLS>::offset(row, col)));
 }
 
-// What a forward block works on: (batch * head, query tile of BM rows) from
-// blockIdx.x, the rows of q^, k^ (contiguous [seq][D] per head) and v, and the
-// keys it can see. Causal grids run the longest (last) query tiles first.
+// What a query-tile block (the forward kernels, the backward's dq kernel)
+// works on: (batch * head, query tile of BM rows) from blockIdx.x, the rows of
+// q^, k^ (contiguous [seq][D] per head) and v, and the keys it can see. Causal
+// grids run the longest (last) query tiles first.
 template <typename T, int D>
-struct FwdBlock {
+struct QueryTileBlock {
   int64_t bh, b, h, m0;
   int64_t kv_end;  // keys [0, kv_end): all, or up to the tile's last query when causal
   const T* q;
@@ -274,10 +275,10 @@ struct FwdBlock {
   int64_t v_stride;  // between v rows (tokens)
 };
 template <typename T, int D, int BM>
-__device__ __forceinline__ FwdBlock<T, D> fwd_block(const FlashArgs& a) {
+__device__ __forceinline__ QueryTileBlock<T, D> query_tile_block(const FlashArgs& a) {
   const int64_t seq = a.seq;
   const int64_t n_mtiles = ceil_div(seq, BM);
-  FwdBlock<T, D> f;
+  QueryTileBlock<T, D> f;
   f.bh = int64_t(blockIdx.x) / n_mtiles;
   int64_t m_tile = int64_t(blockIdx.x) % n_mtiles;
   if (a.causal) m_tile = n_mtiles - 1 - m_tile;

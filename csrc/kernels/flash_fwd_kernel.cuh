@@ -41,7 +41,7 @@ __global__ void __launch_bounds__(WARPS * kWarpSize) flash_fwd_kernel(const Flas
   T* sV = sK + 2 * BN * D;                  // [2][BN][D]
 
   const int64_t seq = a.seq;
-  const FwdBlock<T, D> blk = fwd_block<T, D, BM>(a);
+  const QueryTileBlock<T, D> blk = query_tile_block<T, D, BM>(a);
   const int64_t bh = blk.bh, b = blk.b, h = blk.h, m0 = blk.m0;
   const T *q_g = blk.q, *k_g = blk.k, *v_g = blk.v;
   const int64_t v_ss = blk.v_stride;

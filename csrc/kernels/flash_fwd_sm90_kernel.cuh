@@ -90,7 +90,7 @@ __device__ __forceinline__ void flash_fwd_sm90_body(const FlashArgs& a, unsigned
   unsigned char* sV = sK + 2 * kKVBytes;  // [kVStages stages] likewise
 
   const int64_t seq = a.seq;
-  const FwdBlock<T, D> blk = fwd_block<T, D, kBM>(a);
+  const QueryTileBlock<T, D> blk = query_tile_block<T, D, kBM>(a);
   const int64_t bh = blk.bh, b = blk.b, h = blk.h, m0 = blk.m0;
   const T *q_g = blk.q, *k_g = blk.k, *v_g = blk.v;
   const int64_t v_ss = blk.v_stride;
