@@ -77,6 +77,7 @@ step racecheck 60 compute-sanitizer --tool racecheck --error-exitcode 3 python3 
 step sm90_sanitize 60 compute-sanitizer --tool memcheck --error-exitcode 3 python3 scripts/sanitize_cases.py --only wgmma
 step benchmarks 150 python3 -m benchmarks.run --quick --out "$work/bench"
 step bench_sm90 60 python3 -m benchmarks.bench_attention --quick --sm90 --json "$work/bench_sm90.json"
+step sm90_racecheck 45 compute-sanitizer --tool racecheck --error-exitcode 3 python3 scripts/sanitize_cases.py --only wgmma
 if command -v ncu >/dev/null; then
   step ncu_attention 60 profiling/ncu.sh --what attention --set full --out "$work"
 fi
