@@ -95,8 +95,6 @@ def _env(name, value):
 
 def impls_for(device, q, k, v, norms, rope, table, text_len, sm90=False):
     """name -> (callable, context factory); a peer that cannot run is reported by the caller."""
-    import contextlib
-
     impls = {"cogkern": (lambda: cogkern_attention(q, k, v, norms, rope, text_len), contextlib.nullcontext)}
     if sm90 and device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0):
         # The opt-in Hopper (wgmma) forwards; the backward is the same kernel as "cogkern"'s.

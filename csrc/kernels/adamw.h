@@ -17,9 +17,6 @@
 
 #include "kernels/multi_tensor.h"
 
-#if defined(__SSE__) && !defined(__CUDACC__)
-#include <xmmintrin.h>
-#endif
 
 namespace cogkern {
 
@@ -148,13 +145,9 @@ CK_HD float div_rn(float a, float b) {
 CK_HD float sqrt_rn(float a) {
 #if defined(__CUDA_ARCH__)
   return __fsqrt_rn(a);
-#elif defined(__NO_MATH_ERRNO__) && (defined(__GNUC__) || defined(__clang__))
-  return __builtin_sqrtf(a);  // vectorizable: no errno to set (the CPU backend's files)
-#elif defined(__SSE__) && !defined(__CUDACC__)
-  // The IEEE sqrt instruction without std::sqrt's errno branch, which would
-  // keep the host compiler from vectorizing the element loop.
-  return _mm_cvtss_f32(_mm_sqrt_ss(_mm_set_ss(a)));
 #else
+  // IEEE sqrt. The CPU backend (adamw_cpu.cpp, its only host caller) is built
+  // with -fno-math-errno, so this vectorizes there instead of branching to errno.
   return std::sqrt(a);
 #endif
 }

@@ -10,6 +10,7 @@
 // CPU one scripts/cuda_emu/run_emu.py (emulator).
 #pragma once
 
+#include "kernels/flash_common.cuh"  // ElemTraits<T>::pack: two floats -> one A register
 #include "kernels/sm90_wgmma.cuh"
 
 namespace cogkern::sm90 {
@@ -19,20 +20,6 @@ constexpr int kSelftestRows = 64;  // queries (one warpgroup's M) and keys
 // Bytes of dynamic shared memory the kernel needs for head dim D (plus the
 // 1024 bytes it may skip to align its panels).
 __host__ __device__ constexpr int selftest_smem_bytes(int d) { return 3 * kSelftestRows * d * 2 + kPanelGroupBytes; }
-
-// Packs two floats into the 16-bit pair of one A register (low half first).
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi);
-template <>
-__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
-  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&h);
-}
-template <>
-__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
-  const __half2 h = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&h);
-}
 
 // Copies a row-major [64][D] 16-bit matrix into D/64 swizzled panels of 64
 // rows (panel p holds columns 64p..64p+63, kSelftestRows * 128 bytes each).
@@ -98,10 +85,10 @@ __device__ __forceinline__ void wgmma_selftest_body(const uint16_t* q, const uin
   uint32_t a[kSelftestRows / 16][4];  // written before the fence that orders them before the wgmma
 #pragma unroll
   for (int j = 0; j < kSelftestRows / 16; ++j) {
-    a[j][0] = pack2<T>(s[8 * j + 0], s[8 * j + 1]);
-    a[j][1] = pack2<T>(s[8 * j + 2], s[8 * j + 3]);
-    a[j][2] = pack2<T>(s[8 * j + 4], s[8 * j + 5]);
-    a[j][3] = pack2<T>(s[8 * j + 6], s[8 * j + 7]);
+    a[j][0] = flash::ElemTraits<T>::pack(s[8 * j + 0], s[8 * j + 1]);
+    a[j][1] = flash::ElemTraits<T>::pack(s[8 * j + 2], s[8 * j + 3]);
+    a[j][2] = flash::ElemTraits<T>::pack(s[8 * j + 4], s[8 * j + 5]);
+    a[j][3] = flash::ElemTraits<T>::pack(s[8 * j + 6], s[8 * j + 7]);
   }
   wgmma_fence();
 #pragma unroll
