@@ -81,26 +81,30 @@ def time_passes(fn, grad, device, repeats):
 
 
 @contextlib.contextmanager
-def _env(name, value):
-    old = os.environ.get(name)
-    os.environ[name] = value
+def _env(**values):
+    old = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
+        for name, value in old.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def impls_for(device, q, k, v, norms, rope, table, text_len, sm90=False):
     """name -> (callable, context factory); a peer that cannot run is reported by the caller."""
     impls = {"cogkern": (lambda: cogkern_attention(q, k, v, norms, rope, text_len), contextlib.nullcontext)}
     if sm90 and device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0):
-        # The opt-in Hopper (wgmma) forwards; the backward is the same kernel as "cogkern"'s.
-        for mode, label in (("1", "plain"), ("2", "pipelined")):
-            impls[f"cogkern (sm90 wgmma fwd, {label})"] = (lambda: cogkern_attention(q, k, v, norms, rope, text_len),
-                                                          lambda m=mode: _env("COGKERN_ATTENTION_SM90", m))
+        # The opt-in Hopper (wgmma) kernels: the two forwards with the mma.sync backward,
+        # then the pipelined forward with the wgmma backward.
+        for label, env in (("fwd plain", dict(COGKERN_ATTENTION_SM90="1")),
+                           ("fwd pipelined", dict(COGKERN_ATTENTION_SM90="2")),
+                           ("fwd pipelined + bwd", dict(COGKERN_ATTENTION_SM90="2", COGKERN_ATTENTION_SM90_BWD="1"))):
+            impls[f"cogkern (sm90 wgmma {label})"] = (lambda: cogkern_attention(q, k, v, norms, rope, text_len),
+                                                     lambda e=env: _env(**e))
     if device.type == "cuda":
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -171,7 +175,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--json", default=None)
     p.add_argument("--sm90", action="store_true",
-                   help="also the opt-in Hopper (wgmma) forwards, COGKERN_ATTENTION_SM90=1 and 2 (H100/H200 only)")
+                   help="also the opt-in Hopper (wgmma) kernels, COGKERN_ATTENTION_SM90=1|2 and "
+                        "COGKERN_ATTENTION_SM90_BWD=1 (H100/H200 only)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU is available")

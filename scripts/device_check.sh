@@ -69,7 +69,7 @@ python3 -c "import cogkern; print(cogkern.build_info())" >>"$work/env.txt" 2>&1
 # The Hopper (wgmma) kernels, never run on hardware before, go in processes of
 # their own: a fault there poisons the CUDA context of everything after it.
 step cuda_tests 180 python3 -m pytest tests -q -m "cuda and not sm90" --junitxml="$work/cuda_tests.xml" -p no:cacheprovider
-step sm90_tests 90 python3 -m pytest tests -q -m sm90 --junitxml="$work/sm90_tests.xml" -p no:cacheprovider
+step sm90_tests 120 python3 -m pytest tests -q -m sm90 --junitxml="$work/sm90_tests.xml" -p no:cacheprovider
 grep -hE "^(FAILED|ERROR)" "$work/cuda_tests.log" "$work/sm90_tests.log" 2>/dev/null | head -40 >"$work/cuda_failures.txt" || true
 step attention_check 90 env PYTHONPATH=tests python3 scripts/attention_cuda_check.py --quick
 step memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 3 python3 scripts/sanitize_cases.py --only rope,optimizer,attention
@@ -86,7 +86,7 @@ fi
   echo "---------------- benchmark tables ----------------"
   sed -n '/^Ceilings/,$p' "$work/benchmarks.log" 2>/dev/null
   echo
-  echo "---------------- attention with the Hopper (wgmma) forwards ----------------"
+  echo "---------------- attention with the Hopper (wgmma) kernels ----------------"
   sed -n '/^Fused attention/,$p' "$work/bench_sm90.log" 2>/dev/null
   echo
   echo "---------------- CUDA test failures ----------------"

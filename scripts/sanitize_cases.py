@@ -96,7 +96,8 @@ def attention_cases(quick: bool = True):
 
 
 def wgmma_cases():
-    """The Hopper wgmma conformance tile (tests/test_sm90_wgmma_cuda.py); nothing on other GPUs."""
+    """The Hopper wgmma conformance tile (tests/test_sm90_wgmma_cuda.py) and the opt-in wgmma
+    attention kernels; nothing on other GPUs."""
     if torch.cuda.get_device_capability() != (9, 0):
         return
     for dtype in (torch.bfloat16, torch.float16):
@@ -116,8 +117,22 @@ def wgmma_cases():
                 if not bool(torch.isfinite(out).all()):
                     raise RuntimeError("non-finite output from the sm90 attention forward")
                 yield f"sm90 attention forward mode {mode} {dtype} D={d} S=300 causal={causal}"
+        # The wgmma backward (opt-in), atomic and deterministic dq^.
+        os.environ["COGKERN_ATTENTION_SM90_BWD"] = "1"
+        for dtype, d, causal, det in ((torch.bfloat16, 64, False, False), (torch.float16, 128, True, True)):
+            q, k, v = (torch.randn(1, 300, 2, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+            torch.use_deterministic_algorithms(det)
+            try:
+                grads = torch.autograd.grad(fused_attention(q, k, v, causal=causal), (q, k, v),
+                                            torch.randn_like(q))
+            finally:
+                torch.use_deterministic_algorithms(False)
+            if not all(bool(torch.isfinite(g).all()) for g in grads):
+                raise RuntimeError("non-finite gradient from the sm90 attention backward")
+            yield f"sm90 attention backward {dtype} D={d} S=300 causal={causal} deterministic={det}"
     finally:
         os.environ.pop("COGKERN_ATTENTION_SM90", None)
+        os.environ.pop("COGKERN_ATTENTION_SM90_BWD", None)
 
 
 CASES = {"rope": rope_cases, "optimizer": optimizer_cases, "attention": attention_cases, "wgmma": wgmma_cases}

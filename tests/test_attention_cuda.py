@@ -94,6 +94,112 @@ def test_cogvideox_5b_shape():
         assert err <= 2 * err_eager + 1e-5, f"{name}: {err:.3e} > 2 x {err_eager:.3e}"
 
 
+# ----------------------------------------------------------------------------- determinism, streams, graphs, edges
+
+
+def _norm_rope_case(seq=300, head_dim=64, dtype=torch.bfloat16, batch=1, heads=2, text_len=17):
+    q, k, v, norms, rope, _ = rule_case(batch, seq, heads, head_dim, text_len, dtype, "cuda")
+    (qw, qb), (kw, kb) = norms
+    kwargs = dict(rope=rope, text_len=text_len, qk_norm="layer_norm",
+                  q_norm_weight=qw, q_norm_bias=qb, k_norm_weight=kw, k_norm_bias=kb)  # fmt: skip
+    return q, k, v, kwargs
+
+
+def _forward_backward(q, k, v, kwargs, grad_out):
+    out = cogkern.fused_attention(q, k, v, **kwargs)
+    return (out.detach(), *torch.autograd.grad(out, (q, k, v), grad_out))
+
+
+@pytest.fixture
+def deterministic_algorithms(monkeypatch):
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+@needs_kernel
+@pytest.mark.parametrize("head_dim, causal", [(64, False), (128, True)])
+def test_deterministic_backward_is_bitwise_reproducible(deterministic_algorithms, head_dim, causal):
+    """torch.use_deterministic_algorithms(True) selects the atomic-free dq path."""
+    q, k, v, kwargs = _norm_rope_case(seq=1000, head_dim=head_dim)
+    kwargs["causal"] = causal
+    grad_out = torch.randn_like(q)
+    first = _forward_backward(q, k, v, kwargs, grad_out)
+    second = _forward_backward(q, k, v, kwargs, grad_out)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    torch.use_deterministic_algorithms(False)
+    atomic = _forward_backward(q, k, v, kwargs, grad_out)
+    for a, b in zip(first, atomic):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+
+
+@needs_kernel
+def test_runs_on_the_current_stream():
+    """Every launch goes to the caller's stream: inputs written on a side stream after a long
+    sleep are read only once they exist."""
+    q, k, v, kwargs = _norm_rope_case()
+    grad_out = torch.randn_like(q)
+    expected = _forward_backward(q, k, v, kwargs, grad_out)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of spinning before q2 is written
+        q2 = (q.detach() * 1).requires_grad_()
+        got = _forward_backward(q2, k, v, kwargs, grad_out)
+    side.synchronize()
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+
+
+@needs_kernel
+def test_forward_and_backward_capture_into_a_cuda_graph(deterministic_algorithms):
+    q, k, v, kwargs = _norm_rope_case()
+    grad_out = torch.randn_like(q)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture, as torch.cuda.graph wants
+        for _ in range(2):
+            _forward_backward(q, k, v, kwargs, grad_out)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = _forward_backward(q, k, v, kwargs, grad_out)
+    with torch.no_grad():  # new inputs, same storage
+        for t in (q, k, v, grad_out):
+            t.copy_(torch.randn_like(t))
+    graph.replay()
+    torch.cuda.synchronize()
+    expected = _forward_backward(q, k, v, kwargs, grad_out)
+    for a, b in zip(static, expected):
+        assert torch.equal(a, b)
+
+
+@needs_kernel
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_large_fp16_inputs_do_not_overflow(head_dim):
+    """Scores far beyond fp16's range (|q.k| ~ 1e5): fp32 scores and scaling before exp keep it finite."""
+    q, k, v = (torch.randn(1, 257, 2, head_dim, device="cuda") for _ in range(3))
+    q, k = q * 60, k * 60
+    q, k, v = (t.half().requires_grad_() for t in (q, k, v))
+    out = cogkern.fused_attention(q, k, v)
+    ref, _ = reference_attention(q.detach().float(), k.detach().float(), v.detach().float())
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
+    grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+@needs_kernel
+def test_nan_in_one_query_row_stays_in_that_row():
+    q, k, v = (torch.randn(1, 200, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    q[0, 7, 1, 3] = float("nan")
+    out = cogkern.fused_attention(q, k, v)
+    assert torch.isnan(out[0, 7, 1]).all()
+    assert int(torch.isnan(out).sum()) == 64
+
+
 # ----------------------------------------------------------------------------- Hopper (wgmma) forward
 
 _HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
@@ -128,3 +234,46 @@ def test_sm90_forward_agrees_with_the_mma_sync_forward(monkeypatch, head_dim, ca
     out, lse = cogkern.fused_attention(q, k, v, causal=causal, return_lse=True)
     torch.testing.assert_close(lse, base_lse, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out.float(), base.float(), rtol=2e-2, atol=2e-2)
+
+
+# ----------------------------------------------------------------------------- Hopper (wgmma) backward
+
+
+@needs_sm90
+@pytest.mark.sm90
+@pytest.mark.parametrize("forward", ["mma.sync", "sm90-pipelined"])
+@pytest.mark.parametrize("batch, seq, head_dim, text_len, dtype", [
+    (1, 1, 64, 0, torch.bfloat16), (2, 17, 128, 0, torch.float16), (1, 1000, 64, 226, torch.bfloat16),
+    (1, 4096 + 113, 64, 226, torch.float16), (2, 1000, 128, 226, torch.bfloat16), (1, 4096 + 113, 128, 0, torch.bfloat16),
+])  # fmt: skip
+def test_sm90_backward_error_rule(monkeypatch, batch, seq, head_dim, text_len, dtype, forward):
+    """COGKERN_ATTENTION_SM90_BWD=1: the wgmma key-tile backward (flash_bwd_sm90_kernel.cuh), after the
+    mma.sync forward and after the pipelined wgmma forward."""
+    monkeypatch.setenv("COGKERN_ATTENTION_SM90_BWD", "1")
+    if forward == "sm90-pipelined":
+        monkeypatch.setenv("COGKERN_ATTENTION_SM90", "2")
+    check_flash_rule(batch, seq, 3, head_dim, text_len, dtype, "cuda")
+
+
+@needs_sm90
+@pytest.mark.sm90
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_sm90_backward_agrees_with_the_mma_sync_backward(monkeypatch, head_dim, causal, deterministic):
+    q, k, v, kwargs = _norm_rope_case(seq=700, head_dim=head_dim, batch=2, heads=3)
+    kwargs["causal"] = causal
+    grad_out = torch.randn_like(q)
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        base = _forward_backward(q, k, v, kwargs, grad_out)
+        monkeypatch.setenv("COGKERN_ATTENTION_SM90_BWD", "1")
+        got = _forward_backward(q, k, v, kwargs, grad_out)
+        if deterministic:
+            again = _forward_backward(q, k, v, kwargs, grad_out)
+            assert all(torch.equal(a, b) for a, b in zip(got, again))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for a, b in zip(got, base):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)

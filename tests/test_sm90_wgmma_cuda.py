@@ -1,7 +1,8 @@
 """The Hopper wgmma building blocks (csrc/kernels/sm90_wgmma.cuh) on real
 hardware: descriptors, the 128-byte swizzle, accumulator and register-A
-fragments, MN-major B. One attention-shaped tile (sm90_wgmma_selftest_kernel.cuh):
-S = Q K^T and O = 16bit(S) V against float64. Needs an sm_90 GPU and a build
+fragments, MN-major B, MN-major (transposed) A. One attention-shaped tile
+(sm90_wgmma_selftest_kernel.cuh): S = Q K^T, O = 16bit(S) V and
+U = V[:, :64]^T V against float64. Needs an sm_90 GPU and a build
 that includes 9.0a; the same kernel source runs under the CPU emulator in
 tests/test_cuda_emulator.py."""
 import pytest
@@ -23,7 +24,7 @@ def _hopper():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_wgmma_tile_matches_float64(dtype, head_dim):
     q, k, v = (torch.randn(64, head_dim, device="cuda").to(dtype) for _ in range(3))
-    s, o = torch.ops.cogkern._sm90_wgmma_selftest(q, k, v)
+    s, o, u = torch.ops.cogkern._sm90_wgmma_selftest(q, k, v)
     torch.cuda.synchronize()
     s_ref = q.double() @ k.double().T
     # O's reference takes the kernel's own S rounded to 16 bits, as the kernel feeds it.
@@ -31,6 +32,8 @@ def test_wgmma_tile_matches_float64(dtype, head_dim):
     # fp32 accumulation of exact 16-bit products: a few fp32 ulps of the largest value.
     assert (s.double() - s_ref).abs().max().item() <= 1e-5 * s_ref.abs().max().item()
     assert (o.double() - o_ref).abs().max().item() <= 1e-5 * o_ref.abs().max().item()
+    u_ref = v[:, :64].double().T @ v.double()
+    assert (u.double() - u_ref).abs().max().item() <= 1e-5 * u_ref.abs().max().item()
 
 
 @pytest.mark.skipif(not _hopper(), reason="needs a compute capability 9.0 GPU")

@@ -62,20 +62,11 @@ __global__ void __launch_bounds__(WARPS * kWarpSize) flash_bwd_kv_kernel(const F
   float* sDelta = sLseShift + 2 * BM;                                             // [2][BM]
 
   const int64_t seq = a.seq;
-  const int64_t n_ntiles = ceil_div(seq, BN);
-  const int64_t bh = int64_t(blockIdx.x) / n_ntiles;
-  const int64_t n0 = (int64_t(blockIdx.x) % n_ntiles) * BN;
-  const int64_t b = bh / a.heads, h = bh % a.heads;
-
-  const T* q_g = static_cast<const T*>(a.q_hat) + bh * seq * D;
-  const T* k_g = static_cast<const T*>(a.k_hat) + bh * seq * D;
-  const T* v_g = static_cast<const T*>(a.v.ptr) + b * a.v.stride_b + h * a.v.stride_h;
-  const T* do_g = static_cast<const T*>(a.grad_out.ptr) + b * a.grad_out.stride_b + h * a.grad_out.stride_h;
-  const int64_t v_ss = a.v.stride_s, do_ss = a.grad_out.stride_s;
-
-  // Query tiles that see these keys: all, or from the tile holding query n0 when causal.
-  const int64_t m_first = a.causal ? n0 / BM : 0;
-  const int n_tiles = int(ceil_div(seq, BM) - m_first);
+  const KeyTileBlock<T> blk = key_tile_block<T, D, BN, BM>(a);
+  const int64_t bh = blk.bh, n0 = blk.n0, m_first = blk.m_first;
+  const T *q_g = blk.q, *k_g = blk.k, *v_g = blk.v, *do_g = blk.dout;
+  const int64_t v_ss = blk.v_stride, do_ss = blk.dout_stride;
+  const int n_tiles = blk.n_mtiles;
 
   const auto load_q_do = [&](int i, int stage) {
     const int64_t m0 = (m_first + i) * BM;
@@ -219,34 +210,15 @@ __global__ void __launch_bounds__(WARPS * kWarpSize) flash_bwd_kv_kernel(const F
           if (row >= seq) continue;
           float* dst = a.dq_hat + (bh * seq + row) * D + d0 + 2 * t;  // n8 tile j at dst + 8j; 8-byte aligned
 #pragma unroll
-          for (int j = 0; j < 4; ++j) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-            // One 64-bit float2 reduction per element pair (sm_90+).
-            atomicAdd(reinterpret_cast<float2*>(dst + 8 * j), make_float2(acc[j][2 * r], acc[j][2 * r + 1]));
-#else
-            atomicAdd(dst + 8 * j, acc[j][2 * r]);
-            atomicAdd(dst + 8 * j + 1, acc[j][2 * r + 1]);
-#endif
-          }
+          for (int j = 0; j < 4; ++j) atomic_add_pair(dst + 8 * j, acc[j][2 * r], acc[j][2 * r + 1]);
         }
       }
     }
     __syncthreads();  // this stage's q^ / dO and sdS are free again
   }
 
-  // dv in the input dtype; dk^ in fp32 for the epilogue (norm and RoPE backward).
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int64_t key = r == 0 ? key_lo : key_hi;
-    if (key >= seq) continue;
-    T* dv_dst = static_cast<T*>(a.grad_v.ptr) + a.grad_v.offset(b, key, h);
-    float* dk_dst = a.dk_hat + (bh * seq + key) * D;
-#pragma unroll
-    for (int i = 0; i < kDT; ++i) {
-      store_pair(dv_dst + i * 8 + 2 * t, acc_dv[i][2 * r], acc_dv[i][2 * r + 1]);
-      *reinterpret_cast<float2*>(dk_dst + i * 8 + 2 * t) = make_float2(acc_dk[i][2 * r], acc_dk[i][2 * r + 1]);
-    }
-  }
+  store_key_grads<T, D>(a, blk, key_lo, t, [&](int i, int e) { return acc_dv[i][e]; },
+                        [&](int i, int e) { return acc_dk[i][e]; });
 }
 
 // Deterministic dq^: one block per (batch * head, query tile of BM = 16 * WARPS

@@ -312,4 +312,70 @@ __device__ __forceinline__ void store_pair(T* dst, float lo, float hi) {
   *reinterpret_cast<uint32_t*>(dst) = ElemTraits<T>::pack(lo, hi);
 }
 
+// dst[0] += lo and dst[1] += hi, each atomically (dst 8-byte aligned): one
+// 64-bit vector reduction on sm_90+.
+__device__ __forceinline__ void atomic_add_pair(float* dst, float lo, float hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float2*>(dst), make_float2(lo, hi));
+#else
+  atomicAdd(dst, lo);
+  atomicAdd(dst + 1, hi);
+#endif
+}
+
+// The block of a backward key-tile kernel: (batch * head, keys [n0, n0 + BN)),
+// and the query tiles of BM rows that see those keys: all, or from the one
+// holding query n0 when causal.
+template <typename T>
+struct KeyTileBlock {
+  int64_t bh, b, h, n0;
+  int64_t m_first;  // first query tile
+  int n_mtiles;     // query tiles from m_first to the sequence end
+  const T* q;
+  const T* k;
+  const T* v;
+  const T* dout;
+  int64_t v_stride, dout_stride;  // between rows (tokens) of v and dO
+};
+template <typename T, int D, int BN, int BM>
+__device__ __forceinline__ KeyTileBlock<T> key_tile_block(const FlashArgs& a) {
+  const int64_t seq = a.seq;
+  const int64_t n_ntiles = ceil_div(seq, BN);
+  KeyTileBlock<T> f;
+  f.bh = int64_t(blockIdx.x) / n_ntiles;
+  f.n0 = (int64_t(blockIdx.x) % n_ntiles) * BN;
+  f.b = f.bh / a.heads;
+  f.h = f.bh % a.heads;
+  f.m_first = a.causal ? f.n0 / BM : 0;
+  f.n_mtiles = int(ceil_div(seq, BM) - f.m_first);
+  f.q = static_cast<const T*>(a.q_hat) + f.bh * seq * D;
+  f.k = static_cast<const T*>(a.k_hat) + f.bh * seq * D;
+  f.v = static_cast<const T*>(a.v.ptr) + f.b * a.v.stride_b + f.h * a.v.stride_h;
+  f.dout = static_cast<const T*>(a.grad_out.ptr) + f.b * a.grad_out.stride_b + f.h * a.grad_out.stride_h;
+  f.v_stride = a.v.stride_s;
+  f.dout_stride = a.grad_out.stride_s;
+  return f;
+}
+
+// Stores a backward key-tile kernel's results for the thread's two keys
+// key_lo and key_lo + 8 (C-fragment rows g and g + 8): dv in the input dtype,
+// dk^ in fp32 for the epilogue (norm and RoPE backward). dv(i, e), dk(i, e):
+// element e of n8 block i of the thread's accumulators.
+template <typename T, int D, typename DvAt, typename DkAt>
+__device__ __forceinline__ void store_key_grads(const FlashArgs& a, const KeyTileBlock<T>& blk, int64_t key_lo, int t,
+                                                DvAt dv, DkAt dk) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t key = key_lo + 8 * r;
+    if (key >= a.seq) continue;
+    T* dv_dst = static_cast<T*>(a.grad_v.ptr) + a.grad_v.offset(blk.b, key, blk.h);
+    float* dk_dst = a.dk_hat + (blk.bh * a.seq + key) * D;
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+      store_pair(dv_dst + i * 8 + 2 * t, dv(i, 2 * r), dv(i, 2 * r + 1));
+      *reinterpret_cast<float2*>(dk_dst + i * 8 + 2 * t) = make_float2(dk(i, 2 * r), dk(i, 2 * r + 1));
+    }
+  }
+}
+
 }  // namespace cogkern::flash

@@ -23,9 +23,7 @@
 // wgmma is asynchronous like the hardware's.
 #pragma once
 
-#include "kernels/flash_common.cuh"
-#include "kernels/flash_launch.h"
-#include "kernels/sm90_wgmma.cuh"
+#include "kernels/flash_sm90_common.cuh"
 
 namespace cogkern::flash {
 
@@ -48,27 +46,6 @@ constexpr size_t sm90_fwd_smem_bytes() {
   return size_t(C::kBM + (2 + (PIPELINED ? 3 : 2)) * C::kBN) * D * 2 + sm90::kPanelGroupBytes;
 }
 
-// Rows [row0, row0 + ROWS) of a [seq, D] row stream into D / 64 swizzled
-// panels of ROWS lines (panel p = columns 64p..64p+63, ROWS * 128 bytes), with
-// cp.async; rows >= seq are zero-filled.
-template <int ROWS, int D, int THREADS, typename T, typename RowPtr>
-__device__ __forceinline__ void load_panels_async(unsigned char* panels, int64_t row0, int64_t seq, const T* any_valid,
-                                                  RowPtr row_ptr) {
-  constexpr int kChunks = D / 8;  // 16-byte chunks per row
-  constexpr int kTotal = ROWS * kChunks;
-  static_assert(kTotal % THREADS == 0, "every thread copies the same number of chunks");
-#pragma unroll
-  for (int i = 0; i < kTotal / THREADS; ++i) {
-    const int idx = int(threadIdx.x) + i * THREADS;
-    const int r = idx / kChunks, col = (idx % kChunks) * 8;
-    const int64_t grow = row0 + r;
-    const bool valid = grow < seq;
-    const T* src = valid ? row_ptr(grow) + col : any_valid;
-    unsigned char* panel = panels + (col / sm90::kPanelCols) * (ROWS * 128);
-    cp_async_16(smem_addr(panel + sm90::sw128_offset(r, col % sm90::kPanelCols)), src, valid);
-  }
-}
-
 template <typename T, int D, bool PIPELINED>
 __device__ __forceinline__ void flash_fwd_sm90_body(const FlashArgs& a, unsigned char* smem_raw) {
   using C = Sm90FwdConfig<D>;
@@ -81,9 +58,7 @@ __device__ __forceinline__ void flash_fwd_sm90_body(const FlashArgs& a, unsigned
   using Mma = sm90::Wgmma<kBN, T>;
   using MmaPV = sm90::Wgmma<D, T>;
 
-  // Panels start 1024-byte aligned (the swizzle reads address bits 7..9).
-  const uint32_t raw = smem_addr(smem_raw);
-  unsigned char* smem = smem_raw + ((sm90::kPanelGroupBytes - raw % sm90::kPanelGroupBytes) % sm90::kPanelGroupBytes);
+  unsigned char* smem = sm90::align_to_panel_group(smem_raw);
   constexpr int kQBytes = kBM * D * 2, kKVBytes = kBN * D * 2;
   unsigned char* sQ = smem;               // D/64 panels of kBM lines
   unsigned char* sK = sQ + kQBytes;       // [2 stages] D/64 panels of kBN lines

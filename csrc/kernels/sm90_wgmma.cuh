@@ -1,7 +1,7 @@
 // Hopper (sm_90a) warpgroup MMA building blocks: wgmma wrappers, shared-memory
 // matrix descriptors, and the 128-byte-swizzled tile layout they read. The
 // base for the FA3-class attention path; checked on the CPU by the emulator
-// (scripts/cuda_emu/cuda_emu_wgmma.h, scripts/cuda_emu/run_wgmma_emu.py) and
+// (scripts/cuda_emu/cuda_emu_wgmma.h, scripts/cuda_emu/run_emu.py) and
 // on the GPU by tests/test_sm90_wgmma_cuda.py against torch.matmul.
 //
 // ----------------------------------------------------------------------------
@@ -33,8 +33,9 @@
 //     start = panel + 32 * (k-slice within the panel), SBO = 1024 (next 8 rows),
 //     LBO unused (1).
 //   MN-major operand (rows = K, the M or N values contiguous; e.g. V as B with
-//     V stored [key][dim]): start = panel + 16 * 128 * (k-slice), SBO = 1024
-//     (next 8 K rows), LBO = byte distance to the next 64-column panel.
+//     V stored [key][dim], or dS as A with dS^T stored [key][query]):
+//     start = panel + 16 * 128 * (k-slice), SBO = 1024 (next 8 K rows),
+//     LBO = byte distance to the next 64-column panel.
 // Descriptor bits: [0,14) start >> 4, [16,30) LBO >> 4, [32,46) SBO >> 4,
 // [49,52) base offset (0), [62,64) layout type (1 = 128-byte swizzle).
 // ----------------------------------------------------------------------------
@@ -88,12 +89,14 @@ __device__ __forceinline__ void wgmma_wait() { ::cuda_emu::wgmma_wait(N); }
 template <int N, typename T>
 struct Wgmma {
   static constexpr int kRegs = N / 2;
+  template <int TRANS_A = 0, int TRANS_B = 0>
   static void ss(float (&d)[kRegs], uint64_t desc_a, uint64_t desc_b, bool accumulate) {
-    ::cuda_emu::wgmma_issue(d, N, ::cuda_emu::is_bf16<T>(), nullptr, desc_a, desc_b, false, accumulate);
+    ::cuda_emu::wgmma_issue(d, N, ::cuda_emu::is_bf16<T>(), nullptr, desc_a, desc_b, TRANS_A != 0, TRANS_B != 0,
+                            accumulate);
   }
   template <int TRANS_B>
   static void rs(float (&d)[kRegs], const uint32_t (&a)[4], uint64_t desc_b, bool accumulate) {
-    ::cuda_emu::wgmma_issue(d, N, ::cuda_emu::is_bf16<T>(), a, 0, desc_b, TRANS_B != 0, accumulate);
+    ::cuda_emu::wgmma_issue(d, N, ::cuda_emu::is_bf16<T>(), a, 0, desc_b, false, TRANS_B != 0, accumulate);
   }
 };
 #else
@@ -122,13 +125,14 @@ struct Wgmma;
 template <> \
 struct Wgmma<64, T> { \
   static constexpr int kRegs = 32; \
+  template <int TRANS_A = 0, int TRANS_B = 0> \
   static __device__ __forceinline__ void ss(float (&d)[kRegs], uint64_t desc_a, uint64_t desc_b, bool accumulate) { \
     asm volatile( \
         "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n" \
         "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " " \
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n" \
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, %35, %36;\n}\n" \
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]) \
-        : "l"(desc_a), "l"(desc_b), "r"(int(accumulate))); \
+        : "l"(desc_a), "l"(desc_b), "r"(int(accumulate)), "n"(TRANS_A), "n"(TRANS_B)); \
   } \
   template <int TRANS_B> \
   static __device__ __forceinline__ void rs(float (&d)[kRegs], const uint32_t (&a)[4], uint64_t desc_b, bool accumulate) { \
@@ -145,13 +149,14 @@ struct Wgmma<64, T> { \
 template <> \
 struct Wgmma<128, T> { \
   static constexpr int kRegs = 64; \
+  template <int TRANS_A = 0, int TRANS_B = 0> \
   static __device__ __forceinline__ void ss(float (&d)[kRegs], uint64_t desc_a, uint64_t desc_b, bool accumulate) { \
     asm volatile( \
         "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n" \
         "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " " \
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n" \
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, %67, %68;\n}\n" \
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]) \
-        : "l"(desc_a), "l"(desc_b), "r"(int(accumulate))); \
+        : "l"(desc_a), "l"(desc_b), "r"(int(accumulate)), "n"(TRANS_A), "n"(TRANS_B)); \
   } \
   template <int TRANS_B> \
   static __device__ __forceinline__ void rs(float (&d)[kRegs], const uint32_t (&a)[4], uint64_t desc_b, bool accumulate) { \
@@ -164,8 +169,9 @@ struct Wgmma<128, T> { \
   } \
 };
 
-// D(64 x N) (+)= A(64 x 16) * B(16 x N): ss() with A and B in shared memory
-// (K-major), rs() with A in registers and B K-major or, with TRANS_B, MN-major.
+// D(64 x N) (+)= A(64 x 16) * B(16 x N): ss() with A and B in shared memory,
+// each K-major or, with TRANS_A / TRANS_B, MN-major; rs() with A in registers
+// and B K-major or, with TRANS_B, MN-major.
 COGKERN_WGMMA_M64N64(__nv_bfloat16, "bf16")
 COGKERN_WGMMA_M64N64(__half, "f16")
 COGKERN_WGMMA_M64N128(__nv_bfloat16, "bf16")
@@ -174,6 +180,13 @@ COGKERN_WGMMA_M64N128(__half, "f16")
 #undef COGKERN_WGMMA_M64N128
 #endif  // sm_90a
 #endif  // COGKERN_CUDA_EMULATION
+
+// The first 1024-byte-aligned address at or after p (dynamic shared memory
+// guarantees less; the swizzle reads address bits 7..9, so panels need it).
+__device__ __forceinline__ unsigned char* align_to_panel_group(unsigned char* p) {
+  const uint32_t addr = smem_addr(p);
+  return p + (kPanelGroupBytes - addr % kPanelGroupBytes) % kPanelGroupBytes;
+}
 
 // Pins registers that an asynchronous wgmma writes (accumulators) or reads
 // (A operands) at this point of the instruction stream. The compiler sees a

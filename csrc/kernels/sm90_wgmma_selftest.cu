@@ -9,17 +9,18 @@ namespace {
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kWarpgroupThreads, 1)
-    wgmma_selftest_kernel(const uint16_t* q, const uint16_t* k, const uint16_t* v, float* s, float* o) {
+    wgmma_selftest_kernel(const uint16_t* q, const uint16_t* k, const uint16_t* v, float* s, float* o, float* u) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ __align__(128) unsigned char smem[];
-  wgmma_selftest_body<T, D>(q, k, v, s, o, smem);
+  wgmma_selftest_body<T, D>(q, k, v, s, o, u, smem);
 #else
   __trap();
 #endif
 }
 
 template <typename T, int D>
-cudaError_t launch_typed(const void* q, const void* k, const void* v, float* s, float* o, cudaStream_t stream) {
+cudaError_t launch_typed(const void* q, const void* k, const void* v, float* s, float* o, float* u,
+                         cudaStream_t stream) {
   constexpr int smem = selftest_smem_bytes(D);
   auto kernel = wgmma_selftest_kernel<T, D>;
   // The device code must come from sm_90a (wgmma): PTX of an older target,
@@ -31,24 +32,25 @@ cudaError_t launch_typed(const void* q, const void* k, const void* v, float* s, 
     if (err != cudaSuccess) return err;
   }
   kernel<<<1, kWarpgroupThreads, smem, stream>>>(static_cast<const uint16_t*>(q), static_cast<const uint16_t*>(k),
-                                                 static_cast<const uint16_t*>(v), s, o);
+                                                 static_cast<const uint16_t*>(v), s, o, u);
   return cudaGetLastError();
 }
 
 }  // namespace
 
-cudaError_t launch_wgmma_selftest(const void* q, const void* k, const void* v, float* s, float* o, int head_dim,
-                                  bool bf16, cudaStream_t stream) {
+cudaError_t launch_wgmma_selftest(const void* q, const void* k, const void* v, float* s, float* o, float* u,
+                                  int head_dim, bool bf16, cudaStream_t stream) {
   int device = 0, major = 0, minor = 0;
   cudaGetDevice(&device);
   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
   cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
   if (major != 9 || minor != 0) return cudaErrorInvalidDeviceFunction;
   if (head_dim == 64)
-    return bf16 ? launch_typed<__nv_bfloat16, 64>(q, k, v, s, o, stream) : launch_typed<__half, 64>(q, k, v, s, o, stream);
+    return bf16 ? launch_typed<__nv_bfloat16, 64>(q, k, v, s, o, u, stream)
+                : launch_typed<__half, 64>(q, k, v, s, o, u, stream);
   if (head_dim == 128)
-    return bf16 ? launch_typed<__nv_bfloat16, 128>(q, k, v, s, o, stream)
-                : launch_typed<__half, 128>(q, k, v, s, o, stream);
+    return bf16 ? launch_typed<__nv_bfloat16, 128>(q, k, v, s, o, u, stream)
+                : launch_typed<__half, 128>(q, k, v, s, o, u, stream);
   return cudaErrorInvalidValue;
 }
 

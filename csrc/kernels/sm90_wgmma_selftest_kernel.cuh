@@ -3,11 +3,14 @@
 //   S = Q K^T       (64 x 64; A and B K-major from 128-byte-swizzled panels)
 //   O = 16bit(S) V  (64 x D;  A from the S accumulators in registers, B = V
 //                    MN-major, i.e. V as stored [key][dim])
+//   U = V[:, :64]^T V (64 x D; A and B both MN-major from shared memory: the
+//                    backward's dQ = dS K with dS^T stored [key][query])
 // with Q [64][D], K [64][D], V [64][D] row-major in global memory, D = 64 or
-// 128. S and O go back to global memory in fp32 so that the test compares them
-// with torch.matmul. Exactly the layouts and fragment moves the Hopper
-// attention forward needs; the GPU test is tests/test_sm90_wgmma_cuda.py, the
-// CPU one scripts/cuda_emu/run_emu.py (emulator).
+// 128. S, O and U go back to global memory in fp32 so that the test compares
+// them with torch.matmul. Exactly the layouts and fragment moves the Hopper
+// attention forward and backward need; the GPU test is
+// tests/test_sm90_wgmma_cuda.py, the CPU one scripts/cuda_emu/run_emu.py
+// (emulator).
 #pragma once
 
 #include "kernels/flash_common.cuh"  // ElemTraits<T>::pack: two floats -> one A register
@@ -34,12 +37,21 @@ __device__ __forceinline__ void load_panels(unsigned char* panels, const uint16_
   }
 }
 
+// Stores a 64 x N fp32 accumulator (one warpgroup's) to a row-major [64][N] matrix.
+template <int N>
+__device__ __forceinline__ void store_rows(float* dst, const float (&acc)[N / 2], int tid) {
+  const int w = tid / 32, g = (tid % 32) / 4, qd = tid % 4;
+#pragma unroll
+  for (int j = 0; j < N / 8; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dst[(16 * w + g + (e >= 2 ? 8 : 0)) * N + 8 * j + 2 * qd + (e % 2)] = acc[4 * j + e];
+  }
+}
+
 template <typename T, int D>
 __device__ __forceinline__ void wgmma_selftest_body(const uint16_t* q, const uint16_t* k, const uint16_t* v, float* s_out,
-                                                    float* o_out, unsigned char* smem_raw) {
-  // Panels must start 1024-byte aligned (the swizzle reads address bits 7..9).
-  const uint32_t raw = smem_addr(smem_raw);
-  unsigned char* smem = smem_raw + ((kPanelGroupBytes - raw % kPanelGroupBytes) % kPanelGroupBytes);
+                                                    float* o_out, float* u_out, unsigned char* smem_raw) {
+  unsigned char* smem = align_to_panel_group(smem_raw);
   constexpr int kMatrixBytes = kSelftestRows * D * 2;
   unsigned char* qs = smem;
   unsigned char* ks = smem + kMatrixBytes;
@@ -67,15 +79,7 @@ __device__ __forceinline__ void wgmma_selftest_body(const uint16_t* q, const uin
   wgmma_wait<0>();
   fence_operands(s);
 
-  const int w = tid / 32, g = (tid % 32) / 4, qd = tid % 4;
-#pragma unroll
-  for (int j = 0; j < 8; ++j) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int row = 16 * w + g + (e >= 2 ? 8 : 0), col = 8 * j + 2 * qd + (e % 2);
-      s_out[row * kSelftestRows + col] = s[4 * j + e];
-    }
-  }
+  store_rows<kSelftestRows>(s_out, s, tid);
 
   // O = 16bit(S) V: the accumulators of n8 blocks 2j, 2j+1 are the A registers
   // of key slice j; V is the MN-major B (panels kPanelBytes apart along D).
@@ -98,14 +102,19 @@ __device__ __forceinline__ void wgmma_selftest_body(const uint16_t* q, const uin
   wgmma_wait<0>();
   fence_operands(o);
   fence_operands(a);
+  store_rows<D>(o_out, o, tid);
+
+  // U = V[:, :64]^T V: A(m, k) = V[k][m] is V's first panel read MN-major
+  // (transposed), B(k, n) = V[k][n] MN-major as in O. Reuses o's registers.
+  wgmma_fence();
 #pragma unroll
-  for (int j = 0; j < D / 8; ++j) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int row = 16 * w + g + (e >= 2 ? 8 : 0), col = 8 * j + 2 * qd + (e % 2);
-      o_out[row * D + col] = o[4 * j + e];
-    }
-  }
+  for (int j = 0; j < kSelftestRows / 16; ++j)
+    Wgmma<D, T>::template ss<1, 1>(o, desc_mn_major(smem_addr(vs), j, kPanelBytes),
+                                   desc_mn_major(smem_addr(vs), j, kPanelBytes), j > 0);
+  wgmma_commit();
+  wgmma_wait<0>();
+  fence_operands(o);
+  store_rows<D>(u_out, o, tid);
 }
 
 }  // namespace cogkern::sm90

@@ -41,7 +41,7 @@ struct WgmmaOp {
   bool a_in_regs;
   std::vector<uint32_t> a_regs;  // all 128 threads' A registers (4 each), when a_in_regs
   uint64_t desc_a, desc_b;
-  bool trans_b, accumulate;
+  bool trans_a, trans_b, accumulate;
 };
 inline thread_local std::vector<WgmmaOp> tl_wgmma_open;
 inline thread_local std::vector<std::vector<WgmmaOp>> tl_wgmma_groups;
@@ -72,8 +72,8 @@ inline float mn_major_elem(const SmemDesc& s, int m, int k, bool bf16) {
 }
 
 inline void wgmma_issue(float* d, int n, bool bf16, const uint32_t* a_regs, uint64_t desc_a, uint64_t desc_b,
-                        bool trans_b, bool accumulate) {
-  WgmmaOp op{d, n, bf16, a_regs != nullptr, {}, desc_a, desc_b, trans_b, accumulate};
+                        bool trans_a, bool trans_b, bool accumulate) {
+  WgmmaOp op{d, n, bf16, a_regs != nullptr, {}, desc_a, desc_b, trans_a, trans_b, accumulate};
   if (a_regs != nullptr) {  // gather the warpgroup's A registers now (the collective reads them at issue)
     WarpGroup& wg = my_warpgroup();
     const int t = int(tl_thread_idx.x % 128);
@@ -103,7 +103,7 @@ inline void wgmma_perform(const WgmmaOp& op) {
   } else {
     const SmemDesc sa = decode_desc(op.desc_a);
     for (int m = 0; m < 64; ++m)
-      for (int k = 0; k < 16; ++k) A[m][k] = k_major_elem(sa, m, k, op.bf16);
+      for (int k = 0; k < 16; ++k) A[m][k] = op.trans_a ? mn_major_elem(sa, m, k, op.bf16) : k_major_elem(sa, m, k, op.bf16);
   }
   const SmemDesc sb = decode_desc(op.desc_b);
   for (int j = 0; j < op.n / 8; ++j) {

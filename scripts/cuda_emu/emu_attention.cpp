@@ -7,6 +7,7 @@
 
 #include "kernels/attention_rows.cuh"
 #include "kernels/flash_bwd_kernel.cuh"
+#include "kernels/flash_bwd_sm90_kernel.cuh"
 #include "kernels/flash_fwd_kernel.cuh"
 #include "kernels/flash_fwd_sm90_kernel.cuh"
 
@@ -41,7 +42,8 @@ struct EmuSpec {
 
 namespace {
 
-int g_sm90_forward = 0;  // emu_set_sm90_forward: 0 mma.sync, 1 sm90 plain, 2 sm90 pipelined
+int g_sm90_forward = 0;   // emu_set_sm90_forward: 0 mma.sync, 1 sm90 plain, 2 sm90 pipelined
+int g_sm90_backward = 0;  // emu_set_sm90_backward: 0 mma.sync, 1 the sm90 key-tile kernel
 
 BshdTensor bshd(const EmuSpec& s, const void* p) { return {p, s.seq * s.heads * s.head_dim, s.heads * s.head_dim, s.head_dim}; }
 BshdTensorMut bshd_mut(const EmuSpec& s, void* p) { return {p, s.seq * s.heads * s.head_dim, s.heads * s.head_dim, s.head_dim}; }
@@ -134,17 +136,27 @@ void run(const EmuSpec& spec, bool backward) {
   cuda_emu::launch(row_blocks, rows::kRowThreads, 0, [&] { rows::attention_prologue_kernel<T, table_t, D, true>(P, s); });
   using C = flash::BwdConfig<D>;
   const unsigned kv_blocks = unsigned(P.batch * P.heads * ceil_div(P.seq, C::kBN));
-  if (spec.deterministic) {
+  if (!spec.deterministic) std::fill(dq_hat.begin(), dq_hat.end(), 0.f);
+  if (g_sm90_backward) {  // the Hopper (wgmma) key-tile kernel, as run_flash_bwd picks it
+    using S = flash::Sm90BwdConfig<D>;
+    const unsigned blocks = unsigned(P.batch * P.heads * ceil_div(P.seq, S::kBN));
+    if (spec.deterministic)
+      cuda_emu::launch(blocks, S::kThreads, flash::sm90_bwd_smem_bytes<D>(),
+                       [&] { flash::flash_bwd_sm90_body<T, D, false>(a, cuda_emu::dynamic_smem()); });
+    else
+      cuda_emu::launch(blocks, S::kThreads, flash::sm90_bwd_smem_bytes<D>(),
+                       [&] { flash::flash_bwd_sm90_body<T, D, true>(a, cuda_emu::dynamic_smem()); });
+  } else if (spec.deterministic) {
     cuda_emu::launch(kv_blocks, C::kWarps * 32, flash::bwd_kv_smem_bytes<T, D, false>(),
                      [&] { flash::flash_bwd_kv_kernel<T, D, C::kBM, C::kBN, C::kWarps, false>(a); });
-    cuda_emu::launch(unsigned(P.batch * P.heads * ceil_div(P.seq, C::kDqBM)), C::kDqWarps * 32,
-                     flash::bwd_dq_smem_bytes<T, D>(),
-                     [&] { flash::flash_bwd_dq_kernel<T, D, C::kDqBM, C::kDqBN, C::kDqWarps>(a); });
   } else {
-    std::fill(dq_hat.begin(), dq_hat.end(), 0.f);
     cuda_emu::launch(kv_blocks, C::kWarps * 32, flash::bwd_kv_smem_bytes<T, D, true>(),
                      [&] { flash::flash_bwd_kv_kernel<T, D, C::kBM, C::kBN, C::kWarps, true>(a); });
   }
+  if (spec.deterministic)
+    cuda_emu::launch(unsigned(P.batch * P.heads * ceil_div(P.seq, C::kDqBM)), C::kDqWarps * 32,
+                     flash::bwd_dq_smem_bytes<T, D>(),
+                     [&] { flash::flash_bwd_dq_kernel<T, D, C::kDqBM, C::kDqBN, C::kDqWarps>(a); });
   cuda_emu::launch(row_blocks, rows::kRowThreads, 0, [&] { rows::attention_epilogue_kernel<T, table_t, D>(P, s); });
   if (P.norm != NormKind::kNone)
     cuda_emu::launch(4 * D, 256, 0, [&] { rows::norm_grad_reduce_kernel<D>(P, partials.data(), n_blocks); });
@@ -169,4 +181,5 @@ extern "C" int emu_attention(const EmuSpec* s, int backward) {
   return s->dtype == 0 ? run_dtype<__half>(*s, backward != 0) : run_dtype<__nv_bfloat16>(*s, backward != 0);
 }
 extern "C" void emu_set_sm90_forward(int mode) { g_sm90_forward = mode; }
+extern "C" void emu_set_sm90_backward(int on) { g_sm90_backward = on; }
 extern "C" int emu_spec_size() { return int(sizeof(EmuSpec)); }

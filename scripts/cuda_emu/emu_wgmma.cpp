@@ -6,16 +6,16 @@ using namespace cogkern::sm90;
 
 namespace {
 template <typename T, int D>
-void run(const uint16_t* q, const uint16_t* k, const uint16_t* v, float* s, float* o) {
+void run(const uint16_t* q, const uint16_t* k, const uint16_t* v, float* s, float* o, float* u) {
   cuda_emu::launch(1, kWarpgroupThreads, selftest_smem_bytes(D),
-                   [&] { wgmma_selftest_body<T, D>(q, k, v, s, o, cuda_emu::dynamic_smem()); });
+                   [&] { wgmma_selftest_body<T, D>(q, k, v, s, o, u, cuda_emu::dynamic_smem()); });
 }
 }  // namespace
 
 extern "C" int emu_wgmma_selftest(const uint16_t* q, const uint16_t* k, const uint16_t* v, float* s, float* o,
-                                  int head_dim, int bf16) {
-  if (head_dim == 64) bf16 ? run<__nv_bfloat16, 64>(q, k, v, s, o) : run<__half, 64>(q, k, v, s, o);
-  else if (head_dim == 128) bf16 ? run<__nv_bfloat16, 128>(q, k, v, s, o) : run<__half, 128>(q, k, v, s, o);
+                                  float* u, int head_dim, int bf16) {
+  if (head_dim == 64) bf16 ? run<__nv_bfloat16, 64>(q, k, v, s, o, u) : run<__half, 64>(q, k, v, s, o, u);
+  else if (head_dim == 128) bf16 ? run<__nv_bfloat16, 128>(q, k, v, s, o, u) : run<__half, 128>(q, k, v, s, o, u);
   else return 1;
   return 0;
 }

@@ -215,24 +215,25 @@ def rule_suite(lib):
 
 def wgmma_suite(lib):
     """The Hopper wgmma building blocks (csrc/kernels/sm90_wgmma.cuh) on their
-    conformance tile: S = Q K^T (shared-memory operands, K-major) and
-    O = 16bit(S) V (A from registers, V MN-major), against torch in fp32."""
+    conformance tile: S = Q K^T (shared-memory operands, K-major),
+    O = 16bit(S) V (A from registers, V MN-major) and U = V[:, :64]^T V (A and B
+    MN-major), against torch in fp32."""
     fails = 0
     lib.emu_wgmma_selftest.restype = ctypes.c_int
-    lib.emu_wgmma_selftest.argtypes = [P, P, P, P, P, I32, I32]
+    lib.emu_wgmma_selftest.argtypes = [P, P, P, P, P, P, I32, I32]
     for dtype in (torch.bfloat16, torch.float16):
         for d in (64, 128):
             q, k, v = (torch.randn(64, d).to(dtype).contiguous() for _ in range(3))
             s = torch.empty(64, 64)
-            o = torch.empty(64, d)
-            rc = lib.emu_wgmma_selftest(ptr(q), ptr(k), ptr(v), ptr(s), ptr(o), d, int(dtype == torch.bfloat16))
-            s_ref = q.float() @ k.float().T
-            o_ref = s.to(dtype).float() @ v.float()
-            es = (s - s_ref).abs().max().item() / s_ref.abs().max().item()
-            eo = (o - o_ref).abs().max().item() / o_ref.abs().max().item()
-            ok = rc == 0 and es < 1e-5 and eo < 1e-5
-            print(f"{'ok  ' if ok else 'FAIL'} wgmma tile {str(dtype)[6:]} D={d}: S rel err {es:.1e}, O rel err {eo:.1e}",
-                  flush=True)
+            o, u = torch.empty(64, d), torch.empty(64, d)
+            rc = lib.emu_wgmma_selftest(ptr(q), ptr(k), ptr(v), ptr(s), ptr(o), ptr(u), d,
+                                        int(dtype == torch.bfloat16))
+            refs = {"S": (s, q.float() @ k.float().T), "O": (o, s.to(dtype).float() @ v.float()),
+                    "U": (u, v[:, :64].float().T @ v.float())}
+            errs = {n: (x - r).abs().max().item() / r.abs().max().item() for n, (x, r) in refs.items()}
+            ok = rc == 0 and all(e < 1e-5 for e in errs.values())
+            print(f"{'ok  ' if ok else 'FAIL'} wgmma tile {str(dtype)[6:]} D={d}: "
+                  + ", ".join(f"{n} rel err {e:.1e}" for n, e in errs.items()), flush=True)
             fails += not ok
     return fails
 
@@ -304,17 +305,21 @@ def main():
     ]
     if not args.quick:
         sm90_cases += [
-            (torch.float16, 64, 300, 22, 1, 1, True, "layer_norm", "angles", False),
+            (torch.float16, 64, 300, 22, 1, 1, True, "layer_norm", "angles", True),
             (torch.bfloat16, 128, 17, 3, 2, 1, False, None, "table", True),
             (torch.bfloat16, 64, 1, 0, 1, 2, False, "layer_norm", "none", False),
         ]
+    # The Hopper backward (flash_bwd_sm90_kernel.cuh) runs with the pipelined
+    # forward: several query tiles, tails, causal, atomic and deterministic dq^.
     try:
-        for mode, label in ((1, "[sm90 fwd] "), (2, "[sm90 fwd, pipelined] ")):
-            lib.emu_set_sm90_forward(mode)
+        for fwd, bwd, label in ((1, 0, "[sm90 fwd] "), (2, 1, "[sm90 fwd, pipelined + sm90 bwd] ")):
+            lib.emu_set_sm90_forward(fwd)
+            lib.emu_set_sm90_backward(bwd)
             for case in sm90_cases:
                 fails += not check_case(lib, case, label=label)
     finally:
         lib.emu_set_sm90_forward(0)
+        lib.emu_set_sm90_backward(0)
     # NaN in one q row: that row's output is NaN, nothing else (mma.sync, then both sm90 schedules).
     c = make_case(1, 40, 2, 64, 0, "layer_norm", "none")
     c["q"][0, 7, 1, 3] = float("nan")
