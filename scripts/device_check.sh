@@ -71,12 +71,13 @@ python3 -c "import cogkern; print(cogkern.build_info())" >>"$work/env.txt" 2>&1
 step cuda_tests 180 python3 -m pytest tests -q -m "cuda and not sm90" --junitxml="$work/cuda_tests.xml" -p no:cacheprovider
 step sm90_tests 120 python3 -m pytest tests -q -m sm90 --junitxml="$work/sm90_tests.xml" -p no:cacheprovider
 grep -hE "^(FAILED|ERROR)" "$work/cuda_tests.log" "$work/sm90_tests.log" 2>/dev/null | head -40 >"$work/cuda_failures.txt" || true
+# The numbers next (an issue closes on tests and measurements), then the diagnostics.
+step benchmarks 150 python3 -m benchmarks.run --quick --out "$work/bench"
+step bench_sm90 60 python3 -m benchmarks.bench_attention --quick --sm90 --json "$work/bench_sm90.json"
 step attention_check 90 env PYTHONPATH=tests python3 scripts/attention_cuda_check.py --quick
 step memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 3 python3 scripts/sanitize_cases.py --only rope,optimizer,attention
 step racecheck 60 compute-sanitizer --tool racecheck --error-exitcode 3 python3 scripts/sanitize_cases.py --only rope,attention
 step sm90_sanitize 60 compute-sanitizer --tool memcheck --error-exitcode 3 python3 scripts/sanitize_cases.py --only wgmma
-step benchmarks 150 python3 -m benchmarks.run --quick --out "$work/bench"
-step bench_sm90 60 python3 -m benchmarks.bench_attention --quick --sm90 --json "$work/bench_sm90.json"
 step sm90_racecheck 45 compute-sanitizer --tool racecheck --error-exitcode 3 python3 scripts/sanitize_cases.py --only wgmma
 if command -v ncu >/dev/null; then
   step ncu_attention 60 profiling/ncu.sh --what attention --set full --out "$work"

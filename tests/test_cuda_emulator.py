@@ -1,8 +1,9 @@
 """The CUDA attention kernels' own source, run on the CPU under scripts/cuda_emu's
 thread-level emulator (PTX fragments as the ISA defines them): the 2x error rule,
 deterministic backward, NaN propagation; and the Hopper wgmma building blocks'
-conformance tile (descriptors, swizzle, fragments; csrc/kernels/sm90_wgmma.cuh). Catches indexing, masking and
-synchronization-order bugs between GPU runs; real PTX semantics and timing still
+conformance tile (descriptors, swizzle, fragments; csrc/kernels/sm90_wgmma.cuh); the optimizer's CUDA kernels
+against the CPU backend, bit for bit. Catches indexing, masking and
+synchronization-order bugs between GPU runs (with an adversarial schedule that lets one group run behind); real PTX semantics and timing still
 need the GPU (scripts/device_check.sh)."""
 import os
 import shutil
@@ -18,7 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to build the emulator")
 def test_attention_kernels_under_the_emulator():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "tests"), os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "cuda_emu", "run_emu.py"), "--quick"],
-                         capture_output=True, text=True, timeout=1200, cwd=ROOT, env=env)
+    # --laggard: one warp / warpgroup per block runs behind, so a missing barrier fails.
+    script = os.path.join(ROOT, "scripts", "cuda_emu", "run_emu.py")
+    out = subprocess.run([sys.executable, script, "--quick", "--laggard"], capture_output=True, text=True, timeout=1200, cwd=ROOT, env=env)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert "\n0 failed" in out.stdout, out.stdout[-4000:]

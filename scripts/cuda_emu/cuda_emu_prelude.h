@@ -11,12 +11,17 @@
 #include <cuda_fp16.h>
 
 #include <atomic>
+#include <algorithm>
 #include <barrier>
+#include <chrono>
+#include <condition_variable>
+#include <cstdlib>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -28,6 +33,8 @@
 #define __launch_bounds__(...)
 #undef __global__
 #define __global__
+#undef __grid_constant__
+#define __grid_constant__
 
 namespace cuda_emu {
 
@@ -53,11 +60,63 @@ struct Block {
   std::vector<std::unique_ptr<Warp>> warps;
   std::vector<std::unique_ptr<WarpGroup>> warpgroups;  // only when the block is whole warpgroups
   std::vector<unsigned char> dyn_smem;
+  // COGKERN_EMU_LAGGARD: __syncthreads entries by threads outside the laggard group, and those done.
+  std::atomic<long> other_arrivals{0};
+  std::atomic<long> others_inside{0};  // of those, now waiting in __syncthreads
+  std::atomic<long> others_done{0};
+  std::mutex lag_mu;
+  std::condition_variable lag_cv;
 };
 inline Block* g_block = nullptr;
 
 inline Warp& my_warp() { return *g_block->warps[tl_thread_idx.x / 32]; }
 inline int my_lane() { return int(tl_thread_idx.x % 32); }
+
+inline unsigned char* dynamic_smem() { return g_block->dyn_smem.data(); }
+
+// COGKERN_EMU_LAGGARD=1: an adversarial schedule. In each block one group of
+// threads (a warpgroup, or a warp in blocks that are not whole warpgroups;
+// block b picks group b % groups) runs behind: at each __syncthreads exit,
+// cp.async wait and wgmma wait it pauses until every other thread of the block
+// waits in __syncthreads (or 2 s have passed). The others run as far ahead
+// as the barriers let them, so a group reading shared memory that another
+// group writes without a barrier in between reads stale data, and the checks
+// fail. Blocks alternate the laggard, so both sides of each exchange lag once.
+inline unsigned lag_group_size() { return g_block->warpgroups.empty() ? 32u : 128u; }
+inline bool laggard_schedule() {
+  static const bool on = std::getenv("COGKERN_EMU_LAGGARD") != nullptr;
+  return on;
+}
+inline bool is_laggard() {
+  if (!laggard_schedule()) return false;
+  const unsigned size = lag_group_size(), groups = (g_block_dim.x + size - 1) / size;
+  return groups > 1 && tl_thread_idx.x / size == tl_block_idx.x % groups;
+}
+// Threads outside the laggard group, in this block.
+inline long lag_others() {
+  const unsigned size = lag_group_size(), groups = (g_block_dim.x + size - 1) / size, lag = tl_block_idx.x % groups;
+  return long(g_block_dim.x) - long(std::min(g_block_dim.x, (lag + 1) * size) - lag * size);
+}
+// A thread outside the laggard group entered a barrier or finished: when that
+// makes all of them wait or be done, wake the laggard.
+inline void note_progress() {
+  if (!laggard_schedule()) return;
+  if (g_block->others_inside.load() + g_block->others_done.load() < lag_others()) return;
+  { const std::lock_guard<std::mutex> lock(g_block->lag_mu); }  // no lost wake-up
+  g_block->lag_cv.notify_all();
+}
+inline thread_local long tl_barriers_passed = 0;  // by this (laggard) thread, in this block
+inline void lag() {
+  if (!is_laggard()) return;
+  const long others = lag_others();
+  // Every other thread waits in the next barrier (it has entered tl_barriers_passed + 1) or is done.
+  const auto ahead = [&] {
+    return g_block->other_arrivals.load() >= others * (tl_barriers_passed + 1) - g_block->others_done.load();
+  };
+  // The time limit only guards against a kernel whose groups also wait for each other some other way.
+  std::unique_lock<std::mutex> lock(g_block->lag_mu);
+  g_block->lag_cv.wait_for(lock, std::chrono::seconds(2), ahead);
+}
 
 // Runs body() as grid x threads GPU threads with `smem` bytes of dynamic shared memory.
 inline void launch(unsigned grid, unsigned threads, size_t smem, const std::function<void()>& body) {
@@ -78,14 +137,16 @@ inline void launch(unsigned grid, unsigned threads, size_t smem, const std::func
         tl_block_idx = {b, 0, 0};
         tl_thread_idx = {t, 0, 0};
         body();
+        if (!is_laggard()) {
+          g_block->others_done.fetch_add(1);
+          note_progress();
+        }
       });
     }
     for (auto& th : pool) th.join();
     g_block = nullptr;
   }
 }
-
-inline unsigned char* dynamic_smem() { return g_block->dyn_smem.data(); }
 
 }  // namespace cuda_emu
 
@@ -94,7 +155,21 @@ inline unsigned char* dynamic_smem() { return g_block->dyn_smem.data(); }
 #define blockDim (::cuda_emu::g_block_dim)
 #define gridDim (::cuda_emu::g_grid_dim)
 
-inline void __syncthreads() { ::cuda_emu::g_block->bar->arrive_and_wait(); }
+inline void __syncthreads() {
+  auto& blk = *::cuda_emu::g_block;
+  const bool laggard = ::cuda_emu::is_laggard();
+  if (!laggard) {
+    blk.other_arrivals.fetch_add(1);
+    blk.others_inside.fetch_add(1);
+    ::cuda_emu::note_progress();
+  }
+  blk.bar->arrive_and_wait();
+  if (!laggard) blk.others_inside.fetch_sub(1);
+  if (laggard) {
+    ++::cuda_emu::tl_barriers_passed;
+    ::cuda_emu::lag();  // COGKERN_EMU_LAGGARD
+  }
+}
 inline void __syncwarp(unsigned = 0xffffffffu) { ::cuda_emu::my_warp().bar.arrive_and_wait(); }
 
 template <typename T>
@@ -106,6 +181,19 @@ inline T __shfl_xor_sync(unsigned, T v, int lane_mask) {
   w.bar.arrive_and_wait();
   T r;
   std::memcpy(&r, w.slot[lane ^ lane_mask], sizeof(T));
+  w.bar.arrive_and_wait();
+  return r;
+}
+
+template <typename T>
+inline T __shfl_down_sync(unsigned, T v, unsigned delta) {
+  auto& w = ::cuda_emu::my_warp();
+  const int lane = ::cuda_emu::my_lane();
+  static_assert(sizeof(T) <= 64);
+  std::memcpy(w.slot[lane], &v, sizeof(T));
+  w.bar.arrive_and_wait();
+  T r = v;  // lanes past the end keep their own value, as on the GPU
+  if (lane + int(delta) < 32) std::memcpy(&r, w.slot[lane + int(delta)], sizeof(T));
   w.bar.arrive_and_wait();
   return r;
 }

@@ -166,6 +166,7 @@ inline void cp_async_commit() {
 }
 template <int N>
 inline void cp_async_wait() {
+  lag();  // COGKERN_EMU_LAGGARD
   while (tl_groups.size() > size_t(N)) {
     for (const AsyncCopy& c : tl_groups.front()) {
       if (c.valid)

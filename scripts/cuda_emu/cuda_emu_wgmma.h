@@ -125,6 +125,7 @@ inline void wgmma_commit() {
   tl_wgmma_open.clear();
 }
 inline void wgmma_wait(int n) {
+  lag();  // COGKERN_EMU_LAGGARD
   while (tl_wgmma_groups.size() > size_t(n)) {
     for (const WgmmaOp& op : tl_wgmma_groups.front()) wgmma_perform(op);
     tl_wgmma_groups.erase(tl_wgmma_groups.begin());

@@ -1,9 +1,15 @@
 """Runs the CUDA fused attention's kernels on the CPU under a thread-level
 emulator and checks them like the GPU acceptance run: FlashAttention's 2x
 rule against an fp32 reference for the output, lse and every gradient,
-bitwise determinism of the deterministic backward, NaN propagation.
+bitwise determinism of the deterministic backward, NaN propagation. Also the
+optimizer's CUDA kernels against the CPU backend (bit for bit).
 
     PYTHONPATH=python:tests python scripts/cuda_emu/run_emu.py [--quick]
+
+Missing barriers between one group's shared-memory writes and another's
+reads: --laggard (COGKERN_EMU_LAGGARD=1, cuda_emu_prelude.h) makes one warp or
+warpgroup per block run behind the others as far as the barriers allow, so a
+read that races a write reads stale data and fails the checks.
 
 Out-of-bounds global (and scratch) accesses: build with AddressSanitizer,
     COGKERN_EMU_ASAN=1 ASAN_OPTIONS=detect_leaks=0 LD_PRELOAD=$(gcc -print-file-name=libasan.so) \
@@ -42,7 +48,8 @@ def build(out_dir="/tmp/cogkern_cuda_emu"):
     sanitize = ["-fsanitize=address", "-fno-omit-frame-pointer"] if os.environ.get("COGKERN_EMU_ASAN") else []
     cmd = ["g++", "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-w", "-DCOGKERN_CUDA_EMULATION", *sanitize,
            "-include", os.path.join(HERE, "cuda_emu_prelude.h"), "-I", os.path.join(ROOT, "csrc"), "-I", HERE,
-           "-I", cuda_inc, os.path.join(HERE, "emu_attention.cpp"), os.path.join(HERE, "emu_wgmma.cpp"),
+           "-ffp-contract=off", "-I", cuda_inc, os.path.join(HERE, "emu_attention.cpp"), os.path.join(HERE, "emu_wgmma.cpp"),
+           os.path.join(HERE, "emu_optim.cpp"),
            "-o", lib + ".tmp"]
     subprocess.run(cmd, check=True)
     os.replace(lib + ".tmp", lib)  # a running emulator keeps its (unlinked) copy
@@ -238,6 +245,115 @@ def wgmma_suite(lib):
     return fails
 
 
+class EmuOptTensor(ctypes.Structure):
+    _fields_ = [("param", P), ("grad", P), ("exp_avg", P), ("exp_avg_sq", P), ("master", P), ("step", P),
+                ("numel", I64), ("group", I32), ("rng_id", ctypes.c_uint32)]
+
+
+class EmuOptSpec(ctypes.Structure):
+    _fields_ = [("num_tensors", I32), ("tensors", ctypes.POINTER(EmuOptTensor)), ("num_groups", I32),
+                ("lr", P), ("beta1", P), ("beta2", P), ("eps", P), ("weight_decay", P), ("dtype", I32), ("mode", I32),
+                ("scale", P), ("max_norm", F64), ("check", I32), ("seed", ctypes.c_uint64), ("step_scalars", P),
+                ("grid", I32)]
+
+
+def optim_state(dtype, master, sizes, g):
+    """Params (one a misaligned view), grads, moments mid-training, steps: a fresh copy each call."""
+    state = []
+    for i, n in enumerate(sizes):
+        base = torch.randn(n + 1, generator=g).to(dtype)
+        p = base[1:] if i == 2 else base[:n]  # tensor 2 starts one element in: no vector access
+        grad = (torch.randn(n, generator=g) * 3).to(dtype)
+        m = torch.randn(n, generator=g) * 0.1
+        v = torch.rand(n, generator=g) * 0.01
+        mw = p.float() + torch.randn(n, generator=g) * 1e-4 if master else None
+        state.append(dict(p=p, g=grad, m=m, v=v, master=mw, step=torch.tensor([4.0])))
+    return state
+
+
+def clone_state(state):
+    return [{k: (None if t is None else t.clone()) for k, t in d.items()} for d in state]
+
+
+def optim_suite(lib):
+    """The optimizer's CUDA kernels (csrc/kernels/adamw_kernels.cuh: grad check with its block
+    reduction, finalize, multi-tensor update, step advance) against the CPU backend's ops on the same
+    data: params, moments, master weights and steps bit for bit (within an ulp where the clip
+    coefficient enters, since the grad norm's summation order differs), skipped steps untouched."""
+    import cogkern  # noqa: F401  (registers the ops)
+
+    lib.emu_adamw_step.restype = ctypes.c_int
+    fails = 0
+    sizes = [1, 37, 32768 + 5, 70001, 4, 1000]
+    configs = [  # name, dtype, mode (0 plain, 1 master, 2 stochastic), scale, max_norm, inf in a grad
+        ("fp32", torch.float32, 0, None, 0.0, False),
+        ("fp16 + master, loss scale", torch.float16, 1, 1024.0, 0.0, False),
+        ("bf16 + master, clip", torch.bfloat16, 1, None, 1.0, False),
+        ("bf16 stochastic rounding, loss scale", torch.bfloat16, 2, 256.0, 0.0, False),
+        ("fp16 plain", torch.float16, 0, None, 0.0, False),
+        ("fp16 + master, overflow", torch.float16, 1, 1024.0, 0.0, True),
+    ]
+    dtype_code = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
+    for name, dtype, mode, scale, max_norm, inject in configs:
+        g = torch.Generator().manual_seed(7)
+        state = optim_state(dtype, mode == 1, sizes, g)
+        if inject:
+            state[3]["g"][12345] = float("inf")
+        groups = [0, 1, 0, 1, 1, 0]
+        hyper = dict(lr=[1e-3, 3e-4], beta1=[0.9, 0.8], beta2=[0.999, 0.99], eps=[1e-8, 1e-6], weight_decay=[1e-2, 0.0])
+        check = scale is not None or max_norm > 0
+        scale_t = None if scale is None else torch.tensor([scale])
+        orig = clone_state(state)
+
+        # The CPU backend.
+        cpu = clone_state(state)
+        scalars_cpu = torch.zeros(4)
+        if check:
+            torch.ops.cogkern.amp_grad_check_([d["g"] for d in cpu], scale_t, None, max_norm, True, False, scalars_cpu)
+        torch.ops.cogkern.fused_adamw_(
+            [d["p"] for d in cpu], [d["g"] for d in cpu], [d["m"] for d in cpu], [d["v"] for d in cpu],
+            [d["master"] for d in cpu] if mode == 1 else [], [d["step"] for d in cpu], groups, list(range(len(sizes))),
+            hyper["lr"], [None, None], hyper["beta1"], hyper["beta2"], hyper["eps"], hyper["weight_decay"],
+            scalars_cpu if check else None, 1234, mode == 2)
+
+        # The CUDA kernels, emulated.
+        emu = clone_state(state)
+        scalars_emu = torch.zeros(4)
+        arr = (EmuOptTensor * len(sizes))()
+        for i, d in enumerate(emu):
+            arr[i] = EmuOptTensor(ptr(d["p"]), ptr(d["g"]), ptr(d["m"]), ptr(d["v"]), ptr(d["master"]), ptr(d["step"]),
+                                  d["p"].numel(), groups[i], i)
+        hyper_t = {k: torch.tensor(v, dtype=torch.float64) for k, v in hyper.items()}
+        spec = EmuOptSpec(len(sizes), arr, 2, *(ptr(hyper_t[k]) for k in ("lr", "beta1", "beta2", "eps", "weight_decay")),
+                          dtype_code[dtype], mode, ptr(scale_t), max_norm, int(check), 1234, ptr(scalars_emu), 3)
+        rc = lib.emu_adamw_step(ctypes.byref(spec))
+
+        bad = [] if rc == 0 else [f"rc {rc}"]
+        if check and not torch.allclose(scalars_emu, scalars_cpu, rtol=1e-5, atol=0):
+            bad.append(f"step scalars {scalars_emu.tolist()} vs {scalars_cpu.tolist()}")
+        exact = max_norm == 0
+        for i, (a, b, o) in enumerate(zip(emu, cpu, orig)):
+            for k in ("p", "m", "v", "master", "step"):
+                if a[k] is None:
+                    continue
+                if inject and not torch.equal(a[k], o[k]):
+                    bad.append(f"tensor {i} {k} changed on a skipped step")
+                elif exact and not torch.equal(a[k], b[k]):
+                    bad.append(f"tensor {i} {k}: {int((a[k] != b[k]).sum())} elements differ from the CPU backend")
+                elif not exact:
+                    tol = 1e-5 if a[k].dtype == torch.float32 else (1e-2 if a[k].dtype == torch.bfloat16 else 1e-3)
+                    if not torch.allclose(a[k].float(), b[k].float(), rtol=tol, atol=1e-6):
+                        bad.append(f"tensor {i} {k}: beyond an ulp of the CPU backend")
+        if not inject and torch.equal(emu[3]["p"], orig[3]["p"]):
+            bad.append("params did not change")
+        verdict = ("skipped step: state untouched, as on the CPU" if inject else
+                   "= CPU backend bit for bit" if exact else "= CPU backend, within an ulp where the clip enters")
+        print(f"{'ok  ' if not bad else 'FAIL'} optimizer kernels, {name}: {'; '.join(bad[:4]) if bad else verdict}",
+              flush=True)
+        fails += bool(bad)
+    return fails
+
+
 def check_case(lib, case, label=""):
     """One (forward, backward) emulator run against the fp32 reference and eager in the same dtype: 2x rule."""
     dtype, d, s, text, b, h, causal, norm, rope_mode, det = case
@@ -269,8 +385,12 @@ def check_case(lib, case, label=""):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--laggard", action="store_true",
+                    help="adversarial schedule: one group per block runs behind the others (missing barriers fail)")
     ap.add_argument("--rule", action="store_true", help="only the tests/attention_rule.py suite")
     args = ap.parse_args()
+    if args.laggard:
+        os.environ["COGKERN_EMU_LAGGARD"] = "1"  # read by the emulator at run time
     lib = build()
     if args.rule:
         fails = rule_suite(lib)
@@ -293,7 +413,7 @@ def main():
         cases = cases[:2]
     # Lazy cp.async (see cuda_emu_ptx.h) makes a missing wait visible: verified by
     # mutating a cp_async_wait<1> into <2>, which fails every case.
-    fails = wgmma_suite(lib)
+    fails = wgmma_suite(lib) + optim_suite(lib)
     for case in cases:
         fails += not check_case(lib, case)
     # The Hopper (wgmma) forward (flash_fwd_sm90_kernel.cuh), both schedules, then
