@@ -1,10 +1,11 @@
-"""The CUDA attention kernels' own source, run on the CPU under scripts/cuda_emu's
-thread-level emulator (PTX fragments as the ISA defines them): the 2x error rule,
-deterministic backward, NaN propagation; and the Hopper wgmma building blocks'
-conformance tile (descriptors, swizzle, fragments; csrc/kernels/sm90_wgmma.cuh); the optimizer's CUDA kernels
-against the CPU backend, bit for bit. Catches indexing, masking and
-synchronization-order bugs between GPU runs (with an adversarial schedule that lets one group run behind); real PTX semantics and timing still
-need the GPU (scripts/device_check.sh)."""
+"""The CUDA kernels' own source, run on the CPU under scripts/cuda_emu's thread-level
+emulator (PTX fragments as the ISA defines them): for the attention kernels the 2x
+error rule, the deterministic backward, NaN propagation; the Hopper wgmma building
+blocks' conformance tile (descriptors, swizzle, fragments; csrc/kernels/sm90_wgmma.cuh);
+the optimizer's kernels against the CPU backend, bit for bit. With an adversarial
+schedule (one group per block runs behind), so missing barriers fail too. Catches
+indexing, masking and synchronization bugs between GPU runs; real PTX semantics and
+timing still need the GPU (scripts/device_check.sh)."""
 import os
 import shutil
 import subprocess
