@@ -1,138 +1,26 @@
-// 3D RoPE CUDA kernel: one pass over memory.
-//
-// A block owns a few consecutive tokens. Phase 1: its threads compute the
-// 2x2 mixing coefficients of every (token, channel pair) into shared memory
-// (the math in rope3d.h, shared with the CPU backend). Phase 2: threadIdx.x
-// walks the units of one row (a unit is VEC contiguous elements, i.e. VEC/2
-// interleaved pairs loaded as one 16-byte vector; or one half-split pair),
-// threadIdx.y walks the (batch, token, head) rows, so the trigonometry is paid
-// once per token and amortized over batch * heads rows.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
-#include <algorithm>
-
+// Launcher of the 3D RoPE CUDA kernel (rope3d_kernel.cuh): dtype dispatch.
+#include "kernels/rope3d_kernel.cuh"
 #include "kernels/rope3d_launch.h"
 
 namespace cogkern {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kCoeffSmemBytes = 16 * 1024;
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Vec {
-  T v[N];
-};
-
-// LAYOUT: kVector (VEC-element 16-byte units, interleaved), kPairScalar (one
-// interleaved pair, element loads: for unaligned views), kHalfSplit (one pair
-// (c, c + d/2), element loads).
-enum Layout { kVector = 0, kPairScalar = 1, kHalfSplit = 2 };
-
-template <typename scalar_t, typename table_t, Layout LAYOUT, int VEC>
-__global__ void __launch_bounds__(kThreads) rope3d_kernel(const RopeParams P, int tokens_per_block) {
-  using A = float;
-  extern __shared__ unsigned char smem_raw[];
-  PairCoeffs<A>* coeffs = reinterpret_cast<PairCoeffs<A>*>(smem_raw);
-
-  const int half_d = int(P.head_dim / 2);
-  const int64_t tok0 = P.token_begin + int64_t(blockIdx.x) * tokens_per_block;
-  const int64_t left = P.seq - tok0;
-  const int ntok = left < tokens_per_block ? int(left) : tokens_per_block;
-  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
-  const int nthreads = blockDim.x * blockDim.y;
-
-  for (int i = tid; i < ntok * half_d; i += nthreads) {
-    coeffs[i] = rope_coeffs<A, table_t>(P, tok0 + i / half_d, i % half_d);
-  }
-  __syncthreads();
-
-  const scalar_t* __restrict__ x = static_cast<const scalar_t*>(P.x);
-  scalar_t* out = static_cast<scalar_t*>(P.out);
-  const int units = LAYOUT == kVector ? int(P.head_dim / VEC) : half_d;
-  const int64_t rows = int64_t(ntok) * P.heads * P.batch;
-
-  for (int64_t row = threadIdx.y; row < rows; row += blockDim.y) {
-    const int h = int(row % P.heads);
-    const int64_t r = row / P.heads;
-    const int t = int(r % ntok);
-    const int64_t b = r / ntok;
-    const int64_t s = tok0 + t;
-    const scalar_t* xr = x + b * P.x_stride_b + s * P.x_stride_s + h * P.x_stride_h;
-    scalar_t* yr = out + b * P.out_stride_b + s * P.out_stride_s + h * P.out_stride_h;
-    const PairCoeffs<A>* kr = coeffs + t * half_d;
-
-    for (int u = threadIdx.x; u < units; u += blockDim.x) {
-      if constexpr (LAYOUT == kVector) {
-        Vec<scalar_t, VEC> in = *reinterpret_cast<const Vec<scalar_t, VEC>*>(xr + u * VEC);
-        Vec<scalar_t, VEC> res;
-#pragma unroll
-        for (int k = 0; k < VEC / 2; ++k) {
-          A y0, y1;
-          rope_mix<A>(to_acc<A>(in.v[2 * k]), to_acc<A>(in.v[2 * k + 1]), kr[u * (VEC / 2) + k], &y0, &y1);
-          res.v[2 * k] = from_acc<scalar_t>(y0);
-          res.v[2 * k + 1] = from_acc<scalar_t>(y1);
-        }
-        *reinterpret_cast<Vec<scalar_t, VEC>*>(yr + u * VEC) = res;
-      } else {
-        int c0 = 2 * u, c1 = 2 * u + 1;
-        if constexpr (LAYOUT == kHalfSplit) {
-          const RopePair pr = rope_pair(u, P.axes, false);
-          c0 = pr.c0;
-          c1 = pr.c1;
-        }
-        A y0, y1;
-        rope_mix<A>(to_acc<A>(xr[c0]), to_acc<A>(xr[c1]), kr[u], &y0, &y1);
-        yr[c0] = from_acc<scalar_t>(y0);
-        yr[c1] = from_acc<scalar_t>(y1);
-      }
-    }
-  }
-}
-
-bool aligned_for(const RopeParams& P, int vec, int elem_bytes) {
-  const auto ok = [&](int64_t v) { return v % vec == 0; };
-  const uintptr_t align = uintptr_t(vec) * elem_bytes;
-  return ok(P.head_dim) && ok(P.x_stride_b) && ok(P.x_stride_s) && ok(P.x_stride_h) && ok(P.out_stride_b) &&
-         ok(P.out_stride_s) && ok(P.out_stride_h) && reinterpret_cast<uintptr_t>(P.x) % align == 0 &&
-         reinterpret_cast<uintptr_t>(P.out) % align == 0;
-}
-
 template <typename scalar_t, typename table_t>
 cudaError_t launch_typed(const RopeParams& P, cudaStream_t stream) {
+  const RopeLaunchPlan plan = rope_launch_plan(P, sizeof(scalar_t));
+  if (plan.blocks == 0) return cudaSuccess;
   constexpr int VEC = 16 / sizeof(scalar_t);
-  const int64_t ntokens = P.seq - P.token_begin;
-  if (ntokens <= 0 || P.batch == 0 || P.heads == 0) return cudaSuccess;
-
-  const int half_d = int(P.head_dim / 2);
-  Layout layout = kHalfSplit;
-  if (P.mode == RopeMode::kTable || P.interleaved) {
-    layout = aligned_for(P, VEC, sizeof(scalar_t)) ? kVector : kPairScalar;
-  }
-  const int units = layout == kVector ? int(P.head_dim / VEC) : half_d;
-  const int bx = std::min(units, kThreads);
-  const int by = std::max(1, kThreads / bx);
-
-  // Enough tokens per block that each row-thread gets a few rows, few enough
-  // that the coefficients fit in kCoeffSmemBytes.
-  const int64_t rows_per_token = P.batch * P.heads;
-  const int64_t max_tok = std::max<int64_t>(1, kCoeffSmemBytes / (int64_t(half_d) * sizeof(PairCoeffs<float>)));
-  int64_t tok = ceil_div(4 * by, rows_per_token);
-  tok = std::clamp<int64_t>(tok, 1, std::min<int64_t>(max_tok, ntokens));
-  const int64_t blocks = ceil_div(ntokens, tok);
-  const size_t smem = size_t(tok) * half_d * sizeof(PairCoeffs<float>);
-  const dim3 block(bx, by);
-
-  switch (layout) {
+  const dim3 block(plan.bx, plan.by);
+  const unsigned grid = unsigned(plan.blocks);
+  switch (plan.layout) {
     case kVector:
-      rope3d_kernel<scalar_t, table_t, kVector, VEC><<<unsigned(blocks), block, smem, stream>>>(P, int(tok));
+      rope3d_kernel<scalar_t, table_t, kVector, VEC><<<grid, block, plan.smem, stream>>>(P, plan.tokens_per_block);
       break;
     case kPairScalar:
-      rope3d_kernel<scalar_t, table_t, kPairScalar, 2><<<unsigned(blocks), block, smem, stream>>>(P, int(tok));
+      rope3d_kernel<scalar_t, table_t, kPairScalar, 2><<<grid, block, plan.smem, stream>>>(P, plan.tokens_per_block);
       break;
     case kHalfSplit:
-      rope3d_kernel<scalar_t, table_t, kHalfSplit, 2><<<unsigned(blocks), block, smem, stream>>>(P, int(tok));
+      rope3d_kernel<scalar_t, table_t, kHalfSplit, 2><<<grid, block, plan.smem, stream>>>(P, plan.tokens_per_block);
       break;
   }
   return cudaGetLastError();

@@ -42,7 +42,9 @@ struct Dim {
   unsigned x = 0, y = 0, z = 0;
 };
 inline thread_local Dim tl_thread_idx, tl_block_idx;
+inline thread_local unsigned tl_tid = 0;  // linear thread index in the block (x fastest): warps are cut from it
 inline Dim g_block_dim, g_grid_dim;
+inline unsigned g_block_threads = 0;
 
 struct Warp {
   std::barrier<> bar{32};
@@ -69,8 +71,8 @@ struct Block {
 };
 inline Block* g_block = nullptr;
 
-inline Warp& my_warp() { return *g_block->warps[tl_thread_idx.x / 32]; }
-inline int my_lane() { return int(tl_thread_idx.x % 32); }
+inline Warp& my_warp() { return *g_block->warps[tl_tid / 32]; }
+inline int my_lane() { return int(tl_tid % 32); }
 
 inline unsigned char* dynamic_smem() { return g_block->dyn_smem.data(); }
 
@@ -89,13 +91,13 @@ inline bool laggard_schedule() {
 }
 inline bool is_laggard() {
   if (!laggard_schedule()) return false;
-  const unsigned size = lag_group_size(), groups = (g_block_dim.x + size - 1) / size;
-  return groups > 1 && tl_thread_idx.x / size == tl_block_idx.x % groups;
+  const unsigned size = lag_group_size(), groups = (g_block_threads + size - 1) / size;
+  return groups > 1 && tl_tid / size == tl_block_idx.x % groups;
 }
 // Threads outside the laggard group, in this block.
 inline long lag_others() {
-  const unsigned size = lag_group_size(), groups = (g_block_dim.x + size - 1) / size, lag = tl_block_idx.x % groups;
-  return long(g_block_dim.x) - long(std::min(g_block_dim.x, (lag + 1) * size) - lag * size);
+  const unsigned size = lag_group_size(), groups = (g_block_threads + size - 1) / size, lag = tl_block_idx.x % groups;
+  return long(g_block_threads) - long(std::min(g_block_threads, (lag + 1) * size) - lag * size);
 }
 // A thread outside the laggard group entered a barrier or finished: when that
 // makes all of them wait or be done, wake the laggard.
@@ -118,10 +120,13 @@ inline void lag() {
   g_block->lag_cv.wait_for(lock, std::chrono::seconds(2), ahead);
 }
 
-// Runs body() as grid x threads GPU threads with `smem` bytes of dynamic shared memory.
-inline void launch(unsigned grid, unsigned threads, size_t smem, const std::function<void()>& body) {
+// Runs body() as a grid of `grid` blocks of block_x x block_y GPU threads
+// with `smem` bytes of dynamic shared memory.
+inline void launch(unsigned grid, unsigned block_x, unsigned block_y, size_t smem, const std::function<void()>& body) {
+  const unsigned threads = block_x * block_y;
   g_grid_dim = {grid, 1, 1};
-  g_block_dim = {threads, 1, 1};
+  g_block_dim = {block_x, block_y, 1};
+  g_block_threads = threads;
   for (unsigned b = 0; b < grid; ++b) {
     Block blk;
     blk.bar = std::make_unique<std::barrier<>>(threads);
@@ -135,7 +140,8 @@ inline void launch(unsigned grid, unsigned threads, size_t smem, const std::func
     for (unsigned t = 0; t < threads; ++t) {
       pool.emplace_back([&, b, t] {
         tl_block_idx = {b, 0, 0};
-        tl_thread_idx = {t, 0, 0};
+        tl_thread_idx = {t % block_x, t / block_x, 0};
+        tl_tid = t;
         body();
         if (!is_laggard()) {
           g_block->others_done.fetch_add(1);
@@ -146,6 +152,9 @@ inline void launch(unsigned grid, unsigned threads, size_t smem, const std::func
     for (auto& th : pool) th.join();
     g_block = nullptr;
   }
+}
+inline void launch(unsigned grid, unsigned threads, size_t smem, const std::function<void()>& body) {
+  launch(grid, threads, 1, smem, body);
 }
 
 }  // namespace cuda_emu

@@ -31,7 +31,7 @@ inline WarpGroup& my_warpgroup() {
     std::fprintf(stderr, "cuda_emu: wgmma in a block that is not whole warpgroups\n");
     std::abort();
   }
-  return *g_block->warpgroups[tl_thread_idx.x / 128];
+  return *g_block->warpgroups[tl_tid / 128];
 }
 
 struct WgmmaOp {
@@ -76,7 +76,7 @@ inline void wgmma_issue(float* d, int n, bool bf16, const uint32_t* a_regs, uint
   WgmmaOp op{d, n, bf16, a_regs != nullptr, {}, desc_a, desc_b, trans_a, trans_b, accumulate};
   if (a_regs != nullptr) {  // gather the warpgroup's A registers now (the collective reads them at issue)
     WarpGroup& wg = my_warpgroup();
-    const int t = int(tl_thread_idx.x % 128);
+    const int t = int(tl_tid % 128);
     std::memcpy(wg.slot[t], a_regs, 16);
     wg.bar.arrive_and_wait();
     op.a_regs.resize(128 * 4);
@@ -87,7 +87,7 @@ inline void wgmma_issue(float* d, int n, bool bf16, const uint32_t* a_regs, uint
 }
 
 inline void wgmma_perform(const WgmmaOp& op) {
-  const int t = int(tl_thread_idx.x % 128), w = t / 32, g = (t % 32) / 4, q = t % 4;
+  const int t = int(tl_tid % 128), w = t / 32, g = (t % 32) / 4, q = t % 4;
   float A[64][16];
   if (op.a_in_regs) {
     for (int i = 0; i < 128; ++i) {

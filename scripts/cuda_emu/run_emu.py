@@ -2,7 +2,7 @@
 emulator and checks them like the GPU acceptance run: FlashAttention's 2x
 rule against an fp32 reference for the output, lse and every gradient,
 bitwise determinism of the deterministic backward, NaN propagation. Also the
-optimizer's CUDA kernels against the CPU backend (bit for bit).
+optimizer's and the RoPE op's CUDA kernels against the CPU backend.
 
     PYTHONPATH=python:tests python scripts/cuda_emu/run_emu.py [--quick]
 
@@ -49,7 +49,7 @@ def build(out_dir="/tmp/cogkern_cuda_emu"):
     cmd = ["g++", "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-w", "-DCOGKERN_CUDA_EMULATION", *sanitize,
            "-include", os.path.join(HERE, "cuda_emu_prelude.h"), "-I", os.path.join(ROOT, "csrc"), "-I", HERE,
            "-ffp-contract=off", "-I", cuda_inc, os.path.join(HERE, "emu_attention.cpp"), os.path.join(HERE, "emu_wgmma.cpp"),
-           os.path.join(HERE, "emu_optim.cpp"),
+           os.path.join(HERE, "emu_optim.cpp"), os.path.join(HERE, "emu_rope.cpp"),
            "-o", lib + ".tmp"]
     subprocess.run(cmd, check=True)
     os.replace(lib + ".tmp", lib)  # a running emulator keeps its (unlinked) copy
@@ -354,6 +354,80 @@ def optim_suite(lib):
     return fails
 
 
+class RopeParamsC(ctypes.Structure):  # csrc/kernels/rope3d.h: RopeParams
+    _fields_ = [("x", P), ("out", P), ("batch", I64), ("seq", I64), ("heads", I64), ("head_dim", I64),
+                ("x_stride_b", I64), ("x_stride_s", I64), ("x_stride_h", I64), ("out_stride_b", I64),
+                ("out_stride_s", I64), ("out_stride_h", I64), ("text_len", I64), ("token_begin", I64), ("mode", I32),
+                ("inverse", ctypes.c_bool), ("grid", I32 * 3), ("axes", I32 * 3), ("interleaved", ctypes.c_bool),
+                ("log2_theta", F64), ("positions", P), ("cos", P), ("sin", P), ("table_stride", I64)]
+
+
+def rope_suite(lib):
+    """The 3D RoPE CUDA kernel (csrc/kernels/rope3d_kernel.cuh) with rope3d.cu's launch plan, against the
+    CPU backend's ops: angles (interleaved, half-split with fractional positions, inverse) and tables (fp32
+    and 16-bit), vector and element layouts (a misaligned view), out-of-place and in-place; within one
+    rounding of the output dtype (the CPU backend forms the rotations its own way)."""
+    import cogkern  # noqa: F401  (registers the ops)
+
+    assert lib.emu_rope_params_size() == ctypes.sizeof(RopeParamsC), "RopeParamsC is out of step with RopeParams"
+    lib.emu_rope3d.restype = ctypes.c_int
+    ops = torch.ops.cogkern
+    fails = 0
+    grid, text_len, b, h, d = (3, 4, 5), 7, 2, 3, 64
+    s = text_len + 60
+    cases = [  # name, rope kind, interleaved, axes, positions, inverse, misaligned, inplace, 16-bit table
+        ("angles interleaved", "angles", True, None, False, False, False, False, False),
+        ("angles half-split, positions, inverse", "angles", False, (8, 12, 12), True, True, False, False, False),
+        ("angles interleaved, misaligned view, in place", "angles", True, (16, 24, 24), False, False, True, True,
+         False),
+        ("table fp32", "table", True, None, False, False, False, False, False),
+        ("table in x's dtype, transposed, misaligned view", "table", True, None, False, True, True, False, True),
+    ]
+    layouts = {0: "vector", 1: "pair", 2: "half-split"}
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for name, kind, interleaved, axes, positions, inverse, misaligned, inplace, table_in_dtype in cases:
+            g = torch.Generator().manual_seed(11)
+            base = torch.randn(b, s, h, d + 1, generator=g).to(dtype)
+            x = base[..., 1:] if misaligned else base[..., :d]
+            pos = [torch.rand(n, generator=g) * n for n in grid] if positions else None
+            rope = RoPE3D(grid, d, axes_dims=axes, interleaved=interleaved, positions=pos)
+            prm = RopeParamsC()
+            keep = []
+            if kind == "angles":
+                pos_t = rope.positions_for(x)
+                ref = ops.rope3d(x, pos_t, list(rope.grid), list(rope.axes_dims), rope.theta, rope.interleaved,
+                                 text_len, inverse)
+                prm.mode, prm.interleaved, prm.log2_theta = 0, interleaved, math.log2(rope.theta)
+                prm.grid[:], prm.axes[:] = list(rope.grid), list(rope.axes_dims)
+                prm.positions = ptr(pos_t)
+                keep.append(pos_t)
+            else:
+                cos, sin = table_from(rope, d)
+                if table_in_dtype and dtype != torch.float32:
+                    cos, sin = cos.to(dtype), sin.to(dtype)
+                ref = ops.rope_table(x, cos, sin, text_len, inverse)
+                prm.mode, prm.interleaved = 1, True
+                prm.cos, prm.sin, prm.table_stride = ptr(cos), ptr(sin), cos.stride(0)
+                keep += [cos, sin]
+            xin = x.clone() if not misaligned else base.clone()[..., 1:]
+            out = xin if inplace else torch.full_like(x, float("nan"))
+            prm.x, prm.out = ptr(xin), ptr(out)
+            prm.batch, prm.seq, prm.heads, prm.head_dim = b, s, h, d
+            prm.x_stride_b, prm.x_stride_s, prm.x_stride_h = xin.stride()[:3]
+            prm.out_stride_b, prm.out_stride_s, prm.out_stride_h = out.stride()[:3]
+            prm.text_len, prm.token_begin, prm.inverse = text_len, text_len if inplace else 0, inverse
+            code = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
+            layout = lib.emu_rope3d(ctypes.byref(prm), code[dtype], code[cos.dtype] if kind == "table" else 2)
+            err = ((out.float() - ref.float()).abs() / (ref.float().abs() + 1e-3)).max().item()
+            tol = {torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7, torch.float32: 1e-5}[dtype]
+            ok = layout >= 0 and torch.isfinite(out).all() and err <= tol
+            ok = ok and torch.equal(out[:, :text_len], x[:, :text_len])  # the text tokens pass through
+            print(f"{'ok  ' if ok else 'FAIL'} rope3d kernel {str(dtype)[6:]} {name} [{layouts.get(layout, layout)}]: "
+                  f"max rel diff to the CPU backend {err:.1e}", flush=True)
+            fails += not ok
+    return fails
+
+
 def check_case(lib, case, label=""):
     """One (forward, backward) emulator run against the fp32 reference and eager in the same dtype: 2x rule."""
     dtype, d, s, text, b, h, causal, norm, rope_mode, det = case
@@ -413,7 +487,7 @@ def main():
         cases = cases[:2]
     # Lazy cp.async (see cuda_emu_ptx.h) makes a missing wait visible: verified by
     # mutating a cp_async_wait<1> into <2>, which fails every case.
-    fails = wgmma_suite(lib) + optim_suite(lib)
+    fails = wgmma_suite(lib) + optim_suite(lib) + rope_suite(lib)
     for case in cases:
         fails += not check_case(lib, case)
     # The Hopper (wgmma) forward (flash_fwd_sm90_kernel.cuh), both schedules, then
