@@ -81,6 +81,9 @@ step sm90_sanitize 60 compute-sanitizer --tool memcheck --error-exitcode 3 pytho
 step sm90_racecheck 45 compute-sanitizer --tool racecheck --error-exitcode 3 python3 scripts/sanitize_cases.py --only wgmma
 if command -v ncu >/dev/null; then
   step ncu_attention 60 profiling/ncu.sh --what attention --set full --out "$work"
+  # The opt-in Hopper kernels (wgmma forward, pipelined, and backward): per-kernel times and occupancy.
+  step ncu_sm90 60 env COGKERN_ATTENTION_SM90=2 COGKERN_ATTENTION_SM90_BWD=1 \
+    profiling/ncu.sh --what attention --set basic --out "$work/ncu_sm90"
 fi
 
 {
