@@ -41,6 +41,7 @@ struct Sm90BwdConfig {
   static constexpr int kThreads = kWarpgroups * sm90::kWarpgroupThreads;
   static constexpr int kDqPanels = D / sm90::kPanelCols;  // 64-column panels of dq^, one wgmma each
   static_assert(kDqPanels <= kWarpgroups, "each warpgroup computes at most one dq^ panel per step");
+  static_assert(kBM == sm90::kPanelCols, "dS^T rows (one per key) are single 128-byte swizzled lines");
 };
 
 // Dynamic shared memory: k^ and v tiles, two stages of q^ and dO, the dS^T
