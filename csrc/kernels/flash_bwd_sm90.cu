@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "kernels/flash_bwd_sm90_kernel.cuh"
+#include "kernels/flash_kernel_launch.cuh"
 
 namespace cogkern::flash {
 namespace {
@@ -23,14 +24,8 @@ __global__ void __launch_bounds__(Sm90BwdConfig<D>::kThreads, 1) flash_bwd_sm90_
 template <typename T, int D, bool ATOMIC_DQ>
 cudaError_t launch(const FlashArgs& a, cudaStream_t stream) {
   using C = Sm90BwdConfig<D>;
-  const int64_t blocks = a.batch * a.heads * ceil_div(a.seq, C::kBN);
-  if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  constexpr size_t smem = sm90_bwd_smem_bytes<D>();
-  auto kernel = flash_bwd_sm90_kernel<T, D, ATOMIC_DQ>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-  if (err != cudaSuccess) return err;
-  kernel<<<unsigned(blocks), C::kThreads, smem, stream>>>(a);
-  return cudaGetLastError();
+  return launch_flash_kernel(flash_bwd_sm90_kernel<T, D, ATOMIC_DQ>, a.batch * a.heads * ceil_div(a.seq, C::kBN),
+                             C::kThreads, sm90_bwd_smem_bytes<D>(), a, stream);
 }
 
 }  // namespace

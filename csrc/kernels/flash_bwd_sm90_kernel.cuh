@@ -60,7 +60,6 @@ __device__ __forceinline__ void flash_bwd_sm90_body(const FlashArgs& a, unsigned
   constexpr int kMT = kBM / 8;   // n8 blocks of a 64-key x kBM product (S^T, dP^T)
   constexpr int kDT = D / 8;     // n8 blocks of a 64-key x D product (dv, dk^)
   constexpr int kQS = kBM / 16;  // query slices: the K dimension of dv and dk^
-  using Tr = ElemTraits<T>;
   using MmaS = sm90::Wgmma<kBM, T>;             // S^T, dP^T
   using MmaKV = sm90::Wgmma<D, T>;              // dv, dk^
   using MmaQ = sm90::Wgmma<sm90::kPanelCols, T>;  // one 64-column panel of dq^
@@ -128,18 +127,8 @@ __device__ __forceinline__ void flash_bwd_sm90_body(const FlashArgs& a, unsigned
     // S^T = k^_w q^T and dP^T = v_w dO^T (D / 16 k-slices, 4 per panel), one batch.
     float st[kMT * 4], dpt[kMT * 4];
     sm90::wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks) {
-      const uint32_t panel = uint32_t(ks / 4);
-      MmaS::ss(st, sm90::desc_k_major(k_rows + panel * uint32_t(kBN * 128), ks % 4),
-               sm90::desc_k_major(q_base + panel * uint32_t(kBM * 128), ks % 4), ks > 0);
-    }
-#pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks) {
-      const uint32_t panel = uint32_t(ks / 4);
-      MmaS::ss(dpt, sm90::desc_k_major(v_rows + panel * uint32_t(kBN * 128), ks % 4),
-               sm90::desc_k_major(do_base + panel * uint32_t(kBM * 128), ks % 4), ks > 0);
-    }
+    issue_ss_k_major<MmaS, D>(st, k_rows, kBN * 128, q_base, kBM * 128);
+    issue_ss_k_major<MmaS, D>(dpt, v_rows, kBN * 128, do_base, kBM * 128);
     sm90::wgmma_commit();
     if (it + 1 < n_tiles) load_stats(it + 1);  // its global-load latency hides behind the products
     sm90::wgmma_wait<0>();
@@ -168,14 +157,8 @@ __device__ __forceinline__ void flash_bwd_sm90_body(const FlashArgs& a, unsigned
     }
     // Packed to 16 bits they are the A registers of query slice kk (n8 blocks 2kk, 2kk+1).
     uint32_t pa[kQS][4], dsa[kQS][4];
-#pragma unroll
-    for (int kk = 0; kk < kQS; ++kk) {
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        pa[kk][r] = Tr::pack(st[8 * kk + 2 * r], st[8 * kk + 2 * r + 1]);
-        dsa[kk][r] = Tr::pack(dpt[8 * kk + 2 * r], dpt[8 * kk + 2 * r + 1]);
-      }
-    }
+    pack_a_slices<T>(st, pa);
+    pack_a_slices<T>(dpt, dsa);
     if constexpr (ATOMIC_DQ) {
       // dS^T into its panel, [key][query]: register r of slice kk holds row
       // key_row (+ 8 for r odd), queries 16 kk + 2 t (+ 8 for r >= 2), +1.
@@ -183,19 +166,16 @@ __device__ __forceinline__ void flash_bwd_sm90_body(const FlashArgs& a, unsigned
       for (int kk = 0; kk < kQS; ++kk) {
 #pragma unroll
         for (int r = 0; r < 4; ++r)
-          *reinterpret_cast<uint32_t*>(sdS + sm90::sw128_offset(key_row + (r & 1) * 8, 16 * kk + (r >> 1) * 8 + 2 * t)) =
-              dsa[kk][r];
+          *reinterpret_cast<uint32_t*>(sdS + sm90::sw128_offset(key_row + (r & 1) * 8, 16 * kk + (r >> 1) * 8 + 2 * t))
+              = dsa[kk][r];
       }
       sm90::fence_proxy_async_shared();  // for the dq^ wgmma after the barrier below
     }
 
     // dv_w += P^T dO and dk^_w += dS^T q^: K = the tile's queries, B stored [query][dim] (MN-major).
     sm90::wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kQS; ++kk) {
-      MmaKV::template rs<1>(acc_dv, pa[kk], sm90::desc_mn_major(do_base, kk, uint32_t(kBM * 128)), true);
-      MmaKV::template rs<1>(acc_dk, dsa[kk], sm90::desc_mn_major(q_base, kk, uint32_t(kBM * 128)), true);
-    }
+    issue_rs_mn_major<MmaKV>(acc_dv, pa, do_base, kBM * 128);
+    issue_rs_mn_major<MmaKV>(acc_dk, dsa, q_base, kBM * 128);
     sm90::wgmma_commit();
 
     if constexpr (ATOMIC_DQ) {

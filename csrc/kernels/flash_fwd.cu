@@ -1,6 +1,7 @@
 // Launcher and instantiations of the flash-attention forward (kernel:
 // flash_fwd_kernel.cuh).
 #include "kernels/flash_fwd_kernel.cuh"
+#include "kernels/flash_kernel_launch.cuh"
 
 namespace cogkern::flash {
 
@@ -9,14 +10,9 @@ cudaError_t run_flash_fwd(const FlashArgs& a, cudaStream_t stream) {
   using C = FwdConfig<D>;
   if (a.seq <= 0 || a.batch * a.heads <= 0) return cudaSuccess;
   if (const int mode = sm90_forward_mode<T, D>()) return run_flash_fwd_sm90<T, D>(a, mode == 2, stream);
-  const int64_t blocks = a.batch * a.heads * ceil_div(a.seq, C::kBM);
-  if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  const size_t smem = fwd_smem_bytes<T, D>();
-  auto kernel = flash_fwd_kernel<T, D, C::kBM, C::kBN, C::kWarps>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-  if (err != cudaSuccess) return err;
-  kernel<<<unsigned(blocks), C::kWarps * kWarpSize, smem, stream>>>(a);
-  return cudaGetLastError();
+  return launch_flash_kernel(flash_fwd_kernel<T, D, C::kBM, C::kBN, C::kWarps>,
+                             a.batch * a.heads * ceil_div(a.seq, C::kBM), C::kWarps * kWarpSize, fwd_smem_bytes<T, D>(),
+                             a, stream);
 }
 
 template cudaError_t run_flash_fwd<__half, 64>(const FlashArgs&, cudaStream_t);

@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "kernels/flash_fwd_sm90_kernel.cuh"
+#include "kernels/flash_kernel_launch.cuh"
 
 namespace cogkern::flash {
 namespace {
@@ -24,14 +25,8 @@ __global__ void __launch_bounds__(Sm90FwdConfig<D>::kThreads, 1) flash_fwd_sm90_
 template <typename T, int D, bool PIPELINED>
 cudaError_t launch(const FlashArgs& a, cudaStream_t stream) {
   using C = Sm90FwdConfig<D>;
-  const int64_t blocks = a.batch * a.heads * ceil_div(a.seq, C::kBM);
-  if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  constexpr size_t smem = sm90_fwd_smem_bytes<D, PIPELINED>();
-  auto kernel = flash_fwd_sm90_kernel<T, D, PIPELINED>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-  if (err != cudaSuccess) return err;
-  kernel<<<unsigned(blocks), C::kThreads, smem, stream>>>(a);
-  return cudaGetLastError();
+  return launch_flash_kernel(flash_fwd_sm90_kernel<T, D, PIPELINED>, a.batch * a.heads * ceil_div(a.seq, C::kBM),
+                             C::kThreads, sm90_fwd_smem_bytes<D, PIPELINED>(), a, stream);
 }
 
 }  // namespace

@@ -54,7 +54,6 @@ __device__ __forceinline__ void flash_fwd_sm90_body(const FlashArgs& a, unsigned
   constexpr int kDT = D / 8;    // n8 output blocks
   constexpr int kKS = kBN / 16; // key slices of P V
   constexpr int kVStages = PIPELINED ? 3 : 2;
-  using Tr = ElemTraits<T>;
   using Mma = sm90::Wgmma<kBN, T>;
   using MmaPV = sm90::Wgmma<D, T>;
 
@@ -100,22 +99,13 @@ __device__ __forceinline__ void flash_fwd_sm90_body(const FlashArgs& a, unsigned
 
   // S = q^ k_j^T for this warpgroup's 64 rows (D / 16 k-slices, 4 per panel); issued and committed.
   const auto issue_s = [&](float (&s)[kNT * 4], int j) {
-    const uint32_t k_base = smem_addr(k_stage(j));
-#pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks) {
-      const uint32_t panel = uint32_t(ks / 4);
-      Mma::ss(s, sm90::desc_k_major(q_base + panel * uint32_t(kBM * 128), ks % 4),
-              sm90::desc_k_major(k_base + panel * uint32_t(kBN * 128), ks % 4), ks > 0);
-    }
+    issue_ss_k_major<Mma, D>(s, q_base, kBM * 128, smem_addr(k_stage(j)), kBN * 128);
     sm90::wgmma_commit();
   };
   // O += P V_j: key slice kk's A registers pa[kk]; V (stored [key][dim]) is the
   // MN-major B, its 64-column panels kBN * 128 bytes apart. Issued and committed.
   const auto issue_pv = [&](const uint32_t (&pa)[kKS][4], int j) {
-    const uint32_t v_base = smem_addr(v_stage(j));
-#pragma unroll
-    for (int kk = 0; kk < kKS; ++kk)
-      MmaPV::template rs<1>(acc_o, pa[kk], sm90::desc_mn_major(v_base, kk, uint32_t(kBN * 128)), true);
+    issue_rs_mn_major<MmaPV>(acc_o, pa, smem_addr(v_stage(j)), kBN * 128);
     sm90::wgmma_commit();
   };
   // Masks keys past the sequence end and, when causal, keys after the query;
@@ -169,16 +159,6 @@ __device__ __forceinline__ void flash_fwd_sm90_body(const FlashArgs& a, unsigned
       }
     }
   };
-  // P in the input dtype as A registers: key slice kk = n8 blocks 2kk, 2kk+1.
-  const auto pack_p = [&](const float (&s)[kNT * 4], uint32_t (&pa)[kKS][4]) {
-#pragma unroll
-    for (int kk = 0; kk < kKS; ++kk) {
-      pa[kk][0] = Tr::pack(s[8 * kk + 0], s[8 * kk + 1]);
-      pa[kk][1] = Tr::pack(s[8 * kk + 2], s[8 * kk + 3]);
-      pa[kk][2] = Tr::pack(s[8 * kk + 4], s[8 * kk + 5]);
-      pa[kk][3] = Tr::pack(s[8 * kk + 6], s[8 * kk + 7]);
-    }
-  };
   // Tile j's data has landed for every thread, and both warpgroups are done
   // with the stages the next prefetch overwrites.
   const auto tile_ready = [&](int pending_after) {
@@ -201,7 +181,7 @@ __device__ __forceinline__ void flash_fwd_sm90_body(const FlashArgs& a, unsigned
       sm90::fence_operands(s);
       softmax_step(s, j, alpha, tile_sum);
       rescale(alpha, tile_sum);
-      pack_p(s, pa);  // all A registers written before the fence
+      pack_a_slices<T>(s, pa);  // all A registers written before the fence
       sm90::wgmma_fence();
       issue_pv(pa, j);
       sm90::wgmma_wait<0>();
@@ -220,7 +200,7 @@ __device__ __forceinline__ void flash_fwd_sm90_body(const FlashArgs& a, unsigned
     sm90::fence_operands(s);
     softmax_step(s, 0, alpha, tile_sum);
     rescale(alpha, tile_sum);
-    pack_p(s, pa);
+    pack_a_slices<T>(s, pa);
     for (int j = 1; j < n_tiles; ++j) {
       // Tile j has landed; everyone is past iteration j-1, so k^ stage (j+1)&1
       // (tile j-1's, read by its S) and v stage (j+1)%3 (tile j-2's, read by
@@ -238,7 +218,7 @@ __device__ __forceinline__ void flash_fwd_sm90_body(const FlashArgs& a, unsigned
       sm90::fence_operands(acc_o);
       sm90::fence_operands(pa);
       rescale(alpha, tile_sum);
-      pack_p(s, pa);
+      pack_a_slices<T>(s, pa);
     }
     sm90::wgmma_fence();
     issue_pv(pa, n_tiles - 1);

@@ -1,6 +1,7 @@
 // Shared pieces of the Hopper (wgmma) flash-attention kernels
 // (flash_fwd_sm90_kernel.cuh, flash_bwd_sm90_kernel.cuh): row tiles streamed
-// from global memory into the 128-byte-swizzled panels wgmma reads.
+// from global memory into the 128-byte-swizzled panels wgmma reads, and the
+// two product shapes the kernels issue on them.
 #pragma once
 
 #include "kernels/flash_common.cuh"
@@ -27,6 +28,43 @@ __device__ __forceinline__ void load_panels_async(unsigned char* panels, int64_t
     const T* src = valid ? row_ptr(grow) + col : any_valid;
     unsigned char* panel = panels + (col / sm90::kPanelCols) * (ROWS * 128);
     cp_async_16(smem_addr(panel + sm90::sw128_offset(r, col % sm90::kPanelCols)), src, valid);
+  }
+}
+
+// acc (+)= A B^T over the D / 16 k-slices of two K-major operands kept as
+// 64-column panels (4 slices each): A's 64 rows start at a_rows, B's at
+// b_rows, each operand's next panel a_panel_bytes / b_panel_bytes further.
+// Issued, not committed; the first slice overwrites acc.
+template <typename Mma, int D>
+__device__ __forceinline__ void issue_ss_k_major(float (&acc)[Mma::kRegs], uint32_t a_rows, uint32_t a_panel_bytes,
+                                                 uint32_t b_rows, uint32_t b_panel_bytes) {
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks) {
+    const uint32_t panel = uint32_t(ks / 4);
+    Mma::ss(acc, sm90::desc_k_major(a_rows + panel * a_panel_bytes, ks % 4),
+            sm90::desc_k_major(b_rows + panel * b_panel_bytes, ks % 4), ks > 0);
+  }
+}
+
+// acc += A B over KS k-slices: A from registers (a[kk] holds slice kk), B
+// MN-major (stored [k][n], as v or q^ tiles are) in 64-column panels that
+// start at b_base, panel_bytes apart. Issued, not committed.
+template <typename Mma, int KS>
+__device__ __forceinline__ void issue_rs_mn_major(float (&acc)[Mma::kRegs], const uint32_t (&a)[KS][4], uint32_t b_base,
+                                                  uint32_t panel_bytes) {
+#pragma unroll
+  for (int kk = 0; kk < KS; ++kk) Mma::template rs<1>(acc, a[kk], sm90::desc_mn_major(b_base, kk, panel_bytes), true);
+}
+
+// The fp32 accumulators of n8 blocks 2kk and 2kk + 1 of a 64-row product,
+// packed to 16 bits: the A registers of k-slice kk of the next product (the
+// wgmma accumulator layout is mma.sync's, see sm90_wgmma.cuh).
+template <typename T, int KS>
+__device__ __forceinline__ void pack_a_slices(const float (&acc)[KS * 8], uint32_t (&a)[KS][4]) {
+#pragma unroll
+  for (int kk = 0; kk < KS; ++kk) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) a[kk][r] = ElemTraits<T>::pack(acc[8 * kk + 2 * r], acc[8 * kk + 2 * r + 1]);
   }
 }
 
