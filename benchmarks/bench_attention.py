@@ -99,10 +99,11 @@ def impls_for(device, q, k, v, norms, rope, table, text_len, sm90=False):
     impls = {"cogkern": (lambda: cogkern_attention(q, k, v, norms, rope, text_len), contextlib.nullcontext)}
     if sm90 and device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0):
         # The opt-in Hopper (wgmma) kernels: the two forwards with the mma.sync backward,
-        # then the pipelined forward with the wgmma backward.
+        # then the pipelined forward with the wgmma backward (two or one warpgroups per block).
         for label, env in (("fwd plain", dict(COGKERN_ATTENTION_SM90="1")),
                            ("fwd pipelined", dict(COGKERN_ATTENTION_SM90="2")),
-                           ("fwd pipelined + bwd", dict(COGKERN_ATTENTION_SM90="2", COGKERN_ATTENTION_SM90_BWD="1"))):
+                           ("fwd pipelined + bwd 2wg", dict(COGKERN_ATTENTION_SM90="2", COGKERN_ATTENTION_SM90_BWD="1")),
+                           ("fwd pipelined + bwd 1wg", dict(COGKERN_ATTENTION_SM90="2", COGKERN_ATTENTION_SM90_BWD="2"))):
             impls[f"cogkern (sm90 wgmma {label})"] = (lambda: cogkern_attention(q, k, v, norms, rope, text_len),
                                                      lambda e=env: _env(**e))
     if device.type == "cuda":
@@ -178,7 +179,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None)
     p.add_argument("--sm90", action="store_true",
                    help="also the opt-in Hopper (wgmma) kernels, COGKERN_ATTENTION_SM90=1|2 and "
-                        "COGKERN_ATTENTION_SM90_BWD=1 (H100/H200 only)")
+                        "COGKERN_ATTENTION_SM90_BWD=1|2 (H100/H200 only)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU is available")

@@ -241,15 +241,16 @@ def test_sm90_forward_agrees_with_the_mma_sync_forward(monkeypatch, head_dim, ca
 
 @needs_sm90
 @pytest.mark.sm90
-@pytest.mark.parametrize("forward", ["mma.sync", "sm90-pipelined"])
+@pytest.mark.parametrize("forward, mode", [("mma.sync", "1"), ("sm90-pipelined", "2")],
+                         ids=["mma.sync-fwd-2wg", "sm90-fwd-1wg"])
 @pytest.mark.parametrize("batch, seq, head_dim, text_len, dtype", [
     (1, 1, 64, 0, torch.bfloat16), (2, 17, 128, 0, torch.float16), (1, 1000, 64, 226, torch.bfloat16),
     (1, 4096 + 113, 64, 226, torch.float16), (2, 1000, 128, 226, torch.bfloat16), (1, 4096 + 113, 128, 0, torch.bfloat16),
 ])  # fmt: skip
-def test_sm90_backward_error_rule(monkeypatch, batch, seq, head_dim, text_len, dtype, forward):
-    """COGKERN_ATTENTION_SM90_BWD=1: the wgmma key-tile backward (flash_bwd_sm90_kernel.cuh), after the
-    mma.sync forward and after the pipelined wgmma forward."""
-    monkeypatch.setenv("COGKERN_ATTENTION_SM90_BWD", "1")
+def test_sm90_backward_error_rule(monkeypatch, batch, seq, head_dim, text_len, dtype, forward, mode):
+    """COGKERN_ATTENTION_SM90_BWD=1|2: the wgmma key-tile backward (flash_bwd_sm90_kernel.cuh) with two
+    warpgroups per block after the mma.sync forward, and with one after the pipelined wgmma forward."""
+    monkeypatch.setenv("COGKERN_ATTENTION_SM90_BWD", mode)
     if forward == "sm90-pipelined":
         monkeypatch.setenv("COGKERN_ATTENTION_SM90", "2")
     check_flash_rule(batch, seq, 3, head_dim, text_len, dtype, "cuda")
@@ -257,10 +258,11 @@ def test_sm90_backward_error_rule(monkeypatch, batch, seq, head_dim, text_len, d
 
 @needs_sm90
 @pytest.mark.sm90
+@pytest.mark.parametrize("mode", ["1", "2"], ids=["2wg", "1wg"])
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_sm90_backward_agrees_with_the_mma_sync_backward(monkeypatch, head_dim, causal, deterministic):
+def test_sm90_backward_agrees_with_the_mma_sync_backward(monkeypatch, head_dim, causal, deterministic, mode):
     q, k, v, kwargs = _norm_rope_case(seq=700, head_dim=head_dim, batch=2, heads=3)
     kwargs["causal"] = causal
     grad_out = torch.randn_like(q)
@@ -268,7 +270,7 @@ def test_sm90_backward_agrees_with_the_mma_sync_backward(monkeypatch, head_dim, 
     torch.use_deterministic_algorithms(deterministic)
     try:
         base = _forward_backward(q, k, v, kwargs, grad_out)
-        monkeypatch.setenv("COGKERN_ATTENTION_SM90_BWD", "1")
+        monkeypatch.setenv("COGKERN_ATTENTION_SM90_BWD", mode)
         got = _forward_backward(q, k, v, kwargs, grad_out)
         if deterministic:
             again = _forward_backward(q, k, v, kwargs, grad_out)

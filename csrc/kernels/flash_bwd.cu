@@ -13,8 +13,8 @@ cudaError_t run_flash_bwd(const FlashArgs& a, bool deterministic, cudaStream_t s
   const int64_t bhs = a.batch * a.heads;
   const int64_t kv_blocks = bhs * ceil_div(a.seq, C::kBN);
   cudaError_t err;
-  if (sm90_backward_enabled<T, D>()) {
-    err = run_flash_bwd_kv_sm90<T, D>(a, !deterministic, stream);
+  if (const int mode = sm90_backward_mode<T, D>()) {
+    err = run_flash_bwd_kv_sm90<T, D>(a, mode, !deterministic, stream);
   } else if (deterministic) {
     err = launch_flash_kernel(flash_bwd_kv_kernel<T, D, C::kBM, C::kBN, C::kWarps, false>, kv_blocks,
                               C::kWarps * kWarpSize, bwd_kv_smem_bytes<T, D, false>(), a, stream);

@@ -4,25 +4,25 @@
 // dS = P * (dO v^T - delta) * scale:
 //     dv = P^T dO,   dk^ = dS^T q^,   dq^ = dS k^.
 //
-// Grid: one block per (batch * head, 128 keys); two warpgroups, each owning 64
-// keys whose dv and dk^ stay in fp32 accumulators while the block walks the
-// query tiles (64 rows; q^ and dO double-buffered in swizzled panels, as in the
-// Hopper forward). Per query tile, warpgroup w computes, keys as rows:
+// Grid: one block per (batch * head, 64 keys per warpgroup); each warpgroup
+// keeps the dv and dk^ of its 64 keys in fp32 accumulators while the block
+// walks the query tiles (64 rows; q^ and dO double-buffered in swizzled
+// panels, as in the Hopper forward). Per query tile, warpgroup w computes,
+// keys as rows:
 //     S^T  = k^_w q^T      wgmma, k^_w and q^ K-major from shared memory
 //     dP^T = v_w dO^T      likewise
 //     P^T, dS^T            in registers (the accumulators' layout is mma.sync's)
 //     dv_w  += P^T dO      wgmma, P^T from registers, dO MN-major (as stored)
 //     dk^_w += dS^T q^     wgmma, dS^T from registers, q^ MN-major
 // and, with ATOMIC_DQ, dS^T goes to a swizzled shared panel [key][query] so
-// that one warpgroup per 64 columns of dq^ computes
+// that, per 64 columns of dq^, one warpgroup computes
 //     dq^ += dS k^         wgmma, dS MN-major (transposed) and k^ MN-major
-// over all 128 keys and adds it into the fp32 dq^ buffer with atomics (order-
-// dependent rounding). Without ATOMIC_DQ (deterministic) dq^ comes from the
-// mma.sync dq kernel afterwards. For D = 64 the warpgroups take dq^ turns by
-// query tile; for D = 128 each takes one 64-column panel.
+// over all the block's keys and adds it into the fp32 dq^ buffer with atomics
+// (order-dependent rounding). Without ATOMIC_DQ (deterministic) dq^ comes from
+// the mma.sync dq kernel afterwards.
 // Masking as in flash_bwd_kernel.cuh: P = dS = 0 for key >= seq and, when
 // causal, key > query; query rows past the end load as zeros with lse = +inf.
-// Opt-in until it has run on a GPU (COGKERN_ATTENTION_SM90_BWD=1, see
+// Opt-in until it has run on a GPU (COGKERN_ATTENTION_SM90_BWD=1 or 2, see
 // flash_bwd_sm90.cu); checked on the CPU by the emulator (scripts/cuda_emu).
 // Not yet FA3: no overlap of the softmax with the tensor cores inside a
 // warpgroup, no TMA.
@@ -33,29 +33,35 @@
 
 namespace cogkern::flash {
 
-template <int D>
+// WARPGROUPS per block: 2 (128 keys per block, one block per SM; the two
+// warpgroups share the q^ / dO tiles and split the dq^ product) or 1 (64
+// keys per block, two blocks per SM that run independently of each other, at
+// twice the dq^ atomics). Which is faster is for a GPU to say (the
+// COGKERN_ATTENTION_SM90_BWD modes run both).
+template <int D, int WARPGROUPS>
 struct Sm90BwdConfig {
-  static constexpr int kWarpgroups = 2;
+  static constexpr int kWarpgroups = WARPGROUPS;
   static constexpr int kBN = 64 * kWarpgroups;  // keys per block, 64 per warpgroup
   static constexpr int kBM = 64;                // queries per step: dS^T is one 64-column panel
   static constexpr int kThreads = kWarpgroups * sm90::kWarpgroupThreads;
-  static constexpr int kDqPanels = D / sm90::kPanelCols;  // 64-column panels of dq^, one wgmma each
-  static_assert(kDqPanels <= kWarpgroups, "each warpgroup computes at most one dq^ panel per step");
+  static constexpr int kMinBlocks = 2 / kWarpgroups;      // resident blocks per SM the kernel is built for
+  static constexpr int kDqPanels = D / sm90::kPanelCols;  // 64-column panels of dq^, one wgmma batch each
+  static_assert(WARPGROUPS == 1 || WARPGROUPS == 2, "one or two warpgroups");
   static_assert(kBM == sm90::kPanelCols, "dS^T rows (one per key) are single 128-byte swizzled lines");
 };
 
 // Dynamic shared memory: k^ and v tiles, two stages of q^ and dO, the dS^T
 // panel, two stages of lse / delta, plus 1024 bytes of alignment slack.
-template <int D>
+template <int D, int WARPGROUPS>
 constexpr size_t sm90_bwd_smem_bytes() {
-  using C = Sm90BwdConfig<D>;
+  using C = Sm90BwdConfig<D, WARPGROUPS>;
   return size_t(2 * C::kBN + 4 * C::kBM) * D * 2 + size_t(C::kBN) * C::kBM * 2 + 4 * C::kBM * sizeof(float) +
          sm90::kPanelGroupBytes;
 }
 
-template <typename T, int D, bool ATOMIC_DQ>
+template <typename T, int D, int WARPGROUPS, bool ATOMIC_DQ>
 __device__ __forceinline__ void flash_bwd_sm90_body(const FlashArgs& a, unsigned char* smem_raw) {
-  using C = Sm90BwdConfig<D>;
+  using C = Sm90BwdConfig<D, WARPGROUPS>;
   constexpr int kBM = C::kBM, kBN = C::kBN, kThreads = C::kThreads;
   constexpr int kMT = kBM / 8;   // n8 blocks of a 64-key x kBM product (S^T, dP^T)
   constexpr int kDT = D / 8;     // n8 blocks of a 64-key x D product (dv, dk^)
@@ -179,11 +185,14 @@ __device__ __forceinline__ void flash_bwd_sm90_body(const FlashArgs& a, unsigned
     sm90::wgmma_commit();
 
     if constexpr (ATOMIC_DQ) {
-      __syncthreads();  // both warpgroups' dS^T are in the panel
-      // dq^[m0 .. m0 + 64) panel p += dS k^[:, panel p] over the block's 128 keys.
-      // Warpgroups alternate by step (D = 64) or take one panel each (D = 128).
-      const int p = (wg + it) % C::kWarpgroups;
-      if (p < C::kDqPanels) {
+      __syncthreads();  // every warpgroup's dS^T is in the panel
+      // dq^[m0 .. m0 + 64) panel p += dS k^[:, panel p] over the block's keys.
+      // Panel p goes to warpgroup (p + it) % warpgroups: with two, they
+      // alternate by step (D = 64) or take one panel each (D = 128); one
+      // warpgroup does every panel (at D = 128 ptxas then spills 176 bytes).
+#pragma unroll
+      for (int p = 0; p < C::kDqPanels; ++p) {
+        if ((p + it) % C::kWarpgroups != wg) continue;
         float acc_dq[sm90::kPanelCols / 2];
         sm90::wgmma_fence();
 #pragma unroll

@@ -76,14 +76,15 @@ template <typename T, int D>
 cudaError_t run_flash_bwd(const FlashArgs& a, bool deterministic, cudaStream_t stream);
 
 // The Hopper (wgmma) backward key-tile kernel, flash_bwd_sm90.cu, which
-// run_flash_bwd uses instead of the mma.sync one when sm90_backward_enabled():
-// COGKERN_ATTENTION_SM90_BWD=1 (opt-in until validated on a GPU), a compute
-// capability 9.0 device and sm_90a code in the build. atomic_dq: it also adds
-// dq^ (atomics); otherwise only dv and dk^.
+// run_flash_bwd uses instead of the mma.sync one when sm90_backward_mode() is
+// not 0: COGKERN_ATTENTION_SM90_BWD=1 (two warpgroups per block) or 2 (one
+// warpgroup per block, two blocks per SM), opt-in until validated on a GPU,
+// on a compute capability 9.0 device with sm_90a code in the build.
+// atomic_dq: it also adds dq^ (atomics); otherwise only dv and dk^.
 template <typename T, int D>
-bool sm90_backward_enabled();
+int sm90_backward_mode();
 template <typename T, int D>
-cudaError_t run_flash_bwd_kv_sm90(const FlashArgs& a, bool atomic_dq, cudaStream_t stream);
+cudaError_t run_flash_bwd_kv_sm90(const FlashArgs& a, int mode, bool atomic_dq, cudaStream_t stream);
 
 // True on a compute capability 9.0 device when `kernel` (a __global__
 // function) was compiled from sm_90a code, not JIT-compiled from older PTX.

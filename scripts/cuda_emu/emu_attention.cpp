@@ -43,7 +43,7 @@ struct EmuSpec {
 namespace {
 
 int g_sm90_forward = 0;   // emu_set_sm90_forward: 0 mma.sync, 1 sm90 plain, 2 sm90 pipelined
-int g_sm90_backward = 0;  // emu_set_sm90_backward: 0 mma.sync, 1 the sm90 key-tile kernel
+int g_sm90_backward = 0;  // emu_set_sm90_backward: 0 mma.sync; the sm90 key-tile kernel, 1: two warpgroups, 2: one
 
 BshdTensor bshd(const EmuSpec& s, const void* p) { return {p, s.seq * s.heads * s.head_dim, s.heads * s.head_dim, s.head_dim}; }
 BshdTensorMut bshd_mut(const EmuSpec& s, void* p) { return {p, s.seq * s.heads * s.head_dim, s.heads * s.head_dim, s.head_dim}; }
@@ -95,6 +95,19 @@ AttentionParams params_of(const EmuSpec& s) {
   return P;
 }
 
+template <typename T, int D, int WARPGROUPS>
+void sm90_backward(const AttentionParams& P, const flash::FlashArgs& a, bool deterministic) {
+  using S = flash::Sm90BwdConfig<D, WARPGROUPS>;
+  const unsigned blocks = unsigned(P.batch * P.heads * ceil_div(P.seq, S::kBN));
+  constexpr size_t smem = flash::sm90_bwd_smem_bytes<D, WARPGROUPS>();
+  if (deterministic)
+    cuda_emu::launch(blocks, S::kThreads, smem,
+                     [&] { flash::flash_bwd_sm90_body<T, D, WARPGROUPS, false>(a, cuda_emu::dynamic_smem()); });
+  else
+    cuda_emu::launch(blocks, S::kThreads, smem,
+                     [&] { flash::flash_bwd_sm90_body<T, D, WARPGROUPS, true>(a, cuda_emu::dynamic_smem()); });
+}
+
 template <typename T, typename table_t, int D>
 void run(const EmuSpec& spec, bool backward) {
   const AttentionParams P = params_of(spec);
@@ -137,15 +150,10 @@ void run(const EmuSpec& spec, bool backward) {
   using C = flash::BwdConfig<D>;
   const unsigned kv_blocks = unsigned(P.batch * P.heads * ceil_div(P.seq, C::kBN));
   if (!spec.deterministic) std::fill(dq_hat.begin(), dq_hat.end(), 0.f);
-  if (g_sm90_backward) {  // the Hopper (wgmma) key-tile kernel, as run_flash_bwd picks it
-    using S = flash::Sm90BwdConfig<D>;
-    const unsigned blocks = unsigned(P.batch * P.heads * ceil_div(P.seq, S::kBN));
-    if (spec.deterministic)
-      cuda_emu::launch(blocks, S::kThreads, flash::sm90_bwd_smem_bytes<D>(),
-                       [&] { flash::flash_bwd_sm90_body<T, D, false>(a, cuda_emu::dynamic_smem()); });
-    else
-      cuda_emu::launch(blocks, S::kThreads, flash::sm90_bwd_smem_bytes<D>(),
-                       [&] { flash::flash_bwd_sm90_body<T, D, true>(a, cuda_emu::dynamic_smem()); });
+  if (g_sm90_backward == 1) {  // the Hopper (wgmma) key-tile kernel, as run_flash_bwd picks it
+    sm90_backward<T, D, 2>(P, a, spec.deterministic);
+  } else if (g_sm90_backward == 2) {
+    sm90_backward<T, D, 1>(P, a, spec.deterministic);
   } else if (spec.deterministic) {
     cuda_emu::launch(kv_blocks, C::kWarps * 32, flash::bwd_kv_smem_bytes<T, D, false>(),
                      [&] { flash::flash_bwd_kv_kernel<T, D, C::kBM, C::kBN, C::kWarps, false>(a); });
@@ -181,5 +189,5 @@ extern "C" int emu_attention(const EmuSpec* s, int backward) {
   return s->dtype == 0 ? run_dtype<__half>(*s, backward != 0) : run_dtype<__nv_bfloat16>(*s, backward != 0);
 }
 extern "C" void emu_set_sm90_forward(int mode) { g_sm90_forward = mode; }
-extern "C" void emu_set_sm90_backward(int on) { g_sm90_backward = on; }
+extern "C" void emu_set_sm90_backward(int mode) { g_sm90_backward = mode; }
 extern "C" int emu_spec_size() { return int(sizeof(EmuSpec)); }

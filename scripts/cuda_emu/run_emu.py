@@ -503,10 +503,11 @@ def main():
             (torch.bfloat16, 128, 17, 3, 2, 1, False, None, "table", True),
             (torch.bfloat16, 64, 1, 0, 1, 2, False, "layer_norm", "none", False),
         ]
-    # The Hopper backward (flash_bwd_sm90_kernel.cuh) runs with the pipelined
-    # forward: several query tiles, tails, causal, atomic and deterministic dq^.
+    # The Hopper backward (flash_bwd_sm90_kernel.cuh), one and two warpgroups per
+    # block: several query tiles, tails, causal, atomic and deterministic dq^.
     try:
-        for fwd, bwd, label in ((1, 0, "[sm90 fwd] "), (2, 1, "[sm90 fwd, pipelined + sm90 bwd] ")):
+        for fwd, bwd, label in ((1, 2, "[sm90 fwd + sm90 bwd, 1 warpgroup] "),
+                                (2, 1, "[sm90 fwd, pipelined + sm90 bwd, 2 warpgroups] ")):
             lib.emu_set_sm90_forward(fwd)
             lib.emu_set_sm90_backward(bwd)
             for case in sm90_cases:
@@ -532,4 +533,11 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Leave without interpreter finalization: long runs have crashed (SIGSEGV) in the
+    # garbage collector's traversal of extension modules at exit, after every check had
+    # passed and with AddressSanitizer reporting nothing in the emulated kernels. The
+    # verdict is printed; the exit code must be it.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
