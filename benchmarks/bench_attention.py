@@ -94,18 +94,29 @@ def _env(**values):
                 os.environ[name] = value
 
 
+@contextlib.contextmanager
+def _sm90_kernels(q, expect, **values):
+    """COGKERN_ATTENTION_SM90* set to `values`, and a check that fused_attention really picks the
+    kernels `expect` = (forward, backward) for q: a silent fallback must not be timed under an sm90 name."""
+    with _env(**values):
+        got = tuple(torch.ops.cogkern._attention_cuda_kernels(q))
+        if got != expect:
+            raise RuntimeError(f"kernels (forward, backward) {got} selected, not {expect}: no sm_90a code or not a "
+                               f"compute capability 9.0 GPU")
+        yield
+
+
 def impls_for(device, q, k, v, norms, rope, table, text_len, sm90=False):
     """name -> (callable, context factory); a peer that cannot run is reported by the caller."""
     impls = {"cogkern": (lambda: cogkern_attention(q, k, v, norms, rope, text_len), contextlib.nullcontext)}
     if sm90 and device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0):
         # The opt-in Hopper (wgmma) kernels: the two forwards with the mma.sync backward,
         # then the pipelined forward with the wgmma backward (two or one warpgroups per block).
-        for label, env in (("fwd plain", dict(COGKERN_ATTENTION_SM90="1")),
-                           ("fwd pipelined", dict(COGKERN_ATTENTION_SM90="2")),
-                           ("fwd pipelined + bwd 2wg", dict(COGKERN_ATTENTION_SM90="2", COGKERN_ATTENTION_SM90_BWD="1")),
-                           ("fwd pipelined + bwd 1wg", dict(COGKERN_ATTENTION_SM90="2", COGKERN_ATTENTION_SM90_BWD="2"))):
+        for label, fwd, bwd in (("fwd plain", "1", "0"), ("fwd pipelined", "2", "0"),
+                                ("fwd pipelined + bwd 2wg", "2", "1"), ("fwd pipelined + bwd 1wg", "2", "2")):
+            env = dict(COGKERN_ATTENTION_SM90=fwd, COGKERN_ATTENTION_SM90_BWD=bwd)
             impls[f"cogkern (sm90 wgmma {label})"] = (lambda: cogkern_attention(q, k, v, norms, rope, text_len),
-                                                     lambda e=env: _env(**e))
+                                                     lambda e=env, x=(int(fwd), int(bwd)): _sm90_kernels(q, x, **e))
     if device.type == "cuda":
         from torch.nn.attention import SDPBackend, sdpa_kernel
 

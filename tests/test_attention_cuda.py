@@ -208,6 +208,24 @@ needs_sm90 = pytest.mark.skipif(not (_HAS_CUDA_KERNEL and _HOPPER and _HAS_SM90A
                                 reason="needs a compute capability 9.0 GPU and a build with sm_90a code")
 
 
+def _selected_kernels(head_dim, dtype=torch.bfloat16):
+    """(forward, backward) kernels fused_attention picks now: 0 mma.sync, else the wgmma variant."""
+    q = torch.empty(1, 1, 1, head_dim, device="cuda", dtype=dtype)
+    return tuple(torch.ops.cogkern._attention_cuda_kernels(q))
+
+
+@needs_kernel
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_the_default_kernels_are_the_mma_sync_ones(monkeypatch, head_dim):
+    """The wgmma kernels are opt-in; unknown values of the switches keep the default too."""
+    monkeypatch.delenv("COGKERN_ATTENTION_SM90", raising=False)
+    monkeypatch.delenv("COGKERN_ATTENTION_SM90_BWD", raising=False)
+    assert _selected_kernels(head_dim) == (0, 0)
+    monkeypatch.setenv("COGKERN_ATTENTION_SM90", "yes")
+    monkeypatch.setenv("COGKERN_ATTENTION_SM90_BWD", "3")
+    assert _selected_kernels(head_dim) == (0, 0)
+
+
 @needs_sm90
 @pytest.mark.sm90
 @pytest.mark.parametrize("mode", ["1", "2"], ids=["plain", "pipelined"])
@@ -218,7 +236,9 @@ needs_sm90 = pytest.mark.skipif(not (_HAS_CUDA_KERNEL and _HOPPER and _HAS_SM90A
 def test_sm90_forward_error_rule(monkeypatch, batch, seq, head_dim, text_len, dtype, mode):
     """COGKERN_ATTENTION_SM90=1|2: the wgmma forward (flash_fwd_sm90_kernel.cuh), plain or pipelined,
     and the backward on its out and lse."""
+    monkeypatch.delenv("COGKERN_ATTENTION_SM90_BWD", raising=False)
     monkeypatch.setenv("COGKERN_ATTENTION_SM90", mode)
+    assert _selected_kernels(head_dim, dtype) == (int(mode), 0)  # the wgmma forward really runs
     check_flash_rule(batch, seq, 3, head_dim, text_len, dtype, "cuda")
 
 
@@ -228,9 +248,12 @@ def test_sm90_forward_error_rule(monkeypatch, batch, seq, head_dim, text_len, dt
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_sm90_forward_agrees_with_the_mma_sync_forward(monkeypatch, head_dim, causal, mode):
+    for name in ("COGKERN_ATTENTION_SM90", "COGKERN_ATTENTION_SM90_BWD"):
+        monkeypatch.delenv(name, raising=False)
     q, k, v = (torch.randn(2, 700, 3, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     base, base_lse = cogkern.fused_attention(q, k, v, causal=causal, return_lse=True)
     monkeypatch.setenv("COGKERN_ATTENTION_SM90", mode)
+    assert _selected_kernels(head_dim) == (int(mode), 0)
     out, lse = cogkern.fused_attention(q, k, v, causal=causal, return_lse=True)
     torch.testing.assert_close(lse, base_lse, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out.float(), base.float(), rtol=2e-2, atol=2e-2)
@@ -250,9 +273,11 @@ def test_sm90_forward_agrees_with_the_mma_sync_forward(monkeypatch, head_dim, ca
 def test_sm90_backward_error_rule(monkeypatch, batch, seq, head_dim, text_len, dtype, forward, mode):
     """COGKERN_ATTENTION_SM90_BWD=1|2: the wgmma key-tile backward (flash_bwd_sm90_kernel.cuh) with two
     warpgroups per block after the mma.sync forward, and with one after the pipelined wgmma forward."""
+    monkeypatch.delenv("COGKERN_ATTENTION_SM90", raising=False)
     monkeypatch.setenv("COGKERN_ATTENTION_SM90_BWD", mode)
     if forward == "sm90-pipelined":
         monkeypatch.setenv("COGKERN_ATTENTION_SM90", "2")
+    assert _selected_kernels(head_dim, dtype) == (2 if forward == "sm90-pipelined" else 0, int(mode))
     check_flash_rule(batch, seq, 3, head_dim, text_len, dtype, "cuda")
 
 
@@ -263,6 +288,8 @@ def test_sm90_backward_error_rule(monkeypatch, batch, seq, head_dim, text_len, d
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_sm90_backward_agrees_with_the_mma_sync_backward(monkeypatch, head_dim, causal, deterministic, mode):
+    for name in ("COGKERN_ATTENTION_SM90", "COGKERN_ATTENTION_SM90_BWD"):
+        monkeypatch.delenv(name, raising=False)
     q, k, v, kwargs = _norm_rope_case(seq=700, head_dim=head_dim, batch=2, heads=3)
     kwargs["causal"] = causal
     grad_out = torch.randn_like(q)
@@ -271,6 +298,7 @@ def test_sm90_backward_agrees_with_the_mma_sync_backward(monkeypatch, head_dim, 
     try:
         base = _forward_backward(q, k, v, kwargs, grad_out)
         monkeypatch.setenv("COGKERN_ATTENTION_SM90_BWD", mode)
+        assert _selected_kernels(head_dim) == (0, int(mode))
         got = _forward_backward(q, k, v, kwargs, grad_out)
         if deterministic:
             again = _forward_backward(q, k, v, kwargs, grad_out)

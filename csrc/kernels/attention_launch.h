@@ -40,4 +40,11 @@ cudaError_t launch_attention_forward(const AttentionParams& P, const AttentionSc
 cudaError_t launch_attention_backward(const AttentionParams& P, const AttentionScratch& scratch, bool deterministic,
                                       cudaStream_t stream);
 
+// The kernels launch_attention_forward / _backward pick for this dtype and
+// head dim on the current device, from the build and COGKERN_ATTENTION_SM90 /
+// COGKERN_ATTENTION_SM90_BWD. forward: 0 mma.sync, 1 wgmma (plain), 2 wgmma
+// (pipelined); backward: 0 mma.sync, 1 wgmma (two warpgroups per block),
+// 2 wgmma (one). cudaErrorInvalidValue for an unsupported dtype / head dim.
+cudaError_t attention_kernel_modes(DType dtype, int64_t head_dim, int* forward, int* backward);
+
 }  // namespace cogkern

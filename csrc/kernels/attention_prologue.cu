@@ -100,6 +100,15 @@ struct Backward {
   }
 };
 
+template <typename T, int D>
+struct KernelModes {
+  static cudaError_t run(const AttentionParams&, int* forward, int* backward) {
+    *forward = flash::sm90_forward_mode<T, D>();
+    *backward = flash::sm90_backward_mode<T, D>();
+    return cudaSuccess;
+  }
+};
+
 bool empty_problem(const AttentionParams& P) { return P.batch <= 0 || P.seq <= 0 || P.heads <= 0; }
 
 }  // namespace
@@ -112,6 +121,13 @@ int64_t attention_norm_partial_blocks(const AttentionParams& P) { return ceil_di
 
 bool attention_rows_aligned16(const BshdTensor& t, int64_t elem_bytes) {
   return rows_aligned(t.ptr, t.stride_b, t.stride_s, t.stride_h, elem_bytes, 16);
+}
+
+cudaError_t attention_kernel_modes(DType dtype, int64_t head_dim, int* forward, int* backward) {
+  AttentionParams P;
+  P.dtype = dtype;
+  P.head_dim = head_dim;
+  return dispatch<KernelModes>(P, forward, backward);
 }
 
 cudaError_t launch_attention_forward(const AttentionParams& P, const AttentionScratch& scratch, cudaStream_t stream) {

@@ -11,6 +11,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <vector>
+
 #include "kernels/attention_launch.h"
 #include "ops/attention_impl.h"
 
@@ -87,11 +89,28 @@ struct CudaBackend {
 };
 using CudaAttention = AttentionOps<CudaBackend>;
 
+// [forward, backward]: the kernels fused_attention picks for q's dtype and head dim on q's device
+// (attention_kernel_modes). For tests and benchmarks that must know which kernel they measured.
+std::vector<int64_t> attention_cuda_kernels(const at::Tensor& q) {
+  TORCH_CHECK_VALUE(q.is_cuda() && q.dim() == 4, "_attention_cuda_kernels: q must be a 4-d CUDA tensor");
+  const DType dtype = q.scalar_type() == at::kHalf ? DType::kHalf
+                      : q.scalar_type() == at::kBFloat16 ? DType::kBFloat16 : DType::kFloat;
+  TORCH_CHECK_VALUE(attention_cuda_supported(dtype, q.size(3)),
+                    "_attention_cuda_kernels: q must be float16 or bfloat16 with head_dim 64 or 128");
+  const c10::cuda::CUDAGuard guard(q.device());
+  int forward = 0, backward = 0;
+  check_launch(attention_kernel_modes(dtype, q.size(3), &forward, &backward), "kernel query");
+  return {forward, backward};
+}
+
 }  // namespace
+
+TORCH_LIBRARY_FRAGMENT(cogkern, m) { m.def("_attention_cuda_kernels(Tensor q) -> int[]"); }
 
 TORCH_LIBRARY_IMPL(cogkern, CUDA, m) {
   m.impl("fused_attention_fwd", &CudaAttention::fwd);
   m.impl("fused_attention_bwd", &CudaAttention::bwd);
+  m.impl("_attention_cuda_kernels", &attention_cuda_kernels);
 }
 
 }  // namespace cogkern::ops
