@@ -493,3 +493,10 @@ def test_memory_stays_linear_in_seq():
     assert result.returncode == 0, result.stderr
     grown = int(result.stdout.split()[-1])
     assert grown < 100 * 2**20, f"peak memory grew by {grown / 2**20:.0f} MB"
+
+
+def test_attention_kernels_reports_the_cpu_backend_and_names_bad_input():
+    q = torch.randn(1, 5, 2, 64)
+    assert cogkern.attention_kernels(q) == {"forward": "cpu", "backward": "cpu"}
+    with pytest.raises(ValueError, match="q must be"):
+        cogkern.attention_kernels(q[0])

@@ -221,6 +221,8 @@ def test_the_default_kernels_are_the_mma_sync_ones(monkeypatch, head_dim):
     monkeypatch.delenv("COGKERN_ATTENTION_SM90", raising=False)
     monkeypatch.delenv("COGKERN_ATTENTION_SM90_BWD", raising=False)
     assert _selected_kernels(head_dim) == (0, 0)
+    q = torch.empty(1, 1, 1, head_dim, device="cuda", dtype=torch.float16)
+    assert cogkern.attention_kernels(q) == {"forward": "mma.sync", "backward": "mma.sync"}
     monkeypatch.setenv("COGKERN_ATTENTION_SM90", "yes")
     monkeypatch.setenv("COGKERN_ATTENTION_SM90_BWD", "3")
     assert _selected_kernels(head_dim) == (0, 0)
@@ -278,6 +280,9 @@ def test_sm90_backward_error_rule(monkeypatch, batch, seq, head_dim, text_len, d
     if forward == "sm90-pipelined":
         monkeypatch.setenv("COGKERN_ATTENTION_SM90", "2")
     assert _selected_kernels(head_dim, dtype) == (2 if forward == "sm90-pipelined" else 0, int(mode))
+    q = torch.empty(1, 1, 1, head_dim, device="cuda", dtype=dtype)
+    assert cogkern.attention_kernels(q) == {"forward": "wgmma-pipelined" if forward == "sm90-pipelined" else "mma.sync",
+                                            "backward": {"1": "wgmma-2wg", "2": "wgmma-1wg"}[mode]}
     check_flash_rule(batch, seq, 3, head_dim, text_len, dtype, "cuda")
 
 

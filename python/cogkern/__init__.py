@@ -3,6 +3,7 @@
 Public API:
     RoPE3D, apply_rope3d            3D rotary position embedding (fused, CPU and CUDA)
     fused_attention, FusedAttention QK-norm + 3D RoPE + attention in one op
+    attention_kernels(q)            which attention kernels run for q (CPU, mma.sync, Hopper wgmma)
     optim.FusedAdamW                multi-tensor mixed-precision AdamW
     amp.DynamicLossScaler           device-resident dynamic loss scaling (FP16)
     precision.audit                 FP16 or BF16? measured on your model
@@ -10,7 +11,7 @@ Public API:
 """
 from ._extension import build_info
 from .rope import RoPE3D, apply_rope3d, default_axes_dims
-from .attention import FusedAttention, fused_attention
+from .attention import FusedAttention, attention_kernels, fused_attention
 from . import amp, optim, precision
 
 __version__ = "0.1.0"
@@ -20,6 +21,7 @@ __all__ = [
     "RoPE3D",
     "amp",
     "apply_rope3d",
+    "attention_kernels",
     "build_info",
     "default_axes_dims",
     "fused_attention",

@@ -122,6 +122,33 @@ def fused_attention(
     return (out, lse) if return_lse else out
 
 
+_FORWARD_KERNELS = {0: "mma.sync", 1: "wgmma", 2: "wgmma-pipelined"}
+_BACKWARD_KERNELS = {0: "mma.sync", 1: "wgmma-2wg", 2: "wgmma-1wg"}
+
+
+def attention_kernels(q: torch.Tensor) -> dict[str, str]:
+    """Which kernels :func:`fused_attention` runs for ``q``'s device, dtype and head dim:
+    ``{"forward": ..., "backward": ...}``.
+
+    On the CPU both are ``"cpu"``. On a GPU: ``"mma.sync"`` (the default), or, where
+    ``COGKERN_ATTENTION_SM90`` / ``COGKERN_ATTENTION_SM90_BWD`` opt in and the GPU (compute
+    capability 9.0) and the build (``9.0a`` in ``TORCH_CUDA_ARCH_LIST``) allow it, a Hopper
+    ``wgmma`` kernel: ``"wgmma"`` / ``"wgmma-pipelined"`` forward, ``"wgmma-2wg"`` /
+    ``"wgmma-1wg"`` backward (two or one warpgroups per block). Use it to confirm that an
+    opt-in took effect: elsewhere the switches are ignored without a word.
+    """
+    if not torch.is_tensor(q) or q.dim() != 4:
+        raise ValueError("q must be a (batch, seq, heads, head_dim) tensor")
+    if q.device.type == "cpu":
+        return {"forward": "cpu", "backward": "cpu"}
+    require_cuda_kernels("cogkern.attention_kernels", q)
+    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in (64, 128):
+        raise ValueError(f"q must be float16 or bfloat16 with head_dim 64 or 128 on CUDA, got {q.dtype} and "
+                         f"head_dim {q.shape[-1]}")
+    forward, backward = _ops._attention_cuda_kernels(q)
+    return {"forward": _FORWARD_KERNELS[forward], "backward": _BACKWARD_KERNELS[backward]}
+
+
 def _check_qkv(q, k, v) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_bshd(name, t)
