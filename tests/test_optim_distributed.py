@@ -2,24 +2,18 @@
 the loss scale stays identical across ranks."""
 import math
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, out_dir: str):
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
+def _worker(rank: int, world: int, out_dir: str):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # Rendezvous through a file: no port to pick (a free port found beforehand can be taken
+    # by the time the ranks bind it, which made this test fail now and then).
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'rendezvous')}", rank=rank,
+                            world_size=world)
     try:
         from cogkern.amp import DynamicLossScaler
         from cogkern.optim import FusedAdamW
@@ -56,7 +50,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str):
 
 
 def test_overflow_on_one_rank_skips_the_step_on_both(tmp_path):
-    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_worker, args=(2, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert r0 == r1  # identical decisions, scales and step counts on both ranks
     steps, unscale = r0
