@@ -3,9 +3,6 @@
 // of the mma.sync key-tile kernel when COGKERN_ATTENTION_SM90_BWD is 1 (two
 // warpgroups per block) or 2 (one, two blocks per SM) and the GPU and the
 // build allow it; opt-in until validated on a GPU.
-#include <cstdlib>
-#include <cstring>
-
 #include "kernels/flash_bwd_sm90_kernel.cuh"
 #include "kernels/flash_kernel_launch.cuh"
 
@@ -35,11 +32,8 @@ cudaError_t launch(const FlashArgs& a, cudaStream_t stream) {
 
 template <typename T, int D>
 int sm90_backward_mode() {
-  const char* env = std::getenv("COGKERN_ATTENTION_SM90_BWD");
-  if (env == nullptr) return 0;
-  const int mode = std::strcmp(env, "1") == 0 ? 1 : std::strcmp(env, "2") == 0 ? 2 : 0;
-  if (mode == 0) return 0;
-  return sm90a_kernel_runs_here(reinterpret_cast<const void*>(flash_bwd_sm90_kernel<T, D, 2, true>)) ? mode : 0;
+  return sm90_opt_in_mode("COGKERN_ATTENTION_SM90_BWD",
+                          reinterpret_cast<const void*>(flash_bwd_sm90_kernel<T, D, 2, true>));
 }
 
 template <typename T, int D>

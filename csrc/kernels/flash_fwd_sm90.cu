@@ -31,25 +31,25 @@ cudaError_t launch(const FlashArgs& a, cudaStream_t stream) {
 
 }  // namespace
 
-bool sm90a_kernel_runs_here(const void* kernel) {
+int sm90_opt_in_mode(const char* env_name, const void* kernel) {
+  const char* env = std::getenv(env_name);
+  if (env == nullptr) return 0;
+  const int mode = std::strcmp(env, "1") == 0 ? 1 : std::strcmp(env, "2") == 0 ? 2 : 0;
+  if (mode == 0) return 0;
   int device = 0, major = 0, minor = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return false;
+  if (cudaGetDevice(&device) != cudaSuccess) return 0;
   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
   cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
-  if (major != 9 || minor != 0) return false;
+  if (major != 9 || minor != 0) return 0;
   // The device code must come from sm_90a: PTX of an older target, JIT-compiled
   // for this GPU, holds only the trap.
   cudaFuncAttributes attr;
-  return cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.ptxVersion >= 90;
+  return cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.ptxVersion >= 90 ? mode : 0;
 }
 
 template <typename T, int D>
 int sm90_forward_mode() {
-  const char* env = std::getenv("COGKERN_ATTENTION_SM90");
-  if (env == nullptr) return 0;
-  const int mode = std::strcmp(env, "1") == 0 ? 1 : std::strcmp(env, "2") == 0 ? 2 : 0;
-  if (mode == 0) return 0;
-  return sm90a_kernel_runs_here(reinterpret_cast<const void*>(flash_fwd_sm90_kernel<T, D, false>)) ? mode : 0;
+  return sm90_opt_in_mode("COGKERN_ATTENTION_SM90", reinterpret_cast<const void*>(flash_fwd_sm90_kernel<T, D, false>));
 }
 
 template <typename T, int D>

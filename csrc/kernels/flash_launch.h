@@ -86,8 +86,10 @@ int sm90_backward_mode();
 template <typename T, int D>
 cudaError_t run_flash_bwd_kv_sm90(const FlashArgs& a, int mode, bool atomic_dq, cudaStream_t stream);
 
-// True on a compute capability 9.0 device when `kernel` (a __global__
-// function) was compiled from sm_90a code, not JIT-compiled from older PTX.
-bool sm90a_kernel_runs_here(const void* kernel);
+// The value (1 or 2) of the opt-in switch env_name, when it is set to one and
+// the current device is compute capability 9.0 and `kernel` (a __global__
+// function) was compiled from sm_90a code, not JIT-compiled from older PTX;
+// else 0. Shared by sm90_forward_mode and sm90_backward_mode.
+int sm90_opt_in_mode(const char* env_name, const void* kernel);
 
 }  // namespace cogkern::flash

@@ -181,30 +181,29 @@ inline void __syncthreads() {
 }
 inline void __syncwarp(unsigned = 0xffffffffu) { ::cuda_emu::my_warp().bar.arrive_and_wait(); }
 
+namespace cuda_emu {
+// Every lane publishes v; a lane reads lane src's value (its own when src is
+// outside the warp, as __shfl_down_sync does past the end).
 template <typename T>
-inline T __shfl_xor_sync(unsigned, T v, int lane_mask) {
-  auto& w = ::cuda_emu::my_warp();
-  const int lane = ::cuda_emu::my_lane();
+inline T warp_shuffle(T v, int src) {
+  auto& w = my_warp();
   static_assert(sizeof(T) <= 64);
-  std::memcpy(w.slot[lane], &v, sizeof(T));
+  std::memcpy(w.slot[my_lane()], &v, sizeof(T));
   w.bar.arrive_and_wait();
-  T r;
-  std::memcpy(&r, w.slot[lane ^ lane_mask], sizeof(T));
+  T r = v;
+  if (src >= 0 && src < 32) std::memcpy(&r, w.slot[src], sizeof(T));
   w.bar.arrive_and_wait();
   return r;
 }
+}  // namespace cuda_emu
 
 template <typename T>
+inline T __shfl_xor_sync(unsigned, T v, int lane_mask) {
+  return ::cuda_emu::warp_shuffle(v, ::cuda_emu::my_lane() ^ lane_mask);
+}
+template <typename T>
 inline T __shfl_down_sync(unsigned, T v, unsigned delta) {
-  auto& w = ::cuda_emu::my_warp();
-  const int lane = ::cuda_emu::my_lane();
-  static_assert(sizeof(T) <= 64);
-  std::memcpy(w.slot[lane], &v, sizeof(T));
-  w.bar.arrive_and_wait();
-  T r = v;  // lanes past the end keep their own value, as on the GPU
-  if (lane + int(delta) < 32) std::memcpy(&r, w.slot[lane + int(delta)], sizeof(T));
-  w.bar.arrive_and_wait();
-  return r;
+  return ::cuda_emu::warp_shuffle(v, ::cuda_emu::my_lane() + int(delta));
 }
 
 inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
