@@ -223,21 +223,23 @@ def test_the_default_kernels_are_the_mma_sync_ones(monkeypatch, head_dim):
     assert _selected_kernels(head_dim) == (0, 0)
     q = torch.empty(1, 1, 1, head_dim, device="cuda", dtype=torch.float16)
     assert cogkern.attention_kernels(q) == {"forward": "mma.sync", "backward": "mma.sync"}
-    monkeypatch.setenv("COGKERN_ATTENTION_SM90", "yes")
-    monkeypatch.setenv("COGKERN_ATTENTION_SM90_BWD", "3")
-    assert _selected_kernels(head_dim) == (0, 0)
+    for forward, backward in (("yes", "3"), ("4", "0"), ("33", "12")):
+        monkeypatch.setenv("COGKERN_ATTENTION_SM90", forward)
+        monkeypatch.setenv("COGKERN_ATTENTION_SM90_BWD", backward)
+        assert _selected_kernels(head_dim) == (0, 0)
 
 
 @needs_sm90
 @pytest.mark.sm90
-@pytest.mark.parametrize("mode", ["1", "2"], ids=["plain", "pipelined"])
+@pytest.mark.parametrize("mode", ["1", "2", "3"], ids=["plain", "pipelined", "warp-specialized"])
 @pytest.mark.parametrize("batch, seq, head_dim, text_len, dtype", [
     (1, 1, 64, 0, torch.bfloat16), (2, 17, 128, 0, torch.float16), (1, 1000, 64, 226, torch.bfloat16),
     (1, 4096 + 113, 64, 226, torch.float16), (2, 1000, 128, 226, torch.bfloat16), (1, 4096 + 113, 128, 0, torch.bfloat16),
 ])  # fmt: skip
 def test_sm90_forward_error_rule(monkeypatch, batch, seq, head_dim, text_len, dtype, mode):
-    """COGKERN_ATTENTION_SM90=1|2: the wgmma forward (flash_fwd_sm90_kernel.cuh), plain or pipelined,
-    and the backward on its out and lse."""
+    """COGKERN_ATTENTION_SM90=1|2|3: the wgmma forward, plain or pipelined (flash_fwd_sm90_kernel.cuh)
+    or warp-specialized with TMA loads (flash_fwd_sm90_ws_kernel.cuh), and the backward on its out
+    and lse."""
     monkeypatch.delenv("COGKERN_ATTENTION_SM90_BWD", raising=False)
     monkeypatch.setenv("COGKERN_ATTENTION_SM90", mode)
     assert _selected_kernels(head_dim, dtype) == (int(mode), 0)  # the wgmma forward really runs
@@ -246,7 +248,7 @@ def test_sm90_forward_error_rule(monkeypatch, batch, seq, head_dim, text_len, dt
 
 @needs_sm90
 @pytest.mark.sm90
-@pytest.mark.parametrize("mode", ["1", "2"], ids=["plain", "pipelined"])
+@pytest.mark.parametrize("mode", ["1", "2", "3"], ids=["plain", "pipelined", "warp-specialized"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_sm90_forward_agrees_with_the_mma_sync_forward(monkeypatch, head_dim, causal, mode):
@@ -259,6 +261,38 @@ def test_sm90_forward_agrees_with_the_mma_sync_forward(monkeypatch, head_dim, ca
     out, lse = cogkern.fused_attention(q, k, v, causal=causal, return_lse=True)
     torch.testing.assert_close(lse, base_lse, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out.float(), base.float(), rtol=2e-2, atol=2e-2)
+
+
+def _v_layouts(batch, seq, heads, head_dim, dtype):
+    """v as callers hand it over: contiguous, diffusers' (B, H, S, D) transposed view, a slice of a
+    fused qkv projection, and with size-1 batch and heads whose strides say nothing."""
+    x = torch.randn(batch, seq, heads, head_dim, device="cuda", dtype=dtype)
+    bhsd = x.transpose(1, 2).contiguous().transpose(1, 2)
+    qkv = torch.randn(batch, seq, 3, heads, head_dim, device="cuda", dtype=dtype)
+    qkv[:, :, 2] = x
+    odd = torch.empty(batch, seq, heads, head_dim, device="cuda", dtype=dtype)
+    if batch == 1 and heads == 1:  # strides of size-1 dims that no contiguous tensor has
+        odd = torch.empty_strided((1, seq, 1, head_dim), (8, head_dim, 24, 1), device="cuda", dtype=dtype)
+    odd.copy_(x)
+    return {"contiguous": x, "bhsd": bhsd, "qkv-slice": qkv[:, :, 2], "odd-strides": odd}
+
+
+@needs_sm90
+@pytest.mark.sm90
+@pytest.mark.parametrize("batch, heads", [(2, 3), (1, 1)])
+def test_sm90_warp_specialized_forward_reads_every_v_layout(monkeypatch, batch, heads):
+    """COGKERN_ATTENTION_SM90=3 loads v through a 4-D TMA map built from v's strides: every layout
+    gives the mma.sync forward's result."""
+    for name in ("COGKERN_ATTENTION_SM90", "COGKERN_ATTENTION_SM90_BWD"):
+        monkeypatch.delenv(name, raising=False)
+    q, k = (torch.randn(batch, 300, heads, 64, device="cuda", dtype=torch.float16) for _ in range(2))
+    layouts = _v_layouts(batch, 300, heads, 64, torch.float16)
+    base = cogkern.fused_attention(q, k, layouts["contiguous"])
+    monkeypatch.setenv("COGKERN_ATTENTION_SM90", "3")
+    assert cogkern.attention_kernels(q)["forward"] == "wgmma-ws"
+    for name, v in layouts.items():
+        torch.testing.assert_close(cogkern.fused_attention(q, k, v).float(), base.float(), rtol=2e-2, atol=2e-2,
+                                   msg=lambda m, name=name: f"v {name}: {m}")
 
 
 # ----------------------------------------------------------------------------- Hopper (wgmma) backward

@@ -1,12 +1,12 @@
-// Launchers of the Hopper (wgmma) flash-attention forward (kernel:
-// flash_fwd_sm90_kernel.cuh). run_flash_fwd (flash_fwd.cu) calls them instead
-// of the mma.sync kernel when COGKERN_ATTENTION_SM90 is 1 (plain schedule) or
-// 2 (pipelined) and the GPU and the build allow it; until they have been
-// validated on a GPU they are opt-in.
+// Launchers of the Hopper (wgmma) flash-attention forwards (kernels:
+// flash_fwd_sm90_kernel.cuh, flash_fwd_sm90_ws_kernel.cuh). run_flash_fwd
+// (flash_fwd.cu) calls them instead of the mma.sync kernel when
+// COGKERN_ATTENTION_SM90 is 1 (plain schedule), 2 (pipelined) or 3
+// (warp-specialized, TMA) and the GPU and the build allow it; until they have
+// been validated on a GPU they are opt-in.
 #include <cstdlib>
-#include <cstring>
 
-#include "kernels/flash_fwd_sm90_kernel.cuh"
+#include "kernels/flash_fwd_sm90_ws_kernel.cuh"
 #include "kernels/flash_kernel_launch.cuh"
 
 namespace cogkern::flash {
@@ -22,6 +22,17 @@ __global__ void __launch_bounds__(Sm90FwdConfig<D>::kThreads, 1) flash_fwd_sm90_
 #endif
 }
 
+template <typename T, int D>
+__global__ void __launch_bounds__(Sm90WsFwdConfig<D>::kThreads, 1)
+    flash_fwd_sm90_ws_kernel(const FlashArgs a, const __grid_constant__ Sm90FwdMaps maps) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  extern __shared__ __align__(128) unsigned char smem[];
+  flash_fwd_sm90_ws_body<T, D>(a, maps, smem);
+#else
+  __trap();
+#endif
+}
+
 template <typename T, int D, bool PIPELINED>
 cudaError_t launch(const FlashArgs& a, cudaStream_t stream) {
   using C = Sm90FwdConfig<D>;
@@ -29,13 +40,21 @@ cudaError_t launch(const FlashArgs& a, cudaStream_t stream) {
                              C::kThreads, sm90_fwd_smem_bytes<D, PIPELINED>(), a, stream);
 }
 
+template <typename T, int D>
+cudaError_t launch_ws(const FlashArgs& a, cudaStream_t stream) {
+  using C = Sm90WsFwdConfig<D>;
+  Sm90FwdMaps maps;
+  if (!make_sm90_fwd_maps<D>(a, &maps)) return cudaErrorInvalidValue;
+  return launch_flash_kernel(flash_fwd_sm90_ws_kernel<T, D>, a.batch * a.heads * ceil_div(a.seq, C::kBM),
+                             C::kThreads, sm90_ws_fwd_smem_bytes<D>(), a, stream, maps);
+}
+
 }  // namespace
 
-int sm90_opt_in_mode(const char* env_name, const void* kernel) {
+int sm90_opt_in_mode(const char* env_name, int max_mode, const void* kernel) {
   const char* env = std::getenv(env_name);
-  if (env == nullptr) return 0;
-  const int mode = std::strcmp(env, "1") == 0 ? 1 : std::strcmp(env, "2") == 0 ? 2 : 0;
-  if (mode == 0) return 0;
+  if (env == nullptr || env[0] < '1' || env[0] > char('0' + max_mode) || env[1] != '\0') return 0;
+  const int mode = env[0] - '0';
   int device = 0, major = 0, minor = 0;
   if (cudaGetDevice(&device) != cudaSuccess) return 0;
   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
@@ -49,18 +68,23 @@ int sm90_opt_in_mode(const char* env_name, const void* kernel) {
 
 template <typename T, int D>
 int sm90_forward_mode() {
-  return sm90_opt_in_mode("COGKERN_ATTENTION_SM90", reinterpret_cast<const void*>(flash_fwd_sm90_kernel<T, D, false>));
+  return sm90_opt_in_mode("COGKERN_ATTENTION_SM90", 3, reinterpret_cast<const void*>(flash_fwd_sm90_kernel<T, D, false>));
 }
 
 template <typename T, int D>
-cudaError_t run_flash_fwd_sm90(const FlashArgs& a, bool pipelined, cudaStream_t stream) {
+cudaError_t run_flash_fwd_sm90(const FlashArgs& a, int mode, cudaStream_t stream) {
   if (a.seq <= 0 || a.batch * a.heads <= 0) return cudaSuccess;
-  return pipelined ? launch<T, D, true>(a, stream) : launch<T, D, false>(a, stream);
+  switch (mode) {
+    case 1: return launch<T, D, false>(a, stream);
+    case 2: return launch<T, D, true>(a, stream);
+    case 3: return launch_ws<T, D>(a, stream);
+    default: return cudaErrorInvalidValue;
+  }
 }
 
 #define COGKERN_SM90_FWD_INSTANTIATE(T, D) \
   template int sm90_forward_mode<T, D>();  \
-  template cudaError_t run_flash_fwd_sm90<T, D>(const FlashArgs&, bool, cudaStream_t);
+  template cudaError_t run_flash_fwd_sm90<T, D>(const FlashArgs&, int, cudaStream_t);
 COGKERN_SM90_FWD_INSTANTIATE(__half, 64)
 COGKERN_SM90_FWD_INSTANTIATE(__half, 128)
 COGKERN_SM90_FWD_INSTANTIATE(__nv_bfloat16, 64)

@@ -46,12 +46,111 @@ constexpr size_t sm90_fwd_smem_bytes() {
   return size_t(C::kBM + (2 + (PIPELINED ? 3 : 2)) * C::kBN) * D * 2 + sm90::kPanelGroupBytes;
 }
 
+// The online softmax of one warpgroup's 64 query rows over key tiles of BN,
+// on wgmma accumulators (each thread holds rows g and g + 8 of its warp's 16;
+// the layout is mma.sync's C layout, so this is the mma.sync kernel's math):
+// running maxima and sums, the output accumulator O, and the final O / l and
+// lse. Shared by the Hopper forwards (this file, flash_fwd_sm90_ws_kernel.cuh).
+template <typename T, int D, int BN>
+struct Sm90RowSoftmax {
+  static constexpr int kNT = BN / 8;  // n8 score blocks per key tile
+  static constexpr int kDT = D / 8;   // n8 output blocks
+  float acc_o[kDT * 4];
+  float row_max[2], row_sum[2];
+  float alpha[2], tile_sum[2];  // of the last step, until rescale()
+  int64_t row0;                 // the thread's row g (row g + 8 is 8 further)
+  int t;                        // lane % 4: the column pair within each n8 block
+
+  // wg_row0: the warpgroup's first row.
+  __device__ __forceinline__ explicit Sm90RowSoftmax(int64_t wg_row0) {
+    const int lane = int(threadIdx.x) % kWarpSize, warp = (int(threadIdx.x) % sm90::kWarpgroupThreads) / kWarpSize;
+    row0 = wg_row0 + 16 * warp + (lane >> 2);
+    t = lane & 3;
+#pragma unroll
+    for (int i = 0; i < kDT * 4; ++i) acc_o[i] = 0.f;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      row_max[r] = -INFINITY;
+      row_sum[r] = 0.f;
+    }
+  }
+  // Row of accumulator element e (e % 4 < 2: row g, else g + 8).
+  __device__ __forceinline__ int64_t row_of(int e) const { return row0 + ((e & 3) < 2 ? 0 : 8); }
+
+  // Key tile starting at n0: masks keys past the sequence end and, when
+  // causal, keys after the query; then the online-softmax step for the two
+  // rows: new maxima, s := exp2(s c - max c) in place (c = scale * log2 e),
+  // and the factors alpha by which O and the running sums must shrink
+  // (applied by rescale(), which may wait until O is not in flight).
+  __device__ __forceinline__ void step(float (&s)[kNT * 4], int64_t n0, int64_t seq, bool causal, float c) {
+    // Warps own 16-aligned row groups: row0 - row0 % 16 is the warp's first row.
+    const bool need_mask = n0 + BN > seq || (causal && n0 + BN - 1 > row0 - (row0 % 16));
+    if (need_mask) {
+#pragma unroll
+      for (int i = 0; i < kNT; ++i) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int64_t key = n0 + i * 8 + 2 * t + (e & 1);
+          if (key >= seq || (causal && key > row_of(e))) s[4 * i + e] = -INFINITY;
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float tile_max = -INFINITY;
+#pragma unroll
+      for (int i = 0; i < kNT; ++i) {
+        tile_max = softmax_max<float>(tile_max, s[4 * i + 2 * r]);
+        tile_max = softmax_max<float>(tile_max, s[4 * i + 2 * r + 1]);
+      }
+      tile_max = quad_max(tile_max);
+      const float new_max = softmax_max<float>(row_max[r], tile_max);
+      alpha[r] = softmax_rescale<float>(row_max[r], new_max, c);
+      const float shift = softmax_shift<float>(new_max, c);
+      float sum = 0.f;
+#pragma unroll
+      for (int i = 0; i < kNT; ++i) {
+        s[4 * i + 2 * r] = fast_exp2(fmaf(s[4 * i + 2 * r], c, -shift));
+        s[4 * i + 2 * r + 1] = fast_exp2(fmaf(s[4 * i + 2 * r + 1], c, -shift));
+        sum += s[4 * i + 2 * r] + s[4 * i + 2 * r + 1];
+      }
+      tile_sum[r] = sum;
+      row_max[r] = new_max;
+    }
+  }
+  __device__ __forceinline__ void rescale() {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      row_sum[r] = row_sum[r] * alpha[r] + tile_sum[r];
+#pragma unroll
+      for (int i = 0; i < kDT; ++i) {
+        acc_o[4 * i + 2 * r] *= alpha[r];
+        acc_o[4 * i + 2 * r + 1] *= alpha[r];
+      }
+    }
+  }
+  // O / l into out and lse, rows inside the sequence only.
+  __device__ __forceinline__ void store(const FlashArgs& a, int64_t b, int64_t h, int64_t bh) const {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int64_t row = row_of(2 * r);
+      const float l = quad_sum(row_sum[r]);
+      if (row >= a.seq) continue;
+      const float inv = 1.f / l;
+      T* dst = static_cast<T*>(a.out.ptr) + a.out.offset(b, row, h);
+#pragma unroll
+      for (int i = 0; i < kDT; ++i)
+        store_pair(dst + i * 8 + 2 * t, acc_o[4 * i + 2 * r] * inv, acc_o[4 * i + 2 * r + 1] * inv);
+      if (t == 0) a.lse[bh * a.seq + row] = softmax_lse<float>(row_max[r], l, double(a.scale));
+    }
+  }
+};
+
 template <typename T, int D, bool PIPELINED>
 __device__ __forceinline__ void flash_fwd_sm90_body(const FlashArgs& a, unsigned char* smem_raw) {
   using C = Sm90FwdConfig<D>;
   constexpr int kBM = C::kBM, kBN = C::kBN, kThreads = C::kThreads;
   constexpr int kNT = kBN / 8;  // n8 score blocks per key tile
-  constexpr int kDT = D / 8;    // n8 output blocks
   constexpr int kKS = kBN / 16; // key slices of P V
   constexpr int kVStages = PIPELINED ? 3 : 2;
   using Mma = sm90::Wgmma<kBN, T>;
@@ -81,21 +180,11 @@ __device__ __forceinline__ void flash_fwd_sm90_body(const FlashArgs& a, unsigned
   load_kv(0);
   cp_async_commit();
 
-  const int tid = int(threadIdx.x);
-  const int wg = tid / sm90::kWarpgroupThreads;                  // warpgroup: rows 64 wg .. 64 wg + 63
-  const int warp = (tid % sm90::kWarpgroupThreads) / kWarpSize;  // warp in the warpgroup: 16 rows each
-  const int lane = tid % kWarpSize, g = lane >> 2, t = lane & 3;
-  const int64_t wg_row0 = m0 + 64 * wg;
-  // Row of accumulator element e (e % 4 < 2: row g, else g + 8) for this thread.
-  const auto row_of = [&](int e) { return wg_row0 + 16 * warp + g + ((e & 3) < 2 ? 0 : 8); };
+  const int wg = int(threadIdx.x) / sm90::kWarpgroupThreads;  // warpgroup: rows 64 wg .. 64 wg + 63
   const float c = a.scale_log2;
   // This warpgroup's 64 rows inside each q^ panel (64 lines of 128 bytes, 1024-aligned).
   const uint32_t q_base = smem_addr(sQ) + uint32_t(wg) * 64u * 128u;
-
-  float acc_o[kDT * 4];
-  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
-#pragma unroll
-  for (int i = 0; i < kDT * 4; ++i) acc_o[i] = 0.f;
+  Sm90RowSoftmax<T, D, kBN> sm(m0 + 64 * wg);
 
   // S = q^ k_j^T for this warpgroup's 64 rows (D / 16 k-slices, 4 per panel); issued and committed.
   const auto issue_s = [&](float (&s)[kNT * 4], int j) {
@@ -105,60 +194,10 @@ __device__ __forceinline__ void flash_fwd_sm90_body(const FlashArgs& a, unsigned
   // O += P V_j: key slice kk's A registers pa[kk]; V (stored [key][dim]) is the
   // MN-major B, its 64-column panels kBN * 128 bytes apart. Issued and committed.
   const auto issue_pv = [&](const uint32_t (&pa)[kKS][4], int j) {
-    issue_rs_mn_major<MmaPV>(acc_o, pa, smem_addr(v_stage(j)), kBN * 128);
+    issue_rs_mn_major<MmaPV>(sm.acc_o, pa, smem_addr(v_stage(j)), kBN * 128);
     sm90::wgmma_commit();
   };
-  // Masks keys past the sequence end and, when causal, keys after the query;
-  // then the online-softmax step of tile j for the thread's two rows: new
-  // maxima, s := exp2(s c - max c) in place, and the factors alpha by which O
-  // and the running sums must shrink (applied by rescale()).
-  const auto softmax_step = [&](float (&s)[kNT * 4], int j, float (&alpha)[2], float (&tile_sum)[2]) {
-    const int64_t n0 = int64_t(j) * kBN;
-    const bool need_mask = n0 + kBN > seq || (a.causal && n0 + kBN - 1 > wg_row0 + 16 * warp);
-    if (need_mask) {
-#pragma unroll
-      for (int i = 0; i < kNT; ++i) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int64_t key = n0 + i * 8 + 2 * t + (e & 1);
-          if (key >= seq || (a.causal && key > row_of(e))) s[4 * i + e] = -INFINITY;
-        }
-      }
-    }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float tile_max = -INFINITY;
-#pragma unroll
-      for (int i = 0; i < kNT; ++i) {
-        tile_max = softmax_max<float>(tile_max, s[4 * i + 2 * r]);
-        tile_max = softmax_max<float>(tile_max, s[4 * i + 2 * r + 1]);
-      }
-      tile_max = quad_max(tile_max);
-      const float new_max = softmax_max<float>(row_max[r], tile_max);
-      alpha[r] = softmax_rescale<float>(row_max[r], new_max, c);
-      const float shift = softmax_shift<float>(new_max, c);
-      float sum = 0.f;
-#pragma unroll
-      for (int i = 0; i < kNT; ++i) {
-        s[4 * i + 2 * r] = fast_exp2(fmaf(s[4 * i + 2 * r], c, -shift));
-        s[4 * i + 2 * r + 1] = fast_exp2(fmaf(s[4 * i + 2 * r + 1], c, -shift));
-        sum += s[4 * i + 2 * r] + s[4 * i + 2 * r + 1];
-      }
-      tile_sum[r] = sum;
-      row_max[r] = new_max;
-    }
-  };
-  const auto rescale = [&](const float (&alpha)[2], const float (&tile_sum)[2]) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      row_sum[r] = row_sum[r] * alpha[r] + tile_sum[r];
-#pragma unroll
-      for (int i = 0; i < kDT; ++i) {
-        acc_o[4 * i + 2 * r] *= alpha[r];
-        acc_o[4 * i + 2 * r + 1] *= alpha[r];
-      }
-    }
-  };
+  const auto softmax_step = [&](float (&s)[kNT * 4], int j) { sm.step(s, int64_t(j) * kBN, seq, a.causal, c); };
   // Tile j's data has landed for every thread, and both warpgroups are done
   // with the stages the next prefetch overwrites.
   const auto tile_ready = [&](int pending_after) {
@@ -169,7 +208,6 @@ __device__ __forceinline__ void flash_fwd_sm90_body(const FlashArgs& a, unsigned
 
   float s[kNT * 4];
   uint32_t pa[kKS][4];
-  float alpha[2], tile_sum[2];
   if constexpr (!PIPELINED) {
     for (int j = 0; j < n_tiles; ++j) {
       if (j + 1 < n_tiles) load_kv(j + 1);
@@ -179,13 +217,13 @@ __device__ __forceinline__ void flash_fwd_sm90_body(const FlashArgs& a, unsigned
       issue_s(s, j);
       sm90::wgmma_wait<0>();
       sm90::fence_operands(s);
-      softmax_step(s, j, alpha, tile_sum);
-      rescale(alpha, tile_sum);
+      softmax_step(s, j);
+      sm.rescale();
       pack_a_slices<T>(s, pa);  // all A registers written before the fence
       sm90::wgmma_fence();
       issue_pv(pa, j);
       sm90::wgmma_wait<0>();
-      sm90::fence_operands(acc_o);
+      sm90::fence_operands(sm.acc_o);
       sm90::fence_operands(pa);
       __syncthreads();  // both warpgroups are done with this stage before it is refilled
     }
@@ -198,8 +236,8 @@ __device__ __forceinline__ void flash_fwd_sm90_body(const FlashArgs& a, unsigned
     issue_s(s, 0);
     sm90::wgmma_wait<0>();
     sm90::fence_operands(s);
-    softmax_step(s, 0, alpha, tile_sum);
-    rescale(alpha, tile_sum);
+    softmax_step(s, 0);
+    sm.rescale();
     pack_a_slices<T>(s, pa);
     for (int j = 1; j < n_tiles; ++j) {
       // Tile j has landed; everyone is past iteration j-1, so k^ stage (j+1)&1
@@ -213,31 +251,20 @@ __device__ __forceinline__ void flash_fwd_sm90_body(const FlashArgs& a, unsigned
       issue_pv(pa, j - 1);
       sm90::wgmma_wait<1>();  // S of tile j has landed; P_{j-1} V_{j-1} may still run
       sm90::fence_operands(s);
-      softmax_step(s, j, alpha, tile_sum);
+      softmax_step(s, j);
       sm90::wgmma_wait<0>();  // now acc_o and pa are ours again
-      sm90::fence_operands(acc_o);
+      sm90::fence_operands(sm.acc_o);
       sm90::fence_operands(pa);
-      rescale(alpha, tile_sum);
+      sm.rescale();
       pack_a_slices<T>(s, pa);
     }
     sm90::wgmma_fence();
     issue_pv(pa, n_tiles - 1);
     sm90::wgmma_wait<0>();
-    sm90::fence_operands(acc_o);
+    sm90::fence_operands(sm.acc_o);
   }
 
-  // Finish: O / l and lse, rows inside the sequence only.
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int64_t row = row_of(2 * r);
-    const float l = quad_sum(row_sum[r]);
-    if (row >= seq) continue;
-    const float inv = 1.f / l;
-    T* dst = static_cast<T*>(a.out.ptr) + a.out.offset(b, row, h);
-#pragma unroll
-    for (int i = 0; i < kDT; ++i) store_pair(dst + i * 8 + 2 * t, acc_o[4 * i + 2 * r] * inv, acc_o[4 * i + 2 * r + 1] * inv);
-    if (t == 0) a.lse[bh * seq + row] = softmax_lse<float>(row_max[r], l, double(a.scale));
-  }
+  sm.store(a, b, h, bh);
 }
 
 }  // namespace cogkern::flash

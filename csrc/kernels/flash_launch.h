@@ -62,14 +62,16 @@ inline FlashArgs flash_args(const AttentionParams& P, const AttentionScratch& s)
 template <typename T, int D>
 cudaError_t run_flash_fwd(const FlashArgs& a, cudaStream_t stream);
 
-// The Hopper (wgmma) forward, flash_fwd_sm90.cu. sm90_forward_mode(): 0 (use
-// the mma.sync kernel), 1 (plain schedule) or 2 (pipelined), from
-// COGKERN_ATTENTION_SM90 (opt-in until validated on a GPU), and only on a
-// compute capability 9.0 device with sm_90a code in the build.
+// The Hopper (wgmma) forwards, flash_fwd_sm90.cu. sm90_forward_mode(): 0 (use
+// the mma.sync kernel), 1 (plain schedule), 2 (pipelined) or 3 (pipelined,
+// warp-specialized with TMA loads), from COGKERN_ATTENTION_SM90 (opt-in until
+// validated on a GPU), and only on a compute capability 9.0 device with sm_90a
+// code in the build. run_flash_fwd_sm90 fails with cudaErrorInvalidValue when
+// mode 3's tensor maps cannot be made.
 template <typename T, int D>
 int sm90_forward_mode();
 template <typename T, int D>
-cudaError_t run_flash_fwd_sm90(const FlashArgs& a, bool pipelined, cudaStream_t stream);
+cudaError_t run_flash_fwd_sm90(const FlashArgs& a, int mode, cudaStream_t stream);
 
 // deterministic: dq^ by a second, query-parallel kernel instead of atomics.
 template <typename T, int D>
@@ -86,10 +88,10 @@ int sm90_backward_mode();
 template <typename T, int D>
 cudaError_t run_flash_bwd_kv_sm90(const FlashArgs& a, int mode, bool atomic_dq, cudaStream_t stream);
 
-// The value (1 or 2) of the opt-in switch env_name, when it is set to one and
+// The value (1 .. max_mode) of the opt-in switch env_name, when it is set to one and
 // the current device is compute capability 9.0 and `kernel` (a __global__
 // function) was compiled from sm_90a code, not JIT-compiled from older PTX;
 // else 0. Shared by sm90_forward_mode and sm90_backward_mode.
-int sm90_opt_in_mode(const char* env_name, const void* kernel);
+int sm90_opt_in_mode(const char* env_name, int max_mode, const void* kernel);
 
 }  // namespace cogkern::flash

@@ -18,8 +18,10 @@
 #include <cstdlib>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -57,18 +59,52 @@ struct WarpGroup {
   alignas(16) unsigned char slot[128][16];
 };
 
+struct Block;
+// Runs once when the last thread reaches a __syncthreads, before any leaves:
+// the threads it releases are no longer blocked (COGKERN_EMU_LAGGARD).
+struct SyncRelease {
+  Block* blk;
+  void operator()() noexcept;
+};
+
+// A named barrier (bar.sync / bar.arrive id, count).
+struct NamedBarrier {
+  unsigned count = 0, arrived = 0;
+  unsigned long generation = 0;
+  long others_waiting = 0;  // non-laggard threads blocked in it
+};
+
+// An mbarrier (see cuda_emu_async.h): its state lives here, keyed by its
+// shared-memory address, not in the 8 bytes of shared memory.
+struct MBarrier {
+  unsigned count = 0, pending = 0;  // expected and still missing arrivals of the current phase
+  long tx = 0;                      // transaction bytes still expected
+  unsigned long phase = 0;          // completed phases
+  std::vector<std::function<long()>> copies;  // TMA copies issued, not landed (each returns its bytes)
+  long others_waiting = 0;
+};
+
 struct Block {
-  std::unique_ptr<std::barrier<>> bar;
+  std::unique_ptr<std::barrier<SyncRelease>> bar;
   std::vector<std::unique_ptr<Warp>> warps;
   std::vector<std::unique_ptr<WarpGroup>> warpgroups;  // only when the block is whole warpgroups
   std::vector<unsigned char> dyn_smem;
-  // COGKERN_EMU_LAGGARD: __syncthreads entries by threads outside the laggard group, and those done.
-  std::atomic<long> other_arrivals{0};
-  std::atomic<long> others_inside{0};  // of those, now waiting in __syncthreads
+  // COGKERN_EMU_LAGGARD: threads outside the laggard group that are blocked in
+  // a wait (counted up by the thread that blocks, down by the thread whose
+  // arrival releases it, so that a released thread counts as running at
+  // once) or done.
+  std::atomic<long> others_blocked{0};
   std::atomic<long> others_done{0};
+  std::atomic<long> others_in_sync{0};  // of the blocked, those in the current __syncthreads
   std::mutex lag_mu;
   std::condition_variable lag_cv;
+  // Named barriers and mbarriers (cuda_emu_async.h), under one lock.
+  std::mutex sync_mu;
+  std::condition_variable sync_cv;
+  NamedBarrier named[16];
+  std::map<uint32_t, MBarrier> mbarriers;
 };
+inline void SyncRelease::operator()() noexcept { blk->others_blocked.fetch_sub(blk->others_in_sync.exchange(0)); }
 inline Block* g_block = nullptr;
 
 inline Warp& my_warp() { return *g_block->warps[tl_tid / 32]; }
@@ -78,12 +114,16 @@ inline unsigned char* dynamic_smem() { return g_block->dyn_smem.data(); }
 
 // COGKERN_EMU_LAGGARD=1: an adversarial schedule. In each block one group of
 // threads (a warpgroup, or a warp in blocks that are not whole warpgroups;
-// block b picks group b % groups) runs behind: at each __syncthreads exit,
-// cp.async wait and wgmma wait it pauses until every other thread of the block
-// waits in __syncthreads (or 2 s have passed). The others run as far ahead
-// as the barriers let them, so a group reading shared memory that another
-// group writes without a barrier in between reads stale data, and the checks
-// fail. Blocks alternate the laggard, so both sides of each exchange lag once.
+// block b picks group b % groups) runs behind: at each exit from a block-level
+// wait (__syncthreads, named barrier, mbarrier) and at each cp.async or wgmma
+// wait it pauses until every other thread of the block is blocked in a wait
+// or done (or 2 s have passed). The others run as far ahead as the barriers
+// let them, so a group reading shared memory that another group writes
+// without a barrier in between reads stale data, and the checks fail. Blocks
+// alternate the laggard, so both sides of each exchange lag once. TMA copies
+// land at issue under this schedule (as early as possible: a stage refilled
+// while another group still reads it shows), at the first wait otherwise (as
+// late as possible: a read before the wait shows).
 inline unsigned lag_group_size() { return g_block->warpgroups.empty() ? 32u : 128u; }
 inline bool laggard_schedule() {
   static const bool on = std::getenv("COGKERN_EMU_LAGGARD") != nullptr;
@@ -99,25 +139,43 @@ inline long lag_others() {
   const unsigned size = lag_group_size(), groups = (g_block_threads + size - 1) / size, lag = tl_block_idx.x % groups;
   return long(g_block_threads) - long(std::min(g_block_threads, (lag + 1) * size) - lag * size);
 }
-// A thread outside the laggard group entered a barrier or finished: when that
-// makes all of them wait or be done, wake the laggard.
+inline bool others_quiet() {
+  return g_block->others_blocked.load() + g_block->others_done.load() >= lag_others();
+}
+// A thread outside the laggard group blocked or finished: when that makes all
+// of them blocked or done, wake the laggard.
 inline void note_progress() {
-  if (!laggard_schedule()) return;
-  if (g_block->others_inside.load() + g_block->others_done.load() < lag_others()) return;
+  if (!laggard_schedule() || !others_quiet()) return;
   { const std::lock_guard<std::mutex> lock(g_block->lag_mu); }  // no lost wake-up
   g_block->lag_cv.notify_all();
 }
-inline thread_local long tl_barriers_passed = 0;  // by this (laggard) thread, in this block
+// Called by every thread about to block in a block-level wait.
+inline void note_blocking() {
+  if (!laggard_schedule() || is_laggard()) return;
+  g_block->others_blocked.fetch_add(1);
+  note_progress();
+}
 inline void lag() {
   if (!is_laggard()) return;
-  const long others = lag_others();
-  // Every other thread waits in the next barrier (it has entered tl_barriers_passed + 1) or is done.
-  const auto ahead = [&] {
-    return g_block->other_arrivals.load() >= others * (tl_barriers_passed + 1) - g_block->others_done.load();
-  };
   // The time limit only guards against a kernel whose groups also wait for each other some other way.
   std::unique_lock<std::mutex> lock(g_block->lag_mu);
-  g_block->lag_cv.wait_for(lock, std::chrono::seconds(2), ahead);
+  g_block->lag_cv.wait_for(lock, std::chrono::seconds(2), others_quiet);
+}
+
+// At block exit every mbarrier must be between phases with no transaction
+// bytes or TMA copies outstanding: on the GPU a copy still in flight when the
+// block exits writes freed shared memory, and a phase that cannot complete hangs
+// its waiters.
+inline void check_mbarriers_idle(unsigned block) {
+  for (const auto& [addr, m] : g_block->mbarriers) {
+    if (m.tx != 0 || !m.copies.empty() || m.pending != m.count) {
+      std::fprintf(stderr,
+                   "cuda_emu: block %u exits with mbarrier @%u mid-phase: %u of %u arrivals missing, %ld transaction "
+                   "bytes and %zu TMA copies outstanding\n",
+                   block, addr, m.pending, m.count, m.tx, m.copies.size());
+      std::abort();
+    }
+  }
 }
 
 // Runs body() as a grid of `grid` blocks of block_x x block_y GPU threads
@@ -129,7 +187,7 @@ inline void launch(unsigned grid, unsigned block_x, unsigned block_y, size_t sme
   g_block_threads = threads;
   for (unsigned b = 0; b < grid; ++b) {
     Block blk;
-    blk.bar = std::make_unique<std::barrier<>>(threads);
+    blk.bar = std::make_unique<std::barrier<SyncRelease>>(threads, SyncRelease{&blk});
     for (unsigned w = 0; w < (threads + 31) / 32; ++w) blk.warps.push_back(std::make_unique<Warp>());
     if (threads % 128 == 0)
       for (unsigned g = 0; g < threads / 128; ++g) blk.warpgroups.push_back(std::make_unique<WarpGroup>());
@@ -143,13 +201,14 @@ inline void launch(unsigned grid, unsigned block_x, unsigned block_y, size_t sme
         tl_thread_idx = {t % block_x, t / block_x, 0};
         tl_tid = t;
         body();
-        if (!is_laggard()) {
+        if (laggard_schedule() && !is_laggard()) {
           g_block->others_done.fetch_add(1);
           note_progress();
         }
       });
     }
     for (auto& th : pool) th.join();
+    check_mbarriers_idle(b);
     g_block = nullptr;
   }
 }
@@ -166,18 +225,12 @@ inline void launch(unsigned grid, unsigned threads, size_t smem, const std::func
 
 inline void __syncthreads() {
   auto& blk = *::cuda_emu::g_block;
-  const bool laggard = ::cuda_emu::is_laggard();
-  if (!laggard) {
-    blk.other_arrivals.fetch_add(1);
-    blk.others_inside.fetch_add(1);
-    ::cuda_emu::note_progress();
+  if (::cuda_emu::laggard_schedule() && !::cuda_emu::is_laggard()) {
+    blk.others_in_sync.fetch_add(1);  // before blocked: the release subtracts it
+    ::cuda_emu::note_blocking();
   }
   blk.bar->arrive_and_wait();
-  if (!laggard) blk.others_inside.fetch_sub(1);
-  if (laggard) {
-    ++::cuda_emu::tl_barriers_passed;
-    ::cuda_emu::lag();  // COGKERN_EMU_LAGGARD
-  }
+  ::cuda_emu::lag();  // COGKERN_EMU_LAGGARD
 }
 inline void __syncwarp(unsigned = 0xffffffffu) { ::cuda_emu::my_warp().bar.arrive_and_wait(); }
 

@@ -130,6 +130,9 @@ inline void wgmma_wait(int n) {
     for (const WgmmaOp& op : tl_wgmma_groups.front()) wgmma_perform(op);
     tl_wgmma_groups.erase(tl_wgmma_groups.begin());
   }
+  // wgmma.wait_group is .sync.aligned: the warp leaves it together, so after
+  // it any lane may tell other groups that the warp's operand reads are done.
+  my_warp().bar.arrive_and_wait();
 }
 
 }  // namespace cuda_emu

@@ -18,9 +18,11 @@ Out-of-bounds global (and scratch) accesses: build with AddressSanitizer,
 What it covers: the actual kernel source (csrc/kernels/*_kernel.cuh,
 attention_rows.cuh) compiled as host C++, with each GPU thread a std::thread;
 ldmatrix / mma.sync / cp.async / shuffles emulated from their PTX ISA
-definitions (cuda_emu_ptx.h). What it cannot cover: the real PTX semantics
-(the emulator encodes our reading of them), races that a real schedule
-exposes (cp.async completes at once here), timing, register limits.
+definitions (cuda_emu_ptx.h), wgmma (cuda_emu_wgmma.h), mbarriers / TMA /
+named barriers (cuda_emu_async.h). What it cannot cover: the real PTX semantics
+(the emulator encodes our reading of them), races that only a real schedule
+exposes (asynchronous copies land at the latest, or under --laggard TMA at the
+earliest, moment allowed; other orders are not tried), timing, register limits.
 """
 from __future__ import annotations
 
@@ -515,10 +517,29 @@ def main():
     finally:
         lib.emu_set_sm90_forward(0)
         lib.emu_set_sm90_backward(0)
-    # NaN in one q row: that row's output is NaN, nothing else (mma.sync, then both sm90 schedules).
+    # The warp-specialized Hopper forward (flash_fwd_sm90_ws_kernel.cuh: TMA, mbarriers):
+    # key tiles of 128 in a ring of 2 stages, so 3+ tiles reuse each stage; batch and
+    # heads > 1 check the 3-D and 4-D tensor maps' coordinates.
+    ws_cases = [
+        (torch.bfloat16, 64, 400, 5, 2, 2, False, "layer_norm", "angles", False),
+        (torch.float16, 128, 300, 0, 1, 1, True, "rms_norm", "table", False),
+    ]
+    if not args.quick:
+        ws_cases += [
+            (torch.float16, 64, 300, 22, 1, 1, True, "layer_norm", "angles", True),
+            (torch.bfloat16, 128, 17, 3, 2, 1, False, None, "table", True),
+            (torch.bfloat16, 64, 1, 0, 1, 2, False, "layer_norm", "none", False),
+        ]
+    try:
+        lib.emu_set_sm90_forward(3)
+        for case in ws_cases:
+            fails += not check_case(lib, case, label="[sm90 fwd, warp-specialized] ")
+    finally:
+        lib.emu_set_sm90_forward(0)
+    # NaN in one q row: that row's output is NaN, nothing else (mma.sync, then each sm90 forward).
     c = make_case(1, 40, 2, 64, 0, "layer_norm", "none")
     c["q"][0, 7, 1, 3] = float("nan")
-    for mode, label in ((0, ""), (1, "[sm90 fwd] "), (2, "[sm90 fwd, pipelined] ")):
+    for mode, label in ((0, ""), (1, "[sm90 fwd] "), (2, "[sm90 fwd, pipelined] "), (3, "[sm90 fwd, warp-specialized] ")):
         lib.emu_set_sm90_forward(mode)
         try:
             out = emu_run(lib, c, torch.float16, False, False)[0]
