@@ -109,7 +109,7 @@ def wgmma_cases():
     from cogkern import fused_attention
 
     try:
-        for mode in ("1", "2", "3"):  # plain, pipelined, warp-specialized (TMA)
+        for mode in ("1", "2", "3", "4"):  # plain, pipelined, warp-specialized (TMA), with ping-pong
             os.environ["COGKERN_ATTENTION_SM90"] = mode
             for dtype, d, causal in ((torch.bfloat16, 64, False), (torch.float16, 128, True)):
                 q, k, v = (torch.randn(1, 300, 2, d, device="cuda", dtype=dtype) for _ in range(3))

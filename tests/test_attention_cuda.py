@@ -223,7 +223,7 @@ def test_the_default_kernels_are_the_mma_sync_ones(monkeypatch, head_dim):
     assert _selected_kernels(head_dim) == (0, 0)
     q = torch.empty(1, 1, 1, head_dim, device="cuda", dtype=torch.float16)
     assert cogkern.attention_kernels(q) == {"forward": "mma.sync", "backward": "mma.sync"}
-    for forward, backward in (("yes", "3"), ("4", "0"), ("33", "12")):
+    for forward, backward in (("yes", "3"), ("5", "0"), ("33", "12")):
         monkeypatch.setenv("COGKERN_ATTENTION_SM90", forward)
         monkeypatch.setenv("COGKERN_ATTENTION_SM90_BWD", backward)
         assert _selected_kernels(head_dim) == (0, 0)
@@ -231,15 +231,16 @@ def test_the_default_kernels_are_the_mma_sync_ones(monkeypatch, head_dim):
 
 @needs_sm90
 @pytest.mark.sm90
-@pytest.mark.parametrize("mode", ["1", "2", "3"], ids=["plain", "pipelined", "warp-specialized"])
+@pytest.mark.parametrize("mode", ["1", "2", "3", "4"],
+                         ids=["plain", "pipelined", "warp-specialized", "warp-specialized-pingpong"])
 @pytest.mark.parametrize("batch, seq, head_dim, text_len, dtype", [
     (1, 1, 64, 0, torch.bfloat16), (2, 17, 128, 0, torch.float16), (1, 1000, 64, 226, torch.bfloat16),
     (1, 4096 + 113, 64, 226, torch.float16), (2, 1000, 128, 226, torch.bfloat16), (1, 4096 + 113, 128, 0, torch.bfloat16),
 ])  # fmt: skip
 def test_sm90_forward_error_rule(monkeypatch, batch, seq, head_dim, text_len, dtype, mode):
-    """COGKERN_ATTENTION_SM90=1|2|3: the wgmma forward, plain or pipelined (flash_fwd_sm90_kernel.cuh)
-    or warp-specialized with TMA loads (flash_fwd_sm90_ws_kernel.cuh), and the backward on its out
-    and lse."""
+    """COGKERN_ATTENTION_SM90=1|2|3|4: the wgmma forward, plain or pipelined (flash_fwd_sm90_kernel.cuh)
+    or warp-specialized with TMA loads, without or with ping-pong (flash_fwd_sm90_ws_kernel.cuh), and
+    the backward on its out and lse."""
     monkeypatch.delenv("COGKERN_ATTENTION_SM90_BWD", raising=False)
     monkeypatch.setenv("COGKERN_ATTENTION_SM90", mode)
     assert _selected_kernels(head_dim, dtype) == (int(mode), 0)  # the wgmma forward really runs
@@ -248,7 +249,8 @@ def test_sm90_forward_error_rule(monkeypatch, batch, seq, head_dim, text_len, dt
 
 @needs_sm90
 @pytest.mark.sm90
-@pytest.mark.parametrize("mode", ["1", "2", "3"], ids=["plain", "pipelined", "warp-specialized"])
+@pytest.mark.parametrize("mode", ["1", "2", "3", "4"],
+                         ids=["plain", "pipelined", "warp-specialized", "warp-specialized-pingpong"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_sm90_forward_agrees_with_the_mma_sync_forward(monkeypatch, head_dim, causal, mode):
@@ -279,17 +281,18 @@ def _v_layouts(batch, seq, heads, head_dim, dtype):
 
 @needs_sm90
 @pytest.mark.sm90
+@pytest.mark.parametrize("mode", ["3", "4"])
 @pytest.mark.parametrize("batch, heads", [(2, 3), (1, 1)])
-def test_sm90_warp_specialized_forward_reads_every_v_layout(monkeypatch, batch, heads):
-    """COGKERN_ATTENTION_SM90=3 loads v through a 4-D TMA map built from v's strides: every layout
+def test_sm90_warp_specialized_forward_reads_every_v_layout(monkeypatch, batch, heads, mode):
+    """COGKERN_ATTENTION_SM90=3|4 load v through a 4-D TMA map built from v's strides: every layout
     gives the mma.sync forward's result."""
     for name in ("COGKERN_ATTENTION_SM90", "COGKERN_ATTENTION_SM90_BWD"):
         monkeypatch.delenv(name, raising=False)
     q, k = (torch.randn(batch, 300, heads, 64, device="cuda", dtype=torch.float16) for _ in range(2))
     layouts = _v_layouts(batch, 300, heads, 64, torch.float16)
     base = cogkern.fused_attention(q, k, layouts["contiguous"])
-    monkeypatch.setenv("COGKERN_ATTENTION_SM90", "3")
-    assert cogkern.attention_kernels(q)["forward"] == "wgmma-ws"
+    monkeypatch.setenv("COGKERN_ATTENTION_SM90", mode)
+    assert cogkern.attention_kernels(q)["forward"] == {"3": "wgmma-ws", "4": "wgmma-ws-pingpong"}[mode]
     for name, v in layouts.items():
         torch.testing.assert_close(cogkern.fused_attention(q, k, v).float(), base.float(), rtol=2e-2, atol=2e-2,
                                    msg=lambda m, name=name: f"v {name}: {m}")

@@ -1,8 +1,9 @@
 // Launchers of the Hopper (wgmma) flash-attention forwards (kernels:
 // flash_fwd_sm90_kernel.cuh, flash_fwd_sm90_ws_kernel.cuh). run_flash_fwd
 // (flash_fwd.cu) calls them instead of the mma.sync kernel when
-// COGKERN_ATTENTION_SM90 is 1 (plain schedule), 2 (pipelined) or 3
-// (warp-specialized, TMA) and the GPU and the build allow it; until they have
+// COGKERN_ATTENTION_SM90 is 1 (plain schedule), 2 (pipelined), 3
+// (warp-specialized, TMA) or 4 (that with ping-pong between the consumer
+// warpgroups) and the GPU and the build allow it; until they have
 // been validated on a GPU they are opt-in.
 #include <cstdlib>
 
@@ -22,12 +23,12 @@ __global__ void __launch_bounds__(Sm90FwdConfig<D>::kThreads, 1) flash_fwd_sm90_
 #endif
 }
 
-template <typename T, int D>
+template <typename T, int D, bool PINGPONG>
 __global__ void __launch_bounds__(Sm90WsFwdConfig<D>::kThreads, 1)
     flash_fwd_sm90_ws_kernel(const FlashArgs a, const __grid_constant__ Sm90FwdMaps maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ __align__(128) unsigned char smem[];
-  flash_fwd_sm90_ws_body<T, D>(a, maps, smem);
+  flash_fwd_sm90_ws_body<T, D, PINGPONG>(a, maps, smem);
 #else
   __trap();
 #endif
@@ -40,12 +41,12 @@ cudaError_t launch(const FlashArgs& a, cudaStream_t stream) {
                              C::kThreads, sm90_fwd_smem_bytes<D, PIPELINED>(), a, stream);
 }
 
-template <typename T, int D>
+template <typename T, int D, bool PINGPONG>
 cudaError_t launch_ws(const FlashArgs& a, cudaStream_t stream) {
   using C = Sm90WsFwdConfig<D>;
   Sm90FwdMaps maps;
   if (!make_sm90_fwd_maps<D>(a, &maps)) return cudaErrorInvalidValue;
-  return launch_flash_kernel(flash_fwd_sm90_ws_kernel<T, D>, a.batch * a.heads * ceil_div(a.seq, C::kBM),
+  return launch_flash_kernel(flash_fwd_sm90_ws_kernel<T, D, PINGPONG>, a.batch * a.heads * ceil_div(a.seq, C::kBM),
                              C::kThreads, sm90_ws_fwd_smem_bytes<D>(), a, stream, maps);
 }
 
@@ -68,7 +69,7 @@ int sm90_opt_in_mode(const char* env_name, int max_mode, const void* kernel) {
 
 template <typename T, int D>
 int sm90_forward_mode() {
-  return sm90_opt_in_mode("COGKERN_ATTENTION_SM90", 3, reinterpret_cast<const void*>(flash_fwd_sm90_kernel<T, D, false>));
+  return sm90_opt_in_mode("COGKERN_ATTENTION_SM90", 4, reinterpret_cast<const void*>(flash_fwd_sm90_kernel<T, D, false>));
 }
 
 template <typename T, int D>
@@ -77,7 +78,8 @@ cudaError_t run_flash_fwd_sm90(const FlashArgs& a, int mode, cudaStream_t stream
   switch (mode) {
     case 1: return launch<T, D, false>(a, stream);
     case 2: return launch<T, D, true>(a, stream);
-    case 3: return launch_ws<T, D>(a, stream);
+    case 3: return launch_ws<T, D, false>(a, stream);
+    case 4: return launch_ws<T, D, true>(a, stream);
     default: return cudaErrorInvalidValue;
   }
 }

@@ -12,8 +12,13 @@
 //     flash_fwd_sm90_kernel.cuh). No block-wide barrier after the set-up: a
 //     consumer waits only for the tiles it needs, and the stage it has
 //     finished goes back to the producer at once.
-// Grid: one block per (batch * head, 64 * consumers query rows). Opt-in
-// (COGKERN_ATTENTION_SM90=3, flash_fwd_sm90.cu) until it has run on a GPU.
+//   - PINGPONG (FA3's inter-warpgroup overlap): the consumers take turns to
+//     issue their products (two named barriers pass the turn), so one
+//     warpgroup's softmax runs while the other's products occupy the tensor
+//     cores, instead of both contending for them and then both idling them.
+// Grid: one block per (batch * head, 128 query rows). Opt-in
+// (COGKERN_ATTENTION_SM90=3, or 4 with PINGPONG; flash_fwd_sm90.cu) until it
+// has run on a GPU.
 // Checked on the CPU by the emulator, whose TMA copies land as late as the
 // mbarrier allows (or, under the laggard schedule, at once).
 #pragma once
@@ -72,7 +77,7 @@ inline bool make_sm90_fwd_maps(const FlashArgs& a, Sm90FwdMaps* maps) {
          sm90::make_panel_tensor_map(&maps->v, a.v.ptr, 4, v_dims, v_strides, C::kBN);
 }
 
-template <typename T, int D>
+template <typename T, int D, bool PINGPONG>
 __device__ __forceinline__ void flash_fwd_sm90_ws_body(const FlashArgs& a, const Sm90FwdMaps& maps,
                                                        unsigned char* smem_raw) {
   using C = Sm90WsFwdConfig<D>;
@@ -148,6 +153,23 @@ __device__ __forceinline__ void flash_fwd_sm90_ws_body(const FlashArgs& a, const
   const auto release = [&](uint32_t empty_bar) {
     if (warp_leader) sm90::mbar_arrive(empty_bar);
   };
+  // PINGPONG: consumer cw issues when barrier 1 + cw completes (its 128
+  // threads wait there, the previous consumer's 128 arrive), then hands the
+  // turn to the next; the last consumer starts the round, and skips its
+  // final hand-over (nobody takes it), so every barrier ends complete.
+  constexpr unsigned kTurnThreads = 2 * sm90::kWarpgroupThreads;
+  const auto my_turn = [&] {
+    if constexpr (PINGPONG) sm90::named_barrier_sync(1u + unsigned(cw), kTurnThreads);
+  };
+  const auto pass_turn = [&](bool last) {
+    if constexpr (PINGPONG) {
+      if (!(last && cw == C::kConsumers - 1))
+        sm90::named_barrier_arrive(1u + unsigned((cw + 1) % C::kConsumers), kTurnThreads);
+    }
+  };
+  if constexpr (PINGPONG) {
+    if (cw == C::kConsumers - 1) sm90::named_barrier_arrive(1u, kTurnThreads);
+  }
   const auto issue_s = [&](float (&s)[kNT * 4], int st) {
     issue_ss_k_major<Mma, D>(s, q_base, kBM * 128, k_stage(st), kBN * 128);
     sm90::wgmma_commit();
@@ -161,8 +183,10 @@ __device__ __forceinline__ void flash_fwd_sm90_ws_body(const FlashArgs& a, const
   uint32_t pa[kKS][4];
   sm90::mbar_wait(q_full, 0);
   sm90::mbar_wait(k_full(0), 0);
+  my_turn();
   sm90::wgmma_fence();
   issue_s(s, 0);
+  pass_turn(false);
   sm90::wgmma_wait<0>();
   sm90::fence_operands(s);
   release(k_empty(0));
@@ -173,9 +197,11 @@ __device__ __forceinline__ void flash_fwd_sm90_ws_body(const FlashArgs& a, const
     const int st = j % kStages, prev = (j - 1) % kStages;
     sm90::mbar_wait(k_full(st), full_parity(j));
     sm90::mbar_wait(v_full(prev), full_parity(j - 1));
+    my_turn();
     sm90::wgmma_fence();  // orders pa and the rescaled acc_o before both batches
     issue_s(s, st);
     issue_pv(pa, prev);
+    pass_turn(false);
     sm90::wgmma_wait<1>();  // S of tile j has landed; P_{j-1} V_{j-1} may still run
     sm90::fence_operands(s);
     release(k_empty(st));
@@ -189,8 +215,10 @@ __device__ __forceinline__ void flash_fwd_sm90_ws_body(const FlashArgs& a, const
   }
   const int last = (n_tiles - 1) % kStages;
   sm90::mbar_wait(v_full(last), full_parity(n_tiles - 1));
+  my_turn();
   sm90::wgmma_fence();
   issue_pv(pa, last);
+  pass_turn(true);
   sm90::wgmma_wait<0>();
   sm90::fence_operands(sm.acc_o);
   release(v_empty(last));

@@ -63,11 +63,11 @@ template <typename T, int D>
 cudaError_t run_flash_fwd(const FlashArgs& a, cudaStream_t stream);
 
 // The Hopper (wgmma) forwards, flash_fwd_sm90.cu. sm90_forward_mode(): 0 (use
-// the mma.sync kernel), 1 (plain schedule), 2 (pipelined) or 3 (pipelined,
-// warp-specialized with TMA loads), from COGKERN_ATTENTION_SM90 (opt-in until
+// the mma.sync kernel), 1 (plain schedule), 2 (pipelined), 3 (pipelined,
+// warp-specialized with TMA loads) or 4 (3 with ping-pong), from COGKERN_ATTENTION_SM90 (opt-in until
 // validated on a GPU), and only on a compute capability 9.0 device with sm_90a
 // code in the build. run_flash_fwd_sm90 fails with cudaErrorInvalidValue when
-// mode 3's tensor maps cannot be made.
+// the tensor maps of modes 3 and 4 cannot be made.
 template <typename T, int D>
 int sm90_forward_mode();
 template <typename T, int D>

@@ -122,7 +122,7 @@ def fused_attention(
     return (out, lse) if return_lse else out
 
 
-_FORWARD_KERNELS = {0: "mma.sync", 1: "wgmma", 2: "wgmma-pipelined", 3: "wgmma-ws"}
+_FORWARD_KERNELS = {0: "mma.sync", 1: "wgmma", 2: "wgmma-pipelined", 3: "wgmma-ws", 4: "wgmma-ws-pingpong"}
 _BACKWARD_KERNELS = {0: "mma.sync", 1: "wgmma-2wg", 2: "wgmma-1wg"}
 
 
@@ -133,8 +133,9 @@ def attention_kernels(q: torch.Tensor) -> dict[str, str]:
     On the CPU both are ``"cpu"``. On a GPU: ``"mma.sync"`` (the default), or, where
     ``COGKERN_ATTENTION_SM90`` / ``COGKERN_ATTENTION_SM90_BWD`` opt in and the GPU (compute
     capability 9.0) and the build (``9.0a`` in ``TORCH_CUDA_ARCH_LIST``) allow it, a Hopper
-    ``wgmma`` kernel: ``"wgmma"`` / ``"wgmma-pipelined"`` / ``"wgmma-ws"`` forward
-    (``COGKERN_ATTENTION_SM90=1|2|3``; ``ws``: warp-specialized, TMA loads), ``"wgmma-2wg"`` /
+    ``wgmma`` kernel: ``"wgmma"`` / ``"wgmma-pipelined"`` / ``"wgmma-ws"`` /
+    ``"wgmma-ws-pingpong"`` forward (``COGKERN_ATTENTION_SM90=1|2|3|4``; ``ws``: warp-specialized,
+    TMA loads; ``pingpong``: its two math warpgroups take turns on the tensor cores), ``"wgmma-2wg"`` /
     ``"wgmma-1wg"`` backward (``COGKERN_ATTENTION_SM90_BWD=1|2``: two or one warpgroups per block). Use it to confirm that an
     opt-in took effect: elsewhere the switches are ignored without a word.
     """

@@ -163,10 +163,18 @@ inline void lag() {
 }
 
 // At block exit every mbarrier must be between phases with no transaction
-// bytes or TMA copies outstanding: on the GPU a copy still in flight when the
-// block exits writes freed shared memory, and a phase that cannot complete hangs
-// its waiters.
-inline void check_mbarriers_idle(unsigned block) {
+// bytes or TMA copies outstanding (on the GPU a copy still in flight when the
+// block exits writes freed shared memory, and a phase that cannot complete
+// hangs its waiters), and no named barrier may hold arrivals nobody waited
+// for (an unbalanced hand-over protocol).
+inline void check_barriers_idle(unsigned block) {
+  for (unsigned id = 0; id < 16; ++id) {
+    if (g_block->named[id].arrived != 0) {
+      std::fprintf(stderr, "cuda_emu: block %u exits with %u arrivals pending on named barrier %u\n", block,
+                   g_block->named[id].arrived, id);
+      std::abort();
+    }
+  }
   for (const auto& [addr, m] : g_block->mbarriers) {
     if (m.tx != 0 || !m.copies.empty() || m.pending != m.count) {
       std::fprintf(stderr,
@@ -208,7 +216,7 @@ inline void launch(unsigned grid, unsigned block_x, unsigned block_y, size_t sme
       });
     }
     for (auto& th : pool) th.join();
-    check_mbarriers_idle(b);
+    check_barriers_idle(b);
     g_block = nullptr;
   }
 }

@@ -43,7 +43,7 @@ struct EmuSpec {
 
 namespace {
 
-int g_sm90_forward = 0;   // emu_set_sm90_forward: 0 mma.sync, 1 sm90 plain, 2 sm90 pipelined, 3 sm90 warp-specialized
+int g_sm90_forward = 0;   // emu_set_sm90_forward: 0 mma.sync, 1 sm90 plain, 2 sm90 pipelined, 3 sm90 warp-specialized, 4 with ping-pong
 int g_sm90_backward = 0;  // emu_set_sm90_backward: 0 mma.sync; the sm90 key-tile kernel, 1: two warpgroups, 2: one
 
 BshdTensor bshd(const EmuSpec& s, const void* p) { return {p, s.seq * s.heads * s.head_dim, s.heads * s.head_dim, s.head_dim}; }
@@ -130,13 +130,17 @@ void run(const EmuSpec& spec, bool backward) {
   if (!backward) {
     cuda_emu::launch(row_blocks, rows::kRowThreads, 0,
                      [&] { rows::attention_prologue_kernel<T, table_t, D, false>(P, s); });
-    if (g_sm90_forward == 3) {  // the warp-specialized Hopper forward, as run_flash_fwd_sm90 launches it
+    if (g_sm90_forward >= 3) {  // the warp-specialized Hopper forward, as run_flash_fwd_sm90 launches it
       using C = flash::Sm90WsFwdConfig<D>;
       alignas(128) flash::Sm90FwdMaps maps;
       if (!flash::make_sm90_fwd_maps<D>(a, &maps)) throw std::runtime_error("tensor maps refused");
-      cuda_emu::launch(unsigned(P.batch * P.heads * ceil_div(P.seq, C::kBM)), C::kThreads,
-                       flash::sm90_ws_fwd_smem_bytes<D>(),
-                       [&] { flash::flash_fwd_sm90_ws_body<T, D>(a, maps, cuda_emu::dynamic_smem()); });
+      const unsigned blocks = unsigned(P.batch * P.heads * ceil_div(P.seq, C::kBM));
+      if (g_sm90_forward == 4)
+        cuda_emu::launch(blocks, C::kThreads, flash::sm90_ws_fwd_smem_bytes<D>(),
+                         [&] { flash::flash_fwd_sm90_ws_body<T, D, true>(a, maps, cuda_emu::dynamic_smem()); });
+      else
+        cuda_emu::launch(blocks, C::kThreads, flash::sm90_ws_fwd_smem_bytes<D>(),
+                         [&] { flash::flash_fwd_sm90_ws_body<T, D, false>(a, maps, cuda_emu::dynamic_smem()); });
       return;
     }
     if (g_sm90_forward) {  // the Hopper (wgmma) forward, as run_flash_fwd picks it

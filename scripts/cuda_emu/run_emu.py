@@ -531,15 +531,17 @@ def main():
             (torch.bfloat16, 64, 1, 0, 1, 2, False, "layer_norm", "none", False),
         ]
     try:
-        lib.emu_set_sm90_forward(3)
-        for case in ws_cases:
-            fails += not check_case(lib, case, label="[sm90 fwd, warp-specialized] ")
+        for mode, label in ((3, "[sm90 fwd, warp-specialized] "), (4, "[sm90 fwd, warp-specialized, ping-pong] ")):
+            lib.emu_set_sm90_forward(mode)
+            for case in ws_cases:
+                fails += not check_case(lib, case, label=label)
     finally:
         lib.emu_set_sm90_forward(0)
     # NaN in one q row: that row's output is NaN, nothing else (mma.sync, then each sm90 forward).
     c = make_case(1, 40, 2, 64, 0, "layer_norm", "none")
     c["q"][0, 7, 1, 3] = float("nan")
-    for mode, label in ((0, ""), (1, "[sm90 fwd] "), (2, "[sm90 fwd, pipelined] "), (3, "[sm90 fwd, warp-specialized] ")):
+    for mode, label in ((0, ""), (1, "[sm90 fwd] "), (2, "[sm90 fwd, pipelined] "), (3, "[sm90 fwd, warp-specialized] "),
+                        (4, "[sm90 fwd, ping-pong] ")):
         lib.emu_set_sm90_forward(mode)
         try:
             out = emu_run(lib, c, torch.float16, False, False)[0]
