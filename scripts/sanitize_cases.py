@@ -103,8 +103,9 @@ def wgmma_cases():
     for dtype in (torch.bfloat16, torch.float16):
         for d in (64, 128):
             q, k, v = (torch.randn(64, d, device="cuda", dtype=dtype) for _ in range(3))
-            torch.ops.cogkern._sm90_wgmma_selftest(q, k, v)
-            yield f"sm90 wgmma tile {dtype} D={d}"
+            for tma in (False, True):
+                torch.ops.cogkern._sm90_wgmma_selftest(q, k, v, tma)
+                yield f"sm90 wgmma tile {dtype} D={d}{' (TMA loads)' if tma else ''}"
     # The wgmma attention forward (opt-in), key-tile tails and causal masks.
     from cogkern import fused_attention
 

@@ -2,7 +2,8 @@
 hardware: descriptors, the 128-byte swizzle, accumulator and register-A
 fragments, MN-major B, MN-major (transposed) A. One attention-shaped tile
 (sm90_wgmma_selftest_kernel.cuh): S = Q K^T, O = 16bit(S) V and
-U = V[:, :64]^T V against float64. Needs an sm_90 GPU and a build
+U = V[:, :64]^T V against float64, with the tiles loaded by ordinary stores
+and by TMA (tensor maps, mbarrier; sm90_async.cuh). Needs an sm_90 GPU and a build
 that includes 9.0a; the same kernel source runs under the CPU emulator in
 tests/test_cuda_emulator.py."""
 import pytest
@@ -20,11 +21,12 @@ def _hopper():
 @pytest.mark.skipif(not _hopper(), reason="needs a compute capability 9.0 GPU")
 @pytest.mark.skipif(not any(a.startswith("90a") for a in cogkern.build_info()["cuda_archs"]),
                     reason="this build has no sm_90a code (TORCH_CUDA_ARCH_LIST without 9.0a)")
+@pytest.mark.parametrize("tma", [False, True], ids=["stores", "tma"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_wgmma_tile_matches_float64(dtype, head_dim):
+def test_wgmma_tile_matches_float64(dtype, head_dim, tma):
     q, k, v = (torch.randn(64, head_dim, device="cuda").to(dtype) for _ in range(3))
-    s, o, u = torch.ops.cogkern._sm90_wgmma_selftest(q, k, v)
+    s, o, u = torch.ops.cogkern._sm90_wgmma_selftest(q, k, v, tma)
     torch.cuda.synchronize()
     s_ref = q.double() @ k.double().T
     # O's reference takes the kernel's own S rounded to 16 bits, as the kernel feeds it.

@@ -27,6 +27,9 @@ inline void mbar_init_fence() {}
 inline void mbar_arrive(uint32_t bar) { ::cuda_emu::mbar_arrive(bar); }
 inline void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) { ::cuda_emu::mbar_arrive_expect_tx(bar, bytes); }
 inline void mbar_wait(uint32_t bar, uint32_t parity) { ::cuda_emu::mbar_wait(bar, parity); }
+inline void tma_load_2d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1) {
+  ::cuda_emu::tma_load(dst, map, bar, {c0, c1, 0, 0, 0});
+}
 inline void tma_load_3d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1, int c2) {
   ::cuda_emu::tma_load(dst, map, bar, {c0, c1, c2, 0, 0});
 }
@@ -77,6 +80,13 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
 // A box of the tensor `map` describes, at coordinates (c0 innermost, ...),
 // into shared memory at dst (1024-byte aligned for the 128-byte swizzle); its
 // bytes complete on mbarrier bar.
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];\n" ::"r"(
+          dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1)
+      : "memory");
+}
 __device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1,
                                             int c2) {
   asm volatile(

@@ -1,4 +1,5 @@
-// Launcher of the wgmma conformance kernel. The kernel body exists only in
+// Launcher of the wgmma conformance kernel (tiles loaded with ordinary
+// loads, or with TMA). The kernel body exists only in
 // sm_90a code (wgmma); other targets get a trap, and the host refuses to
 // launch on anything but compute capability 9.0.
 #include "kernels/sm90_wgmma_selftest.h"
@@ -7,22 +8,25 @@
 namespace cogkern::sm90 {
 namespace {
 
-template <typename T, int D>
+template <typename T, int D, bool TMA>
 __global__ void __launch_bounds__(kWarpgroupThreads, 1)
-    wgmma_selftest_kernel(const uint16_t* q, const uint16_t* k, const uint16_t* v, float* s, float* o, float* u) {
+    wgmma_selftest_kernel(const uint16_t* q, const uint16_t* k, const uint16_t* v, float* s, float* o, float* u,
+                          const __grid_constant__ SelftestMaps maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ __align__(128) unsigned char smem[];
-  wgmma_selftest_body<T, D>(q, k, v, s, o, u, smem);
+  wgmma_selftest_body<T, D, TMA>(q, k, v, s, o, u, maps, smem);
 #else
   __trap();
 #endif
 }
 
-template <typename T, int D>
+template <typename T, int D, bool TMA>
 cudaError_t launch_typed(const void* q, const void* k, const void* v, float* s, float* o, float* u,
                          cudaStream_t stream) {
   constexpr int smem = selftest_smem_bytes(D);
-  auto kernel = wgmma_selftest_kernel<T, D>;
+  auto kernel = wgmma_selftest_kernel<T, D, TMA>;
+  SelftestMaps maps{};
+  if (TMA && !make_selftest_maps<D>(q, k, v, &maps)) return cudaErrorInvalidValue;
   // The device code must come from sm_90a (wgmma): PTX of an older target,
   // JIT-compiled for this GPU, holds only the trap.
   cudaFuncAttributes attr;
@@ -32,25 +36,31 @@ cudaError_t launch_typed(const void* q, const void* k, const void* v, float* s, 
     if (err != cudaSuccess) return err;
   }
   kernel<<<1, kWarpgroupThreads, smem, stream>>>(static_cast<const uint16_t*>(q), static_cast<const uint16_t*>(k),
-                                                 static_cast<const uint16_t*>(v), s, o, u);
+                                                 static_cast<const uint16_t*>(v), s, o, u, maps);
   return cudaGetLastError();
+}
+
+template <int D>
+cudaError_t launch_dim(const void* q, const void* k, const void* v, float* s, float* o, float* u, bool bf16, bool tma,
+                       cudaStream_t stream) {
+  if (tma)
+    return bf16 ? launch_typed<__nv_bfloat16, D, true>(q, k, v, s, o, u, stream)
+                : launch_typed<__half, D, true>(q, k, v, s, o, u, stream);
+  return bf16 ? launch_typed<__nv_bfloat16, D, false>(q, k, v, s, o, u, stream)
+              : launch_typed<__half, D, false>(q, k, v, s, o, u, stream);
 }
 
 }  // namespace
 
 cudaError_t launch_wgmma_selftest(const void* q, const void* k, const void* v, float* s, float* o, float* u,
-                                  int head_dim, bool bf16, cudaStream_t stream) {
+                                  int head_dim, bool bf16, bool tma, cudaStream_t stream) {
   int device = 0, major = 0, minor = 0;
   cudaGetDevice(&device);
   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
   cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
   if (major != 9 || minor != 0) return cudaErrorInvalidDeviceFunction;
-  if (head_dim == 64)
-    return bf16 ? launch_typed<__nv_bfloat16, 64>(q, k, v, s, o, u, stream)
-                : launch_typed<__half, 64>(q, k, v, s, o, u, stream);
-  if (head_dim == 128)
-    return bf16 ? launch_typed<__nv_bfloat16, 128>(q, k, v, s, o, u, stream)
-                : launch_typed<__half, 128>(q, k, v, s, o, u, stream);
+  if (head_dim == 64) return launch_dim<64>(q, k, v, s, o, u, bf16, tma, stream);
+  if (head_dim == 128) return launch_dim<128>(q, k, v, s, o, u, bf16, tma, stream);
   return cudaErrorInvalidValue;
 }
 

@@ -7,22 +7,40 @@
 //                    backward's dQ = dS K with dS^T stored [key][query])
 // with Q [64][D], K [64][D], V [64][D] row-major in global memory, D = 64 or
 // 128. S, O and U go back to global memory in fp32 so that the test compares
-// them with torch.matmul. Exactly the layouts and fragment moves the Hopper
+// them with torch.matmul. With TMA, the tiles come in through TMA tensor maps
+// and an mbarrier (sm90_async.cuh) instead of ordinary loads and stores: the
+// check that TMA's 128-byte swizzle is the layout the wgmma descriptors read,
+// and that the transaction bytes complete the barrier, apart from any
+// attention kernel. Exactly the layouts and fragment moves the Hopper
 // attention forward and backward need; the GPU test is
 // tests/test_sm90_wgmma_cuda.py, the CPU one scripts/cuda_emu/run_emu.py
 // (emulator).
 #pragma once
 
 #include "kernels/flash_common.cuh"  // ElemTraits<T>::pack: two floats -> one A register
+#include "kernels/sm90_async.cuh"
+#include "kernels/sm90_tensor_map.h"
 #include "kernels/sm90_wgmma.cuh"
 
 namespace cogkern::sm90 {
 
 constexpr int kSelftestRows = 64;  // queries (one warpgroup's M) and keys
 
-// Bytes of dynamic shared memory the kernel needs for head dim D (plus the
-// 1024 bytes it may skip to align its panels).
-__host__ __device__ constexpr int selftest_smem_bytes(int d) { return 3 * kSelftestRows * d * 2 + kPanelGroupBytes; }
+// Bytes of dynamic shared memory the kernel needs for head dim D: the three
+// tiles, the mbarrier (TMA), and the 1024 bytes it may skip to align its panels.
+__host__ __device__ constexpr int selftest_smem_bytes(int d) { return 3 * kSelftestRows * d * 2 + 8 + kPanelGroupBytes; }
+
+// The TMA path's tensor maps: q, k, v as [64][D] row-major, one box of 64 rows per panel.
+struct SelftestMaps {
+  CUtensorMap q, k, v;
+};
+template <int D>
+inline bool make_selftest_maps(const void* q, const void* k, const void* v, SelftestMaps* maps) {
+  const uint64_t dims[2] = {D, kSelftestRows}, strides[1] = {D};
+  return make_panel_tensor_map(&maps->q, q, 2, dims, strides, kSelftestRows) &&
+         make_panel_tensor_map(&maps->k, k, 2, dims, strides, kSelftestRows) &&
+         make_panel_tensor_map(&maps->v, v, 2, dims, strides, kSelftestRows);
+}
 
 // Copies a row-major [64][D] 16-bit matrix into D/64 swizzled panels of 64
 // rows (panel p holds columns 64p..64p+63, kSelftestRows * 128 bytes each).
@@ -48,20 +66,40 @@ __device__ __forceinline__ void store_rows(float* dst, const float (&acc)[N / 2]
   }
 }
 
-template <typename T, int D>
+template <typename T, int D, bool TMA>
 __device__ __forceinline__ void wgmma_selftest_body(const uint16_t* q, const uint16_t* k, const uint16_t* v, float* s_out,
-                                                    float* o_out, float* u_out, unsigned char* smem_raw) {
+                                                    float* o_out, float* u_out, const SelftestMaps& maps,
+                                                    unsigned char* smem_raw) {
   unsigned char* smem = align_to_panel_group(smem_raw);
   constexpr int kMatrixBytes = kSelftestRows * D * 2;
   unsigned char* qs = smem;
   unsigned char* ks = smem + kMatrixBytes;
   unsigned char* vs = smem + 2 * kMatrixBytes;
   const int tid = int(threadIdx.x);
-  load_panels<D>(qs, q, tid);
-  load_panels<D>(ks, k, tid);
-  load_panels<D>(vs, v, tid);
-  fence_proxy_async_shared();  // ordinary stores -> tensor-core reads
-  __syncthreads();
+  if constexpr (TMA) {
+    const uint32_t bar = smem_addr(smem + 3 * kMatrixBytes);
+    if (tid == 0) {
+      mbar_init(bar, 1);
+      mbar_init_fence();
+    }
+    __syncthreads();
+    if (tid == 0) {
+      mbar_arrive_expect_tx(bar, 3 * kMatrixBytes);
+      for (int p = 0; p < D / kPanelCols; ++p) {
+        const uint32_t panel = uint32_t(p * kSelftestRows * 128);
+        tma_load_2d(smem_addr(qs) + panel, &maps.q, bar, p * kPanelCols, 0);
+        tma_load_2d(smem_addr(ks) + panel, &maps.k, bar, p * kPanelCols, 0);
+        tma_load_2d(smem_addr(vs) + panel, &maps.v, bar, p * kPanelCols, 0);
+      }
+    }
+    mbar_wait(bar, 0);
+  } else {
+    load_panels<D>(qs, q, tid);
+    load_panels<D>(ks, k, tid);
+    load_panels<D>(vs, v, tid);
+    fence_proxy_async_shared();  // ordinary stores -> tensor-core reads
+    __syncthreads();
+  }
 
   // S = Q K^T over D / 16 k-slices (4 per 64-column panel).
   constexpr int kPanelBytes = kSelftestRows * 128;

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import itertools
 import math
 import os
 import subprocess
@@ -226,24 +227,23 @@ def wgmma_suite(lib):
     """The Hopper wgmma building blocks (csrc/kernels/sm90_wgmma.cuh) on their
     conformance tile: S = Q K^T (shared-memory operands, K-major),
     O = 16bit(S) V (A from registers, V MN-major) and U = V[:, :64]^T V (A and B
-    MN-major), against torch in fp32."""
+    MN-major), against torch in fp32; its tiles loaded by ordinary stores, then by TMA."""
     fails = 0
     lib.emu_wgmma_selftest.restype = ctypes.c_int
-    lib.emu_wgmma_selftest.argtypes = [P, P, P, P, P, P, I32, I32]
-    for dtype in (torch.bfloat16, torch.float16):
-        for d in (64, 128):
-            q, k, v = (torch.randn(64, d).to(dtype).contiguous() for _ in range(3))
-            s = torch.empty(64, 64)
-            o, u = torch.empty(64, d), torch.empty(64, d)
-            rc = lib.emu_wgmma_selftest(ptr(q), ptr(k), ptr(v), ptr(s), ptr(o), ptr(u), d,
-                                        int(dtype == torch.bfloat16))
-            refs = {"S": (s, q.float() @ k.float().T), "O": (o, s.to(dtype).float() @ v.float()),
-                    "U": (u, v[:, :64].float().T @ v.float())}
-            errs = {n: (x - r).abs().max().item() / r.abs().max().item() for n, (x, r) in refs.items()}
-            ok = rc == 0 and all(e < 1e-5 for e in errs.values())
-            print(f"{'ok  ' if ok else 'FAIL'} wgmma tile {str(dtype)[6:]} D={d}: "
-                  + ", ".join(f"{n} rel err {e:.1e}" for n, e in errs.items()), flush=True)
-            fails += not ok
+    lib.emu_wgmma_selftest.argtypes = [P, P, P, P, P, P, I32, I32, I32]
+    for tma, dtype, d in itertools.product((0, 1), (torch.bfloat16, torch.float16), (64, 128)):
+        q, k, v = (torch.randn(64, d).to(dtype).contiguous() for _ in range(3))
+        s = torch.empty(64, 64)
+        o, u = torch.empty(64, d), torch.empty(64, d)
+        rc = lib.emu_wgmma_selftest(ptr(q), ptr(k), ptr(v), ptr(s), ptr(o), ptr(u), d,
+                                    int(dtype == torch.bfloat16), tma)
+        refs = {"S": (s, q.float() @ k.float().T), "O": (o, s.to(dtype).float() @ v.float()),
+                "U": (u, v[:, :64].float().T @ v.float())}
+        errs = {n: (x - r).abs().max().item() / r.abs().max().item() for n, (x, r) in refs.items()}
+        ok = rc == 0 and all(e < 1e-5 for e in errs.values())
+        print(f"{'ok  ' if ok else 'FAIL'} wgmma tile {str(dtype)[6:]} D={d}{' (TMA loads)' if tma else ''}: "
+              + ", ".join(f"{n} rel err {e:.1e}" for n, e in errs.items()), flush=True)
+        fails += not ok
     return fails
 
 

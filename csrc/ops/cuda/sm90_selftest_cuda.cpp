@@ -1,5 +1,6 @@
 // torch.ops.cogkern._sm90_wgmma_selftest: runs the wgmma conformance kernel
-// (csrc/kernels/sm90_wgmma_selftest_kernel.cuh) for tests/test_sm90_wgmma_cuda.py.
+// (csrc/kernels/sm90_wgmma_selftest_kernel.cuh) for tests/test_sm90_wgmma_cuda.py;
+// tma=True loads its tiles through TMA and an mbarrier.
 // A developer check of the Hopper building blocks, not part of the public API.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -26,7 +27,8 @@ void check_operand(const at::Tensor& t, const char* name, const at::Tensor& q) {
   TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> wgmma_selftest(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> wgmma_selftest(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                              bool tma) {
   check_operand(q, "q", q);
   check_operand(k, "k", q);
   check_operand(v, "v", q);
@@ -35,7 +37,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> wgmma_selftest(const at::Tensor& 
   at::Tensor s = at::empty({64, 64}, f32), o = at::empty({64, q.size(1)}, f32), u = at::empty({64, q.size(1)}, f32);
   const cudaError_t err = sm90::launch_wgmma_selftest(q.data_ptr(), k.data_ptr(), v.data_ptr(), s.data_ptr<float>(),
                                                       o.data_ptr<float>(), u.data_ptr<float>(), int(q.size(1)),
-                                                      q.scalar_type() == at::kBFloat16, c10::cuda::getCurrentCUDAStream());
+                                                      q.scalar_type() == at::kBFloat16, tma,
+                                                      c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "cogkern _sm90_wgmma_selftest: ", cudaGetErrorString(err),
               " (needs a compute capability 9.0 GPU and a build with TORCH_CUDA_ARCH_LIST including 9.0a)");
   return {s, o, u};
@@ -44,7 +47,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> wgmma_selftest(const at::Tensor& 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(cogkern, m) {
-  m.def("_sm90_wgmma_selftest(Tensor q, Tensor k, Tensor v) -> (Tensor, Tensor, Tensor)");
+  m.def("_sm90_wgmma_selftest(Tensor q, Tensor k, Tensor v, bool tma=False) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(cogkern, CUDA, m) { m.impl("_sm90_wgmma_selftest", &wgmma_selftest); }
