@@ -110,11 +110,12 @@ def impls_for(device, q, k, v, norms, rope, table, text_len, sm90=False):
     """name -> (callable, context factory); a peer that cannot run is reported by the caller."""
     impls = {"cogkern": (lambda: cogkern_attention(q, k, v, norms, rope, text_len), contextlib.nullcontext)}
     if sm90 and device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0):
-        # The opt-in Hopper (wgmma) kernels: the three forwards with the mma.sync backward,
-        # then the warp-specialized forward with the wgmma backward (two or one warpgroups per block).
+        # The opt-in Hopper (wgmma) kernels: the four forwards with the mma.sync backward,
+        # then the ping-pong forward with each wgmma backward (two or one warpgroups per
+        # block, warp-specialized).
         for label, fwd, bwd in (("fwd plain", "1", "0"), ("fwd pipelined", "2", "0"), ("fwd ws", "3", "0"),
-                                ("fwd ws pingpong", "4", "0"), ("fwd ws + bwd 2wg", "3", "1"),
-                                ("fwd ws + bwd 1wg", "3", "2")):
+                                ("fwd ws pingpong", "4", "0"), ("fwd ws pingpong + bwd 2wg", "4", "1"),
+                                ("fwd ws pingpong + bwd 1wg", "4", "2"), ("fwd ws pingpong + bwd ws", "4", "3")):
             env = dict(COGKERN_ATTENTION_SM90=fwd, COGKERN_ATTENTION_SM90_BWD=bwd)
             impls[f"cogkern (sm90 wgmma {label})"] = (lambda: cogkern_attention(q, k, v, norms, rope, text_len),
                                                      lambda e=env, x=(int(fwd), int(bwd)): _sm90_kernels(q, x, **e))
@@ -191,7 +192,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None)
     p.add_argument("--sm90", action="store_true",
                    help="also the opt-in Hopper (wgmma) kernels, COGKERN_ATTENTION_SM90=1|2|3|4 and "
-                        "COGKERN_ATTENTION_SM90_BWD=1|2 (H100/H200 only)")
+                        "COGKERN_ATTENTION_SM90_BWD=1|2|3 (H100/H200 only)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU is available")

@@ -76,7 +76,7 @@ step sm90_ws_tests 60 python3 -m pytest tests -v -m sm90 -k "warp" --junitxml="$
 grep -hE "^(FAILED|ERROR)" "$work/cuda_tests.log" "$work/sm90_tests.log" "$work/sm90_ws_tests.log" 2>/dev/null | head -40 >"$work/cuda_failures.txt" || true
 # The numbers next (an issue closes on tests and measurements), then the diagnostics.
 step benchmarks 150 python3 -m benchmarks.run --quick --out "$work/bench"
-step bench_sm90 60 python3 -m benchmarks.bench_attention --quick --sm90 --json "$work/bench_sm90.json"
+step bench_sm90 90 python3 -m benchmarks.bench_attention --quick --sm90 --json "$work/bench_sm90.json"
 step attention_check 90 env PYTHONPATH=tests python3 scripts/attention_cuda_check.py --quick
 step memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 3 python3 scripts/sanitize_cases.py --only rope,optimizer,attention
 step racecheck 60 compute-sanitizer --tool racecheck --error-exitcode 3 python3 scripts/sanitize_cases.py --only rope,attention
@@ -84,8 +84,8 @@ step sm90_sanitize 60 compute-sanitizer --tool memcheck --error-exitcode 3 pytho
 step sm90_racecheck 45 compute-sanitizer --tool racecheck --error-exitcode 3 python3 scripts/sanitize_cases.py --only wgmma
 if command -v ncu >/dev/null; then
   step ncu_attention 60 profiling/ncu.sh --what attention --set full --out "$work"
-  # The opt-in Hopper kernels (warp-specialized wgmma forward, and backward): per-kernel times and occupancy.
-  step ncu_sm90 60 env COGKERN_ATTENTION_SM90=3 COGKERN_ATTENTION_SM90_BWD=1 \
+  # The opt-in Hopper kernels (warp-specialized wgmma forward and backward): per-kernel times and occupancy.
+  step ncu_sm90 60 env COGKERN_ATTENTION_SM90=4 COGKERN_ATTENTION_SM90_BWD=3 \
     profiling/ncu.sh --what attention --set basic --out "$work/ncu_sm90"
 fi
 

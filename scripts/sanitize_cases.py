@@ -118,9 +118,11 @@ def wgmma_cases():
                 if not bool(torch.isfinite(out).all()):
                     raise RuntimeError("non-finite output from the sm90 attention forward")
                 yield f"sm90 attention forward mode {mode} {dtype} D={d} S=300 causal={causal}"
-        # The wgmma backward (opt-in), two and one warpgroups per block, atomic and deterministic dq^.
+        # The wgmma backward (opt-in), two and one warpgroups per block and warp-specialized,
+        # atomic and deterministic dq^.
         for mode, dtype, d, causal, det in (("1", torch.bfloat16, 64, False, False), ("1", torch.float16, 128, True, True),
-                                            ("2", torch.float16, 64, True, False), ("2", torch.bfloat16, 128, False, True)):
+                                            ("2", torch.float16, 64, True, False), ("2", torch.bfloat16, 128, False, True),
+                                            ("3", torch.bfloat16, 64, True, False), ("3", torch.float16, 128, False, True)):
             os.environ["COGKERN_ATTENTION_SM90_BWD"] = mode
             q, k, v = (torch.randn(1, 300, 2, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
             torch.use_deterministic_algorithms(det)

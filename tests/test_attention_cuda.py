@@ -223,7 +223,7 @@ def test_the_default_kernels_are_the_mma_sync_ones(monkeypatch, head_dim):
     assert _selected_kernels(head_dim) == (0, 0)
     q = torch.empty(1, 1, 1, head_dim, device="cuda", dtype=torch.float16)
     assert cogkern.attention_kernels(q) == {"forward": "mma.sync", "backward": "mma.sync"}
-    for forward, backward in (("yes", "3"), ("5", "0"), ("33", "12")):
+    for forward, backward in (("yes", "4"), ("5", "0"), ("33", "12")):
         monkeypatch.setenv("COGKERN_ATTENTION_SM90", forward)
         monkeypatch.setenv("COGKERN_ATTENTION_SM90_BWD", backward)
         assert _selected_kernels(head_dim) == (0, 0)
@@ -303,29 +303,30 @@ def test_sm90_warp_specialized_forward_reads_every_v_layout(monkeypatch, batch, 
 
 @needs_sm90
 @pytest.mark.sm90
-@pytest.mark.parametrize("forward, mode", [("mma.sync", "1"), ("sm90-pipelined", "2")],
-                         ids=["mma.sync-fwd-2wg", "sm90-fwd-1wg"])
+@pytest.mark.parametrize("forward, mode", [("mma.sync", "1"), ("sm90-pipelined", "2"), ("sm90-ws-pingpong", "3")],
+                         ids=["mma.sync-fwd-2wg", "sm90-fwd-1wg", "warp-specialized-fwd-bwd"])
 @pytest.mark.parametrize("batch, seq, head_dim, text_len, dtype", [
     (1, 1, 64, 0, torch.bfloat16), (2, 17, 128, 0, torch.float16), (1, 1000, 64, 226, torch.bfloat16),
     (1, 4096 + 113, 64, 226, torch.float16), (2, 1000, 128, 226, torch.bfloat16), (1, 4096 + 113, 128, 0, torch.bfloat16),
 ])  # fmt: skip
 def test_sm90_backward_error_rule(monkeypatch, batch, seq, head_dim, text_len, dtype, forward, mode):
-    """COGKERN_ATTENTION_SM90_BWD=1|2: the wgmma key-tile backward (flash_bwd_sm90_kernel.cuh) with two
-    warpgroups per block after the mma.sync forward, and with one after the pipelined wgmma forward."""
-    monkeypatch.delenv("COGKERN_ATTENTION_SM90", raising=False)
+    """COGKERN_ATTENTION_SM90_BWD=1|2|3: the wgmma key-tile backward with two warpgroups per block
+    after the mma.sync forward, with one after the pipelined wgmma forward (flash_bwd_sm90_kernel.cuh),
+    and warp-specialized after the warp-specialized ping-pong forward (flash_bwd_sm90_ws_kernel.cuh)."""
+    forward_mode = {"mma.sync": "0", "sm90-pipelined": "2", "sm90-ws-pingpong": "4"}[forward]
+    monkeypatch.setenv("COGKERN_ATTENTION_SM90", forward_mode)
     monkeypatch.setenv("COGKERN_ATTENTION_SM90_BWD", mode)
-    if forward == "sm90-pipelined":
-        monkeypatch.setenv("COGKERN_ATTENTION_SM90", "2")
-    assert _selected_kernels(head_dim, dtype) == (2 if forward == "sm90-pipelined" else 0, int(mode))
+    assert _selected_kernels(head_dim, dtype) == (int(forward_mode), int(mode))
     q = torch.empty(1, 1, 1, head_dim, device="cuda", dtype=dtype)
-    assert cogkern.attention_kernels(q) == {"forward": "wgmma-pipelined" if forward == "sm90-pipelined" else "mma.sync",
-                                            "backward": {"1": "wgmma-2wg", "2": "wgmma-1wg"}[mode]}
+    assert cogkern.attention_kernels(q) == {
+        "forward": {"0": "mma.sync", "2": "wgmma-pipelined", "4": "wgmma-ws-pingpong"}[forward_mode],
+        "backward": {"1": "wgmma-2wg", "2": "wgmma-1wg", "3": "wgmma-ws"}[mode]}
     check_flash_rule(batch, seq, 3, head_dim, text_len, dtype, "cuda")
 
 
 @needs_sm90
 @pytest.mark.sm90
-@pytest.mark.parametrize("mode", ["1", "2"], ids=["2wg", "1wg"])
+@pytest.mark.parametrize("mode", ["1", "2", "3"], ids=["2wg", "1wg", "warp-specialized"])
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("head_dim", [64, 128])

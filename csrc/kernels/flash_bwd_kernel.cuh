@@ -31,11 +31,14 @@
 
 namespace cogkern::flash {
 
-template <int BM, int WARPS>
+// The lse shifts and deltas of query rows m0 .. m0 + BM (rows past the end:
+// +inf and 0, so that P = 0 there), loaded by `threads` threads of which this
+// is number `thread`. Plain stores: the caller makes them visible (a
+// __syncthreads, or an mbarrier arrival).
+template <int BM>
 __device__ __forceinline__ void load_row_stats(float* s_lse_shift, float* s_delta, const FlashArgs& a, int64_t bh,
-                                               int64_t m0) {
-  // Plain loads: made visible by the __syncthreads that precedes their use.
-  for (int i = int(threadIdx.x); i < BM; i += WARPS * kWarpSize) {
+                                               int64_t m0, int thread, int threads) {
+  for (int i = thread; i < BM; i += threads) {
     const int64_t row = m0 + i;
     const bool in = row < a.seq;
     s_lse_shift[i] = in ? softmax_lse_shift<float>(a.lse[bh * a.seq + row]) : INFINITY;
@@ -73,7 +76,7 @@ __global__ void __launch_bounds__(WARPS * kWarpSize) flash_bwd_kv_kernel(const F
     load_tile_async<BM, D, kThreads>(sQ + stage * BM * D, m0, seq, q_g, [&](int64_t r) { return q_g + r * D; });
     load_tile_async<BM, D, kThreads>(sdO + stage * BM * D, m0, seq, do_g,
                                      [&](int64_t r) { return do_g + r * do_ss; });
-    load_row_stats<BM, WARPS>(sLseShift + stage * BM, sDelta + stage * BM, a, bh, m0);
+    load_row_stats<BM>(sLseShift + stage * BM, sDelta + stage * BM, a, bh, m0, int(threadIdx.x), kThreads);
   };
 
   load_tile_async<BN, D, kThreads>(sK, n0, seq, k_g, [&](int64_t r) { return k_g + r * D; });

@@ -1,9 +1,10 @@
-// Launcher of the Hopper (wgmma) flash-attention backward key-tile kernel
-// (flash_bwd_sm90_kernel.cuh). run_flash_bwd (flash_bwd.cu) calls it instead
-// of the mma.sync key-tile kernel when COGKERN_ATTENTION_SM90_BWD is 1 (two
-// warpgroups per block) or 2 (one, two blocks per SM) and the GPU and the
-// build allow it; opt-in until validated on a GPU.
-#include "kernels/flash_bwd_sm90_kernel.cuh"
+// Launchers of the Hopper (wgmma) flash-attention backward key-tile kernels
+// (flash_bwd_sm90_kernel.cuh, flash_bwd_sm90_ws_kernel.cuh). run_flash_bwd
+// (flash_bwd.cu) calls them instead of the mma.sync key-tile kernel when
+// COGKERN_ATTENTION_SM90_BWD is 1 (two warpgroups per block), 2 (one, two
+// blocks per SM) or 3 (warp-specialized, TMA) and the GPU and the build allow
+// it; opt-in until validated on a GPU.
+#include "kernels/flash_bwd_sm90_ws_kernel.cuh"
 #include "kernels/flash_kernel_launch.cuh"
 
 namespace cogkern::flash {
@@ -20,6 +21,26 @@ __global__ void __launch_bounds__(Sm90BwdConfig<D, WARPGROUPS>::kThreads, Sm90Bw
 #endif
 }
 
+template <typename T, int D, bool ATOMIC_DQ>
+__global__ void __launch_bounds__(Sm90WsBwdConfig<D>::kThreads, 1)
+    flash_bwd_sm90_ws_kernel(const FlashArgs a, const __grid_constant__ Sm90BwdMaps maps) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  extern __shared__ __align__(128) unsigned char smem[];
+  flash_bwd_sm90_ws_body<T, D, ATOMIC_DQ>(a, maps, smem);
+#else
+  __trap();
+#endif
+}
+
+template <typename T, int D, bool ATOMIC_DQ>
+cudaError_t launch_ws(const FlashArgs& a, cudaStream_t stream) {
+  using C = Sm90WsBwdConfig<D>;
+  Sm90BwdMaps maps;
+  if (!make_sm90_bwd_maps<D>(a, &maps)) return cudaErrorInvalidValue;
+  return launch_flash_kernel(flash_bwd_sm90_ws_kernel<T, D, ATOMIC_DQ>, a.batch * a.heads * ceil_div(a.seq, C::kBN),
+                             C::kThreads, sm90_ws_bwd_smem_bytes<D>(), a, stream, maps);
+}
+
 template <typename T, int D, int WARPGROUPS, bool ATOMIC_DQ>
 cudaError_t launch(const FlashArgs& a, cudaStream_t stream) {
   using C = Sm90BwdConfig<D, WARPGROUPS>;
@@ -32,15 +53,19 @@ cudaError_t launch(const FlashArgs& a, cudaStream_t stream) {
 
 template <typename T, int D>
 int sm90_backward_mode() {
-  return sm90_opt_in_mode("COGKERN_ATTENTION_SM90_BWD", 2,
+  return sm90_opt_in_mode("COGKERN_ATTENTION_SM90_BWD", 3,
                           reinterpret_cast<const void*>(flash_bwd_sm90_kernel<T, D, 2, true>));
 }
 
 template <typename T, int D>
 cudaError_t run_flash_bwd_kv_sm90(const FlashArgs& a, int mode, bool atomic_dq, cudaStream_t stream) {
   if (a.seq <= 0 || a.batch * a.heads <= 0) return cudaSuccess;
-  if (mode == 2) return atomic_dq ? launch<T, D, 1, true>(a, stream) : launch<T, D, 1, false>(a, stream);
-  return atomic_dq ? launch<T, D, 2, true>(a, stream) : launch<T, D, 2, false>(a, stream);
+  switch (mode) {
+    case 1: return atomic_dq ? launch<T, D, 2, true>(a, stream) : launch<T, D, 2, false>(a, stream);
+    case 2: return atomic_dq ? launch<T, D, 1, true>(a, stream) : launch<T, D, 1, false>(a, stream);
+    case 3: return atomic_dq ? launch_ws<T, D, true>(a, stream) : launch_ws<T, D, false>(a, stream);
+    default: return cudaErrorInvalidValue;
+  }
 }
 
 #define COGKERN_SM90_BWD_INSTANTIATE(T, D) \

@@ -59,6 +59,87 @@ constexpr size_t sm90_bwd_smem_bytes() {
          sm90::kPanelGroupBytes;
 }
 
+// Per-query-tile steps shared by the Hopper backwards (this file and
+// flash_bwd_sm90_ws_kernel.cuh); "the thread" is one of a warpgroup's 128,
+// whose accumulator rows are keys key_lo and key_lo + 8.
+
+// P^T and dS^T in place of S^T and dP^T. Element e of n8 block i: key key_lo
+// (+ 8 when e >= 2), query m0 + 8 i + 2 t + (e & 1); lse_s / delta_s hold the
+// tile's lse shifts and deltas.
+template <int MT>
+__device__ __forceinline__ void sm90_bwd_probs(float (&st)[MT * 4], float (&dpt)[MT * 4], const float* lse_s,
+                                               const float* delta_s, const FlashArgs& a, int64_t key_lo, int64_t m0,
+                                               bool need_mask, int t) {
+  const float c = a.scale_log2, scale = a.scale;
+#pragma unroll
+  for (int i = 0; i < MT; ++i) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int q_local = i * 8 + 2 * t + (e & 1);
+      float p = fast_exp2(fmaf(st[4 * i + e], c, -lse_s[q_local]));
+      float ds = p * (dpt[4 * i + e] - delta_s[q_local]) * scale;
+      if (need_mask) {
+        const int64_t key = key_lo + (e < 2 ? 0 : 8);
+        if (key >= a.seq || (a.causal && key > m0 + q_local)) p = ds = 0.f;
+      }
+      st[4 * i + e] = p;
+      dpt[4 * i + e] = ds;
+    }
+  }
+}
+
+// dS^T into its swizzled panel, [key][query]: register r of slice kk holds
+// row key_row (+ 8 for r odd), queries 16 kk + 2 t (+ 8 for r >= 2), +1.
+// Followed by the proxy fence the dq^ wgmma (another warpgroup's, too) needs.
+template <int QS>
+__device__ __forceinline__ void store_ds_t(unsigned char* sdS, const uint32_t (&dsa)[QS][4], int key_row, int t) {
+#pragma unroll
+  for (int kk = 0; kk < QS; ++kk) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+      *reinterpret_cast<uint32_t*>(sdS + sm90::sw128_offset(key_row + (r & 1) * 8, 16 * kk + (r >> 1) * 8 + 2 * t)) =
+          dsa[kk][r];
+  }
+  sm90::fence_proxy_async_shared();
+}
+
+// dq^[m0 .. m0 + 64) panel p += dS k^[:, panel p] over the block's KEYS keys
+// (dS^T panel at sds, k^ panels of KEYS lines at sk), for the panels this
+// warpgroup takes at step it: panel p goes to warpgroup (p + it) % WARPGROUPS
+// (with two, they alternate by step at D = 64 or take one panel each at
+// D = 128). Added into the fp32 dq^ with atomics. Waits for every batch this
+// warpgroup has issued.
+template <typename T, int D, int KEYS, int WARPGROUPS>
+__device__ __forceinline__ void sm90_bwd_dq(const FlashArgs& a, uint32_t sds, uint32_t sk, int64_t bh, int64_t m0, int it,
+                                            int wg) {
+  using MmaQ = sm90::Wgmma<sm90::kPanelCols, T>;
+  const int lane = int(threadIdx.x) % kWarpSize, warp = (int(threadIdx.x) % sm90::kWarpgroupThreads) / kWarpSize;
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int p = 0; p < D / sm90::kPanelCols; ++p) {
+    if ((p + it) % WARPGROUPS != wg) continue;
+    float acc_dq[sm90::kPanelCols / 2];
+    sm90::wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < KEYS / 16; ++kk)
+      MmaQ::template ss<1, 1>(acc_dq, sm90::desc_mn_major(sds, kk, uint32_t(KEYS * 128)),
+                              sm90::desc_mn_major(sk + uint32_t(p * KEYS * 128), kk, uint32_t(KEYS * 128)), kk > 0);
+    sm90::wgmma_commit();
+    sm90::wgmma_wait<0>();
+    sm90::fence_operands(acc_dq);
+    // Rows 16 warp + g (+ 8) of the tile, columns 64 p + 8 j + 2 t, +1.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int64_t row = m0 + 16 * warp + g + 8 * r;
+      if (row >= a.seq) continue;
+      float* dst = a.dq_hat + (bh * a.seq + row) * D + p * sm90::kPanelCols + 2 * t;
+#pragma unroll
+      for (int j = 0; j < sm90::kPanelCols / 8; ++j)
+        atomic_add_pair(dst + 8 * j, acc_dq[4 * j + 2 * r], acc_dq[4 * j + 2 * r + 1]);
+    }
+  }
+}
+
 template <typename T, int D, int WARPGROUPS, bool ATOMIC_DQ>
 __device__ __forceinline__ void flash_bwd_sm90_body(const FlashArgs& a, unsigned char* smem_raw) {
   using C = Sm90BwdConfig<D, WARPGROUPS>;
@@ -68,7 +149,6 @@ __device__ __forceinline__ void flash_bwd_sm90_body(const FlashArgs& a, unsigned
   constexpr int kQS = kBM / 16;  // query slices: the K dimension of dv and dk^
   using MmaS = sm90::Wgmma<kBM, T>;             // S^T, dP^T
   using MmaKV = sm90::Wgmma<D, T>;              // dv, dk^
-  using MmaQ = sm90::Wgmma<sm90::kPanelCols, T>;  // one 64-column panel of dq^
 
   unsigned char* smem = sm90::align_to_panel_group(smem_raw);
   constexpr int kKVBytes = kBN * D * 2, kQBytes = kBM * D * 2;
@@ -95,7 +175,7 @@ __device__ __forceinline__ void flash_bwd_sm90_body(const FlashArgs& a, unsigned
                                         [&](int64_t r) { return do_g + r * blk.dout_stride; });
   };
   const auto load_stats = [&](int i) {  // plain stores: visible after the next __syncthreads
-    load_row_stats<kBM, kThreads / kWarpSize>(sLseShift + (i & 1) * kBM, sDelta + (i & 1) * kBM, a, bh, m0_of(i));
+    load_row_stats<kBM>(sLseShift + (i & 1) * kBM, sDelta + (i & 1) * kBM, a, bh, m0_of(i), int(threadIdx.x), kThreads);
   };
   load_panels_async<kBN, D, kThreads>(sK, n0, seq, k_g, [&](int64_t r) { return k_g + r * D; });
   load_panels_async<kBN, D, kThreads>(sV, n0, seq, v_g, [&](int64_t r) { return v_g + r * blk.v_stride; });
@@ -109,7 +189,6 @@ __device__ __forceinline__ void flash_bwd_sm90_body(const FlashArgs& a, unsigned
   const int lane = tid % kWarpSize, g = lane >> 2, t = lane & 3;
   const int key_row = 64 * wg + 16 * warp + g;  // the thread's first key within the block (C row g; + 8: row g + 8)
   const int64_t key_lo = n0 + key_row;
-  const float c = a.scale_log2, scale = a.scale;
   // This warpgroup's 64 rows inside each k^ / v panel (kBN lines of 128 bytes).
   const uint32_t k_rows = smem_addr(sK) + uint32_t(wg) * 64u * 128u;
   const uint32_t v_rows = smem_addr(sV) + uint32_t(wg) * 64u * 128u;
@@ -141,42 +220,13 @@ __device__ __forceinline__ void flash_bwd_sm90_body(const FlashArgs& a, unsigned
     sm90::fence_operands(st);
     sm90::fence_operands(dpt);
 
-    // P^T and dS^T in place. Element e of n8 block i: key key_lo (+ 8 when e >= 2),
-    // query m0 + 8 i + 2 t + (e & 1).
-    const float* lse_s = sLseShift + (it & 1) * kBM;
-    const float* delta_s = sDelta + (it & 1) * kBM;
     const bool need_mask = n0 + kBN > seq || (a.causal && n0 + kBN - 1 > m0);
-#pragma unroll
-    for (int i = 0; i < kMT; ++i) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int q_local = i * 8 + 2 * t + (e & 1);
-        float p = fast_exp2(fmaf(st[4 * i + e], c, -lse_s[q_local]));
-        float ds = p * (dpt[4 * i + e] - delta_s[q_local]) * scale;
-        if (need_mask) {
-          const int64_t key = key_lo + (e < 2 ? 0 : 8);
-          if (key >= seq || (a.causal && key > m0 + q_local)) p = ds = 0.f;
-        }
-        st[4 * i + e] = p;
-        dpt[4 * i + e] = ds;
-      }
-    }
+    sm90_bwd_probs<kMT>(st, dpt, sLseShift + (it & 1) * kBM, sDelta + (it & 1) * kBM, a, key_lo, m0, need_mask, t);
     // Packed to 16 bits they are the A registers of query slice kk (n8 blocks 2kk, 2kk+1).
     uint32_t pa[kQS][4], dsa[kQS][4];
     pack_a_slices<T>(st, pa);
     pack_a_slices<T>(dpt, dsa);
-    if constexpr (ATOMIC_DQ) {
-      // dS^T into its panel, [key][query]: register r of slice kk holds row
-      // key_row (+ 8 for r odd), queries 16 kk + 2 t (+ 8 for r >= 2), +1.
-#pragma unroll
-      for (int kk = 0; kk < kQS; ++kk) {
-#pragma unroll
-        for (int r = 0; r < 4; ++r)
-          *reinterpret_cast<uint32_t*>(sdS + sm90::sw128_offset(key_row + (r & 1) * 8, 16 * kk + (r >> 1) * 8 + 2 * t))
-              = dsa[kk][r];
-      }
-      sm90::fence_proxy_async_shared();  // for the dq^ wgmma after the barrier below
-    }
+    if constexpr (ATOMIC_DQ) store_ds_t<kQS>(sdS, dsa, key_row, t);
 
     // dv_w += P^T dO and dk^_w += dS^T q^: K = the tile's queries, B stored [query][dim] (MN-major).
     sm90::wgmma_fence();
@@ -186,34 +236,7 @@ __device__ __forceinline__ void flash_bwd_sm90_body(const FlashArgs& a, unsigned
 
     if constexpr (ATOMIC_DQ) {
       __syncthreads();  // every warpgroup's dS^T is in the panel
-      // dq^[m0 .. m0 + 64) panel p += dS k^[:, panel p] over the block's keys.
-      // Panel p goes to warpgroup (p + it) % warpgroups: with two, they
-      // alternate by step (D = 64) or take one panel each (D = 128); one
-      // warpgroup does every panel (at D = 128 ptxas then spills 176 bytes).
-#pragma unroll
-      for (int p = 0; p < C::kDqPanels; ++p) {
-        if ((p + it) % C::kWarpgroups != wg) continue;
-        float acc_dq[sm90::kPanelCols / 2];
-        sm90::wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < kBN / 16; ++kk)
-          MmaQ::template ss<1, 1>(acc_dq, sm90::desc_mn_major(smem_addr(sdS), kk, uint32_t(kBN * 128)),
-                                  sm90::desc_mn_major(smem_addr(sK) + uint32_t(p * kBN * 128), kk, uint32_t(kBN * 128)),
-                                  kk > 0);
-        sm90::wgmma_commit();
-        sm90::wgmma_wait<0>();
-        sm90::fence_operands(acc_dq);
-        // Rows 16 warp + g (+ 8) of the tile, columns 64 p + 8 j + 2 t, +1.
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const int64_t row = m0 + 16 * warp + g + 8 * r;
-          if (row >= seq) continue;
-          float* dst = a.dq_hat + (bh * seq + row) * D + p * sm90::kPanelCols + 2 * t;
-#pragma unroll
-          for (int j = 0; j < sm90::kPanelCols / 8; ++j)
-            atomic_add_pair(dst + 8 * j, acc_dq[4 * j + 2 * r], acc_dq[4 * j + 2 * r + 1]);
-        }
-      }
+      sm90_bwd_dq<T, D, kBN, WARPGROUPS>(a, smem_addr(sdS), smem_addr(sK), bh, m0, it, wg);
     }
     sm90::wgmma_wait<0>();  // dv, dk^ of this tile: pa, dsa and the stage are free
     sm90::fence_operands(acc_dv);

@@ -25,7 +25,6 @@
 
 #include "kernels/flash_fwd_sm90_kernel.cuh"
 #include "kernels/sm90_async.cuh"
-#include "kernels/sm90_tensor_map.h"
 
 namespace cogkern::flash {
 
@@ -64,17 +63,8 @@ constexpr size_t sm90_ws_fwd_smem_bytes() {
 template <int D>
 inline bool make_sm90_fwd_maps(const FlashArgs& a, Sm90FwdMaps* maps) {
   using C = Sm90WsFwdConfig<D>;
-  const uint64_t seq = uint64_t(a.seq), bh = uint64_t(a.batch * a.heads);
-  const uint64_t qk_dims[3] = {D, seq, bh}, qk_strides[2] = {D, seq * D};
-  // A dimension of size 1 is never stepped along: give it a stride the driver
-  // accepts whatever the view says.
-  const uint64_t v_dims[4] = {D, seq, uint64_t(a.heads), uint64_t(a.batch)};
-  uint64_t v_strides[3] = {uint64_t(a.v.stride_s), uint64_t(a.v.stride_h), uint64_t(a.v.stride_b)};
-  for (int i = 0; i < 3; ++i)
-    if (v_dims[i + 1] == 1) v_strides[i] = i == 0 ? D : v_strides[i - 1] * v_dims[i];
-  return sm90::make_panel_tensor_map(&maps->q, a.q_hat, 3, qk_dims, qk_strides, C::kBM) &&
-         sm90::make_panel_tensor_map(&maps->k, a.k_hat, 3, qk_dims, qk_strides, C::kBN) &&
-         sm90::make_panel_tensor_map(&maps->v, a.v.ptr, 4, v_dims, v_strides, C::kBN);
+  return make_head_rows_map<D>(&maps->q, a.q_hat, a, C::kBM) && make_head_rows_map<D>(&maps->k, a.k_hat, a, C::kBN) &&
+         make_bshd_map<D>(&maps->v, a.v, a, C::kBN);
 }
 
 template <typename T, int D, bool PINGPONG>

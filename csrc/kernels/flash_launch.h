@@ -77,10 +77,11 @@ cudaError_t run_flash_fwd_sm90(const FlashArgs& a, int mode, cudaStream_t stream
 template <typename T, int D>
 cudaError_t run_flash_bwd(const FlashArgs& a, bool deterministic, cudaStream_t stream);
 
-// The Hopper (wgmma) backward key-tile kernel, flash_bwd_sm90.cu, which
+// The Hopper (wgmma) backward key-tile kernels, flash_bwd_sm90.cu, which
 // run_flash_bwd uses instead of the mma.sync one when sm90_backward_mode() is
-// not 0: COGKERN_ATTENTION_SM90_BWD=1 (two warpgroups per block) or 2 (one
-// warpgroup per block, two blocks per SM), opt-in until validated on a GPU,
+// not 0: COGKERN_ATTENTION_SM90_BWD=1 (two warpgroups per block), 2 (one
+// warpgroup per block, two blocks per SM) or 3 (warp-specialized: a TMA
+// producer and two math warpgroups), opt-in until validated on a GPU,
 // on a compute capability 9.0 device with sm_90a code in the build.
 // atomic_dq: it also adds dq^ (atomics); otherwise only dv and dk^.
 template <typename T, int D>

@@ -1,11 +1,12 @@
 // Shared pieces of the Hopper (wgmma) flash-attention kernels
-// (flash_fwd_sm90_kernel.cuh, flash_bwd_sm90_kernel.cuh): row tiles streamed
-// from global memory into the 128-byte-swizzled panels wgmma reads, and the
-// two product shapes the kernels issue on them.
+// (flash_{fwd,bwd}_sm90{,_ws}_kernel.cuh): row tiles streamed from global
+// memory into the 128-byte-swizzled panels wgmma reads (cp.async here, or the
+// TMA maps below), and the two product shapes the kernels issue on them.
 #pragma once
 
 #include "kernels/flash_common.cuh"
 #include "kernels/flash_launch.h"
+#include "kernels/sm90_tensor_map.h"
 #include "kernels/sm90_wgmma.cuh"
 
 namespace cogkern::flash {
@@ -66,6 +67,28 @@ __device__ __forceinline__ void pack_a_slices(const float (&acc)[KS * 8], uint32
 #pragma unroll
     for (int r = 0; r < 4; ++r) a[kk][r] = ElemTraits<T>::pack(acc[8 * kk + 2 * r], acc[8 * kk + 2 * r + 1]);
   }
+}
+
+// Host side of the warp-specialized kernels' TMA loads (sm90_tensor_map.h):
+// boxes of box_rows rows of one 64-column panel, rows past the sequence end
+// read as zeros. False when the driver refuses the map.
+// The scratch q^ / k^ (and dq^-shaped) rows, [batch * heads][seq][D]:
+template <int D>
+inline bool make_head_rows_map(CUtensorMap* map, const void* base, const FlashArgs& a, uint32_t box_rows) {
+  const uint64_t seq = uint64_t(a.seq);
+  const uint64_t dims[3] = {D, seq, uint64_t(a.batch * a.heads)}, strides[2] = {D, seq * D};
+  return sm90::make_panel_tensor_map(map, base, 3, dims, strides, box_rows);
+}
+// A caller's [batch][seq][heads][D] view (v, dO): 4-D, coordinates (column, token, head, batch).
+template <int D>
+inline bool make_bshd_map(CUtensorMap* map, const BshdTensor& t, const FlashArgs& a, uint32_t box_rows) {
+  const uint64_t dims[4] = {D, uint64_t(a.seq), uint64_t(a.heads), uint64_t(a.batch)};
+  uint64_t strides[3] = {uint64_t(t.stride_s), uint64_t(t.stride_h), uint64_t(t.stride_b)};
+  // A dimension of size 1 is never stepped along: give it a stride the driver
+  // accepts whatever the view says.
+  for (int i = 0; i < 3; ++i)
+    if (dims[i + 1] == 1) strides[i] = i == 0 ? D : strides[i - 1] * dims[i];
+  return sm90::make_panel_tensor_map(map, t.ptr, 4, dims, strides, box_rows);
 }
 
 }  // namespace cogkern::flash

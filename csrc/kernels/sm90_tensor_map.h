@@ -10,6 +10,10 @@
 
 #include <cstdint>
 
+#if defined(COGKERN_CUDA_EMULATION)
+#include "cuda_emu_async.h"  // encode_tensor_map_tiled
+#endif
+
 namespace cogkern::sm90 {
 
 using TensorMapEncoder = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,

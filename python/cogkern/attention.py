@@ -123,7 +123,7 @@ def fused_attention(
 
 
 _FORWARD_KERNELS = {0: "mma.sync", 1: "wgmma", 2: "wgmma-pipelined", 3: "wgmma-ws", 4: "wgmma-ws-pingpong"}
-_BACKWARD_KERNELS = {0: "mma.sync", 1: "wgmma-2wg", 2: "wgmma-1wg"}
+_BACKWARD_KERNELS = {0: "mma.sync", 1: "wgmma-2wg", 2: "wgmma-1wg", 3: "wgmma-ws"}
 
 
 def attention_kernels(q: torch.Tensor) -> dict[str, str]:
@@ -136,7 +136,8 @@ def attention_kernels(q: torch.Tensor) -> dict[str, str]:
     ``wgmma`` kernel: ``"wgmma"`` / ``"wgmma-pipelined"`` / ``"wgmma-ws"`` /
     ``"wgmma-ws-pingpong"`` forward (``COGKERN_ATTENTION_SM90=1|2|3|4``; ``ws``: warp-specialized,
     TMA loads; ``pingpong``: its two math warpgroups take turns on the tensor cores), ``"wgmma-2wg"`` /
-    ``"wgmma-1wg"`` backward (``COGKERN_ATTENTION_SM90_BWD=1|2``: two or one warpgroups per block). Use it to confirm that an
+    ``"wgmma-1wg"`` / ``"wgmma-ws"`` backward (``COGKERN_ATTENTION_SM90_BWD=1|2|3``: two or one
+    warpgroups per block, or warp-specialized with TMA loads). Use it to confirm that an
     opt-in took effect: elsewhere the switches are ignored without a word.
     """
     if not torch.is_tensor(q) or q.dim() != 4:

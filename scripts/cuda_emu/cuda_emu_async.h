@@ -26,7 +26,7 @@
 #include <cstring>
 #include <mutex>
 
-#include "cuda_emu_ptx.h"
+#include "cuda_emu_wgmma.h"  // swizzle128 (and cuda_emu_ptx.h)
 
 namespace cuda_emu {
 

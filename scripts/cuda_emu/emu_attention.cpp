@@ -8,7 +8,7 @@
 
 #include "kernels/attention_rows.cuh"
 #include "kernels/flash_bwd_kernel.cuh"
-#include "kernels/flash_bwd_sm90_kernel.cuh"
+#include "kernels/flash_bwd_sm90_ws_kernel.cuh"
 #include "kernels/flash_fwd_kernel.cuh"
 #include "kernels/flash_fwd_sm90_ws_kernel.cuh"
 
@@ -44,7 +44,8 @@ struct EmuSpec {
 namespace {
 
 int g_sm90_forward = 0;   // emu_set_sm90_forward: 0 mma.sync, 1 sm90 plain, 2 sm90 pipelined, 3 sm90 warp-specialized, 4 with ping-pong
-int g_sm90_backward = 0;  // emu_set_sm90_backward: 0 mma.sync; the sm90 key-tile kernel, 1: two warpgroups, 2: one
+int g_sm90_backward = 0;  // emu_set_sm90_backward: 0 mma.sync; the sm90 key-tile kernel, 1: two warpgroups, 2: one,
+                          // 3: warp-specialized
 
 BshdTensor bshd(const EmuSpec& s, const void* p) { return {p, s.seq * s.heads * s.head_dim, s.heads * s.head_dim, s.head_dim}; }
 BshdTensorMut bshd_mut(const EmuSpec& s, void* p) { return {p, s.seq * s.heads * s.head_dim, s.heads * s.head_dim, s.head_dim}; }
@@ -164,7 +165,18 @@ void run(const EmuSpec& spec, bool backward) {
   using C = flash::BwdConfig<D>;
   const unsigned kv_blocks = unsigned(P.batch * P.heads * ceil_div(P.seq, C::kBN));
   if (!spec.deterministic) std::fill(dq_hat.begin(), dq_hat.end(), 0.f);
-  if (g_sm90_backward == 1) {  // the Hopper (wgmma) key-tile kernel, as run_flash_bwd picks it
+  if (g_sm90_backward == 3) {  // the warp-specialized Hopper key-tile kernel, as run_flash_bwd_kv_sm90 launches it
+    using W = flash::Sm90WsBwdConfig<D>;
+    alignas(128) flash::Sm90BwdMaps maps;
+    if (!flash::make_sm90_bwd_maps<D>(a, &maps)) throw std::runtime_error("tensor maps refused");
+    const unsigned blocks = unsigned(P.batch * P.heads * ceil_div(P.seq, W::kBN));
+    if (spec.deterministic)
+      cuda_emu::launch(blocks, W::kThreads, flash::sm90_ws_bwd_smem_bytes<D>(),
+                       [&] { flash::flash_bwd_sm90_ws_body<T, D, false>(a, maps, cuda_emu::dynamic_smem()); });
+    else
+      cuda_emu::launch(blocks, W::kThreads, flash::sm90_ws_bwd_smem_bytes<D>(),
+                       [&] { flash::flash_bwd_sm90_ws_body<T, D, true>(a, maps, cuda_emu::dynamic_smem()); });
+  } else if (g_sm90_backward == 1) {  // the Hopper (wgmma) key-tile kernel, as run_flash_bwd picks it
     sm90_backward<T, D, 2>(P, a, spec.deterministic);
   } else if (g_sm90_backward == 2) {
     sm90_backward<T, D, 1>(P, a, spec.deterministic);

@@ -506,10 +506,13 @@ def main():
             (torch.bfloat16, 64, 1, 0, 1, 2, False, "layer_norm", "none", False),
         ]
     # The Hopper backward (flash_bwd_sm90_kernel.cuh), one and two warpgroups per
-    # block: several query tiles, tails, causal, atomic and deterministic dq^.
+    # block, and warp-specialized (flash_bwd_sm90_ws_kernel.cuh, after the
+    # ping-pong forward): several query tiles, tails, causal, atomic and
+    # deterministic dq^.
     try:
         for fwd, bwd, label in ((1, 2, "[sm90 fwd + sm90 bwd, 1 warpgroup] "),
-                                (2, 1, "[sm90 fwd, pipelined + sm90 bwd, 2 warpgroups] ")):
+                                (2, 1, "[sm90 fwd, pipelined + sm90 bwd, 2 warpgroups] "),
+                                (4, 3, "[sm90 fwd + bwd, warp-specialized] ")):
             lib.emu_set_sm90_forward(fwd)
             lib.emu_set_sm90_backward(bwd)
             for case in sm90_cases:
