@@ -62,6 +62,14 @@ def test_other_head_dims_work_or_raise_a_value_error(dtype):
 
 
 @needs_kernel
+def test_a_sequence_too_long_for_32_bit_token_indices_raises_before_any_launch():
+    # Expanded views: 2**30 tokens that take no memory; the check must come first.
+    q = torch.randn(1, 1, 1, 64, device="cuda", dtype=torch.bfloat16).expand(1, 2**30, 1, 64)
+    with pytest.raises(ValueError, match="seq must be below 2\\*\\*30"):
+        cogkern.fused_attention(q, q, q)
+
+
+@needs_kernel
 def test_cogvideox_5b_shape():
     """batch 1, S = 17,776 (226 text + 13x30x45 video), 48 heads, D = 64, bf16: no NaN anywhere,
     and the error rule on two heads (heads are independent, so a slice is exact)."""

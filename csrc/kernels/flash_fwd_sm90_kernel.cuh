@@ -58,11 +58,11 @@ struct Sm90RowSoftmax {
   float acc_o[kDT * 4];
   float row_max[2], row_sum[2];
   float alpha[2], tile_sum[2];  // of the last step, until rescale()
-  int64_t row0;                 // the thread's row g (row g + 8 is 8 further)
+  int row0;                     // the thread's row g (row g + 8 is 8 further); sequences are < 2^31 tokens
   int t;                        // lane % 4: the column pair within each n8 block
 
   // wg_row0: the warpgroup's first row.
-  __device__ __forceinline__ explicit Sm90RowSoftmax(int64_t wg_row0) {
+  __device__ __forceinline__ explicit Sm90RowSoftmax(int wg_row0) {
     const int lane = int(threadIdx.x) % kWarpSize, warp = (int(threadIdx.x) % sm90::kWarpgroupThreads) / kWarpSize;
     row0 = wg_row0 + 16 * warp + (lane >> 2);
     t = lane & 3;
@@ -75,14 +75,14 @@ struct Sm90RowSoftmax {
     }
   }
   // Row of accumulator element e (e % 4 < 2: row g, else g + 8).
-  __device__ __forceinline__ int64_t row_of(int e) const { return row0 + ((e & 3) < 2 ? 0 : 8); }
+  __device__ __forceinline__ int row_of(int e) const { return row0 + ((e & 3) < 2 ? 0 : 8); }
 
   // Key tile starting at n0: masks keys past the sequence end and, when
   // causal, keys after the query; then the online-softmax step for the two
   // rows: new maxima, s := exp2(s c - max c) in place (c = scale * log2 e),
   // and the factors alpha by which O and the running sums must shrink
   // (applied by rescale(), which may wait until O is not in flight).
-  __device__ __forceinline__ void step(float (&s)[kNT * 4], int64_t n0, int64_t seq, bool causal, float c) {
+  __device__ __forceinline__ void step(float (&s)[kNT * 4], int n0, int seq, bool causal, float c) {
     // Warps own 16-aligned row groups: row0 - row0 % 16 is the warp's first row.
     const bool need_mask = n0 + BN > seq || (causal && n0 + BN - 1 > row0 - (row0 % 16));
     if (need_mask) {
@@ -90,7 +90,7 @@ struct Sm90RowSoftmax {
       for (int i = 0; i < kNT; ++i) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int64_t key = n0 + i * 8 + 2 * t + (e & 1);
+          const int key = n0 + i * 8 + 2 * t + (e & 1);
           if (key >= seq || (causal && key > row_of(e))) s[4 * i + e] = -INFINITY;
         }
       }
@@ -184,7 +184,7 @@ __device__ __forceinline__ void flash_fwd_sm90_body(const FlashArgs& a, unsigned
   const float c = a.scale_log2;
   // This warpgroup's 64 rows inside each q^ panel (64 lines of 128 bytes, 1024-aligned).
   const uint32_t q_base = smem_addr(sQ) + uint32_t(wg) * 64u * 128u;
-  Sm90RowSoftmax<T, D, kBN> sm(m0 + 64 * wg);
+  Sm90RowSoftmax<T, D, kBN> sm(int(m0) + 64 * wg);
 
   // S = q^ k_j^T for this warpgroup's 64 rows (D / 16 k-slices, 4 per panel); issued and committed.
   const auto issue_s = [&](float (&s)[kNT * 4], int j) {
@@ -197,7 +197,7 @@ __device__ __forceinline__ void flash_fwd_sm90_body(const FlashArgs& a, unsigned
     issue_rs_mn_major<MmaPV>(sm.acc_o, pa, smem_addr(v_stage(j)), kBN * 128);
     sm90::wgmma_commit();
   };
-  const auto softmax_step = [&](float (&s)[kNT * 4], int j) { sm.step(s, int64_t(j) * kBN, seq, a.causal, c); };
+  const auto softmax_step = [&](float (&s)[kNT * 4], int j) { sm.step(s, j * kBN, int(seq), a.causal, c); };
   // Tile j's data has landed for every thread, and both warpgroups are done
   // with the stages the next prefetch overwrites.
   const auto tile_ready = [&](int pending_after) {

@@ -6,7 +6,7 @@
 //     each stage with a "full" mbarrier (the tile's bytes have landed) and an
 //     "empty" one (every consumer warp is done reading it). It gives its
 //     registers away (setmaxnreg) to the consumers.
-//   - Two consumer warpgroups, 64 query rows each: S = q^ k_j^T and
+//   - Consumer warpgroups (three at D = 64, two at D = 128), 64 query rows each: S = q^ k_j^T and
 //     O += P_{j-1} V_{j-1} issued together, the softmax of tile j running
 //     while P_{j-1} V_{j-1} is on the tensor cores (the pipelined schedule of
 //     flash_fwd_sm90_kernel.cuh). No block-wide barrier after the set-up: a
@@ -16,7 +16,7 @@
 //     issue their products (two named barriers pass the turn), so one
 //     warpgroup's softmax runs while the other's products occupy the tensor
 //     cores, instead of both contending for them and then both idling them.
-// Grid: one block per (batch * head, 128 query rows). Opt-in
+// Grid: one block per (batch * head, 64 * consumers query rows). Opt-in
 // (COGKERN_ATTENTION_SM90=3, or 4 with PINGPONG; flash_fwd_sm90.cu) until it
 // has run on a GPU.
 // Checked on the CPU by the emulator, whose TMA copies land as late as the
@@ -28,21 +28,23 @@
 
 namespace cogkern::flash {
 
-// 128 query rows (two consumer warpgroups), key tiles of 128. FlashAttention-3
-// takes 192 rows (three consumers of 160 registers) at D = 64; here that
-// spills (ptxas: 100 bytes), so both head dims use two consumers of 240.
+// FlashAttention-3's tile shapes: key tiles of 128; 192 query rows (three
+// consumer warpgroups of 160 registers) at D = 64, so that each k^ / v tile
+// serves 1.5x the rows (at D = 64 the L2 -> shared-memory traffic, not the
+// math, is what 128-row tiles would run into), 128 rows (two of 240) at D = 128.
 template <int D>
 struct Sm90WsFwdConfig {
-  static constexpr int kConsumers = 2;  // warpgroups of 64 query rows
+  static constexpr int kConsumers = D == 64 ? 3 : 2;  // warpgroups of 64 query rows
   static constexpr int kBM = 64 * kConsumers;
   static constexpr int kBN = 128;  // keys per tile
   static constexpr int kStages = 2;
   static constexpr int kThreads = (kConsumers + 1) * sm90::kWarpgroupThreads;
-  // Registers per thread after setmaxnreg: the block starts with 65536 / 384
-  // = 168 each (ptxas allocates each side's code within its new limit); the
-  // producer gives its spare ones to the consumers: 128 * 24 + 256 * 240 = 384 * 168.
-  static constexpr int kProducerRegs = 24;
-  static constexpr int kConsumerRegs = 240;
+  // Registers per thread after setmaxnreg: the block starts with 65536 /
+  // threads each (168 for 384, 128 for 512; ptxas allocates each side's code
+  // within its new limit); the producer gives its spare ones to the
+  // consumers: 128 * 24 + 256 * 240 = 384 * 168, 128 * 32 + 384 * 160 = 512 * 128.
+  static constexpr int kProducerRegs = kConsumers == 2 ? 24 : 32;
+  static constexpr int kConsumerRegs = kConsumers == 2 ? 240 : 160;
 };
 
 // The TMA descriptors the producer loads through: q^ and k^ as
@@ -137,7 +139,7 @@ __device__ __forceinline__ void flash_fwd_sm90_ws_body(const FlashArgs& a, const
   const bool warp_leader = threadIdx.x % kWarpSize == 0;
   const float c = a.scale_log2;
   const uint32_t q_base = sQ + uint32_t(cw) * 64u * 128u;  // this warpgroup's 64 lines in each q^ panel
-  Sm90RowSoftmax<T, D, kBN> sm(blk.m0 + 64 * cw);
+  Sm90RowSoftmax<T, D, kBN> sm(int(blk.m0) + 64 * cw);
   const auto full_parity = [](int j) { return uint32_t((j / kStages) & 1); };
   // The warp's wgmma reads of a stage are done (after the wait that retired them).
   const auto release = [&](uint32_t empty_bar) {
@@ -180,7 +182,8 @@ __device__ __forceinline__ void flash_fwd_sm90_ws_body(const FlashArgs& a, const
   sm90::wgmma_wait<0>();
   sm90::fence_operands(s);
   release(k_empty(0));
-  sm.step(s, 0, a.seq, a.causal, c);
+  const int seq = int(a.seq);
+  sm.step(s, 0, seq, a.causal, c);
   sm.rescale();
   pack_a_slices<T>(s, pa);
   for (int j = 1; j < n_tiles; ++j) {
@@ -195,7 +198,7 @@ __device__ __forceinline__ void flash_fwd_sm90_ws_body(const FlashArgs& a, const
     sm90::wgmma_wait<1>();  // S of tile j has landed; P_{j-1} V_{j-1} may still run
     sm90::fence_operands(s);
     release(k_empty(st));
-    sm.step(s, int64_t(j) * kBN, a.seq, a.causal, c);
+    sm.step(s, j * kBN, seq, a.causal, c);
     sm90::wgmma_wait<0>();  // now acc_o and pa are ours again
     sm90::fence_operands(sm.acc_o);
     sm90::fence_operands(pa);

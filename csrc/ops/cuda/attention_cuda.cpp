@@ -42,6 +42,8 @@ struct CudaBackend {
                       P.dtype == DType::kFloat ? "float32" : "float64", " (float32 and float64 run on the CPU backend)");
     TORCH_CHECK_VALUE(attention_cuda_supported(P.dtype, P.head_dim), op,
                       ": q's head_dim must be 64 or 128 on CUDA, got ", P.head_dim);
+    // The kernels index tokens with 32-bit integers (and TMA coordinates are 32-bit).
+    TORCH_CHECK_VALUE(P.seq < (int64_t(1) << 30), op, ": q's seq must be below 2**30 on CUDA, got ", P.seq);
   }
 
   static void forward(const AttentionParams& params, const at::Tensor& q) {
