@@ -4,7 +4,7 @@ rule against an fp32 reference for the output, lse and every gradient,
 bitwise determinism of the deterministic backward, NaN propagation. Also the
 optimizer's and the RoPE op's CUDA kernels against the CPU backend.
 
-    PYTHONPATH=python:tests python scripts/cuda_emu/run_emu.py [--quick]
+    PYTHONPATH=python:tests python scripts/cuda_emu/run_emu.py [--quick] [--laggard] [--only ws,nan]
 
 Missing barriers between one group's shared-memory writes and another's
 reads: --laggard (COGKERN_EMU_LAGGARD=1, cuda_emu_prelude.h) makes one warp or
@@ -39,6 +39,12 @@ import torch
 
 from attention_reference import reference_attention
 from cogkern import RoPE3D
+
+# The parts of the suite (--only): the wgmma conformance tile, the optimizer
+# kernels, the RoPE kernel, the mma.sync attention, the wgmma backwards (modes
+# 1-3, after the forwards 1, 2, 4), the warp-specialized forwards (3, 4), NaN
+# propagation through every forward.
+SECTIONS = ("tile", "optim", "rope", "mma", "sm90", "ws", "nan")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -464,7 +470,12 @@ def main():
     ap.add_argument("--laggard", action="store_true",
                     help="adversarial schedule: one group per block runs behind the others (missing barriers fail)")
     ap.add_argument("--rule", action="store_true", help="only the tests/attention_rule.py suite")
+    ap.add_argument("--only", default=",".join(SECTIONS),
+                    help=f"comma-separated parts to run, of: {', '.join(SECTIONS)} (default: all)")
     args = ap.parse_args()
+    only = set(args.only.split(","))
+    if not only <= set(SECTIONS):
+        ap.error(f"--only takes {', '.join(SECTIONS)}; got {args.only}")
     if args.laggard:
         os.environ["COGKERN_EMU_LAGGARD"] = "1"  # read by the emulator at run time
     lib = build()
@@ -489,8 +500,14 @@ def main():
         cases = cases[:2]
     # Lazy cp.async (see cuda_emu_ptx.h) makes a missing wait visible: verified by
     # mutating a cp_async_wait<1> into <2>, which fails every case.
-    fails = wgmma_suite(lib) + optim_suite(lib) + rope_suite(lib)
-    for case in cases:
+    fails = 0
+    if "tile" in only:
+        fails += wgmma_suite(lib)
+    if "optim" in only:
+        fails += optim_suite(lib)
+    if "rope" in only:
+        fails += rope_suite(lib)
+    for case in cases if "mma" in only else []:
         fails += not check_case(lib, case)
     # The Hopper (wgmma) forward (flash_fwd_sm90_kernel.cuh), both schedules, then
     # the backward on its out and lse: key tiles of 128 (D = 64) and 64 (D = 128),
@@ -510,7 +527,7 @@ def main():
     # ping-pong forward): several query tiles, tails, causal, atomic and
     # deterministic dq^.
     try:
-        for fwd, bwd, label in ((1, 2, "[sm90 fwd + sm90 bwd, 1 warpgroup] "),
+        for fwd, bwd, label in () if "sm90" not in only else ((1, 2, "[sm90 fwd + sm90 bwd, 1 warpgroup] "),
                                 (2, 1, "[sm90 fwd, pipelined + sm90 bwd, 2 warpgroups] "),
                                 (4, 3, "[sm90 fwd + bwd, warp-specialized] ")):
             lib.emu_set_sm90_forward(fwd)
@@ -534,7 +551,8 @@ def main():
             (torch.bfloat16, 64, 1, 0, 1, 2, False, "layer_norm", "none", False),
         ]
     try:
-        for mode, label in ((3, "[sm90 fwd, warp-specialized] "), (4, "[sm90 fwd, warp-specialized, ping-pong] ")):
+        for mode, label in () if "ws" not in only else ((3, "[sm90 fwd, warp-specialized] "),
+                                                          (4, "[sm90 fwd, warp-specialized, ping-pong] ")):
             lib.emu_set_sm90_forward(mode)
             for case in ws_cases:
                 fails += not check_case(lib, case, label=label)
@@ -542,9 +560,10 @@ def main():
         lib.emu_set_sm90_forward(0)
     # NaN in one q row: that row's output is NaN, nothing else (mma.sync, then each sm90 forward).
     c = make_case(1, 40, 2, 64, 0, "layer_norm", "none")
+    nan_modes = ((0, ""), (1, "[sm90 fwd] "), (2, "[sm90 fwd, pipelined] "), (3, "[sm90 fwd, warp-specialized] "),
+                 (4, "[sm90 fwd, ping-pong] ")) if "nan" in only else ()
     c["q"][0, 7, 1, 3] = float("nan")
-    for mode, label in ((0, ""), (1, "[sm90 fwd] "), (2, "[sm90 fwd, pipelined] "), (3, "[sm90 fwd, warp-specialized] "),
-                        (4, "[sm90 fwd, ping-pong] ")):
+    for mode, label in nan_modes:
         lib.emu_set_sm90_forward(mode)
         try:
             out = emu_run(lib, c, torch.float16, False, False)[0]
