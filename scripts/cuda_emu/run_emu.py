@@ -509,55 +509,43 @@ def main():
         fails += rope_suite(lib)
     for case in cases if "mma" in only else []:
         fails += not check_case(lib, case)
-    # The Hopper (wgmma) forward (flash_fwd_sm90_kernel.cuh), both schedules, then
-    # the backward on its out and lse: key tiles of 128 (D = 64) and 64 (D = 128),
-    # several tiles (the pipelined loop), tails, causal.
+    # Shapes for the Hopper kernels: several key and query tiles (the pipelined
+    # loops; 2-stage rings, so 3+ tiles reuse each stage), tails, causal, S = 1,
+    # batch and heads > 1 (the TMA maps' coordinates), atomic and deterministic dq^.
+    more = [] if args.quick else [
+        (torch.float16, 64, 300, 22, 1, 1, True, "layer_norm", "angles", True),
+        (torch.bfloat16, 128, 17, 3, 2, 1, False, None, "table", True),
+        (torch.bfloat16, 64, 1, 0, 1, 2, False, "layer_norm", "none", False),
+    ]
     sm90_cases = [
         (torch.bfloat16, 64, 200, 5, 1, 2, False, "layer_norm", "angles", False),
         (torch.float16, 128, 130, 0, 1, 1, True, "rms_norm", "table", False),
-    ]
-    if not args.quick:
-        sm90_cases += [
-            (torch.float16, 64, 300, 22, 1, 1, True, "layer_norm", "angles", True),
-            (torch.bfloat16, 128, 17, 3, 2, 1, False, None, "table", True),
-            (torch.bfloat16, 64, 1, 0, 1, 2, False, "layer_norm", "none", False),
-        ]
-    # The Hopper backward (flash_bwd_sm90_kernel.cuh), one and two warpgroups per
-    # block, and warp-specialized (flash_bwd_sm90_ws_kernel.cuh, after the
-    # ping-pong forward): several query tiles, tails, causal, atomic and
-    # deterministic dq^.
+    ] + more
+    ws_cases = [
+        (torch.bfloat16, 64, 400, 5, 2, 2, False, "layer_norm", "angles", False),
+        (torch.float16, 128, 300, 0, 1, 1, True, "rms_norm", "table", False),
+    ] + more
+    runs = []  # (forward mode, backward mode, label, cases)
+    if "sm90" in only:
+        # The Hopper backwards, one and two warpgroups per block (flash_bwd_sm90_kernel.cuh) and
+        # warp-specialized (flash_bwd_sm90_ws_kernel.cuh), each after a wgmma forward.
+        runs += [(1, 2, "[sm90 fwd + sm90 bwd, 1 warpgroup] ", sm90_cases),
+                 (2, 1, "[sm90 fwd, pipelined + sm90 bwd, 2 warpgroups] ", sm90_cases),
+                 (4, 3, "[sm90 fwd + bwd, warp-specialized] ", sm90_cases)]
+    if "ws" in only:
+        # The warp-specialized forwards (flash_fwd_sm90_ws_kernel.cuh: TMA, mbarriers,
+        # setmaxnreg), without and with ping-pong, before the mma.sync backward.
+        runs += [(3, 0, "[sm90 fwd, warp-specialized] ", ws_cases),
+                 (4, 0, "[sm90 fwd, warp-specialized, ping-pong] ", ws_cases)]
     try:
-        for fwd, bwd, label in () if "sm90" not in only else ((1, 2, "[sm90 fwd + sm90 bwd, 1 warpgroup] "),
-                                (2, 1, "[sm90 fwd, pipelined + sm90 bwd, 2 warpgroups] "),
-                                (4, 3, "[sm90 fwd + bwd, warp-specialized] ")):
+        for fwd, bwd, label, run_cases in runs:
             lib.emu_set_sm90_forward(fwd)
             lib.emu_set_sm90_backward(bwd)
-            for case in sm90_cases:
+            for case in run_cases:
                 fails += not check_case(lib, case, label=label)
     finally:
         lib.emu_set_sm90_forward(0)
         lib.emu_set_sm90_backward(0)
-    # The warp-specialized Hopper forward (flash_fwd_sm90_ws_kernel.cuh: TMA, mbarriers):
-    # key tiles of 128 in a ring of 2 stages, so 3+ tiles reuse each stage; batch and
-    # heads > 1 check the 3-D and 4-D tensor maps' coordinates.
-    ws_cases = [
-        (torch.bfloat16, 64, 400, 5, 2, 2, False, "layer_norm", "angles", False),
-        (torch.float16, 128, 300, 0, 1, 1, True, "rms_norm", "table", False),
-    ]
-    if not args.quick:
-        ws_cases += [
-            (torch.float16, 64, 300, 22, 1, 1, True, "layer_norm", "angles", True),
-            (torch.bfloat16, 128, 17, 3, 2, 1, False, None, "table", True),
-            (torch.bfloat16, 64, 1, 0, 1, 2, False, "layer_norm", "none", False),
-        ]
-    try:
-        for mode, label in () if "ws" not in only else ((3, "[sm90 fwd, warp-specialized] "),
-                                                          (4, "[sm90 fwd, warp-specialized, ping-pong] ")):
-            lib.emu_set_sm90_forward(mode)
-            for case in ws_cases:
-                fails += not check_case(lib, case, label=label)
-    finally:
-        lib.emu_set_sm90_forward(0)
     # NaN in one q row: that row's output is NaN, nothing else (mma.sync, then each sm90 forward).
     c = make_case(1, 40, 2, 64, 0, "layer_norm", "none")
     nan_modes = ((0, ""), (1, "[sm90 fwd] "), (2, "[sm90 fwd, pipelined] "), (3, "[sm90 fwd, warp-specialized] "),
