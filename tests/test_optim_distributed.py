@@ -45,6 +45,10 @@ def _worker(rank: int, world: int, out_dir: str):
         scaler.update()
         unscale_flags.append((torch.equal(q, torch.zeros(4)), scaler.get_scale()))
         torch.save((out, unscale_flags), os.path.join(out_dir, f"rank{rank}.pt"))
+        # Both ranks are done communicating before either tears the group down: a rank
+        # that destroyed its gloo group while the other still used the connection has
+        # aborted ("terminate called without an active exception") now and then.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
