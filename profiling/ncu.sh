@@ -23,5 +23,10 @@ ncu --clock-control none --set "$set" --nvtx --nvtx-include "cogkern_step/" --la
 ncu --import "$out/$what.ncu-rep" --csv --page raw --metrics \
 gpu__time_duration.sum,sm__warps_active.avg.pct_of_peak_sustained_active,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,launch__registers_per_thread,launch__grid_size,launch__block_size \
   | tee "$out/$what.csv"
+# The Hopper wgmma kernels run on the GMMA pipe, which the hmma column above does
+# not count; a separate import, so that a metric this ncu lacks costs only this.
+ncu --import "$out/$what.ncu-rep" --csv --page raw --metrics \
+  gpu__time_duration.sum,sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active \
+  >"$out/$what.gmma.csv" 2>&1 && cat "$out/$what.gmma.csv" || echo "no GMMA pipe metric in this ncu"
 echo "report: $out/$what.ncu-rep (open with ncu-ui); summary: $out/$what.csv"
 echo "spills: rebuild with -C cmake.define.COGKERN_PTXAS_VERBOSE=ON and read ptxas' 'spill stores/loads' lines"
