@@ -6,16 +6,17 @@
 //     each stage with a "full" mbarrier (the tile's bytes have landed) and an
 //     "empty" one (every consumer warp is done reading it). It gives its
 //     registers away (setmaxnreg) to the consumers.
-//   - Consumer warpgroups (three at D = 64, two at D = 128), 64 query rows each: S = q^ k_j^T and
-//     O += P_{j-1} V_{j-1} issued together, the softmax of tile j running
+//   - Consumer warpgroups (three at D = 64, two at D = 128), 64 query rows
+//     each: S = q^ k_j^T and O += P_{j-1} V_{j-1} issued together, the softmax
+//     of tile j running
 //     while P_{j-1} V_{j-1} is on the tensor cores (the pipelined schedule of
 //     flash_fwd_sm90_kernel.cuh). No block-wide barrier after the set-up: a
 //     consumer waits only for the tiles it needs, and the stage it has
 //     finished goes back to the producer at once.
 //   - PINGPONG (FA3's inter-warpgroup overlap): the consumers take turns to
-//     issue their products (two named barriers pass the turn), so one
-//     warpgroup's softmax runs while the other's products occupy the tensor
-//     cores, instead of both contending for them and then both idling them.
+//     issue their products (named barriers pass the turn round-robin), so one
+//     warpgroup's softmax runs while another's products occupy the tensor
+//     cores, instead of all contending for them and then all idling them.
 // Grid: one block per (batch * head, 64 * consumers query rows). Opt-in
 // (COGKERN_ATTENTION_SM90=3, or 4 with PINGPONG; flash_fwd_sm90.cu) until it
 // has run on a GPU.
