@@ -72,7 +72,7 @@ step cuda_tests 180 python3 -m pytest tests -q -m "cuda and not sm90" --junitxml
 step sm90_tests 100 python3 -m pytest tests -q -m sm90 -k "not warp" --junitxml="$work/sm90_tests.xml" -p no:cacheprovider
 # The warp-specialized forward (TMA, mbarriers) on its own: an mbarrier wait that never
 # completes hangs the kernel until the step's time limit; -v names the test it hung in.
-step sm90_ws_tests 60 python3 -m pytest tests -v -m sm90 -k "warp" --junitxml="$work/sm90_ws_tests.xml" -p no:cacheprovider
+step sm90_ws_tests 90 python3 -m pytest tests -v -m sm90 -k "warp" --junitxml="$work/sm90_ws_tests.xml" -p no:cacheprovider
 grep -hE "^(FAILED|ERROR)" "$work/cuda_tests.log" "$work/sm90_tests.log" "$work/sm90_ws_tests.log" 2>/dev/null | head -40 >"$work/cuda_failures.txt" || true
 # The numbers next (an issue closes on tests and measurements), then the diagnostics.
 step benchmarks 150 python3 -m benchmarks.run --quick --out "$work/bench"
