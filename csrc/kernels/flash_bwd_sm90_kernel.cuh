@@ -107,14 +107,12 @@ __device__ __forceinline__ void store_ds_t(unsigned char* sdS, const uint32_t (&
 // (dS^T panel at sds, k^ panels of KEYS lines at sk), for the panels this
 // warpgroup takes at step it: panel p goes to warpgroup (p + it) % WARPGROUPS
 // (with two, they alternate by step at D = 64 or take one panel each at
-// D = 128). Added into the fp32 dq^ with atomics. Waits for every batch this
-// warpgroup has issued.
-template <typename T, int D, int KEYS, int WARPGROUPS>
-__device__ __forceinline__ void sm90_bwd_dq(const FlashArgs& a, uint32_t sds, uint32_t sk, int64_t bh, int64_t m0, int it,
-                                            int wg) {
+// D = 128). add(p, acc) adds a panel's accumulators into the fp32 dq^ (every
+// thread of the warpgroup calls it). Waits for every batch this warpgroup has
+// issued.
+template <typename T, int D, int KEYS, int WARPGROUPS, typename AddPanel>
+__device__ __forceinline__ void sm90_bwd_dq(uint32_t sds, uint32_t sk, int it, int wg, AddPanel add) {
   using MmaQ = sm90::Wgmma<sm90::kPanelCols, T>;
-  const int lane = int(threadIdx.x) % kWarpSize, warp = (int(threadIdx.x) % sm90::kWarpgroupThreads) / kWarpSize;
-  const int g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int p = 0; p < D / sm90::kPanelCols; ++p) {
     if ((p + it) % WARPGROUPS != wg) continue;
@@ -127,16 +125,25 @@ __device__ __forceinline__ void sm90_bwd_dq(const FlashArgs& a, uint32_t sds, ui
     sm90::wgmma_commit();
     sm90::wgmma_wait<0>();
     sm90::fence_operands(acc_dq);
-    // Rows 16 warp + g (+ 8) of the tile, columns 64 p + 8 j + 2 t, +1.
+    add(p, acc_dq);
+  }
+}
+
+// The add of sm90_bwd_dq as per-thread atomics: rows 16 warp + g (+ 8) of the
+// tile, columns 64 p + 8 j + 2 t, +1.
+template <int D>
+__device__ __forceinline__ void atomic_add_dq_panel(const FlashArgs& a, int64_t bh, int64_t m0, int p,
+                                                    const float (&acc_dq)[sm90::kPanelCols / 2]) {
+  const int lane = int(threadIdx.x) % kWarpSize, warp = (int(threadIdx.x) % sm90::kWarpgroupThreads) / kWarpSize;
+  const int g = lane >> 2, t = lane & 3;
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int64_t row = m0 + 16 * warp + g + 8 * r;
-      if (row >= a.seq) continue;
-      float* dst = a.dq_hat + (bh * a.seq + row) * D + p * sm90::kPanelCols + 2 * t;
+  for (int r = 0; r < 2; ++r) {
+    const int64_t row = m0 + 16 * warp + g + 8 * r;
+    if (row >= a.seq) continue;
+    float* dst = a.dq_hat + (bh * a.seq + row) * D + p * sm90::kPanelCols + 2 * t;
 #pragma unroll
-      for (int j = 0; j < sm90::kPanelCols / 8; ++j)
-        atomic_add_pair(dst + 8 * j, acc_dq[4 * j + 2 * r], acc_dq[4 * j + 2 * r + 1]);
-    }
+    for (int j = 0; j < sm90::kPanelCols / 8; ++j)
+      atomic_add_pair(dst + 8 * j, acc_dq[4 * j + 2 * r], acc_dq[4 * j + 2 * r + 1]);
   }
 }
 
@@ -236,7 +243,9 @@ __device__ __forceinline__ void flash_bwd_sm90_body(const FlashArgs& a, unsigned
 
     if constexpr (ATOMIC_DQ) {
       __syncthreads();  // every warpgroup's dS^T is in the panel
-      sm90_bwd_dq<T, D, kBN, WARPGROUPS>(a, smem_addr(sdS), smem_addr(sK), bh, m0, it, wg);
+      sm90_bwd_dq<T, D, kBN, WARPGROUPS>(smem_addr(sdS), smem_addr(sK), it, wg, [&](int p, const float (&acc)[32]) {
+        atomic_add_dq_panel<D>(a, bh, m0, p, acc);
+      });
     }
     sm90::wgmma_wait<0>();  // dv, dk^ of this tile: pa, dsa and the stage are free
     sm90::fence_operands(acc_dv);

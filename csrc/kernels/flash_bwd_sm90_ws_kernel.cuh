@@ -10,11 +10,14 @@
 //   - Two consumer warpgroups, 64 keys each, keep dv and dk^ in fp32
 //     accumulators while the query tiles go by (S^T, dP^T, P^T, dS^T, dv, dk^
 //     as in flash_bwd_sm90_kernel.cuh). With ATOMIC_DQ they write dS^T into a
-//     double-buffered panel, meet at a named barrier (the only barrier of the
-//     loop), and each computes its share of dq^ = dS k^, added with atomics;
-//     the double buffer lets one warpgroup run a step ahead into the next
-//     panel while the other still reads the last one. Without ATOMIC_DQ
-//     (deterministic) the consumers never wait for each other.
+//     double-buffered panel, meet at a named barrier (the only block-level
+//     barrier of the loop), and each computes its share of dq^ = dS k^; the
+//     double buffer lets one warpgroup run a step ahead into the next panel
+//     while the other still reads the last one. A dq^ panel goes out as
+//     FA3's does: staged in shared memory, then added into the fp32 dq^ by
+//     bulk TMA reductions (one per row of 64 columns, issued by one warp)
+//     instead of 2048 per-thread atomics. Without ATOMIC_DQ (deterministic)
+//     the consumers never wait for each other.
 // Grid: one block per (batch * head, 128 keys). Opt-in
 // (COGKERN_ATTENTION_SM90_BWD=3, flash_bwd_sm90.cu) until it has run on a GPU.
 // Checked on the CPU by the emulator, like the warp-specialized forward.
@@ -35,7 +38,7 @@ struct Sm90WsBwdConfig {
   static constexpr int kStatsThreads = kWarpSize;  // the producer's second warp
   // Registers after setmaxnreg: 128 * 40 + 256 * 232 = 384 * 168. The
   // producer needs 40 (its stats warp; 24 spills in every variant). ptxas:
-  // no spills, except 88 bytes at D = 128 with atomic dq^.
+  // no spills, except 80 bytes at D = 128 with atomic dq^.
   static constexpr int kProducerRegs = 40;
   static constexpr int kConsumerRegs = 232;
 };
@@ -52,13 +55,20 @@ inline bool make_sm90_bwd_maps(const FlashArgs& a, Sm90BwdMaps* maps) {
          make_bshd_map<D>(&maps->v, a.v, a, C::kBN) && make_bshd_map<D>(&maps->dout, a.grad_out, a, C::kBM);
 }
 
-// Dynamic shared memory: k^ and v, kStages of q^ and dO, two dS^T panels,
-// kStages of lse shifts and deltas, the mbarriers, 1024 bytes of alignment slack.
+// A consumer's dq^ staging panel: kBM rows of 64 fp32, each padded by 16 bytes
+// (fewer bank conflicts on the accumulator stores; rows stay 16-byte aligned
+// for the bulk reductions).
+constexpr uint32_t kDqStageRowBytes = sm90::kPanelCols * 4 + 16;
+
+// Dynamic shared memory: k^ and v, kStages of q^ and dO, two dS^T panels, a
+// dq^ staging panel per consumer, kStages of lse shifts and deltas, the
+// mbarriers, 1024 bytes of alignment slack.
 template <int D>
 constexpr size_t sm90_ws_bwd_smem_bytes() {
   using C = Sm90WsBwdConfig<D>;
   return size_t(2 * C::kBN + 2 * C::kStages * C::kBM) * D * 2 + 2 * size_t(C::kBN) * C::kBM * 2 +
-         2 * C::kStages * C::kBM * sizeof(float) + 8 * (1 + 2 * C::kStages) + sm90::kPanelGroupBytes;
+         size_t(C::kConsumers) * C::kBM * kDqStageRowBytes + 2 * C::kStages * C::kBM * sizeof(float) +
+         8 * (1 + 2 * C::kStages) + sm90::kPanelGroupBytes;
 }
 
 template <typename T, int D, bool ATOMIC_DQ>
@@ -81,7 +91,8 @@ __device__ __forceinline__ void flash_bwd_sm90_ws_body(const FlashArgs& a, const
   unsigned char* sQ = sV + kKVBytes;              // [kStages] kPanels panels of kBM lines
   unsigned char* sdO = sQ + kStages * kQBytes;    // likewise
   unsigned char* sdS = sdO + kStages * kQBytes;   // [2] dS^T: kBN lines (keys) of kBM queries
-  float* sLseShift = reinterpret_cast<float*>(sdS + 2 * kDsBytes);  // [kStages][kBM]
+  unsigned char* sDq = sdS + 2 * kDsBytes;        // [kConsumers] dq^ staging panels
+  float* sLseShift = reinterpret_cast<float*>(sDq + C::kConsumers * kBM * kDqStageRowBytes);  // [kStages][kBM]
   float* sDelta = sLseShift + kStages * kBM;                         // [kStages][kBM]
   const uint32_t kv_full = smem_addr(sDelta + kStages * kBM);        // then the mbarriers, 8 bytes each
   const auto q_full = [&](int st) { return kv_full + 8u * uint32_t(1 + st); };
@@ -152,6 +163,36 @@ __device__ __forceinline__ void flash_bwd_sm90_ws_body(const FlashArgs& a, const
 #pragma unroll
   for (int i = 0; i < kDT * 4; ++i) acc_dv[i] = acc_dk[i] = 0.f;
 
+  // dq^[m0 .. m0 + 64)[panel p] += acc (this warpgroup's 64 x 64 fp32
+  // accumulators): into the staging panel, then warp 0 adds each row inside
+  // the sequence with one bulk reduction. Two warpgroup barriers: the staging
+  // panel's previous reductions have read it (warp 0 waited), and every row
+  // is in it (and visible to the async proxy) before they are issued.
+  unsigned char* dq_stage = sDq + cw * kBM * kDqStageRowBytes;
+  const unsigned stage_barrier = 2u + unsigned(cw);
+  const auto add_dq_panel = [&](int64_t m0, int p, const float (&acc)[32]) {
+    if (warp == 0) sm90::bulk_wait_read<0>();
+    sm90::named_barrier_sync(stage_barrier, sm90::kWarpgroupThreads);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const uint32_t row = uint32_t(16 * warp + g + 8 * r);
+#pragma unroll
+      for (int j = 0; j < sm90::kPanelCols / 8; ++j)
+        *reinterpret_cast<float2*>(dq_stage + row * kDqStageRowBytes + (8 * j + 2 * t) * 4) =
+            make_float2(acc[4 * j + 2 * r], acc[4 * j + 2 * r + 1]);
+    }
+    sm90::fence_proxy_async_shared();
+    sm90::named_barrier_sync(stage_barrier, sm90::kWarpgroupThreads);
+    if (warp == 0) {
+      for (int row = lane; row < kBM; row += kWarpSize) {
+        if (m0 + row >= a.seq) break;
+        sm90::bulk_reduce_add_f32(a.dq_hat + (bh * a.seq + m0 + row) * D + p * sm90::kPanelCols,
+                                  smem_addr(dq_stage + row * kDqStageRowBytes), sm90::kPanelCols * 4);
+      }
+      sm90::bulk_commit();
+    }
+  };
+
   sm90::mbar_wait(kv_full, 0);
   for (int it = 0; it < n_tiles; ++it) {
     const int st = it % kStages;
@@ -188,7 +229,8 @@ __device__ __forceinline__ void flash_bwd_sm90_ws_body(const FlashArgs& a, const
       // next step is the other one, which every consumer finished reading
       // before it arrived here (its dq^ products of step it - 1 were waited for).
       sm90::named_barrier_sync(kDsBarrier, kConsumerThreads);
-      sm90_bwd_dq<T, D, kBN, C::kConsumers>(a, smem_addr(ds_panel), smem_addr(sK), bh, m0, it, cw);
+      sm90_bwd_dq<T, D, kBN, C::kConsumers>(smem_addr(ds_panel), smem_addr(sK), it, cw,
+                                            [&](int p, const float (&acc)[32]) { add_dq_panel(m0, p, acc); });
     }
     sm90::wgmma_wait<0>();  // dv, dk^ of this tile: pa, dsa and the stage are free
     sm90::fence_operands(acc_dv);
@@ -198,6 +240,9 @@ __device__ __forceinline__ void flash_bwd_sm90_ws_body(const FlashArgs& a, const
     if (lane == 0) sm90::mbar_arrive(q_empty(st));
   }
 
+  if constexpr (ATOMIC_DQ) {
+    if (warp == 0) sm90::bulk_wait<0>();  // the dq^ reductions are done before the block exits
+  }
   store_key_grads<T, D>(a, blk, key_lo, t, [&](int i, int e) { return acc_dv[4 * i + e]; },
                         [&](int i, int e) { return acc_dk[4 * i + e]; });
 }

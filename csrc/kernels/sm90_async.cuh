@@ -37,6 +37,12 @@ inline void tma_load_4d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int 
   ::cuda_emu::tma_load(dst, map, bar, {c0, c1, c2, c3, 0});
 }
 inline void prefetch_tensor_map(const CUtensorMap*) {}
+inline void bulk_reduce_add_f32(float* dst, uint32_t src, uint32_t bytes) { ::cuda_emu::bulk_reduce_add_f32(dst, src, bytes); }
+inline void bulk_commit() { ::cuda_emu::bulk_commit(); }
+template <int N>
+inline void bulk_wait_read() { ::cuda_emu::bulk_wait(N); }
+template <int N>
+inline void bulk_wait() { ::cuda_emu::bulk_wait(N); }
 inline void named_barrier_sync(unsigned id, unsigned threads) { ::cuda_emu::named_barrier(id, threads, true); }
 inline void named_barrier_arrive(unsigned id, unsigned threads) { ::cuda_emu::named_barrier(id, threads, false); }
 template <int REGS>
@@ -105,6 +111,27 @@ __device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* map
 }
 __device__ __forceinline__ void prefetch_tensor_map(const CUtensorMap* map) {
   asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
+}
+
+// dst[0 .. bytes / 4) += the fp32 values at shared address src, each element
+// atomically, as one asynchronous bulk operation (TMA; both 16-byte aligned,
+// bytes a multiple of 16) in this thread's open bulk group.
+__device__ __forceinline__ void bulk_reduce_add_f32(float* dst, uint32_t src, uint32_t bytes) {
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(dst), "r"(src),
+               "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+// All but the newest N of this thread's bulk groups have read their sources
+// (the shared memory may be rewritten) ...
+template <int N>
+__device__ __forceinline__ void bulk_wait_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
+}
+// ... or have completed.
+template <int N>
+__device__ __forceinline__ void bulk_wait() {
+  asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 // Barriers over a subset of the block (id 1..15; 0 is __syncthreads), threads a multiple of 32.

@@ -212,6 +212,32 @@ inline void tma_load(uint32_t dst, const void* tensor_map, uint32_t bar, const i
   }
 }
 
+// ---- bulk reductions (cp.reduce.async.bulk ... add.f32) ------------------------
+// Queued per thread in bulk groups like cp.async (tl_bulk in the prelude) and
+// performed only when cp.async.bulk.wait_group retires the group: the source is
+// read as late as allowed, so a kernel that rewrites it before the wait adds
+// the new values and fails the checks. Under COGKERN_EMU_LAGGARD they are
+// performed at issue instead (as early as allowed: a source not yet written
+// by the other warps shows).
+inline void bulk_reduce_add_f32(float* dst, uint32_t src, uint32_t bytes) {
+  if (reinterpret_cast<uintptr_t>(dst) % 16 || src % 16 || bytes % 16)
+    async_fail("bulk reduce: addresses 16-byte aligned and a multiple of 16 bytes expected", src);
+  check_smem(src, bytes);
+  const auto reduce = [dst, src, bytes] {
+    for (uint32_t i = 0; i < bytes / 4; ++i) {
+      float v;
+      std::memcpy(&v, dynamic_smem() + src + 4 * i, 4);
+      std::atomic_ref<float>(dst[i]).fetch_add(v);
+    }
+  };
+  if (laggard_schedule())
+    reduce();
+  else
+    tl_bulk.open.push_back(reduce);
+}
+inline void bulk_commit() { tl_bulk.commit(); }
+inline void bulk_wait(int n) { tl_bulk.retire(size_t(n), [](auto& op) { op(); }); }
+
 // ---- named barriers --------------------------------------------------------------
 inline void named_barrier(unsigned id, unsigned count, bool wait) {
   if (id == 0 || id >= 16 || count % 32) async_fail("named barrier: id 1..15 and a multiple of 32 threads expected", id);

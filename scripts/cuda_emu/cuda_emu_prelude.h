@@ -155,6 +155,34 @@ inline void note_blocking() {
   g_block->others_blocked.fetch_add(1);
   note_progress();
 }
+inline void lag();
+
+// One thread's asynchronous operations of one kind (cp.async, wgmma, bulk
+// reductions), in the PTX commit-group model: issued into the open group,
+// committed, and performed only when a wait retires their group (the latest
+// moment the PTX ISA allows), oldest first.
+template <typename Op>
+struct AsyncGroups {
+  std::vector<Op> open;
+  std::vector<std::vector<Op>> committed;  // oldest first
+  void commit() {
+    committed.push_back(std::move(open));
+    open.clear();
+  }
+  // Performs the groups until at most n are left.
+  template <typename Perform>
+  void retire(size_t n, Perform perform) {
+    lag();  // COGKERN_EMU_LAGGARD
+    while (committed.size() > n) {
+      for (auto& op : committed.front()) perform(op);
+      committed.erase(committed.begin());
+    }
+  }
+  bool empty() const { return open.empty() && committed.empty(); }
+};
+// Bulk reductions this thread has issued (cuda_emu_async.h); checked at exit.
+inline thread_local AsyncGroups<std::function<void()>> tl_bulk;
+
 inline void lag() {
   if (!is_laggard()) return;
   // The time limit only guards against a kernel whose groups also wait for each other some other way.
@@ -209,6 +237,10 @@ inline void launch(unsigned grid, unsigned block_x, unsigned block_y, size_t sme
         tl_thread_idx = {t % block_x, t / block_x, 0};
         tl_tid = t;
         body();
+        if (!tl_bulk.empty()) {
+          std::fprintf(stderr, "cuda_emu: block %u thread %u exits with bulk operations it never waited for\n", b, t);
+          std::abort();
+        }
         if (laggard_schedule() && !is_laggard()) {
           g_block->others_done.fetch_add(1);
           note_progress();

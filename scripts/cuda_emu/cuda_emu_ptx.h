@@ -145,8 +145,7 @@ struct AsyncCopy {
   const void* src;
   bool valid;
 };
-inline thread_local std::vector<std::vector<AsyncCopy>> tl_groups;  // committed, oldest first
-inline thread_local std::vector<AsyncCopy> tl_open_group;
+inline thread_local AsyncGroups<AsyncCopy> tl_cp_async;
 
 inline void check_smem(uint32_t addr, size_t bytes) {
   if (addr + bytes > g_block->dyn_smem.size() - 16) {
@@ -158,24 +157,17 @@ inline void check_smem(uint32_t addr, size_t bytes) {
 inline void cp_async_16(uint32_t dst, const void* src, bool valid) {
   if (dst % 16 || reinterpret_cast<uintptr_t>(src) % 16) std::abort();  // cp.async 16 needs 16-byte alignment
   check_smem(dst, 16);
-  tl_open_group.push_back({dst, src, valid});
+  tl_cp_async.open.push_back({dst, src, valid});
 }
-inline void cp_async_commit() {
-  tl_groups.push_back(std::move(tl_open_group));
-  tl_open_group.clear();
-}
+inline void cp_async_commit() { tl_cp_async.commit(); }
 template <int N>
 inline void cp_async_wait() {
-  lag();  // COGKERN_EMU_LAGGARD
-  while (tl_groups.size() > size_t(N)) {
-    for (const AsyncCopy& c : tl_groups.front()) {
-      if (c.valid)
-        std::memcpy(dynamic_smem() + c.dst, c.src, 16);
-      else
-        std::memset(dynamic_smem() + c.dst, 0, 16);
-    }
-    tl_groups.erase(tl_groups.begin());
-  }
+  tl_cp_async.retire(N, [](const AsyncCopy& c) {
+    if (c.valid)
+      std::memcpy(dynamic_smem() + c.dst, c.src, 16);
+    else
+      std::memset(dynamic_smem() + c.dst, 0, 16);
+  });
 }
 
 inline float fast_exp2(float x) { return std::exp2(x); }

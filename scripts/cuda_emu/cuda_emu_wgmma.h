@@ -43,8 +43,7 @@ struct WgmmaOp {
   uint64_t desc_a, desc_b;
   bool trans_a, trans_b, accumulate;
 };
-inline thread_local std::vector<WgmmaOp> tl_wgmma_open;
-inline thread_local std::vector<std::vector<WgmmaOp>> tl_wgmma_groups;
+inline thread_local AsyncGroups<WgmmaOp> tl_wgmma;
 
 struct SmemDesc {
   uint32_t start, lbo, sbo;
@@ -83,7 +82,7 @@ inline void wgmma_issue(float* d, int n, bool bf16, const uint32_t* a_regs, uint
     for (int i = 0; i < 128; ++i) std::memcpy(&op.a_regs[4 * i], wg.slot[i], 16);
     wg.bar.arrive_and_wait();
   }
-  tl_wgmma_open.push_back(std::move(op));
+  tl_wgmma.open.push_back(std::move(op));
 }
 
 inline void wgmma_perform(const WgmmaOp& op) {
@@ -120,16 +119,9 @@ inline void wgmma_perform(const WgmmaOp& op) {
 }
 
 inline void wgmma_fence() {}
-inline void wgmma_commit() {
-  tl_wgmma_groups.push_back(std::move(tl_wgmma_open));
-  tl_wgmma_open.clear();
-}
+inline void wgmma_commit() { tl_wgmma.commit(); }
 inline void wgmma_wait(int n) {
-  lag();  // COGKERN_EMU_LAGGARD
-  while (tl_wgmma_groups.size() > size_t(n)) {
-    for (const WgmmaOp& op : tl_wgmma_groups.front()) wgmma_perform(op);
-    tl_wgmma_groups.erase(tl_wgmma_groups.begin());
-  }
+  tl_wgmma.retire(size_t(n), [](const WgmmaOp& op) { wgmma_perform(op); });
   // wgmma.wait_group is .sync.aligned: the warp leaves it together, so after
   // it any lane may tell other groups that the warp's operand reads are done.
   my_warp().bar.arrive_and_wait();
