@@ -3,7 +3,8 @@
 # register/spill report), all CUDA tests, compute-sanitizer memcheck and
 # racecheck on small cases of each kernel, the quick benchmarks and one Nsight
 # Compute capture; the Hopper (wgmma) kernels' tests, sanitizer run and
-# benchmark each in a process of its own. Prints a summary table last.
+# benchmark each in a process of its own; scripts/wgmma_probe.py says where
+# they go wrong, if they do. Prints a summary table last.
 #
 #   scripts/device_check.sh [--out DIR]     (default: $OUT, else ./device_out)
 #
@@ -74,6 +75,9 @@ step sm90_tests 100 python3 -m pytest tests -q -m sm90 -k "not warp" --junitxml=
 # completes hangs the kernel until the step's time limit; -v names the test it hung in.
 step sm90_ws_tests 90 python3 -m pytest tests -v -m sm90 -k "warp" --junitxml="$work/sm90_ws_tests.xml" -p no:cacheprovider
 grep -hE "^(FAILED|ERROR)" "$work/cuda_tests.log" "$work/sm90_tests.log" "$work/sm90_ws_tests.log" 2>/dev/null | head -40 >"$work/cuda_failures.txt" || true
+# Where the Hopper kernels go wrong, if they do: layout maps of the wgmma/TMA tile, and
+# each opt-in attention kernel against mma.sync by batch/head/row slice/column chunk.
+step wgmma_probe 60 env PYTHONPATH=tests python3 scripts/wgmma_probe.py
 # The numbers next (an issue closes on tests and measurements), then the diagnostics.
 step benchmarks 150 python3 -m benchmarks.run --quick --out "$work/bench"
 step bench_sm90 90 python3 -m benchmarks.bench_attention --quick --sm90 --json "$work/bench_sm90.json"
@@ -98,6 +102,9 @@ fi
   echo
   echo "---------------- CUDA test failures ----------------"
   if [ -s "$work/cuda_failures.txt" ]; then cat "$work/cuda_failures.txt"; else tail -n 1 "$work/cuda_tests.log" 2>/dev/null; fi
+  echo
+  echo "---------------- wgmma probe: what failed and where (scripts/wgmma_probe.py) ----------------"
+  grep -vE "^(ok  |\.\.\.\. )" "$work/wgmma_probe.log" 2>/dev/null | head -60
   echo
   echo "---------------- non-zero spills (ptxas, count x line) ----------------"
   if [ -s "$work/spills.txt" ]; then cat "$work/spills.txt"; else echo "none"; fi
