@@ -119,6 +119,27 @@ def test_the_map_shows_where_the_chunks_came_from():
     assert torch.equal(seen.got[0], torch.arange(64).unsqueeze(1).expand(64, 64))
 
 
+def test_decode_rejects_anything_but_one_code():
+    x = torch.tensor([1.0, 64.0, 65.0, 0.0, 2.5, float("nan"), -3.0])
+    assert decode(x, 64).tolist() == [0, 63, -1, -1, -1, -1, -1]
+
+
+def test_error_profile_names_the_slice_that_is_wrong():
+    ref = torch.randn(2, 300, 3, 64)
+    x = ref.clone()
+    x[1, 64 + 16:64 + 32, 2, 8:16] += 1.0  # batch 1, head 2, rows 80..95, chunk 1
+    n, lines = error_profile(x, ref, tol=1e-3)
+    assert n == 16 * 8
+    assert lines == ["  by batch: 1:128", "  by head: 2:128", "  by 64-row group: 1:128",
+                     "  by 16-row slice within a 64-row group: 1:128", "  by 8-column chunk: 1:128"]
+    assert error_profile(ref, ref, tol=0.0) == (0, [])
+    lse = torch.randn(2, 3, 300)
+    bad = lse.clone()
+    bad[0, 1, 299] = float("nan")
+    n, lines = error_profile(bad, lse, tol=1e-3)
+    assert n == 1 and lines[2] == "  by 64-row group: 4:1" and len(lines) == 4
+
+
 def test_the_gpu_probe_script_runs_end_to_end_on_the_cpu():
     """scripts/wgmma_probe.py --cpu-dry-run: its plumbing (a right model tile, the CPU
     attention for every kernel mode), so the one GPU run does not die of a typo."""
