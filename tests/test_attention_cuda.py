@@ -306,6 +306,32 @@ def test_sm90_warp_specialized_forward_reads_every_v_layout(monkeypatch, batch, 
                                    msg=lambda m, name=name: f"v {name}: {m}")
 
 
+@needs_kernel
+@pytest.mark.parametrize("forward, backward", [
+    ("0", "0"),
+    pytest.param("4", "3", marks=[needs_sm90, pytest.mark.sm90], id="warp-specialized"),
+])  # fmt: skip
+def test_expanded_v_and_grad_out_give_their_contiguous_copies_results(monkeypatch, deterministic_algorithms,
+                                                                      forward, backward):
+    """v broadcast over heads (stride 0) and a grad_out broadcast over tokens and heads (strides
+    64, 0, 0, 1, as a sum's backward hands it over): every kernel gets an operand it can load (TMA
+    maps take no zero strides), bit for bit the result of passing contiguous copies."""
+    monkeypatch.setenv("COGKERN_ATTENTION_SM90", forward)
+    monkeypatch.setenv("COGKERN_ATTENTION_SM90_BWD", backward)
+    assert _selected_kernels(64) == (int(forward), int(backward))
+    q, k = (torch.randn(2, 300, 3, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    v = torch.randn(2, 300, 1, 64, device="cuda", dtype=torch.bfloat16).expand(2, 300, 3, 64)
+    grad_out = torch.randn(2, 1, 1, 64, device="cuda", dtype=torch.bfloat16).expand(2, 300, 3, 64)
+    results = []
+    for v_in, g in ((v, grad_out), (v.contiguous(), grad_out.contiguous())):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k)] + [v_in.detach().requires_grad_()]
+        out = cogkern.fused_attention(*leaves)
+        out.backward(g)
+        results.append([out] + [t.grad for t in leaves])
+    for name, a, b in zip(("out", "dq", "dk", "dv"), *results):
+        assert torch.equal(a, b), name
+
+
 # ----------------------------------------------------------------------------- Hopper (wgmma) backward
 
 

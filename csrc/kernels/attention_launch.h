@@ -26,15 +26,17 @@ bool attention_cuda_supported(DType dtype, int64_t head_dim);
 // writes (deterministic two-pass reduction).
 int64_t attention_norm_partial_blocks(const AttentionParams& P);
 
-// Whether every [batch, seq, heads] row of t starts on a 16-byte boundary
-// (what the tile loads of v, out and grad_out need).
-bool attention_rows_aligned16(const BshdTensor& t, int64_t elem_bytes);
+// Whether the kernels can load t (P's shape and dtype) as it is: every
+// [batch, seq, heads] row starts on a 16-byte boundary (16-byte tile loads),
+// and no dimension of size > 1 has stride 0 (TMA tensor maps). Else the
+// caller passes a contiguous copy.
+bool attention_rows_loadable(const BshdTensor& t, const AttentionParams& P);
 
-// Forward: writes P.out and P.lse (float). P.v must satisfy attention_rows_aligned16.
+// Forward: writes P.out and P.lse (float). P.v must satisfy attention_rows_loadable.
 cudaError_t launch_attention_forward(const AttentionParams& P, const AttentionScratch& scratch, cudaStream_t stream);
 
 // Backward: writes P.grad_q, grad_k, grad_v and the norm parameter grads
-// (float, overwritten). P.v and P.grad_out must satisfy attention_rows_aligned16.
+// (float, overwritten). P.v and P.grad_out must satisfy attention_rows_loadable.
 // deterministic: bitwise reproducible (dq^ without atomics, at the cost of
 // recomputing the scores in a second kernel).
 cudaError_t launch_attention_backward(const AttentionParams& P, const AttentionScratch& scratch, bool deterministic,

@@ -119,8 +119,12 @@ bool attention_cuda_supported(DType dtype, int64_t head_dim) {
 
 int64_t attention_norm_partial_blocks(const AttentionParams& P) { return ceil_div(P.seq, kTokens); }
 
-bool attention_rows_aligned16(const BshdTensor& t, int64_t elem_bytes) {
-  return rows_aligned(t.ptr, t.stride_b, t.stride_s, t.stride_h, elem_bytes, 16);
+bool attention_rows_loadable(const BshdTensor& t, const AttentionParams& P) {
+  // TMA tensor maps (the warp-specialized Hopper kernels) step along every
+  // dimension by its stride: an expanded dimension (stride 0) is not one they take.
+  const bool expanded = (P.batch > 1 && t.stride_b == 0) || (P.seq > 1 && t.stride_s == 0) ||
+                        (P.heads > 1 && t.stride_h == 0);
+  return !expanded && rows_aligned(t.ptr, t.stride_b, t.stride_s, t.stride_h, /*fp16 or bf16*/ 2, 16);
 }
 
 cudaError_t attention_kernel_modes(DType dtype, int64_t head_dim, int* forward, int* backward) {
@@ -133,8 +137,7 @@ cudaError_t attention_kernel_modes(DType dtype, int64_t head_dim, int* forward, 
 cudaError_t launch_attention_forward(const AttentionParams& P, const AttentionScratch& scratch, cudaStream_t stream) {
   if (!attention_cuda_supported(P.dtype, P.head_dim)) return cudaErrorInvalidValue;
   if (empty_problem(P)) return cudaSuccess;
-  const int64_t elem = 2;
-  if (!attention_rows_aligned16(P.v, elem)) return cudaErrorMisalignedAddress;
+  if (!attention_rows_loadable(P.v, P)) return cudaErrorMisalignedAddress;
   return dispatch<Forward>(P, scratch, stream);
 }
 
@@ -142,9 +145,7 @@ cudaError_t launch_attention_backward(const AttentionParams& P, const AttentionS
                                       cudaStream_t stream) {
   if (!attention_cuda_supported(P.dtype, P.head_dim)) return cudaErrorInvalidValue;
   if (empty_problem(P)) return cudaSuccess;
-  const int64_t elem = 2;
-  if (!attention_rows_aligned16(P.v, elem) || !attention_rows_aligned16(P.grad_out, elem))
-    return cudaErrorMisalignedAddress;
+  if (!attention_rows_loadable(P.v, P) || !attention_rows_loadable(P.grad_out, P)) return cudaErrorMisalignedAddress;
   if (P.norm != NormKind::kNone && scratch.norm_partials == nullptr) return cudaErrorInvalidValue;
   return dispatch<Backward>(P, scratch, deterministic, stream);
 }

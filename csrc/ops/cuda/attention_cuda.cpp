@@ -19,11 +19,11 @@
 namespace cogkern::ops {
 namespace {
 
-// A [batch, seq, heads, head_dim] operand whose rows the tile loads can read
-// with 16-byte copies: the view itself when aligned, else a contiguous copy
-// (kept alive in `keep`).
-BshdTensor aligned_rows(const BshdTensor& t, const at::Tensor& q, at::Tensor& keep) {
-  if (attention_rows_aligned16(t, q.element_size())) return t;
+// A [batch, seq, heads, head_dim] operand the kernels can load: the view
+// itself when its rows are 16-byte aligned and no dimension is expanded
+// (attention_rows_loadable), else a contiguous copy (kept alive in `keep`).
+BshdTensor loadable_rows(const BshdTensor& t, const AttentionParams& P, const at::Tensor& q, at::Tensor& keep) {
+  if (attention_rows_loadable(t, P)) return t;
   const at::Tensor view = at::from_blob(const_cast<void*>(t.ptr), q.sizes(),
                                         {t.stride_b, t.stride_s, t.stride_h, 1}, q.options());
   keep = view.clone(at::MemoryFormat::Contiguous);
@@ -51,7 +51,7 @@ struct CudaBackend {
     const c10::cuda::CUDAGuard guard(q.device());
     AttentionParams P = params;
     at::Tensor v_copy;
-    P.v = aligned_rows(P.v, q, v_copy);
+    P.v = loadable_rows(P.v, P, q, v_copy);
 
     const auto shape = {P.batch, P.heads, P.seq, P.head_dim};
     const at::Tensor q_hat = at::empty(shape, q.options()), k_hat = at::empty(shape, q.options());
@@ -66,8 +66,8 @@ struct CudaBackend {
     const c10::cuda::CUDAGuard guard(q.device());
     AttentionParams P = params;
     at::Tensor v_copy, grad_out_copy;
-    P.v = aligned_rows(P.v, q, v_copy);
-    P.grad_out = aligned_rows(P.grad_out, q, grad_out_copy);
+    P.v = loadable_rows(P.v, P, q, v_copy);
+    P.grad_out = loadable_rows(P.grad_out, P, q, grad_out_copy);
 
     const auto shape = {P.batch, P.heads, P.seq, P.head_dim};
     const auto f32 = q.options().dtype(at::kFloat);
