@@ -65,6 +65,7 @@ step build 300 python3 -m pip install -v --no-build-isolation --no-deps --disabl
   --config-settings=cmake.define.COGKERN_PTXAS_VERBOSE=ON .
 grep -E "spill (stores|loads)" "$work/build.log" | grep -v " 0 bytes spill stores, 0 bytes spill loads" \
   | sort | uniq -c >"$work/spills.txt" || true
+grep -E "ptxas warning|Potential Performance Loss" "$work/build.log" | sort | uniq -c >>"$work/spills.txt" || true
 python3 -c "import cogkern; print(cogkern.build_info())" >>"$work/env.txt" 2>&1
 
 # The Hopper (wgmma) kernels, never run on hardware before, go in processes of
@@ -106,7 +107,7 @@ fi
   echo "---------------- wgmma probe: what failed and where (scripts/wgmma_probe.py) ----------------"
   grep -vE "^(ok  |\.\.\.\. )" "$work/wgmma_probe.log" 2>/dev/null | head -60
   echo
-  echo "---------------- non-zero spills (ptxas, count x line) ----------------"
+  echo "---------------- non-zero spills and ptxas warnings (count x line) ----------------"
   if [ -s "$work/spills.txt" ]; then cat "$work/spills.txt"; else echo "none"; fi
   echo
   echo "---------------- summary (total $(( $(date +%s) - t_start ))s) ----------------"

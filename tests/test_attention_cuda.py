@@ -231,7 +231,7 @@ def test_the_default_kernels_are_the_mma_sync_ones(monkeypatch, head_dim):
     assert _selected_kernels(head_dim) == (0, 0)
     q = torch.empty(1, 1, 1, head_dim, device="cuda", dtype=torch.float16)
     assert cogkern.attention_kernels(q) == {"forward": "mma.sync", "backward": "mma.sync"}
-    for forward, backward in (("yes", "4"), ("5", "0"), ("33", "12")):
+    for forward, backward in (("yes", "4"), ("5", "0"), ("33", "12"), ("0", "0"), ("", " 1")):
         monkeypatch.setenv("COGKERN_ATTENTION_SM90", forward)
         monkeypatch.setenv("COGKERN_ATTENTION_SM90_BWD", backward)
         assert _selected_kernels(head_dim) == (0, 0)

@@ -53,7 +53,7 @@ cudaError_t launch(const FlashArgs& a, cudaStream_t stream) {
 
 template <typename T, int D>
 int sm90_backward_mode() {
-  return sm90_opt_in_mode("COGKERN_ATTENTION_SM90_BWD", 3,
+  return sm90_opt_in_mode("COGKERN_ATTENTION_SM90_BWD", 3, kSm90DefaultBackwardMode,
                           reinterpret_cast<const void*>(flash_bwd_sm90_kernel<T, D, 2, true>));
 }
 

@@ -236,7 +236,7 @@ __device__ __forceinline__ void flash_bwd_sm90_body(const FlashArgs& a, unsigned
     if constexpr (ATOMIC_DQ) store_ds_t<kQS>(sdS, dsa, key_row, t);
 
     // dv_w += P^T dO and dk^_w += dS^T q^: K = the tile's queries, B stored [query][dim] (MN-major).
-    sm90::wgmma_fence();
+    sm90::wgmma_fence_after(pa, dsa, acc_dv, acc_dk);
     issue_rs_mn_major<MmaKV>(acc_dv, pa, do_base, kBM * 128);
     issue_rs_mn_major<MmaKV>(acc_dk, dsa, q_base, kBM * 128);
     sm90::wgmma_commit();

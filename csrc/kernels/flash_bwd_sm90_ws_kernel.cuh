@@ -219,7 +219,7 @@ __device__ __forceinline__ void flash_bwd_sm90_ws_body(const FlashArgs& a, const
     if constexpr (ATOMIC_DQ) store_ds_t<kQS>(ds_panel, dsa, key_row, t);
 
     // dv_w += P^T dO and dk^_w += dS^T q^: K = the tile's queries, B stored [query][dim] (MN-major).
-    sm90::wgmma_fence();
+    sm90::wgmma_fence_after(pa, dsa, acc_dv, acc_dk);
     issue_rs_mn_major<MmaKV>(acc_dv, pa, do_base, kBM * 128);
     issue_rs_mn_major<MmaKV>(acc_dk, dsa, q_base, kBM * 128);
     sm90::wgmma_commit();
@@ -237,6 +237,9 @@ __device__ __forceinline__ void flash_bwd_sm90_ws_body(const FlashArgs& a, const
     sm90::fence_operands(acc_dk);
     sm90::fence_operands(pa);
     sm90::fence_operands(dsa);
+    // One arrival per warp (the barrier counts warps): every lane's ordinary
+    // loads of the stage's lse shift and delta are ordered before lane 0 frees it.
+    __syncwarp();
     if (lane == 0) sm90::mbar_arrive(q_empty(st));
   }
 

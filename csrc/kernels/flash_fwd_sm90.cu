@@ -52,24 +52,27 @@ cudaError_t launch_ws(const FlashArgs& a, cudaStream_t stream) {
 
 }  // namespace
 
-int sm90_opt_in_mode(const char* env_name, int max_mode, const void* kernel) {
+int sm90_opt_in_mode(const char* env_name, int max_mode, int default_mode, const void* kernel) {
   const char* env = std::getenv(env_name);
-  if (env == nullptr || env[0] < '1' || env[0] > char('0' + max_mode) || env[1] != '\0') return 0;
-  const int mode = env[0] - '0';
+  const bool valid = env != nullptr && env[0] >= '0' && env[0] <= char('0' + max_mode) && env[1] == '\0';
+  const int mode = valid ? env[0] - '0' : default_mode;
+  if (mode == 0 || !kBuildHasSm90a) return 0;
   int device = 0, major = 0, minor = 0;
   if (cudaGetDevice(&device) != cudaSuccess) return 0;
   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
   cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
   if (major != 9 || minor != 0) return 0;
   // The device code must come from sm_90a: PTX of an older target, JIT-compiled
-  // for this GPU, holds only the trap.
+  // for this GPU, holds only the trap (and so does sm_90 code, which
+  // kBuildHasSm90a rules out).
   cudaFuncAttributes attr;
   return cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.ptxVersion >= 90 ? mode : 0;
 }
 
 template <typename T, int D>
 int sm90_forward_mode() {
-  return sm90_opt_in_mode("COGKERN_ATTENTION_SM90", 4, reinterpret_cast<const void*>(flash_fwd_sm90_kernel<T, D, false>));
+  return sm90_opt_in_mode("COGKERN_ATTENTION_SM90", 4, kSm90DefaultForwardMode,
+                          reinterpret_cast<const void*>(flash_fwd_sm90_kernel<T, D, false>));
 }
 
 template <typename T, int D>

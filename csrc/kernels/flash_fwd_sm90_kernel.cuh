@@ -219,8 +219,8 @@ __device__ __forceinline__ void flash_fwd_sm90_body(const FlashArgs& a, unsigned
       sm90::fence_operands(s);
       softmax_step(s, j);
       sm.rescale();
-      pack_a_slices<T>(s, pa);  // all A registers written before the fence
-      sm90::wgmma_fence();
+      pack_a_slices<T>(s, pa);
+      sm90::wgmma_fence_after(sm.acc_o, pa);
       issue_pv(pa, j);
       sm90::wgmma_wait<0>();
       sm90::fence_operands(sm.acc_o);
@@ -246,7 +246,7 @@ __device__ __forceinline__ void flash_fwd_sm90_body(const FlashArgs& a, unsigned
       tile_ready(0);
       if (j + 1 < n_tiles) load_kv(j + 1);
       cp_async_commit();
-      sm90::wgmma_fence();  // orders pa and the rescaled acc_o before both batches
+      sm90::wgmma_fence_after(sm.acc_o, pa);  // pa and the rescaled acc_o, before both batches
       issue_s(s, j);
       issue_pv(pa, j - 1);
       sm90::wgmma_wait<1>();  // S of tile j has landed; P_{j-1} V_{j-1} may still run
@@ -258,7 +258,7 @@ __device__ __forceinline__ void flash_fwd_sm90_body(const FlashArgs& a, unsigned
       sm.rescale();
       pack_a_slices<T>(s, pa);
     }
-    sm90::wgmma_fence();
+    sm90::wgmma_fence_after(sm.acc_o, pa);
     issue_pv(pa, n_tiles - 1);
     sm90::wgmma_wait<0>();
     sm90::fence_operands(sm.acc_o);

@@ -192,7 +192,7 @@ __device__ __forceinline__ void flash_fwd_sm90_ws_body(const FlashArgs& a, const
     sm90::mbar_wait(k_full(st), full_parity(j));
     sm90::mbar_wait(v_full(prev), full_parity(j - 1));
     my_turn();
-    sm90::wgmma_fence();  // orders pa and the rescaled acc_o before both batches
+    sm90::wgmma_fence_after(sm.acc_o, pa);  // pa and the rescaled acc_o, before both batches
     issue_s(s, st);
     issue_pv(pa, prev);
     pass_turn(false);
@@ -210,7 +210,7 @@ __device__ __forceinline__ void flash_fwd_sm90_ws_body(const FlashArgs& a, const
   const int last = (n_tiles - 1) % kStages;
   sm90::mbar_wait(v_full(last), full_parity(n_tiles - 1));
   my_turn();
-  sm90::wgmma_fence();
+  sm90::wgmma_fence_after(sm.acc_o, pa);
   issue_pv(pa, last);
   pass_turn(true);
   sm90::wgmma_wait<0>();

@@ -89,10 +89,25 @@ int sm90_backward_mode();
 template <typename T, int D>
 cudaError_t run_flash_bwd_kv_sm90(const FlashArgs& a, int mode, bool atomic_dq, cudaStream_t stream);
 
-// The value (1 .. max_mode) of the opt-in switch env_name, when it is set to one and
-// the current device is compute capability 9.0 and `kernel` (a __global__
-// function) was compiled from sm_90a code, not JIT-compiled from older PTX;
-// else 0. Shared by sm90_forward_mode and sm90_backward_mode.
-int sm90_opt_in_mode(const char* env_name, int max_mode, const void* kernel);
+// The Hopper kernels that run when their switch is unset (or holds anything
+// but 0 .. max_mode): 0, the mma.sync ones, until a GPU run has validated and
+// timed the wgmma ones (benchmarks/RESULTS.md; flip these, the default-kernel
+// test and the README together).
+constexpr int kSm90DefaultForwardMode = 0;
+// Whether the build holds sm_90a code (CMake sets it from TORCH_CUDA_ARCH_LIST):
+// a device can't tell sm_90 code, where the Hopper kernels are a trap, from
+// sm_90a code (both report PTX version 90).
+#ifndef COGKERN_BUILD_HAS_SM90A
+#define COGKERN_BUILD_HAS_SM90A 0
+#endif
+constexpr bool kBuildHasSm90a = COGKERN_BUILD_HAS_SM90A != 0;
+constexpr int kSm90DefaultBackwardMode = 0;
+
+// The kernel mode the switch env_name selects: its value when it is one digit
+// 0 .. max_mode, else default_mode; then 0 (mma.sync) unless the build holds
+// sm_90a code, the current device is compute capability 9.0 and `kernel` (a
+// __global__ function) was not JIT-compiled from older PTX. Shared by
+// sm90_forward_mode and sm90_backward_mode.
+int sm90_opt_in_mode(const char* env_name, int max_mode, int default_mode, const void* kernel);
 
 }  // namespace cogkern::flash

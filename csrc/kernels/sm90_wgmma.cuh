@@ -212,6 +212,18 @@ __device__ __forceinline__ void fence_operands(uint32_t (&r)[N][M]) {
 #endif
 }
 
+// wgmma_fence() with the registers that ordinary code has just written and the
+// next batches read (A fragments) or accumulate into pinned before it. The
+// fence names no registers, so without the pins the compiler may sink those
+// writes (a rescale of the accumulators, the packing of P) below it; ptxas
+// then has to serialize the wgmmas to stay correct, and the overlap is gone
+// (FA3 fences its operands before warpgroup_arrive for the same reason).
+template <typename... Regs>
+__device__ __forceinline__ void wgmma_fence_after(Regs&... regs) {
+  (fence_operands(regs), ...);
+  wgmma_fence();
+}
+
 // Makes this thread's ordinary shared-memory stores visible to the tensor
 // cores' (async proxy) reads; each writing thread, before the barrier.
 __device__ __forceinline__ void fence_proxy_async_shared() {

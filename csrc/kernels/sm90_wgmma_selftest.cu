@@ -28,7 +28,11 @@ cudaError_t launch_typed(const void* q, const void* k, const void* v, float* s, 
   SelftestMaps maps{};
   if (TMA && !make_selftest_maps<D>(q, k, v, &maps)) return cudaErrorInvalidValue;
   // The device code must come from sm_90a (wgmma): PTX of an older target,
-  // JIT-compiled for this GPU, holds only the trap.
+  // JIT-compiled for this GPU, holds only the trap, and so does sm_90 code,
+  // which reports the same PTX version (hence the build's own word).
+#if !defined(COGKERN_BUILD_HAS_SM90A) || !COGKERN_BUILD_HAS_SM90A
+  return cudaErrorInvalidDeviceFunction;
+#endif
   cudaFuncAttributes attr;
   if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess || attr.ptxVersion < 90) return cudaErrorInvalidDeviceFunction;
   if (smem > 48 * 1024) {
