@@ -135,9 +135,12 @@ def compare(name: str, got: dict, ref: dict) -> None:
     report(name, not lines, lines)
 
 
-def probe_attention() -> None:
+def probe_attention(skip_ws: bool) -> None:
     fwd_names = {1: "wgmma", 2: "wgmma-pipelined", 3: "wgmma-ws", 4: "wgmma-ws-pingpong"}
     bwd_names = {1: "wgmma-2wg", 2: "wgmma-1wg", 3: "wgmma-ws"}
+    if skip_ws:  # the warp-specialized ones hung in the tests: probe the others
+        fwd_names = {m: n for m, n in fwd_names.items() if "ws" not in n}
+        bwd_names = {m: n for m, n in bwd_names.items() if "ws" not in n}
     for d in (64, 128):
         for causal in (False, True):
             c = attention_case(d, torch.bfloat16, causal)
@@ -176,6 +179,7 @@ def probe_attention() -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--no-attention", action="store_true", help="only the selftest tile's layout probes")
+    ap.add_argument("--skip-ws", action="store_true", help="leave out the warp-specialized kernels (they hung)")
     ap.add_argument("--cpu-dry-run", action="store_true",
                     help="run everything on the CPU (a right model tile, the CPU attention): checks this script only")
     args = ap.parse_args()
@@ -191,7 +195,7 @@ def main() -> int:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     probe_selftest()
     if not args.no_attention:
-        probe_attention()
+        probe_attention(args.skip_ws)
     print(f"wgmma_probe: {CHECKS} checks, {len(FAILS)} failed" + (f": {'; '.join(FAILS[:4])}" if FAILS else ""))
     return 1 if FAILS else 0
 
