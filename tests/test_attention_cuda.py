@@ -20,6 +20,27 @@ needs_kernel = pytest.mark.skipif(not _HAS_CUDA_KERNEL, reason="this build has n
 
 SEQS = [1, 17, 128, 1000, 4096 + 113]
 
+_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+_HAS_SM90A = any(a.startswith("90a") for a in cogkern.build_info()["cuda_archs"])
+needs_sm90 = pytest.mark.skipif(not (_HAS_CUDA_KERNEL and _HOPPER and _HAS_SM90A),
+                                reason="needs a compute capability 9.0 GPU and a build with sm_90a code")
+
+# (COGKERN_ATTENTION_SM90, COGKERN_ATTENTION_SM90_BWD): the default kernels, and the
+# warp-specialized Hopper pair (TMA, mbarriers), which must keep every promise the
+# default ones do before they can become the default (device_check.sh runs the
+# latter in its warp-specialized step: -m sm90 -k warp).
+KERNEL_PAIRS = [
+    pytest.param("0", "0", id="default"),
+    pytest.param("4", "3", marks=[needs_sm90, pytest.mark.sm90], id="warp-specialized"),
+]
+
+
+def _use_kernels(monkeypatch, forward, backward):
+    monkeypatch.setenv("COGKERN_ATTENTION_SM90", forward)
+    monkeypatch.setenv("COGKERN_ATTENTION_SM90_BWD", backward)
+    q = torch.empty(1, 1, 1, 64, device="cuda", dtype=torch.bfloat16)
+    assert tuple(torch.ops.cogkern._attention_cuda_kernels(q)) == (int(forward), int(backward))
+
 
 def _configs():
     for seq in SEQS:
@@ -144,9 +165,11 @@ def test_deterministic_backward_is_bitwise_reproducible(deterministic_algorithms
 
 
 @needs_kernel
-def test_runs_on_the_current_stream():
+@pytest.mark.parametrize("forward, backward", KERNEL_PAIRS)
+def test_runs_on_the_current_stream(monkeypatch, forward, backward):
     """Every launch goes to the caller's stream: inputs written on a side stream after a long
     sleep are read only once they exist."""
+    _use_kernels(monkeypatch, forward, backward)
     q, k, v, kwargs = _norm_rope_case()
     grad_out = torch.randn_like(q)
     expected = _forward_backward(q, k, v, kwargs, grad_out)
@@ -162,7 +185,11 @@ def test_runs_on_the_current_stream():
 
 
 @needs_kernel
-def test_forward_and_backward_capture_into_a_cuda_graph(deterministic_algorithms):
+@pytest.mark.parametrize("forward, backward", KERNEL_PAIRS)
+def test_forward_and_backward_capture_into_a_cuda_graph(monkeypatch, deterministic_algorithms, forward, backward):
+    """Graph replay on new inputs in the same storage gives what eager calls give (TMA tensor maps
+    are kernel parameters: captured with the scratch addresses of the graph's own pool)."""
+    _use_kernels(monkeypatch, forward, backward)
     q, k, v, kwargs = _norm_rope_case()
     grad_out = torch.randn_like(q)
     side = torch.cuda.Stream()
@@ -209,11 +236,6 @@ def test_nan_in_one_query_row_stays_in_that_row():
 
 
 # ----------------------------------------------------------------------------- Hopper (wgmma) forward
-
-_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
-_HAS_SM90A = any(a.startswith("90a") for a in cogkern.build_info()["cuda_archs"])
-needs_sm90 = pytest.mark.skipif(not (_HAS_CUDA_KERNEL and _HOPPER and _HAS_SM90A),
-                                reason="needs a compute capability 9.0 GPU and a build with sm_90a code")
 
 
 def _selected_kernels(head_dim, dtype=torch.bfloat16):
@@ -307,18 +329,13 @@ def test_sm90_warp_specialized_forward_reads_every_v_layout(monkeypatch, batch, 
 
 
 @needs_kernel
-@pytest.mark.parametrize("forward, backward", [
-    ("0", "0"),
-    pytest.param("4", "3", marks=[needs_sm90, pytest.mark.sm90], id="warp-specialized"),
-])  # fmt: skip
+@pytest.mark.parametrize("forward, backward", KERNEL_PAIRS)
 def test_expanded_v_and_grad_out_give_their_contiguous_copies_results(monkeypatch, deterministic_algorithms,
                                                                       forward, backward):
     """v broadcast over heads (stride 0) and a grad_out broadcast over tokens and heads (strides
     64, 0, 0, 1, as a sum's backward hands it over): every kernel gets an operand it can load (TMA
     maps take no zero strides), bit for bit the result of passing contiguous copies."""
-    monkeypatch.setenv("COGKERN_ATTENTION_SM90", forward)
-    monkeypatch.setenv("COGKERN_ATTENTION_SM90_BWD", backward)
-    assert _selected_kernels(64) == (int(forward), int(backward))
+    _use_kernels(monkeypatch, forward, backward)
     q, k = (torch.randn(2, 300, 3, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     v = torch.randn(2, 300, 1, 64, device="cuda", dtype=torch.bfloat16).expand(2, 300, 3, 64)
     grad_out = torch.randn(2, 1, 1, 64, device="cuda", dtype=torch.bfloat16).expand(2, 300, 3, 64)
