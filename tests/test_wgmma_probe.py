@@ -104,12 +104,13 @@ def test_two_wrong_reads_are_both_blamed():
 def test_the_map_shows_where_the_chunks_came_from():
     probe = next(p for p in probes(64) if p.name.startswith("S <- k"))
     r = run_probe(fake_selftest("k_swizzle"), probe, 64, torch.bfloat16)
-    # S[i, j] = k_read[j, i]: with the swizzle left out, key j's column i comes from
-    # chunk (i // 8) ^ (j % 8) of its row: right only where j % 8 == 0.
+    # With the swizzle left out, key j's chunk c comes from chunk c ^ (j % 8): right only where j % 8 == 0.
     assert r.wrong == ROWS * 64 * 7 // 8
-    assert r.lines[0].startswith("  first wrong: out(0,1) <- (1,8) want (1,0)")
-    # Output row i holds column i of 64 different keys: no cell is one chunk of one row.
-    assert "??" in r.lines[2]
+    assert r.lines[0].startswith("  first misread k elements, (row, col) <- (row, col) read instead: (1,0) <- (1,8), ")
+    # The map is in k's own coordinates: row 0 read right, row 1 with neighbouring chunks swapped.
+    assert r.lines[2].split() == ["chunk:", "0", "1", "2", "3", "4", "5", "6", "7"]
+    assert r.lines[3].split(":", 1)[1].split() == [f"0.{c}" for c in range(8)]
+    assert r.lines[4].split(":", 1)[1].split() == ["1.1!", "1.0!", "1.3!", "1.2!", "1.5!", "1.4!", "1.7!", "1.6!"]
     # The q probe stands on the misread identity k: key j reads q column
     # 8 * ((j // 8) ^ (j % 8)) + j % 8.
     q_probe = next(p for p in probes(64) if p.name.startswith("S <- q"))
@@ -117,6 +118,13 @@ def test_the_map_shows_where_the_chunks_came_from():
     j = torch.arange(64)
     assert torch.equal(seen.got[1], (8 * ((j // 8) ^ (j % 8)) + j % 8).expand(64, 64))
     assert torch.equal(seen.got[0], torch.arange(64).unsqueeze(1).expand(64, 64))
+
+
+def test_the_map_of_a_second_panel_is_headed_by_its_chunks():
+    probe = next(p for p in probes(128) if p.name.startswith("S <- k") and "64.." in p.name)
+    r = run_probe(fake_selftest("k_swizzle"), probe, 128, torch.bfloat16)
+    assert r.lines[2].split() == ["chunk:"] + [str(c) for c in range(8, 16)]
+    assert r.lines[4].split(":", 1)[1].split() == ["1.9!", "1.8!", "1.11!", "1.10!", "1.13!", "1.12!", "1.15!", "1.14!"]
 
 
 def test_decode_rejects_anything_but_one_code():

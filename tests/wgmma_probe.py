@@ -115,12 +115,13 @@ class ProbeResult:
 
 
 def source_grid(got_r: torch.Tensor, got_c: torch.Tensor, exp_r: torch.Tensor, exp_c: torch.Tensor,
-                rows: int = 16) -> list[str]:
-    """One cell per output row and 8-column group: 'row.chunk' of the operand the
-    group came from ('chunk' = column // 8) when its 8 elements are one 16-byte
-    chunk in order, '??' when mixed, '--' when undecodable; '!' marks a wrong cell."""
+                rows: int = 16, chunk0: int = 0) -> list[str]:
+    """One cell per row and 8-column group (headed by its chunk number, from
+    chunk0): 'row.chunk' of the stored element the group came from ('chunk' =
+    column // 8) when its 8 elements are one 16-byte chunk in order, '??' when
+    mixed, '--' when undecodable; '!' marks a wrong cell."""
     n = got_r.shape[1]
-    lines = []
+    lines = ["  chunk: " + "".join(f"{chunk0 + g // CHUNK:>6} " for g in range(0, n, CHUNK))]
     for i in range(min(rows, got_r.shape[0])):
         cells = []
         for g in range(0, n, CHUNK):
@@ -152,13 +153,20 @@ def run_probe(selftest: Selftest, probe: Probe, d: int, dtype: torch.dtype) -> P
     wrong = (got_r != exp_r) | (got_c != exp_c)
     lines = []
     if wrong.any():
-        idx = wrong.nonzero()[:6].tolist()
-        lines.append("  first wrong: " + ", ".join(
-            f"out({a},{b}) <- ({int(got_r[a, b])},{int(got_c[a, b])}) want ({int(exp_r[a, b])},{int(exp_c[a, b])})"
-            for a, b in idx))
-        lines.append("  sources of the first 16 output rows, per 8 output columns (operand row.chunk, chunk = col // 8; "
-                     "?? = not one chunk in order, -- = not one element):")
-        lines += source_grid(got_r, got_c, exp_r, exp_c)
+        # In the operand's own coordinates: logical element (r, c) was read from stored (r', c').
+        c0 = int(exp_c.min())
+        read_r = torch.full((ROWS, int(exp_c.max()) - c0 + 1), -1, dtype=torch.long)
+        read_c = read_r.clone()
+        read_r[exp_r, exp_c - c0], read_c[exp_r, exp_c - c0] = got_r, got_c
+        want_r = torch.arange(ROWS).unsqueeze(1).expand_as(read_r)
+        want_c = (torch.arange(read_r.shape[1]) + c0).unsqueeze(0).expand_as(read_r)
+        bad = (read_r != want_r) | (read_c != want_c)
+        lines.append(f"  first misread {probe.operand} elements, (row, col) <- (row, col) read instead: " + ", ".join(
+            f"({r},{c + c0}) <- ({int(read_r[r, c])},{int(read_c[r, c])})" for r, c in bad.nonzero()[:6].tolist()))
+        lines.append(f"  how {probe.operand}'s rows 0..15 were read, per 16-byte chunk (columns {c0}.. in chunks of 8): "
+                     "the stored row.chunk each came from, '!' where not its own; ?? = not one chunk in order, "
+                     "-- = not one element")
+        lines += source_grid(read_r, read_c, want_r, want_c, chunk0=c0 // CHUNK)
     return ProbeResult(probe.name, probe.operand, int(wrong.sum()), wrong.numel(), lines, (got_r, got_c), (exp_r, exp_c))
 
 
@@ -170,15 +178,19 @@ OPERANDS = {"q": "d", "k": "d", "v_o": "d", "s_regs": ROWS, "v_ua": ROWS, "v_ub"
 
 def read_model(reads: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Selftest:
     """A selftest that reads each operand through a measured map (logical element
-    (r, c) <- stored element reads[name][0][r, c], reads[name][1][r, c]; -1 reads
-    NaN); operands without a map are read right. In float64 on the CPU."""
+    (r, c) <- stored element reads[name][0][r, c], reads[name][1][r, c]; -1 or a
+    place outside the operand reads NaN); operands without a map are read right.
+    In float64 on the CPU."""
 
     def read(x, name):
         if name not in reads:
             return x
         r, c = reads[name]
-        y = x[r.clamp(min=0), c.clamp(min=0)]
-        return torch.where((r < 0) | (c < 0), torch.full_like(y, float("nan")), y)
+        # A measured source outside this operand (the probe's codes name another
+        # operand's element: the fault lies upstream) reads as NaN, like -1.
+        outside = (r < 0) | (c < 0) | (r >= x.shape[0]) | (c >= x.shape[1])
+        y = x[r.clamp(0, x.shape[0] - 1), c.clamp(0, x.shape[1] - 1)]
+        return torch.where(outside, torch.full_like(y, float("nan")), y)
 
     def run(q, k, v):
         dtype = q.dtype

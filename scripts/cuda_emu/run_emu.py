@@ -43,8 +43,9 @@ from cogkern import RoPE3D
 # The parts of the suite (--only): the wgmma conformance tile, the optimizer
 # kernels, the RoPE kernel, the mma.sync attention, the wgmma backwards (modes
 # 1-3, after the forwards 1, 2, 4), the warp-specialized forwards (3, 4), NaN
-# propagation through every forward.
-SECTIONS = ("tile", "optim", "rope", "mma", "sm90", "ws", "nan")
+# propagation through every forward, the layout probes of scripts/wgmma_probe.py
+# on the wgmma tile.
+SECTIONS = ("tile", "optim", "rope", "mma", "sm90", "ws", "nan", "probe")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -250,6 +251,39 @@ def wgmma_suite(lib):
         print(f"{'ok  ' if ok else 'FAIL'} wgmma tile {str(dtype)[6:]} D={d}{' (TMA loads)' if tma else ''}: "
               + ", ".join(f"{n} rel err {e:.1e}" for n, e in errs.items()), flush=True)
         fails += not ok
+    return fails
+
+
+def probe_suite(lib):
+    """scripts/wgmma_probe.py's layout probes (tests/wgmma_probe.py) on the emulated
+    conformance tile: the kernel's own source must reproduce every expected map, so
+    a probe that fails on the GPU points at the hardware's reading, not at the probe."""
+    from wgmma_probe import probes, random_check, run_probe
+
+    lib.emu_wgmma_selftest.restype = ctypes.c_int
+    lib.emu_wgmma_selftest.argtypes = [P, P, P, P, P, P, I32, I32, I32]
+
+    def emulated(tma):
+        def run(q, k, v):
+            d = q.shape[1]
+            q, k, v = (t.contiguous() for t in (q, k, v))
+            s, o, u = torch.empty(64, 64), torch.empty(64, d), torch.empty(64, d)
+            rc = lib.emu_wgmma_selftest(ptr(q), ptr(k), ptr(v), ptr(s), ptr(o), ptr(u), d,
+                                        int(q.dtype == torch.bfloat16), int(tma))
+            if rc != 0:
+                raise RuntimeError(f"emu_wgmma_selftest returned {rc}")
+            return s, o, u
+
+        return run
+
+    fails = 0
+    for tma, dtype, d in itertools.product((0, 1), (torch.bfloat16, torch.float16), (64, 128)):
+        kernel = emulated(tma)
+        wrong = [r.name for r in (run_probe(kernel, p, d, dtype) for p in probes(d)) if r.wrong]
+        wrong += [f"random {name}" for name, n, _ in random_check(kernel, d, dtype, "cpu") if n]
+        print(f"{'FAIL' if wrong else 'ok  '} layout probes {str(dtype)[6:]} D={d}{' (TMA loads)' if tma else ''}"
+              + (f": wrong: {'; '.join(wrong)}" if wrong else ": every map as expected"), flush=True)
+        fails += bool(wrong)
     return fails
 
 
@@ -503,6 +537,8 @@ def main():
     fails = 0
     if "tile" in only:
         fails += wgmma_suite(lib)
+    if "probe" in only:
+        fails += probe_suite(lib)
     if "optim" in only:
         fails += optim_suite(lib)
     if "rope" in only:
