@@ -189,9 +189,9 @@ inline long tma_land(const EmuTensorMap& m, uint32_t dst, const int32_t (&c)[5])
             if (m.swizzle) a = swizzle128(a);
             check_smem(a, m.elem_bytes);
             if (inside)
-              std::memcpy(dynamic_smem() + a, m.base + src, m.elem_bytes);
+              std::memcpy(smem_at(a), m.base + src, m.elem_bytes);
             else
-              std::memset(dynamic_smem() + a, 0, m.elem_bytes);
+              std::memset(smem_at(a), 0, m.elem_bytes);
           }
   return long(off);
 }
@@ -226,7 +226,7 @@ inline void bulk_reduce_add_f32(float* dst, uint32_t src, uint32_t bytes) {
   const auto reduce = [dst, src, bytes] {
     for (uint32_t i = 0; i < bytes / 4; ++i) {
       float v;
-      std::memcpy(&v, dynamic_smem() + src + 4 * i, 4);
+      std::memcpy(&v, smem_at(src + 4 * i), 4);
       std::atomic_ref<float>(dst[i]).fetch_add(v);
     }
   };

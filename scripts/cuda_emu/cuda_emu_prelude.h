@@ -111,6 +111,14 @@ inline Warp& my_warp() { return *g_block->warps[tl_tid / 32]; }
 inline int my_lane() { return int(tl_tid % 32); }
 
 inline unsigned char* dynamic_smem() { return g_block->dyn_smem.data(); }
+// The shared-memory address of dynamic_smem()[0]. Hardware guarantees dynamic
+// shared memory far less than the 1024-byte alignment the 128-byte swizzle
+// needs (the kernels align their panels themselves, align_to_panel_group):
+// starting at a 16- but not 128-aligned address makes a kernel that forgets
+// to, or reads the unaligned base, fail here as it would there.
+constexpr uint32_t kSmemBase = 0x210;
+// The byte at shared-memory address addr.
+inline unsigned char* smem_at(uint32_t addr) { return dynamic_smem() + (addr - kSmemBase); }
 
 // COGKERN_EMU_LAGGARD=1: an adversarial schedule. In each block one group of
 // threads (a warpgroup, or a warp in blocks that are not whole warpgroups;

@@ -11,16 +11,17 @@
 
 namespace cuda_emu {
 
-// Shared-memory "addresses" are byte offsets into the block's dynamic shared memory.
+// Shared-memory "addresses" are byte offsets into the block's dynamic shared
+// memory, plus kSmemBase (cuda_emu_prelude.h).
 inline uint32_t smem_addr(const void* p) {
-  return uint32_t(static_cast<const unsigned char*>(p) - dynamic_smem());
+  return uint32_t(static_cast<const unsigned char*>(p) - dynamic_smem()) + kSmemBase;
 }
 
 inline void check_smem(uint32_t addr, size_t bytes);
 inline uint16_t smem_u16(uint32_t addr) {
   check_smem(addr, 2);
   uint16_t v;
-  std::memcpy(&v, dynamic_smem() + addr, 2);
+  std::memcpy(&v, smem_at(addr), 2);
   return v;
 }
 
@@ -148,7 +149,7 @@ struct AsyncCopy {
 inline thread_local AsyncGroups<AsyncCopy> tl_cp_async;
 
 inline void check_smem(uint32_t addr, size_t bytes) {
-  if (addr + bytes > g_block->dyn_smem.size() - 16) {
+  if (addr < kSmemBase || addr - kSmemBase + bytes > g_block->dyn_smem.size() - 16) {
     std::fprintf(stderr, "cuda_emu: shared memory access [%u, %zu) out of bounds\n", addr, addr + bytes);
     std::abort();
   }
@@ -164,9 +165,9 @@ template <int N>
 inline void cp_async_wait() {
   tl_cp_async.retire(N, [](const AsyncCopy& c) {
     if (c.valid)
-      std::memcpy(dynamic_smem() + c.dst, c.src, 16);
+      std::memcpy(smem_at(c.dst), c.src, 16);
     else
-      std::memset(dynamic_smem() + c.dst, 0, 16);
+      std::memset(smem_at(c.dst), 0, 16);
   });
 }
 
