@@ -7,6 +7,11 @@
 // per thread and performed only when wgmma_wait retires its commit group, so a
 // kernel that reads accumulators (or overwrites operands) before waiting
 // reads stale values here too. A-from-registers is captured at issue.
+// What PTX calls undefined fails here: a wgmma issued with no wgmma.fence
+// since the thread's last wait_group (this emulator's rule, kept by every
+// kernel: the fence orders earlier register writes before the wgmma reads
+// them), and A registers or accumulators written between issue and the
+// wait_group that retires the wgmma.
 #pragma once
 
 #include <cmath>
@@ -14,6 +19,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <type_traits>
 #include <vector>
 
@@ -42,8 +48,17 @@ struct WgmmaOp {
   std::vector<uint32_t> a_regs;  // all 128 threads' A registers (4 each), when a_in_regs
   uint64_t desc_a, desc_b;
   bool trans_a, trans_b, accumulate;
+  const uint32_t* a_src;  // this thread's A registers, to check they are left alone until the wait
 };
 inline thread_local AsyncGroups<WgmmaOp> tl_wgmma;
+inline thread_local bool tl_wgmma_fenced = false;  // a wgmma.fence since this thread's last wait_group
+// The accumulators of issued, not yet performed wgmmas, as they were at issue.
+inline thread_local std::map<const float*, std::vector<float>> tl_wgmma_acc_at_issue;
+
+[[noreturn]] inline void wgmma_fail(const char* what) {
+  std::fprintf(stderr, "cuda_emu: thread %u: %s\n", tl_tid, what);
+  std::abort();
+}
 
 struct SmemDesc {
   uint32_t start, lbo, sbo;
@@ -72,7 +87,9 @@ inline float mn_major_elem(const SmemDesc& s, int m, int k, bool bf16) {
 
 inline void wgmma_issue(float* d, int n, bool bf16, const uint32_t* a_regs, uint64_t desc_a, uint64_t desc_b,
                         bool trans_a, bool trans_b, bool accumulate) {
-  WgmmaOp op{d, n, bf16, a_regs != nullptr, {}, desc_a, desc_b, trans_a, trans_b, accumulate};
+  if (!tl_wgmma_fenced) wgmma_fail("wgmma issued without a wgmma.fence since the thread's last wait_group");
+  WgmmaOp op{d, n, bf16, a_regs != nullptr, {}, desc_a, desc_b, trans_a, trans_b, accumulate, a_regs};
+  if (!tl_wgmma_acc_at_issue.count(d)) tl_wgmma_acc_at_issue[d] = std::vector<float>(d, d + n / 2);
   if (a_regs != nullptr) {  // gather the warpgroup's A registers now (the collective reads them at issue)
     WarpGroup& wg = my_warpgroup();
     const int t = int(tl_tid % 128);
@@ -87,6 +104,13 @@ inline void wgmma_issue(float* d, int n, bool bf16, const uint32_t* a_regs, uint
 
 inline void wgmma_perform(const WgmmaOp& op) {
   const int t = int(tl_tid % 128), w = t / 32, g = (t % 32) / 4, q = t % 4;
+  if (op.a_in_regs && std::memcmp(op.a_src, &op.a_regs[4 * t], 16) != 0)
+    wgmma_fail("A registers of a wgmma written before the wait_group that retires it");
+  if (auto it = tl_wgmma_acc_at_issue.find(op.d); it != tl_wgmma_acc_at_issue.end()) {
+    if (std::memcmp(op.d, it->second.data(), it->second.size() * sizeof(float)) != 0)
+      wgmma_fail("accumulators of a wgmma written before the wait_group that retires it");
+    tl_wgmma_acc_at_issue.erase(it);
+  }
   float A[64][16];
   if (op.a_in_regs) {
     for (int i = 0; i < 128; ++i) {
@@ -118,10 +142,11 @@ inline void wgmma_perform(const WgmmaOp& op) {
   }
 }
 
-inline void wgmma_fence() {}
+inline void wgmma_fence() { tl_wgmma_fenced = true; }
 inline void wgmma_commit() { tl_wgmma.commit(); }
 inline void wgmma_wait(int n) {
   tl_wgmma.retire(size_t(n), [](const WgmmaOp& op) { wgmma_perform(op); });
+  tl_wgmma_fenced = false;
   // wgmma.wait_group is .sync.aligned: the warp leaves it together, so after
   // it any lane may tell other groups that the warp's operand reads are done.
   my_warp().bar.arrive_and_wait();
