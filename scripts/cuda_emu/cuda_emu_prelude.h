@@ -129,9 +129,9 @@ inline unsigned char* smem_at(uint32_t addr) { return dynamic_smem() + (addr - k
 // let them, so a group reading shared memory that another group writes
 // without a barrier in between reads stale data, and the checks fail. Blocks
 // alternate the laggard, so both sides of each exchange lag once. TMA copies
-// land at issue under this schedule (as early as possible: a stage refilled
-// while another group still reads it shows), at the first wait otherwise (as
-// late as possible: a read before the wait shows).
+// and cp.async land at issue under this schedule (as early as possible: a
+// stage refilled while another group still reads it shows), at the wait
+// otherwise (as late as possible: a read before the wait shows).
 inline unsigned lag_group_size() { return g_block->warpgroups.empty() ? 32u : 128u; }
 inline bool laggard_schedule() {
   static const bool on = std::getenv("COGKERN_EMU_LAGGARD") != nullptr;

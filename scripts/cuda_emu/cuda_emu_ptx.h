@@ -140,12 +140,20 @@ struct ElemTraits<__nv_bfloat16> {
 
 // cp.async: each thread's copies are queued per commit group and performed
 // only when cp.async.wait_group retires the group (the latest completion the
-// PTX ISA allows), so a read of a tile before its wait sees stale data.
+// PTX ISA allows), so a read of a tile before its wait sees stale data. Under
+// the laggard schedule they land at issue instead (the earliest), like TMA
+// copies: a buffer refilled while another group still reads it shows.
 struct AsyncCopy {
   uint32_t dst;
   const void* src;
   bool valid;
 };
+inline void perform_copy(const AsyncCopy& c) {
+  if (c.valid)
+    std::memcpy(smem_at(c.dst), c.src, 16);
+  else
+    std::memset(smem_at(c.dst), 0, 16);
+}
 inline thread_local AsyncGroups<AsyncCopy> tl_cp_async;
 
 inline void check_smem(uint32_t addr, size_t bytes) {
@@ -158,17 +166,15 @@ inline void check_smem(uint32_t addr, size_t bytes) {
 inline void cp_async_16(uint32_t dst, const void* src, bool valid) {
   if (dst % 16 || reinterpret_cast<uintptr_t>(src) % 16) std::abort();  // cp.async 16 needs 16-byte alignment
   check_smem(dst, 16);
-  tl_cp_async.open.push_back({dst, src, valid});
+  if (laggard_schedule())
+    perform_copy({dst, src, valid});
+  else
+    tl_cp_async.open.push_back({dst, src, valid});
 }
 inline void cp_async_commit() { tl_cp_async.commit(); }
 template <int N>
 inline void cp_async_wait() {
-  tl_cp_async.retire(N, [](const AsyncCopy& c) {
-    if (c.valid)
-      std::memcpy(smem_at(c.dst), c.src, 16);
-    else
-      std::memset(smem_at(c.dst), 0, 16);
-  });
+  tl_cp_async.retire(N, perform_copy);
 }
 
 inline float fast_exp2(float x) { return std::exp2(x); }
