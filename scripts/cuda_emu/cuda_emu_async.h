@@ -53,8 +53,16 @@ inline MBarrier& mbarrier_at(uint32_t addr) {
   return it->second;
 }
 
-// With sync_mu held: completes the phase if nothing is missing; releases its waiters.
+// With sync_mu held: completes the phase if nothing is missing; releases its
+// waiters. With every arrival in and copies queued (late landing), wakes the
+// waiters instead, which land them: without that wake-up a waiter that went to
+// sleep before the last arrival or the copy slept until some other barrier
+// moved, or until its 60 s deadline, and a waiter downstream of it could time out.
 inline void mbarrier_try_complete(MBarrier& m) {
+  if (m.pending == 0 && !m.copies.empty()) {
+    g_block->sync_cv.notify_all();
+    return;
+  }
   if (m.pending != 0 || m.tx != 0) return;
   ++m.phase;
   m.pending = m.count;
@@ -209,6 +217,7 @@ inline void tma_load(uint32_t dst, const void* tensor_map, uint32_t bar, const i
     mbarrier_try_complete(mb);
   } else {
     mb.copies.push_back([m, dst, coords] { return tma_land(m, dst, coords); });
+    mbarrier_try_complete(mb);
   }
 }
 

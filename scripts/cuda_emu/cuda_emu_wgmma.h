@@ -69,7 +69,15 @@ inline SmemDesc decode_desc(uint64_t desc) {
                  static_cast<unsigned long long>(desc));
     std::abort();
   }
-  return {uint32_t(desc & 0x3FFF) << 4, uint32_t((desc >> 16) & 0x3FFF) << 4, uint32_t((desc >> 32) & 0x3FFF) << 4};
+  const SmemDesc s{uint32_t(desc & 0x3FFF) << 4, uint32_t((desc >> 16) & 0x3FFF) << 4, uint32_t((desc >> 32) & 0x3FFF) << 4};
+  // Base offset 0 says the 8-row swizzle pattern starts on a 1024-byte boundary
+  // (PTX, matrix descriptor): the start may step within a row (k-slices), not across rows.
+  if ((s.start >> 7) & 7) {
+    std::fprintf(stderr, "cuda_emu: wgmma descriptor start 0x%x is not in the first 128-byte row of a 1024-byte "
+                 "swizzle group (base offset 0)\n", s.start);
+    std::abort();
+  }
+  return s;
 }
 inline uint32_t swizzle128(uint32_t addr) { return addr ^ (((addr >> 7) & 7u) << 4); }
 
