@@ -23,6 +23,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <array>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -57,6 +58,10 @@ struct Warp {
 struct WarpGroup {
   std::barrier<> bar{128};
   alignas(16) unsigned char slot[128][16];
+  // The wgmmas the warpgroup has issued, in order, as the first thread to
+  // issue each described it (cuda_emu_wgmma.h): every thread must issue the same.
+  std::mutex issue_mu;
+  std::vector<std::array<uint64_t, 4>> issues;
 };
 
 struct Block;

@@ -52,6 +52,7 @@ struct WgmmaOp {
 };
 inline thread_local AsyncGroups<WgmmaOp> tl_wgmma;
 inline thread_local bool tl_wgmma_fenced = false;  // a wgmma.fence since this thread's last wait_group
+inline thread_local size_t tl_wgmma_issued = 0;     // wgmmas this thread has issued
 // The accumulators of issued, not yet performed wgmmas, as they were at issue.
 inline thread_local std::map<const float*, std::vector<float>> tl_wgmma_acc_at_issue;
 
@@ -96,6 +97,17 @@ inline float mn_major_elem(const SmemDesc& s, int m, int k, bool bf16) {
 inline void wgmma_issue(float* d, int n, bool bf16, const uint32_t* a_regs, uint64_t desc_a, uint64_t desc_b,
                         bool trans_a, bool trans_b, bool accumulate) {
   if (!tl_wgmma_fenced) wgmma_fail("wgmma issued without a wgmma.fence since the thread's last wait_group");
+  {  // .sync.aligned: the warpgroup's threads issue the same wgmmas in the same order
+    WarpGroup& wg = my_warpgroup();
+    const std::array<uint64_t, 4> what{desc_a, desc_b, uint64_t(n) | uint64_t(bf16) << 16 | uint64_t(a_regs != nullptr) << 17,
+                                       uint64_t(trans_a) | uint64_t(trans_b) << 1 | uint64_t(accumulate) << 2};
+    const std::lock_guard<std::mutex> lock(wg.issue_mu);
+    const size_t i = tl_wgmma_issued++;
+    if (i == wg.issues.size())
+      wg.issues.push_back(what);
+    else if (wg.issues[i] != what)
+      wgmma_fail("the threads of a warpgroup issued different wgmmas (wgmma.mma_async is .sync.aligned)");
+  }
   WgmmaOp op{d, n, bf16, a_regs != nullptr, {}, desc_a, desc_b, trans_a, trans_b, accumulate, a_regs};
   if (!tl_wgmma_acc_at_issue.count(d)) tl_wgmma_acc_at_issue[d] = std::vector<float>(d, d + n / 2);
   if (a_regs != nullptr) {  // gather the warpgroup's A registers now (the collective reads them at issue)
