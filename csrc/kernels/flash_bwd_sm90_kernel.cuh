@@ -97,8 +97,8 @@ __device__ __forceinline__ void store_ds_t(unsigned char* sdS, const uint32_t (&
   for (int kk = 0; kk < QS; ++kk) {
 #pragma unroll
     for (int r = 0; r < 4; ++r)
-      *reinterpret_cast<uint32_t*>(sdS + sm90::sw128_offset(key_row + (r & 1) * 8, 16 * kk + (r >> 1) * 8 + 2 * t)) =
-          dsa[kk][r];
+      sm90::store_for_async_proxy(sdS + sm90::sw128_offset(key_row + (r & 1) * 8, 16 * kk + (r >> 1) * 8 + 2 * t),
+                                  dsa[kk][r]);
   }
   sm90::fence_proxy_async_shared();
 }

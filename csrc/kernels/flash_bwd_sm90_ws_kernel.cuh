@@ -178,8 +178,8 @@ __device__ __forceinline__ void flash_bwd_sm90_ws_body(const FlashArgs& a, const
       const uint32_t row = uint32_t(16 * warp + g + 8 * r);
 #pragma unroll
       for (int j = 0; j < sm90::kPanelCols / 8; ++j)
-        *reinterpret_cast<float2*>(dq_stage + row * kDqStageRowBytes + (8 * j + 2 * t) * 4) =
-            make_float2(acc[4 * j + 2 * r], acc[4 * j + 2 * r + 1]);
+        sm90::store_for_async_proxy(dq_stage + row * kDqStageRowBytes + (8 * j + 2 * t) * 4,
+                                    make_float2(acc[4 * j + 2 * r], acc[4 * j + 2 * r + 1]));
     }
     sm90::fence_proxy_async_shared();
     sm90::named_barrier_sync(stage_barrier, sm90::kWarpgroupThreads);

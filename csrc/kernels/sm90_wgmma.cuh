@@ -229,6 +229,21 @@ __device__ __forceinline__ void wgmma_fence_after(Regs&... regs) {
 __device__ __forceinline__ void fence_proxy_async_shared() {
 #if !defined(COGKERN_CUDA_EMULATION)
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#else
+  ::cuda_emu::fence_proxy_async();
+#endif
+}
+
+// An ordinary shared-memory store of data that the tensor cores or the copy
+// engine (the async proxy) read next: the writing thread must call
+// fence_proxy_async_shared() before the barrier that hands it over. (The
+// emulator records these stores and fails an async read of one before that
+// fence.)
+template <typename V>
+__device__ __forceinline__ void store_for_async_proxy(unsigned char* p, const V& v) {
+  *reinterpret_cast<V*>(p) = v;
+#if defined(COGKERN_CUDA_EMULATION)
+  ::cuda_emu::note_generic_store(smem_addr(p), uint32_t(sizeof(V)));
 #endif
 }
 

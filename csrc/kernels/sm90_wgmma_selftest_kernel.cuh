@@ -51,7 +51,7 @@ __device__ __forceinline__ void load_panels(unsigned char* panels, const uint16_
     const int row = i / kChunksPerRow, col = (i % kChunksPerRow) * 8;
     const uint4 v = *reinterpret_cast<const uint4*>(src + row * D + col);
     unsigned char* panel = panels + (col / kPanelCols) * (kSelftestRows * 128);
-    *reinterpret_cast<uint4*>(panel + sw128_offset(row, col % kPanelCols)) = v;
+    store_for_async_proxy(panel + sw128_offset(row, col % kPanelCols), v);
   }
 }
 

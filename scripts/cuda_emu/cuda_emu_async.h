@@ -200,6 +200,7 @@ inline long tma_land(const EmuTensorMap& m, uint32_t dst, const int32_t (&c)[5])
               std::memcpy(smem_at(a), m.base + src, m.elem_bytes);
             else
               std::memset(smem_at(a), 0, m.elem_bytes);
+            note_async_write(a, m.elem_bytes);
           }
   return long(off);
 }
@@ -233,6 +234,7 @@ inline void bulk_reduce_add_f32(float* dst, uint32_t src, uint32_t bytes) {
     async_fail("bulk reduce: addresses 16-byte aligned and a multiple of 16 bytes expected", src);
   check_smem(src, bytes);
   const auto reduce = [dst, src, bytes] {
+    check_async_read(src, bytes, "bulk reduction");
     for (uint32_t i = 0; i < bytes / 4; ++i) {
       float v;
       std::memcpy(&v, smem_at(src + 4 * i), 4);

@@ -94,6 +94,10 @@ struct Block {
   std::vector<std::unique_ptr<Warp>> warps;
   std::vector<std::unique_ptr<WarpGroup>> warpgroups;  // only when the block is whole warpgroups
   std::vector<unsigned char> dyn_smem;
+  // Per byte of dyn_smem: the thread whose ordinary (generic-proxy) store put
+  // it there and has not yet executed fence.proxy.async since, or kCleanByte
+  // (see cuda_emu_ptx.h, "Proxies").
+  std::unique_ptr<std::atomic<uint16_t>[]> smem_writer;
   // COGKERN_EMU_LAGGARD: threads outside the laggard group that are blocked in
   // a wait (counted up by the thread that blocks, down by the thread whose
   // arrival releases it, so that a released thread counts as running at
@@ -241,6 +245,8 @@ inline void launch(unsigned grid, unsigned block_x, unsigned block_y, size_t sme
     if (threads % 128 == 0)
       for (unsigned g = 0; g < threads / 128; ++g) blk.warpgroups.push_back(std::make_unique<WarpGroup>());
     blk.dyn_smem.assign(smem + 16, 0xCD);  // poison: reads of unwritten shared memory show up as garbage
+    blk.smem_writer = std::make_unique<std::atomic<uint16_t>[]>(smem + 16);
+    for (size_t i = 0; i < smem + 16; ++i) blk.smem_writer[i].store(0xFFFF, std::memory_order_relaxed);
     g_block = &blk;
     std::vector<std::thread> pool;
     pool.reserve(threads);

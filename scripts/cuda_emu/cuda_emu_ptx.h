@@ -148,11 +148,13 @@ struct AsyncCopy {
   const void* src;
   bool valid;
 };
+inline void note_generic_store(uint32_t addr, uint32_t bytes);
 inline void perform_copy(const AsyncCopy& c) {
   if (c.valid)
     std::memcpy(smem_at(c.dst), c.src, 16);
   else
     std::memset(smem_at(c.dst), 0, 16);
+  note_generic_store(c.dst, 16);  // cp.async writes through the generic proxy
 }
 inline thread_local AsyncGroups<AsyncCopy> tl_cp_async;
 
@@ -161,6 +163,48 @@ inline void check_smem(uint32_t addr, size_t bytes) {
     std::fprintf(stderr, "cuda_emu: shared memory access [%u, %zu) out of bounds\n", addr, addr + bytes);
     std::abort();
   }
+}
+
+// ---- Proxies ----------------------------------------------------------------------
+// The tensor cores (wgmma) and the copy engine (TMA, bulk reductions) reach
+// shared memory through the async proxy; ordinary stores and cp.async go
+// through the generic one. Data written through the generic proxy and read
+// through the async one needs fence.proxy.async by the writing thread before
+// the synchronization that hands it over. The kernels mark such stores
+// (sm90::store_for_async_proxy; cp.async landings are marked here), each
+// thread's fence clears its own marks, and an async-proxy read of a marked
+// byte fails.
+constexpr uint16_t kCleanByte = 0xFFFF;
+inline thread_local std::vector<std::pair<uint32_t, uint32_t>> tl_generic_stores;  // (address, bytes), unfenced
+inline std::atomic<uint16_t>& smem_writer_at(uint32_t addr) { return g_block->smem_writer[addr - kSmemBase]; }
+inline void note_generic_store(uint32_t addr, uint32_t bytes) {
+  check_smem(addr, bytes);
+  for (uint32_t b = 0; b < bytes; ++b) smem_writer_at(addr + b).store(uint16_t(tl_tid), std::memory_order_relaxed);
+  tl_generic_stores.emplace_back(addr, bytes);
+}
+inline void fence_proxy_async() {
+  for (const auto& [addr, bytes] : tl_generic_stores)
+    for (uint32_t b = 0; b < bytes; ++b) {
+      uint16_t mine = uint16_t(tl_tid);
+      smem_writer_at(addr + b).compare_exchange_strong(mine, kCleanByte, std::memory_order_relaxed);
+    }
+  tl_generic_stores.clear();
+}
+inline void check_async_read(uint32_t addr, uint32_t bytes, const char* reader) {
+  for (uint32_t b = 0; b < bytes; ++b) {
+    const uint16_t w = smem_writer_at(addr + b).load(std::memory_order_relaxed);
+    if (w != kCleanByte) {
+      std::fprintf(stderr,
+                   "cuda_emu: thread %u: %s reads shared address %u, which thread %u wrote with an ordinary store "
+                   "(or cp.async) and has not fenced (fence.proxy.async) since\n",
+                   tl_tid, reader, addr + b, unsigned(w));
+      std::abort();
+    }
+  }
+}
+// An async-proxy write (a TMA landing): the bytes are no generic store's any more.
+inline void note_async_write(uint32_t addr, uint32_t bytes) {
+  for (uint32_t b = 0; b < bytes; ++b) smem_writer_at(addr + b).store(kCleanByte, std::memory_order_relaxed);
 }
 
 inline void cp_async_16(uint32_t dst, const void* src, bool valid) {

@@ -82,16 +82,28 @@ inline SmemDesc decode_desc(uint64_t desc) {
 }
 inline uint32_t swizzle128(uint32_t addr) { return addr ^ (((addr >> 7) & 7u) << 4); }
 
-// Element (row r of the M/N side, k of the 16-wide K slice) of a K-major operand.
-inline float k_major_elem(const SmemDesc& s, int r, int k, bool bf16) {
-  const uint32_t a = s.start + uint32_t(r % 8) * 128u + uint32_t(r / 8) * s.sbo + uint32_t(k / 8) * 16u + uint32_t(k % 8) * 2u;
-  return half_bits_to_float(smem_u16(swizzle128(a)), bf16);
+// Shared address of element (row r of the M/N side, k of the 16-wide K slice) of a K-major operand.
+inline uint32_t k_major_addr(const SmemDesc& s, int r, int k) {
+  return swizzle128(s.start + uint32_t(r % 8) * 128u + uint32_t(r / 8) * s.sbo + uint32_t(k / 8) * 16u +
+                    uint32_t(k % 8) * 2u);
 }
-// Element (m of the M/N side, k of the K slice) of an MN-major operand.
+// Shared address of element (m of the M/N side, k of the K slice) of an MN-major operand.
+inline uint32_t mn_major_addr(const SmemDesc& s, int m, int k) {
+  return swizzle128(s.start + uint32_t(m / 64) * s.lbo + uint32_t((m / 8) % 8) * 16u + uint32_t(m % 8) * 2u +
+                    uint32_t(k % 8) * 128u + uint32_t(k / 8) * s.sbo);
+}
+inline float k_major_elem(const SmemDesc& s, int r, int k, bool bf16) {
+  return half_bits_to_float(smem_u16(k_major_addr(s, r, k)), bf16);
+}
 inline float mn_major_elem(const SmemDesc& s, int m, int k, bool bf16) {
-  const uint32_t a = s.start + uint32_t(m / 64) * s.lbo + uint32_t((m / 8) % 8) * 16u + uint32_t(m % 8) * 2u +
-                     uint32_t(k % 8) * 128u + uint32_t(k / 8) * s.sbo;
-  return half_bits_to_float(smem_u16(swizzle128(a)), bf16);
+  return half_bits_to_float(smem_u16(mn_major_addr(s, m, k)), bf16);
+}
+// The tensor cores read through the async proxy: every element an operand
+// descriptor covers must be clear of unfenced ordinary stores (cuda_emu_ptx.h).
+inline void check_operand_proxy(uint64_t desc, int rows, bool mn_major) {
+  const SmemDesc s = decode_desc(desc);
+  for (int r = 0; r < rows; ++r)
+    for (int k = 0; k < 16; ++k) check_async_read(mn_major ? mn_major_addr(s, r, k) : k_major_addr(s, r, k), 2, "wgmma");
 }
 
 inline void wgmma_issue(float* d, int n, bool bf16, const uint32_t* a_regs, uint64_t desc_a, uint64_t desc_b,
@@ -126,6 +138,10 @@ inline void wgmma_perform(const WgmmaOp& op) {
   const int t = int(tl_tid % 128), w = t / 32, g = (t % 32) / 4, q = t % 4;
   if (op.a_in_regs && std::memcmp(op.a_src, &op.a_regs[4 * t], 16) != 0)
     wgmma_fail("A registers of a wgmma written before the wait_group that retires it");
+  if (t == 0) {  // one thread per warpgroup checks what the collective reads
+    if (!op.a_in_regs) check_operand_proxy(op.desc_a, 64, op.trans_a);
+    check_operand_proxy(op.desc_b, op.n, op.trans_b);
+  }
   if (auto it = tl_wgmma_acc_at_issue.find(op.d); it != tl_wgmma_acc_at_issue.end()) {
     if (std::memcmp(op.d, it->second.data(), it->second.size() * sizeof(float)) != 0)
       wgmma_fail("accumulators of a wgmma written before the wait_group that retires it");
