@@ -94,6 +94,8 @@ cudaError_t run_flash_bwd_kv_sm90(const FlashArgs& a, int mode, bool atomic_dq, 
 // timed the wgmma ones (benchmarks/RESULTS.md; flip these, the default-kernel
 // test and the README together).
 constexpr int kSm90DefaultForwardMode = 0;
+constexpr int kSm90DefaultBackwardMode = 0;
+
 // Whether the build holds sm_90a code (CMake sets it from TORCH_CUDA_ARCH_LIST):
 // a device can't tell sm_90 code, where the Hopper kernels are a trap, from
 // sm_90a code (both report PTX version 90).
@@ -101,7 +103,6 @@ constexpr int kSm90DefaultForwardMode = 0;
 #define COGKERN_BUILD_HAS_SM90A 0
 #endif
 constexpr bool kBuildHasSm90a = COGKERN_BUILD_HAS_SM90A != 0;
-constexpr int kSm90DefaultBackwardMode = 0;
 
 // The kernel mode the switch env_name selects: its value when it is one digit
 // 0 .. max_mode, else default_mode; then 0 (mma.sync) unless the build holds
