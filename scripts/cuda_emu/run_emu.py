@@ -31,6 +31,7 @@ import ctypes
 import itertools
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -51,17 +52,30 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 
 
-def build(out_dir="/tmp/cogkern_cuda_emu"):
+def build(out_dir="/tmp/cogkern_cuda_emu", csrc=None):
+    """Compiles the emulator's translation units (in parallel; through ccache when it is
+    installed, so a rebuild after a one-header change recompiles only the units that
+    include it) against the kernel sources in `csrc` (default: the repo's) and loads them."""
+    from concurrent.futures import ThreadPoolExecutor
+
     os.makedirs(out_dir, exist_ok=True)
     lib = os.path.join(out_dir, "libemu.so")
     cuda_inc = os.environ.get("CUDA_HOME", "/usr/local/cuda") + "/include"
     sanitize = ["-fsanitize=address", "-fno-omit-frame-pointer"] if os.environ.get("COGKERN_EMU_ASAN") else []
-    cmd = ["g++", "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-w", "-DCOGKERN_CUDA_EMULATION", *sanitize,
-           "-include", os.path.join(HERE, "cuda_emu_prelude.h"), "-I", os.path.join(ROOT, "csrc"), "-I", HERE,
-           "-ffp-contract=off", "-I", cuda_inc, os.path.join(HERE, "emu_attention.cpp"), os.path.join(HERE, "emu_wgmma.cpp"),
-           os.path.join(HERE, "emu_optim.cpp"), os.path.join(HERE, "emu_rope.cpp"),
-           "-o", lib + ".tmp"]
-    subprocess.run(cmd, check=True)
+    flags = ["-std=c++20", "-O1", "-fPIC", "-pthread", "-w", "-DCOGKERN_CUDA_EMULATION", *sanitize,
+             "-include", os.path.join(HERE, "cuda_emu_prelude.h"), "-I", os.path.abspath(csrc or os.path.join(ROOT, "csrc")),
+             "-I", HERE, "-ffp-contract=off", "-I", cuda_inc]
+    launcher = ["ccache"] if shutil.which("ccache") and not sanitize else []
+    units = ["emu_attention", "emu_wgmma", "emu_optim", "emu_rope"]  # the slowest first
+
+    def compile_unit(unit):
+        obj = os.path.join(out_dir, unit + ".o")
+        subprocess.run([*launcher, "g++", *flags, "-c", os.path.join(HERE, unit + ".cpp"), "-o", obj], check=True)
+        return obj
+
+    with ThreadPoolExecutor(max_workers=max(1, min(len(units), os.cpu_count() or 1))) as pool:
+        objs = list(pool.map(compile_unit, units))
+    subprocess.run(["g++", "-shared", "-pthread", *sanitize, *objs, "-o", lib + ".tmp"], check=True)
     os.replace(lib + ".tmp", lib)  # a running emulator keeps its (unlinked) copy
     return ctypes.CDLL(lib)
 
@@ -506,13 +520,21 @@ def main():
     ap.add_argument("--rule", action="store_true", help="only the tests/attention_rule.py suite")
     ap.add_argument("--only", default=",".join(SECTIONS),
                     help=f"comma-separated parts to run, of: {', '.join(SECTIONS)} (default: all)")
+    ap.add_argument("--max-cases", type=int, default=None,
+                    help="at most this many attention cases per kernel pair (mma, sm90, ws)")
+    ap.add_argument("--cases", default=None, help="comma-separated indices of the mma.sync cases to run (default: all)")
+    ap.add_argument("--case", default=None,
+                    help="one attention case for every kernel pair instead of the lists below: "
+                         "dtype,D,S,text,B,H,causal,norm,rope,det (e.g. bfloat16,64,300,5,1,1,0,layer_norm,angles,0)")
+    ap.add_argument("--csrc", default=None, help="kernel sources to compile (default: the repo's csrc)")
+    ap.add_argument("--build-dir", default="/tmp/cogkern_cuda_emu")
     args = ap.parse_args()
     only = set(args.only.split(","))
     if not only <= set(SECTIONS):
         ap.error(f"--only takes {', '.join(SECTIONS)}; got {args.only}")
     if args.laggard:
         os.environ["COGKERN_EMU_LAGGARD"] = "1"  # read by the emulator at run time
-    lib = build()
+    lib = build(args.build_dir, args.csrc)
     if args.rule:
         fails = rule_suite(lib)
         print(f"{fails} failed")
@@ -532,6 +554,15 @@ def main():
     ]
     if args.quick:
         cases = cases[:2]
+    one_case = None
+    if args.case:
+        dt, d, s_, text, b, h, causal, norm, rope, det = args.case.split(",")
+        one_case = (getattr(torch, dt), int(d), int(s_), int(text), int(b), int(h), bool(int(causal)),
+                    None if norm == "none" else norm, rope, bool(int(det)))
+        cases = [one_case]
+    if args.cases:
+        cases = [cases[int(i)] for i in args.cases.split(",")]
+    cases = cases[:args.max_cases]
     # Lazy cp.async (see cuda_emu_ptx.h) makes a missing wait visible: verified by
     # mutating a cp_async_wait<1> into <2>, which fails every case.
     fails = 0
@@ -561,6 +592,8 @@ def main():
         (torch.bfloat16, 64, 400, 5, 2, 2, False, "layer_norm", "angles", False),
         (torch.float16, 128, 300, 0, 1, 1, True, "rms_norm", "table", False),
     ] + more
+    if one_case:
+        sm90_cases = ws_cases = [one_case]
     runs = []  # (forward mode, backward mode, label, cases)
     if "sm90" in only:
         # The Hopper backwards, one and two warpgroups per block (flash_bwd_sm90_kernel.cuh) and
@@ -577,7 +610,7 @@ def main():
         for fwd, bwd, label, run_cases in runs:
             lib.emu_set_sm90_forward(fwd)
             lib.emu_set_sm90_backward(bwd)
-            for case in run_cases:
+            for case in run_cases[:args.max_cases]:
                 fails += not check_case(lib, case, label=label)
     finally:
         lib.emu_set_sm90_forward(0)
