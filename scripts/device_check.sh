@@ -8,6 +8,10 @@
 #
 #   scripts/device_check.sh [--out DIR]     (default: $OUT, else ./device_out)
 #
+# DEVICE_CHECK_STEPS=name,name runs only those steps (names as in the summary),
+# e.g. a rerun after a fix on a still-warm machine: DEVICE_CHECK_STEPS=build,sm90_tests.
+# The build directory (build/device) is kept, so such a rebuild is incremental.
+#
 # DIR receives two files only (the device tool brings back at most 8):
 # summary.txt (what is printed at the end) and logs.tgz (every log, JUnit XML,
 # benchmark JSON/CSV/PNG, the ncu report). Steps past the time budget
@@ -35,6 +39,10 @@ summary=()
 last_rc=0  # the exit status of the latest step (124: timed out)
 step() {  # step NAME LIMIT_S CMD...  -> CMD under a time limit, logged to $work/NAME.log
   local name=$1 limit=$2; shift 2
+  if [ -n "${DEVICE_CHECK_STEPS:-}" ] && [[ ",$DEVICE_CHECK_STEPS," != *",$name,"* ]]; then
+    summary+=("$(printf '%-16s %-12s %5ss  %s' "$name" "SKIPPED" 0 "not in DEVICE_CHECK_STEPS")")
+    return 0
+  fi
   local left=$(( budget - ($(date +%s) - t_start) ))
   if [ "$left" -le 20 ]; then
     summary+=("$(printf '%-16s %-12s %5ss  %s' "$name" "SKIPPED" 0 "time budget spent")")
@@ -64,10 +72,13 @@ cat "$work/env.txt"
 
 export COGKERN_CUDA=ON TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}" CMAKE_BUILD_PARALLEL_LEVEL=16
 step build 300 python3 -m pip install -v --no-build-isolation --no-deps --disable-pip-version-check \
-  --config-settings=cmake.define.COGKERN_PTXAS_VERBOSE=ON .
+  --config-settings=build-dir=build/device --config-settings=cmake.define.COGKERN_PTXAS_VERBOSE=ON .
 grep -E "spill (stores|loads)" "$work/build.log" | grep -v " 0 bytes spill stores, 0 bytes spill loads" \
   | sort | uniq -c >"$work/spills.txt" || true
 grep -E "ptxas warning|Potential Performance Loss" "$work/build.log" | sort | uniq -c >>"$work/spills.txt" || true
+if [ -f "$work/build.log" ] && ! grep -q "ptxas info" "$work/build.log"; then
+  echo "(no kernel was compiled in this run: an incremental build reports only what it recompiles)" >>"$work/spills.txt"
+fi
 python3 -c "import cogkern; print(cogkern.build_info())" >>"$work/env.txt" 2>&1
 
 # The Hopper (wgmma) kernels, never run on hardware before, go in processes of
