@@ -235,6 +235,12 @@ inline void check_barriers_idle(unsigned block) {
 // with `smem` bytes of dynamic shared memory.
 inline void launch(unsigned grid, unsigned block_x, unsigned block_y, size_t smem, const std::function<void()>& body) {
   const unsigned threads = block_x * block_y;
+  // The hardware's launch limits (sm_90: 227 KB of dynamic shared memory per block, after opt-in).
+  if (threads == 0 || threads > 1024 || smem > 227u * 1024u) {
+    std::fprintf(stderr, "cuda_emu: launch of %u threads with %zu bytes of dynamic shared memory exceeds the "
+                 "hardware's limits (1024 threads, 227 KB)\n", threads, smem);
+    std::abort();
+  }
   g_grid_dim = {grid, 1, 1};
   g_block_dim = {block_x, block_y, 1};
   g_block_threads = threads;
