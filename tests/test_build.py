@@ -1,8 +1,10 @@
 """The installed extension: build facts, and a clear refusal under the wrong torch."""
 import os
+import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import cogkern
@@ -50,3 +52,22 @@ def test_import_under_other_torch_is_a_clear_import_error():
     assert out.returncode == 0, out.stderr
     assert "built against torch" in out.stdout and "1.0.0+other" in out.stdout
     assert "pip install --no-build-isolation" in out.stdout
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None or not any(
+    os.path.exists(os.path.join(d, "bin", "nvcc")) for d in (os.environ.get("CUDA_HOME", ""), "/usr/local/cuda")),
+    reason="needs cmake and nvcc")
+@pytest.mark.parametrize("archs, message", [
+    # Which of sm_90 and sm_90a code an H100 would run is the runtime's choice; only 9.0a has the Hopper kernels.
+    ("9.0;9.0a", "names both 9.0 and 9.0a"),
+    ("8.0;nine", "cannot read 'nine' in TORCH_CUDA_ARCH_LIST"),
+])
+def test_cmake_refuses_a_bad_arch_list(tmp_path, archs, message):
+    env = dict(os.environ, TORCH_CUDA_ARCH_LIST=archs)
+    out = subprocess.run(["cmake", "-S", ROOT, "-B", str(tmp_path), "-DCOGKERN_CUDA=ON",
+                          f"-DPython_EXECUTABLE={sys.executable}"], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode != 0
+    assert message in " ".join((out.stdout + out.stderr).split()), out.stdout[-2000:] + out.stderr[-2000:]
