@@ -57,17 +57,35 @@ def test_import_under_other_torch_is_a_clear_import_error():
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.skipif(shutil.which("cmake") is None or not any(
-    os.path.exists(os.path.join(d, "bin", "nvcc")) for d in (os.environ.get("CUDA_HOME", ""), "/usr/local/cuda")),
-    reason="needs cmake and nvcc")
+NVCC = next((os.path.join(d, "bin", "nvcc") for d in (os.environ.get("CUDA_HOME", ""), "/usr/local/cuda")
+             if d and os.path.exists(os.path.join(d, "bin", "nvcc"))), None)
+
+
+def cmake_configure(build_dir, env):
+    return subprocess.run(["cmake", "-S", ROOT, "-B", str(build_dir), "-DCOGKERN_CUDA=ON",
+                           f"-DPython_EXECUTABLE={sys.executable}"], capture_output=True, text=True,
+                          env=dict(os.environ, **env), timeout=300)
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None or NVCC is None, reason="needs cmake and nvcc")
 @pytest.mark.parametrize("archs, message", [
     # Which of sm_90 and sm_90a code an H100 would run is the runtime's choice; only 9.0a has the Hopper kernels.
     ("9.0;9.0a", "names both 9.0 and 9.0a"),
     ("8.0;nine", "cannot read 'nine' in TORCH_CUDA_ARCH_LIST"),
 ])
 def test_cmake_refuses_a_bad_arch_list(tmp_path, archs, message):
-    env = dict(os.environ, TORCH_CUDA_ARCH_LIST=archs)
-    out = subprocess.run(["cmake", "-S", ROOT, "-B", str(tmp_path), "-DCOGKERN_CUDA=ON",
-                          f"-DPython_EXECUTABLE={sys.executable}"], capture_output=True, text=True, env=env, timeout=300)
+    out = cmake_configure(tmp_path, {"TORCH_CUDA_ARCH_LIST": archs})
     assert out.returncode != 0
     assert message in " ".join((out.stdout + out.stderr).split()), out.stdout[-2000:] + out.stderr[-2000:]
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None or NVCC is None, reason="needs cmake and nvcc")
+def test_cmake_refuses_cuda_older_than_12_5(tmp_path):
+    """The tensor maps need cudaGetDriverEntryPointByVersion (CUDA 12.5): an older nvcc is named, not a compile error."""
+    fake = tmp_path / "nvcc"  # the real nvcc, but it says it is 12.4
+    fake.write_text(f'#!/bin/sh\nif [ "$1" = "--version" ]; then echo "Cuda compilation tools, release 12.4, V12.4.131"; '
+                    f'exit 0; fi\nexec {NVCC} "$@"\n')
+    fake.chmod(0o755)
+    out = cmake_configure(tmp_path / "build", {"CUDACXX": str(fake), "TORCH_CUDA_ARCH_LIST": "9.0a"})
+    text = " ".join((out.stdout + out.stderr).split())
+    assert out.returncode != 0 and "is CUDA 12.4; the kernels need CUDA 12.5 or newer" in text, text[-3000:]

@@ -142,3 +142,12 @@ def test_cuda_rejects_float64_and_device_mismatch():
         apply_rope3d(x.double(), RoPE3D((1, 2, 3), 8, axes_dims=(2, 2, 2)))
     with pytest.raises(ValueError, match="cos is on"):
         apply_rope3d(x, (torch.ones(6, 8), torch.ones(6, 8)))
+
+
+@needs_real_gpu
+def test_cuda_rejects_a_head_dim_beyond_its_shared_memory():
+    """One token's coefficients (head_dim / 2 x 16 bytes) must fit 48 KB: a clear ValueError beyond, no launch error."""
+    x = cuda_x(1, 6, 1, 6146, torch.float32)
+    with pytest.raises(ValueError, match="head_dim must be at most 6144"):
+        apply_rope3d(x, RoPE3D((1, 2, 3), 6146, axes_dims=(2, 2, 2)))
+    apply_rope3d(x[..., :6144], RoPE3D((1, 2, 3), 6144, axes_dims=(2, 2, 2)))  # the largest one still runs

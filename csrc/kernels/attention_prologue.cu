@@ -57,6 +57,7 @@ cudaError_t backward_typed(const AttentionParams& P, const AttentionScratch& s, 
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
 
+  if (!deterministic && !flash::atomic_dq_fits<T, D>()) deterministic = true;  // sm_86 / sm_89 at D = 128
   if (!deterministic) {
     err = cudaMemsetAsync(s.dq_hat, 0, size_t(P.batch * P.heads * P.seq * D) * sizeof(float), stream);
     if (err != cudaSuccess) return err;

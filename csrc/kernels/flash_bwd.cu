@@ -5,18 +5,14 @@
 #include "kernels/flash_kernel_launch.cuh"
 
 namespace cogkern::flash {
-namespace {
-
-// Whether a block may have `bytes` of dynamic shared memory on the current device.
-bool fits_in_shared_memory(size_t bytes) {
+template <typename T, int D>
+bool atomic_dq_fits() {
   int device = 0, optin = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
       cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess)
     return true;  // the launch reports the error
-  return bytes <= size_t(optin);
+  return bwd_kv_smem_bytes<T, D, true>() <= size_t(optin);
 }
-
-}  // namespace
 
 template <typename T, int D>
 cudaError_t run_flash_bwd(const FlashArgs& a, bool deterministic, cudaStream_t stream) {
@@ -24,12 +20,6 @@ cudaError_t run_flash_bwd(const FlashArgs& a, bool deterministic, cudaStream_t s
   if (a.seq <= 0 || a.batch * a.heads <= 0) return cudaSuccess;
   const int64_t bhs = a.batch * a.heads;
   const int64_t kv_blocks = bhs * ceil_div(a.seq, C::kBN);
-  // The atomic-dq^ kernel at D = 128 needs 104.5 KB of shared memory, more than
-  // a block may have on sm_86 / sm_89 (99 KB: RTX 30xx / 40xx, A10, L4, L40).
-  // There the deterministic path (98.5 KB, then the dq^ kernel) runs: the same
-  // result, bitwise reproducible. dq^ was zeroed for the atomics; the dq^
-  // kernel overwrites it.
-  if (!deterministic && !fits_in_shared_memory(bwd_kv_smem_bytes<T, D, true>())) deterministic = true;
   cudaError_t err;
   if (const int mode = sm90_backward_mode<T, D>()) {
     err = run_flash_bwd_kv_sm90<T, D>(a, mode, !deterministic, stream);
@@ -46,6 +36,10 @@ cudaError_t run_flash_bwd(const FlashArgs& a, bool deterministic, cudaStream_t s
                              stream);
 }
 
+template bool atomic_dq_fits<__half, 64>();
+template bool atomic_dq_fits<__half, 128>();
+template bool atomic_dq_fits<__nv_bfloat16, 64>();
+template bool atomic_dq_fits<__nv_bfloat16, 128>();
 template cudaError_t run_flash_bwd<__half, 64>(const FlashArgs&, bool, cudaStream_t);
 template cudaError_t run_flash_bwd<__half, 128>(const FlashArgs&, bool, cudaStream_t);
 template cudaError_t run_flash_bwd<__nv_bfloat16, 64>(const FlashArgs&, bool, cudaStream_t);

@@ -77,6 +77,14 @@ cudaError_t run_flash_fwd_sm90(const FlashArgs& a, int mode, cudaStream_t stream
 template <typename T, int D>
 cudaError_t run_flash_bwd(const FlashArgs& a, bool deterministic, cudaStream_t stream);
 
+// Whether the backward may take the atomic-dq^ path on the current device. Not
+// at D = 128 on GPUs with 99 KB of shared memory per block (sm_86 / sm_89:
+// RTX 30xx / 40xx, A10, L4, L40): the mma.sync atomic kernel needs 104.5 KB
+// there. The caller then asks for the deterministic path (96.5 KB, then the
+// dq^ kernel): the same result, bitwise reproducible.
+template <typename T, int D>
+bool atomic_dq_fits();
+
 // The Hopper (wgmma) backward key-tile kernels, flash_bwd_sm90.cu, which
 // run_flash_bwd uses instead of the mma.sync one when sm90_backward_mode() is
 // not 0: COGKERN_ATTENTION_SM90_BWD=1 (two warpgroups per block), 2 (one

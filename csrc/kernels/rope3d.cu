@@ -5,6 +5,9 @@
 namespace cogkern {
 namespace {
 
+static_assert(kRopeCudaMaxHeadDim / 2 * sizeof(PairCoeffs<float>) <= 48 * 1024,
+              "one token's coefficients must fit the default shared memory (no cudaFuncSetAttribute here)");
+
 template <typename scalar_t, typename table_t>
 cudaError_t launch_typed(const RopeParams& P, cudaStream_t stream) {
   const RopeLaunchPlan plan = rope_launch_plan(P, sizeof(scalar_t));

@@ -7,6 +7,11 @@
 
 namespace cogkern {
 
+// The largest head_dim the kernel takes: one token's mixing coefficients
+// (head_dim / 2 pairs of 16 bytes) must fit the 48 KB of shared memory a block
+// gets without opting in (rope3d.cu checks it).
+constexpr int64_t kRopeCudaMaxHeadDim = 6144;
+
 // Applies the mix described by P to tokens [P.token_begin, P.seq) of every
 // (batch, head) row. x_dtype: kHalf, kBFloat16 or kFloat; table_dtype: kFloat
 // or x_dtype (read only in kTable mode). Returns the launch error, if any.

@@ -12,6 +12,8 @@ namespace {
 
 struct CudaBackend {
   static void run(const RopeParams& P, const at::Tensor& x, at::ScalarType table_dtype) {
+    TORCH_CHECK_VALUE(P.head_dim <= kRopeCudaMaxHeadDim, "rope3d: x's head_dim must be at most ", kRopeCudaMaxHeadDim,
+                      " on CUDA, got ", P.head_dim);
     const c10::cuda::CUDAGuard guard(x.device());
     const cudaError_t err =
         launch_rope3d(P, to_dtype(x.scalar_type()), to_dtype(table_dtype), c10::cuda::getCurrentCUDAStream());
