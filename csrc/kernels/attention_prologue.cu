@@ -12,6 +12,7 @@
 // rope3d.h (the CPU backend runs the same functions). Kernels: attention_rows.cuh.
 #include "kernels/attention_rows.cuh"
 #include "kernels/flash_launch.h"
+#include "kernels/launch_kernel.cuh"
 
 namespace cogkern {
 namespace {
@@ -34,11 +35,9 @@ cudaError_t forward_typed(const AttentionParams& P, const AttentionScratch& s, c
     return cudaErrorMisalignedAddress;
   const unsigned blocks = unsigned(ceil_div(P.seq, kTokens));
   const bool table_in_dtype = P.has_rope && P.rope.mode == RopeMode::kTable && P.rope_table_dtype != DType::kFloat;
-  if (table_in_dtype)
-    attention_prologue_kernel<T, T, D, false><<<blocks, kRowThreads, 0, stream>>>(P, s);
-  else
-    attention_prologue_kernel<T, float, D, false><<<blocks, kRowThreads, 0, stream>>>(P, s);
-  cudaError_t err = cudaGetLastError();
+  const cudaError_t err =
+      table_in_dtype ? launch_kernel(attention_prologue_kernel<T, T, D, false>, blocks, kRowThreads, 0, stream, P, s)
+                     : launch_kernel(attention_prologue_kernel<T, float, D, false>, blocks, kRowThreads, 0, stream, P, s);
   if (err != cudaSuccess) return err;
   return flash::run_flash_fwd<T, D>(flash::flash_args(P, s), stream);
 }
@@ -50,11 +49,10 @@ cudaError_t backward_typed(const AttentionParams& P, const AttentionScratch& s, 
     return cudaErrorMisalignedAddress;
   const int64_t n_blocks = ceil_div(P.seq, kTokens);
   const bool table_in_dtype = P.has_rope && P.rope.mode == RopeMode::kTable && P.rope_table_dtype != DType::kFloat;
-  if (table_in_dtype)
-    attention_prologue_kernel<T, T, D, true><<<unsigned(n_blocks), kRowThreads, 0, stream>>>(P, s);
-  else
-    attention_prologue_kernel<T, float, D, true><<<unsigned(n_blocks), kRowThreads, 0, stream>>>(P, s);
-  cudaError_t err = cudaGetLastError();
+  const unsigned blocks = unsigned(n_blocks);
+  cudaError_t err =
+      table_in_dtype ? launch_kernel(attention_prologue_kernel<T, T, D, true>, blocks, kRowThreads, 0, stream, P, s)
+                     : launch_kernel(attention_prologue_kernel<T, float, D, true>, blocks, kRowThreads, 0, stream, P, s);
   if (err != cudaSuccess) return err;
 
   if (!deterministic && !flash::atomic_dq_fits<T, D>()) deterministic = true;  // sm_86 / sm_89 at D = 128
@@ -65,14 +63,10 @@ cudaError_t backward_typed(const AttentionParams& P, const AttentionScratch& s, 
   err = flash::run_flash_bwd<T, D>(flash::flash_args(P, s), deterministic, stream);
   if (err != cudaSuccess) return err;
 
-  if (table_in_dtype)
-    attention_epilogue_kernel<T, T, D><<<unsigned(n_blocks), kRowThreads, 0, stream>>>(P, s);
-  else
-    attention_epilogue_kernel<T, float, D><<<unsigned(n_blocks), kRowThreads, 0, stream>>>(P, s);
-  err = cudaGetLastError();
+  err = table_in_dtype ? launch_kernel(attention_epilogue_kernel<T, T, D>, blocks, kRowThreads, 0, stream, P, s)
+                       : launch_kernel(attention_epilogue_kernel<T, float, D>, blocks, kRowThreads, 0, stream, P, s);
   if (err != cudaSuccess || P.norm == NormKind::kNone) return err;
-  norm_grad_reduce_kernel<D><<<4 * D, 256, 0, stream>>>(P, s.norm_partials, n_blocks);
-  return cudaGetLastError();
+  return launch_kernel(norm_grad_reduce_kernel<D>, 4 * D, 256, 0, stream, P, s.norm_partials, n_blocks);
 }
 
 template <template <typename, int> class Fn, typename... Args>

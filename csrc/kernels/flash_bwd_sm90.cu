@@ -13,8 +13,8 @@ namespace {
 template <typename T, int D, int WARPGROUPS, bool ATOMIC_DQ>
 __global__ void __launch_bounds__(Sm90BwdConfig<D, WARPGROUPS>::kThreads, Sm90BwdConfig<D, WARPGROUPS>::kMinBlocks)
     flash_bwd_sm90_kernel(const FlashArgs a) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  extern __shared__ __align__(128) unsigned char smem[];
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(COGKERN_CUDA_EMULATION)
+  COGKERN_DYNAMIC_SMEM(smem);
   flash_bwd_sm90_body<T, D, WARPGROUPS, ATOMIC_DQ>(a, smem);
 #else
   __trap();  // never launched: sm90_backward_mode() checks the code is sm_90a
@@ -24,8 +24,8 @@ __global__ void __launch_bounds__(Sm90BwdConfig<D, WARPGROUPS>::kThreads, Sm90Bw
 template <typename T, int D, bool ATOMIC_DQ>
 __global__ void __launch_bounds__(Sm90WsBwdConfig<D>::kThreads, 1)
     flash_bwd_sm90_ws_kernel(const FlashArgs a, const __grid_constant__ Sm90BwdMaps maps) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  extern __shared__ __align__(128) unsigned char smem[];
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(COGKERN_CUDA_EMULATION)
+  COGKERN_DYNAMIC_SMEM(smem);
   flash_bwd_sm90_ws_body<T, D, ATOMIC_DQ>(a, maps, smem);
 #else
   __trap();

@@ -1,9 +1,10 @@
-// The launch every flash-attention kernel shares (nvcc only): a FlashArgs
-// argument (and any extra ones, e.g. TMA descriptors), dynamic shared memory
-// beyond the default 48 KB allowed first.
+// The launch every flash-attention kernel shares: a FlashArgs argument (and
+// any extra ones, e.g. TMA descriptors), dynamic shared memory beyond the
+// default 48 KB allowed first.
 #pragma once
 
 #include "kernels/flash_launch.h"
+#include "kernels/launch_kernel.cuh"
 
 namespace cogkern::flash {
 
@@ -13,8 +14,7 @@ cudaError_t launch_flash_kernel(Kernel kernel, int64_t blocks, int threads, size
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
   if (err != cudaSuccess) return err;
-  kernel<<<unsigned(blocks), threads, smem, stream>>>(a, extra...);
-  return cudaGetLastError();
+  return launch_kernel(kernel, dim3(unsigned(blocks)), dim3(unsigned(threads)), smem, stream, a, extra...);
 }
 
 }  // namespace cogkern::flash

@@ -325,3 +325,7 @@ inline T __shfl_down_sync(unsigned, T v, unsigned delta) {
 }
 
 inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
+
+// The host runtime calls of the launchers (cudaFuncSetAttribute, ...) and
+// their launches (csrc/kernels/launch_kernel.cuh).
+#include "cuda_emu_runtime.h"

@@ -1,16 +1,15 @@
-// The CUDA fused attention's kernels, run on the CPU under the emulator
-// (cuda_emu_prelude.h, cuda_emu_ptx.h), behind a C API for run_emu.py.
-// The launch sequence mirrors csrc/kernels/attention_prologue.cu
-// (forward_typed / backward_typed) and the launchers of flash_fwd.cu and
-// flash_bwd.cu: keep them in step.
-#include <cstdio>
-#include <stdexcept>
+// The CUDA fused attention, run on the CPU under the emulator
+// (cuda_emu_prelude.h), behind a C API for run_emu.py: the real host entry
+// points launch_attention_forward / _backward (csrc/kernels/attention_prologue.cu,
+// compiled into the emulator with the launchers flash_fwd.cu, flash_bwd.cu,
+// flash_fwd_sm90.cu, flash_bwd_sm90.cu), which pick the kernels from
+// COGKERN_ATTENTION_SM90 / _BWD and the emulated device as on a GPU.
+#include <cmath>
+#include <cstdlib>
+#include <string>
+#include <vector>
 
-#include "kernels/attention_rows.cuh"
-#include "kernels/flash_bwd_kernel.cuh"
-#include "kernels/flash_bwd_sm90_ws_kernel.cuh"
-#include "kernels/flash_fwd_kernel.cuh"
-#include "kernels/flash_fwd_sm90_ws_kernel.cuh"
+#include "kernels/attention_launch.h"
 
 using namespace cogkern;
 
@@ -42,10 +41,6 @@ struct EmuSpec {
 }
 
 namespace {
-
-int g_sm90_forward = 0;   // emu_set_sm90_forward: 0 mma.sync, 1 sm90 plain, 2 sm90 pipelined, 3 sm90 warp-specialized, 4 with ping-pong
-int g_sm90_backward = 0;  // emu_set_sm90_backward: 0 mma.sync; the sm90 key-tile kernel, 1: two warpgroups, 2: one,
-                          // 3: warp-specialized
 
 BshdTensor bshd(const EmuSpec& s, const void* p) { return {p, s.seq * s.heads * s.head_dim, s.heads * s.head_dim, s.head_dim}; }
 BshdTensorMut bshd_mut(const EmuSpec& s, void* p) { return {p, s.seq * s.heads * s.head_dim, s.heads * s.head_dim, s.head_dim}; }
@@ -97,27 +92,13 @@ AttentionParams params_of(const EmuSpec& s) {
   return P;
 }
 
-template <typename T, int D, int WARPGROUPS>
-void sm90_backward(const AttentionParams& P, const flash::FlashArgs& a, bool deterministic) {
-  using S = flash::Sm90BwdConfig<D, WARPGROUPS>;
-  const unsigned blocks = unsigned(P.batch * P.heads * ceil_div(P.seq, S::kBN));
-  constexpr size_t smem = flash::sm90_bwd_smem_bytes<D, WARPGROUPS>();
-  if (deterministic)
-    cuda_emu::launch(blocks, S::kThreads, smem,
-                     [&] { flash::flash_bwd_sm90_body<T, D, WARPGROUPS, false>(a, cuda_emu::dynamic_smem()); });
-  else
-    cuda_emu::launch(blocks, S::kThreads, smem,
-                     [&] { flash::flash_bwd_sm90_body<T, D, WARPGROUPS, true>(a, cuda_emu::dynamic_smem()); });
-}
-
-template <typename T, typename table_t, int D>
-void run(const EmuSpec& spec, bool backward) {
+// Forward, or backward, through the real launch path; the scratch as the torch glue allocates it.
+int run(const EmuSpec& spec, bool backward) {
   const AttentionParams P = params_of(spec);
-  const int64_t n = P.batch * P.heads * P.seq;
-  std::vector<T> q_hat(n * D), k_hat(n * D);
-  std::vector<float> delta(n, NAN), dq_hat(n * D, NAN), dk_hat(n * D, NAN);
-  const int64_t n_blocks = ceil_div(P.seq, rows::kTokens);
-  std::vector<float> partials(4 * D * n_blocks, NAN);
+  const int64_t n = P.batch * P.heads * P.seq, d = P.head_dim;
+  std::vector<uint16_t> q_hat(n * d), k_hat(n * d);
+  std::vector<float> delta(n, NAN), dq_hat(n * d, NAN), dk_hat(n * d, NAN);
+  std::vector<float> partials(4 * d * attention_norm_partial_blocks(P), NAN);
   AttentionScratch s;
   s.q_hat = q_hat.data();
   s.k_hat = k_hat.data();
@@ -125,95 +106,29 @@ void run(const EmuSpec& spec, bool backward) {
   s.dq_hat = dq_hat.data();
   s.dk_hat = dk_hat.data();
   s.norm_partials = partials.data();
-  const flash::FlashArgs a = flash::flash_args(P, s);
-  const unsigned row_blocks = unsigned(n_blocks);
-
-  if (!backward) {
-    cuda_emu::launch(row_blocks, rows::kRowThreads, 0,
-                     [&] { rows::attention_prologue_kernel<T, table_t, D, false>(P, s); });
-    if (g_sm90_forward >= 3) {  // the warp-specialized Hopper forward, as run_flash_fwd_sm90 launches it
-      using C = flash::Sm90WsFwdConfig<D>;
-      alignas(128) flash::Sm90FwdMaps maps;
-      if (!flash::make_sm90_fwd_maps<D>(a, &maps)) throw std::runtime_error("tensor maps refused");
-      const unsigned blocks = unsigned(P.batch * P.heads * ceil_div(P.seq, C::kBM));
-      if (g_sm90_forward == 4)
-        cuda_emu::launch(blocks, C::kThreads, flash::sm90_ws_fwd_smem_bytes<D>(),
-                         [&] { flash::flash_fwd_sm90_ws_body<T, D, true>(a, maps, cuda_emu::dynamic_smem()); });
-      else
-        cuda_emu::launch(blocks, C::kThreads, flash::sm90_ws_fwd_smem_bytes<D>(),
-                         [&] { flash::flash_fwd_sm90_ws_body<T, D, false>(a, maps, cuda_emu::dynamic_smem()); });
-      return;
-    }
-    if (g_sm90_forward) {  // the Hopper (wgmma) forward, as run_flash_fwd picks it
-      using C = flash::Sm90FwdConfig<D>;
-      const unsigned blocks = unsigned(P.batch * P.heads * ceil_div(P.seq, C::kBM));
-      if (g_sm90_forward == 2)
-        cuda_emu::launch(blocks, C::kThreads, flash::sm90_fwd_smem_bytes<D, true>(),
-                         [&] { flash::flash_fwd_sm90_body<T, D, true>(a, cuda_emu::dynamic_smem()); });
-      else
-        cuda_emu::launch(blocks, C::kThreads, flash::sm90_fwd_smem_bytes<D, false>(),
-                         [&] { flash::flash_fwd_sm90_body<T, D, false>(a, cuda_emu::dynamic_smem()); });
-      return;
-    }
-    using C = flash::FwdConfig<D>;
-    cuda_emu::launch(unsigned(P.batch * P.heads * ceil_div(P.seq, C::kBM)), C::kWarps * 32,
-                     flash::fwd_smem_bytes<T, D>(),
-                     [&] { flash::flash_fwd_kernel<T, D, C::kBM, C::kBN, C::kWarps>(a); });
-    return;
-  }
-  cuda_emu::launch(row_blocks, rows::kRowThreads, 0, [&] { rows::attention_prologue_kernel<T, table_t, D, true>(P, s); });
-  using C = flash::BwdConfig<D>;
-  const unsigned kv_blocks = unsigned(P.batch * P.heads * ceil_div(P.seq, C::kBN));
-  if (!spec.deterministic) std::fill(dq_hat.begin(), dq_hat.end(), 0.f);
-  if (g_sm90_backward == 3) {  // the warp-specialized Hopper key-tile kernel, as run_flash_bwd_kv_sm90 launches it
-    using W = flash::Sm90WsBwdConfig<D>;
-    alignas(128) flash::Sm90BwdMaps maps;
-    if (!flash::make_sm90_bwd_maps<D>(a, &maps)) throw std::runtime_error("tensor maps refused");
-    const unsigned blocks = unsigned(P.batch * P.heads * ceil_div(P.seq, W::kBN));
-    if (spec.deterministic)
-      cuda_emu::launch(blocks, W::kThreads, flash::sm90_ws_bwd_smem_bytes<D>(),
-                       [&] { flash::flash_bwd_sm90_ws_body<T, D, false>(a, maps, cuda_emu::dynamic_smem()); });
-    else
-      cuda_emu::launch(blocks, W::kThreads, flash::sm90_ws_bwd_smem_bytes<D>(),
-                       [&] { flash::flash_bwd_sm90_ws_body<T, D, true>(a, maps, cuda_emu::dynamic_smem()); });
-  } else if (g_sm90_backward == 1) {  // the Hopper (wgmma) key-tile kernel, as run_flash_bwd picks it
-    sm90_backward<T, D, 2>(P, a, spec.deterministic);
-  } else if (g_sm90_backward == 2) {
-    sm90_backward<T, D, 1>(P, a, spec.deterministic);
-  } else if (spec.deterministic) {
-    cuda_emu::launch(kv_blocks, C::kWarps * 32, flash::bwd_kv_smem_bytes<T, D, false>(),
-                     [&] { flash::flash_bwd_kv_kernel<T, D, C::kBM, C::kBN, C::kWarps, false>(a); });
-  } else {
-    cuda_emu::launch(kv_blocks, C::kWarps * 32, flash::bwd_kv_smem_bytes<T, D, true>(),
-                     [&] { flash::flash_bwd_kv_kernel<T, D, C::kBM, C::kBN, C::kWarps, true>(a); });
-  }
-  if (spec.deterministic)
-    cuda_emu::launch(unsigned(P.batch * P.heads * ceil_div(P.seq, C::kDqBM)), C::kDqWarps * 32,
-                     flash::bwd_dq_smem_bytes<T, D>(),
-                     [&] { flash::flash_bwd_dq_kernel<T, D, C::kDqBM, C::kDqBN, C::kDqWarps>(a); });
-  cuda_emu::launch(row_blocks, rows::kRowThreads, 0, [&] { rows::attention_epilogue_kernel<T, table_t, D>(P, s); });
-  if (P.norm != NormKind::kNone)
-    cuda_emu::launch(4 * D, 256, 0, [&] { rows::norm_grad_reduce_kernel<D>(P, partials.data(), n_blocks); });
-}
-
-template <typename T>
-int run_dtype(const EmuSpec& s, bool backward) {
-  const bool table_t_is_T = s.rope == 2 && s.table_in_dtype;
-  if (s.head_dim == 64) {
-    table_t_is_T ? run<T, T, 64>(s, backward) : run<T, float, 64>(s, backward);
-  } else if (s.head_dim == 128) {
-    table_t_is_T ? run<T, T, 128>(s, backward) : run<T, float, 128>(s, backward);
-  } else {
-    return 1;
-  }
-  return 0;
+  const cudaError_t err = backward ? launch_attention_backward(P, s, spec.deterministic != 0, nullptr)
+                                   : launch_attention_forward(P, s, nullptr);
+  if (err != cudaSuccess) std::fprintf(stderr, "cuda_emu: the attention launch returned error %d\n", int(err));
+  return err == cudaSuccess ? 0 : 1;
 }
 
 }  // namespace
 
-extern "C" int emu_attention(const EmuSpec* s, int backward) {
-  return s->dtype == 0 ? run_dtype<__half>(*s, backward != 0) : run_dtype<__nv_bfloat16>(*s, backward != 0);
+extern "C" int emu_attention(const EmuSpec* s, int backward) { return run(*s, backward != 0); }
+// The kernel switches, as a user sets them (flash_launch.h: sm90_opt_in_mode).
+extern "C" void emu_set_sm90_forward(int mode) { setenv("COGKERN_ATTENTION_SM90", std::to_string(mode).c_str(), 1); }
+extern "C" void emu_set_sm90_backward(int mode) { setenv("COGKERN_ATTENTION_SM90_BWD", std::to_string(mode).c_str(), 1); }
+// The kernels the launchers pick now (attention_kernel_modes): forward and backward mode, or -1.
+extern "C" int emu_kernel_modes(int dtype, int head_dim, int* forward, int* backward) {
+  const cudaError_t err =
+      attention_kernel_modes(dtype == 0 ? DType::kHalf : DType::kBFloat16, head_dim, forward, backward);
+  return err == cudaSuccess ? 0 : -1;
 }
-extern "C" void emu_set_sm90_forward(int mode) { g_sm90_forward = mode; }
-extern "C" void emu_set_sm90_backward(int mode) { g_sm90_backward = mode; }
+// The emulated GPU: compute capability and shared memory per block (opt-in), e.g. 8.9 with 99 KB.
+extern "C" void emu_set_device(int cc_major, int cc_minor, int smem_per_block_optin) {
+  cuda_emu::EmuDevice& d = cuda_emu::emu_device();
+  d.cc_major = cc_major;
+  d.cc_minor = cc_minor;
+  d.smem_per_block_optin = smem_per_block_optin;
+}
 extern "C" int emu_spec_size() { return int(sizeof(EmuSpec)); }

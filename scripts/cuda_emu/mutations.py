@@ -117,6 +117,19 @@ MUTATIONS = [
       "tma_load_2d(smem_addr(qs) + panel, &maps.q, bar, p * kPanelCols, 0);",
       "tma_load_2d(smem_addr(qs) + panel, &maps.q, bar, (D / kPanelCols - 1 - p) * kPanelCols, 0);",
       ("--only", "probe"), r"FAIL layout probes \w+ D=128 \(TMA loads\)"),
+    # The host launch path (attention_prologue.cu and the launchers), which the emulator runs as it is.
+    M("launcher: the mma.sync forward's grid leaves out the heads", "kernels/flash_fwd.cu",
+      "a.batch * a.heads * ceil_div(a.seq, C::kBM), C::kWarps * kWarpSize, fwd_smem_bytes<T, D>()",
+      "a.batch * ceil_div(a.seq, C::kBM), C::kWarps * kWarpSize, fwd_smem_bytes<T, D>()",
+      ("--only", "mma", "--cases", "0"), FAILED_CHECK),
+    M("launcher: no cudaFuncSetAttribute before a launch with more than 48 KB of shared memory",
+      "kernels/flash_kernel_launch.cuh",
+      "  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));\n"
+      "  if (err != cudaSuccess) return err;\n", "",
+      ("--only", "mma", "--cases", "1"), r"launch refused \(cudaErrorInvalidValue\).*81920 bytes"),
+    M("launcher: the atomic-dq backward on a GPU whose shared memory it does not fit", "kernels/attention_prologue.cu",
+      "  if (!deterministic && !flash::atomic_dq_fits<T, D>()) deterministic = true;", "",
+      ("--only", "device"), r"cudaFuncSetAttribute refused \(cudaErrorInvalidValue\): 107008 bytes"),
     # The optimizer's and the RoPE op's kernels.
     M("optimizer: block reduction reads the other warps' partials before they are written",
       "kernels/adamw_kernels.cuh",
@@ -190,7 +203,7 @@ def main(argv=None) -> int:
             print(f"{'ok  ' if ok else 'FAIL'} baseline, unmutated: run_emu.py {' '.join(run_args)} "
                   f"[{time.time() - t0:.0f}s]", flush=True)
             if not ok:
-                print(out[-3000:])
+                print(f"     exit {rc}, output ends:\n{out[-3000:]}")
             fails += not ok
     for m in chosen:
         fresh_tree()

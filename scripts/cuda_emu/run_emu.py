@@ -16,7 +16,11 @@ Out-of-bounds global (and scratch) accesses: build with AddressSanitizer,
         PYTHONPATH=python:tests python scripts/cuda_emu/run_emu.py
 
 What it covers: the actual kernel source (csrc/kernels/*_kernel.cuh,
-attention_rows.cuh) compiled as host C++, with each GPU thread a std::thread;
+attention_rows.cuh) compiled as host C++, with each GPU thread a std::thread,
+launched for the attention through its real host code (attention_prologue.cu
+and the launchers flash_*.cu: kernel choice, grids, shared memory, tensor
+maps; the runtime calls they make emulated in emu_runtime.cpp for an H100, or
+an sm_89 GPU in the "device" section, with the hardware's launch checks);
 ldmatrix / mma.sync / cp.async / shuffles emulated from their PTX ISA
 definitions (cuda_emu_ptx.h), wgmma (cuda_emu_wgmma.h), mbarriers / TMA /
 named barriers (cuda_emu_async.h). What it cannot cover: the real PTX semantics
@@ -45,8 +49,8 @@ from cogkern import RoPE3D
 # kernels, the RoPE kernel, the mma.sync attention, the wgmma backwards (modes
 # 1-3, after the forwards 1, 2, 4), the warp-specialized forwards (3, 4), NaN
 # propagation through every forward, the layout probes of scripts/wgmma_probe.py
-# on the wgmma tile.
-SECTIONS = ("tile", "optim", "rope", "mma", "sm90", "ws", "nan", "probe")
+# on the wgmma tile, the launchers on an emulated sm_89 GPU (99 KB of shared memory).
+SECTIONS = ("tile", "optim", "rope", "mma", "sm90", "ws", "nan", "probe", "device")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -60,22 +64,30 @@ def build(out_dir="/tmp/cogkern_cuda_emu", csrc=None):
 
     os.makedirs(out_dir, exist_ok=True)
     lib = os.path.join(out_dir, "libemu.so")
+    csrc = os.path.abspath(csrc or os.path.join(ROOT, "csrc"))
     cuda_inc = os.environ.get("CUDA_HOME", "/usr/local/cuda") + "/include"
     sanitize = ["-fsanitize=address", "-fno-omit-frame-pointer"] if os.environ.get("COGKERN_EMU_ASAN") else []
-    flags = ["-std=c++20", "-O1", "-fPIC", "-pthread", "-w", "-DCOGKERN_CUDA_EMULATION", *sanitize,
-             "-include", os.path.join(HERE, "cuda_emu_prelude.h"), "-I", os.path.abspath(csrc or os.path.join(ROOT, "csrc")),
-             "-I", HERE, "-ffp-contract=off", "-I", cuda_inc]
+    flags = ["-std=c++20", "-O1", "-fPIC", "-pthread", "-w", "-Wno-psabi", "-DCOGKERN_CUDA_EMULATION", "-DCOGKERN_BUILD_HAS_SM90A=1",
+             *sanitize, "-include", os.path.join(HERE, "cuda_emu_prelude.h"), "-I", csrc, "-I", HERE,
+             "-ffp-contract=off", "-I", cuda_inc]
     launcher = ["ccache"] if shutil.which("ccache") and not sanitize else []
-    units = ["emu_attention", "emu_wgmma", "emu_optim", "emu_rope"]  # the slowest first
+    # The emulator's own units, and the attention's host code with its launchers (the real
+    # launch path: kernel choice, grids, shared memory, tensor maps), slowest first.
+    kernels = os.path.join(csrc, "kernels")
+    units = [os.path.join(kernels, f + ".cu") for f in ("flash_bwd_sm90", "flash_fwd_sm90", "flash_bwd",
+                                                        "attention_prologue", "flash_fwd")]
+    units += [os.path.join(HERE, f + ".cpp") for f in ("emu_wgmma", "emu_optim", "emu_rope", "emu_attention",
+                                                       "emu_runtime")]
 
-    def compile_unit(unit):
-        obj = os.path.join(out_dir, unit + ".o")
-        subprocess.run([*launcher, "g++", *flags, "-c", os.path.join(HERE, unit + ".cpp"), "-o", obj], check=True)
+    def compile_unit(src):
+        obj = os.path.join(out_dir, os.path.basename(src) + ".o")
+        subprocess.run([*launcher, "g++", *flags, "-x", "c++", "-c", src, "-o", obj], check=True)
         return obj
 
     with ThreadPoolExecutor(max_workers=max(1, min(len(units), os.cpu_count() or 1))) as pool:
         objs = list(pool.map(compile_unit, units))
-    subprocess.run(["g++", "-shared", "-pthread", *sanitize, *objs, "-o", lib + ".tmp"], check=True)
+    # -Bsymbolic: the emulated runtime calls (emu_runtime.cpp) bind here, not to a CUDA runtime torch has loaded.
+    subprocess.run(["g++", "-shared", "-pthread", "-Wl,-Bsymbolic", *sanitize, *objs, "-o", lib + ".tmp"], check=True)
     os.replace(lib + ".tmp", lib)  # a running emulator keeps its (unlinked) copy
     return ctypes.CDLL(lib)
 
@@ -610,6 +622,11 @@ def main():
         for fwd, bwd, label, run_cases in runs:
             lib.emu_set_sm90_forward(fwd)
             lib.emu_set_sm90_backward(bwd)
+            picked = kernel_modes(lib, torch.bfloat16, 64)
+            if picked != (fwd, bwd):  # the launchers' own choice, from the switches and the (emulated) H100
+                print(f"FAIL {label}the launchers picked modes {picked}, not {(fwd, bwd)}", flush=True)
+                fails += 1
+                continue
             for case in run_cases[:args.max_cases]:
                 fails += not check_case(lib, case, label=label)
     finally:
@@ -630,8 +647,38 @@ def main():
         print(f"{'ok  ' if nan_ok else 'FAIL'} {label}NaN in one q row -> NaN in exactly that output row "
               f"({int(torch.isnan(out).sum())} NaNs)", flush=True)
         fails += not nan_ok
+    if "device" in only:
+        fails += device_suite(lib)
     print(f"{fails} failed")
     return 1 if fails else 0
+
+
+def kernel_modes(lib, dtype, d):
+    f, b = ctypes.c_int(-1), ctypes.c_int(-1)
+    assert lib.emu_kernel_modes(int(dtype == torch.bfloat16), d, ctypes.byref(f), ctypes.byref(b)) == 0
+    return f.value, b.value
+
+
+def device_suite(lib):
+    """The launchers on an emulated sm_89 GPU (RTX 40xx, L4, L40: 99 KB of shared memory per
+    block): the Hopper switches are ignored, and the D = 128 backward, asked for atomics, takes
+    the deterministic path, since the atomic kernel's 104.5 KB would be refused at launch."""
+    fails = 0
+    lib.emu_set_device(8, 9, 99 * 1024)
+    lib.emu_set_sm90_forward(4)
+    lib.emu_set_sm90_backward(3)
+    try:
+        picked = kernel_modes(lib, torch.float16, 128)
+        ok = picked == (0, 0)
+        print(f"{'ok  ' if ok else 'FAIL'} [sm_89] the Hopper switches are ignored: modes {picked}", flush=True)
+        fails += not ok
+        fails += not check_case(lib, (torch.float16, 128, 130, 3, 1, 1, False, "layer_norm", "angles", False),
+                                label="[sm_89, 99 KB shared memory] ")
+    finally:
+        lib.emu_set_device(9, 0, 227 * 1024)
+        lib.emu_set_sm90_forward(0)
+        lib.emu_set_sm90_backward(0)
+    return fails
 
 
 if __name__ == "__main__":

@@ -1,0 +1,39 @@
+// The host runtime calls the launchers make (csrc/kernels/*.cu), emulated for
+// one device whose properties run_emu.py chooses (an H100/H200 by default;
+// an sm_89 part, with 99 KB of shared memory per block, to test the
+// launchers' fallbacks). Launches check what the hardware checks: at most
+// 1024 threads, 1-D grids (all cogkern uses), and dynamic shared memory above
+// 48 KB only up to what cudaFuncSetAttribute allowed for that kernel, itself
+// at most the device's opt-in limit. The C API is defined in emu_runtime.cpp.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <functional>
+
+namespace cuda_emu {
+
+struct EmuDevice {
+  int cc_major = 9, cc_minor = 0;
+  int smem_per_block_optin = 227 * 1024;
+  int multiprocessors = 132;
+  int ptx_version = 90;  // of every kernel: the build's sm_90a code
+};
+EmuDevice& emu_device();
+
+// Runs body as the kernel `kernel` over grid x block threads (cuda_emu::launch)
+// after the launch-time checks; returns the launch's error, as cudaGetLastError would.
+cudaError_t launch_kernel(const void* kernel, dim3 grid, dim3 block, size_t smem, const std::function<void()>& body);
+
+}  // namespace cuda_emu
+
+// The runtime's C++ overloads for kernel pointers (cuda_runtime.h, which nvcc includes).
+template <typename T>
+inline cudaError_t cudaFuncSetAttribute(T* entry, cudaFuncAttribute attr, int value) {
+  return ::cudaFuncSetAttribute(reinterpret_cast<const void*>(entry), attr, value);
+}
+template <typename T>
+inline cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, T* entry) {
+  return ::cudaFuncGetAttributes(attr, reinterpret_cast<const void*>(entry));
+}
