@@ -1,6 +1,7 @@
 // Launcher of the 3D RoPE CUDA kernel (rope3d_kernel.cuh): dtype dispatch.
 #include "kernels/rope3d_kernel.cuh"
 #include "kernels/rope3d_launch.h"
+#include "kernels/launch_kernel.cuh"
 
 namespace cogkern {
 namespace {
@@ -13,20 +14,16 @@ cudaError_t launch_typed(const RopeParams& P, cudaStream_t stream) {
   const RopeLaunchPlan plan = rope_launch_plan(P, sizeof(scalar_t));
   if (plan.blocks == 0) return cudaSuccess;
   constexpr int VEC = 16 / sizeof(scalar_t);
-  const dim3 block(plan.bx, plan.by);
-  const unsigned grid = unsigned(plan.blocks);
+  const auto go = [&](auto kernel) {
+    return launch_kernel(kernel, dim3(unsigned(plan.blocks)), dim3(plan.bx, plan.by), plan.smem, stream, P,
+                         plan.tokens_per_block);
+  };
   switch (plan.layout) {
-    case kVector:
-      rope3d_kernel<scalar_t, table_t, kVector, VEC><<<grid, block, plan.smem, stream>>>(P, plan.tokens_per_block);
-      break;
-    case kPairScalar:
-      rope3d_kernel<scalar_t, table_t, kPairScalar, 2><<<grid, block, plan.smem, stream>>>(P, plan.tokens_per_block);
-      break;
-    case kHalfSplit:
-      rope3d_kernel<scalar_t, table_t, kHalfSplit, 2><<<grid, block, plan.smem, stream>>>(P, plan.tokens_per_block);
-      break;
+    case kVector: return go(rope3d_kernel<scalar_t, table_t, kVector, VEC>);
+    case kPairScalar: return go(rope3d_kernel<scalar_t, table_t, kPairScalar, 2>);
+    case kHalfSplit: return go(rope3d_kernel<scalar_t, table_t, kHalfSplit, 2>);
   }
-  return cudaGetLastError();
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace

@@ -71,11 +71,11 @@ def build(out_dir="/tmp/cogkern_cuda_emu", csrc=None):
              *sanitize, "-include", os.path.join(HERE, "cuda_emu_prelude.h"), "-I", csrc, "-I", HERE,
              "-ffp-contract=off", "-I", cuda_inc]
     launcher = ["ccache"] if shutil.which("ccache") and not sanitize else []
-    # The emulator's own units, and the attention's host code with its launchers (the real
-    # launch path: kernel choice, grids, shared memory, tensor maps), slowest first.
+    # The emulator's own units, and the attention's and RoPE's host code with their launchers
+    # (the real launch path: kernel choice, grids, shared memory, tensor maps), slowest first.
     kernels = os.path.join(csrc, "kernels")
     units = [os.path.join(kernels, f + ".cu") for f in ("flash_bwd_sm90", "flash_fwd_sm90", "flash_bwd",
-                                                        "attention_prologue", "flash_fwd")]
+                                                        "attention_prologue", "flash_fwd", "rope3d")]
     units += [os.path.join(HERE, f + ".cpp") for f in ("emu_wgmma", "emu_optim", "emu_rope", "emu_attention",
                                                        "emu_runtime")]
 
