@@ -5,6 +5,7 @@
 #include "kernels/flash_kernel_launch.cuh"
 
 namespace cogkern::flash {
+
 template <typename T, int D>
 bool atomic_dq_fits() {
   int device = 0, optin = 0;
