@@ -17,9 +17,10 @@ Out-of-bounds global (and scratch) accesses: build with AddressSanitizer,
 
 What it covers: the actual kernel source (csrc/kernels/*_kernel.cuh,
 attention_rows.cuh) compiled as host C++, with each GPU thread a std::thread,
-launched for the attention through its real host code (attention_prologue.cu
-and the launchers flash_*.cu: kernel choice, grids, shared memory, tensor
-maps; the runtime calls they make emulated in emu_runtime.cpp for an H100, or
+launched for the attention and RoPE through their real host code
+(attention_prologue.cu, the launchers flash_*.cu, rope3d.cu: kernel choice,
+grids, shared memory, tensor maps; the runtime calls they make emulated in
+emu_runtime.cpp for an H100, or
 an sm_89 GPU in the "device" section, with the hardware's launch checks);
 ldmatrix / mma.sync / cp.async / shuffles emulated from their PTX ISA
 definitions (cuda_emu_ptx.h), wgmma (cuda_emu_wgmma.h), mbarriers / TMA /
