@@ -1,7 +1,7 @@
 """cogkern.fused_attention (QK-norm + 3D RoPE + attention) against the eager CogVideoX path.
 
 The eager path is diffusers' CogVideoXAttnProcessor2_0 from the projections on
-(cogkern.eager): LayerNorm QK-norm on (B, H, S, D), diffusers' apply_rotary_emb
+(cogkern.reference.diffusers_attention): LayerNorm QK-norm on (B, H, S, D), diffusers' apply_rotary_emb
 on the video tokens, then scaled_dot_product_attention — on each SDPA backend
 (flash, cuDNN, efficient) on the GPU — and flash-attn's kernel when importable.
 
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import cogkern
 from benchmarks.common import device_name, matmul_rate, report, time_fn
 from benchmarks.counters import attention_flops
-from cogkern.eager import apply_rotary_emb
+from cogkern.reference.diffusers_attention import apply_rotary_emb
 
 
 def make_inputs(batch, seq, heads, head_dim, dtype, device):

@@ -1,6 +1,6 @@
 """Everything the CUDA fused attention must get right, in one GPU run.
 
-    PYTHONPATH=python:tests python scripts/attention_cuda_check.py [--quick] [--no-5b]
+    PYTHONPATH=python python scripts/attention_cuda_check.py [--quick] [--no-5b]
 
 Checks, each printed as one line (FAIL lines say why), summary last:
   * FlashAttention's error rule: output, lse and every gradient (q, k, v, the
@@ -31,7 +31,7 @@ import torch
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 import cogkern
-from attention_reference import reference_attention
+from cogkern.reference.attention_math import reference_attention
 from cogkern import RoPE3D
 
 FAILS: list[str] = []
@@ -267,7 +267,7 @@ def shape_5b(device):
     # Error rule on a slice: 2 heads, query rows [0, 256) and the last 200, all keys.
     heads = [0, 47]
     rows = torch.cat([torch.arange(256), torch.arange(s - 200, s)]).to(device)
-    from attention_reference import norm_rows, rotate_video_tokens
+    from cogkern.reference.attention_math import norm_rows, rotate_video_tokens
 
     def prepared(x, dt):
         x = x.detach()[:, :, heads].to(dt)

@@ -93,11 +93,11 @@ probe_args=()
 grep -hE "^(FAILED|ERROR)" "$work/cuda_tests.log" "$work/sm90_tests.log" "$work/sm90_ws_tests.log" 2>/dev/null | head -40 >"$work/cuda_failures.txt" || true
 # Where the Hopper kernels go wrong, if they do: layout maps of the wgmma/TMA tile, and
 # each opt-in attention kernel against mma.sync by batch/head/row slice/column chunk.
-step wgmma_probe 60 env PYTHONPATH=tests python3 scripts/wgmma_probe.py ${probe_args[@]+"${probe_args[@]}"}
+step wgmma_probe 60 python3 scripts/wgmma_probe.py ${probe_args[@]+"${probe_args[@]}"}
 # The numbers next (an issue closes on tests and measurements), then the diagnostics.
 step benchmarks 150 python3 -m benchmarks.run --quick --out "$work/bench"
 step bench_sm90 90 python3 -m benchmarks.bench_attention --quick --sm90 --json "$work/bench_sm90.json"
-step attention_check 90 env PYTHONPATH=tests python3 scripts/attention_cuda_check.py --quick
+step attention_check 90 python3 scripts/attention_cuda_check.py --quick
 step memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 3 python3 scripts/sanitize_cases.py --only rope,optimizer,attention
 step racecheck 60 compute-sanitizer --tool racecheck --error-exitcode 3 python3 scripts/sanitize_cases.py --only rope,attention
 step sm90_sanitize 60 compute-sanitizer --tool memcheck --error-exitcode 3 python3 scripts/sanitize_cases.py --only wgmma

@@ -1,4 +1,4 @@
-"""CPU check of the flash kernels' tile logic (csrc/kernels/flash_fwd.cu, flash_bwd.cu).
+"""CPU check of the flash kernels' tile logic (csrc/attention/flash/flash_fwd_launch.cu, flash_bwd_launch.cu).
 
 A tile-level numpy transliteration of flash_fwd_kernel, flash_bwd_kv_kernel (atomic dq)
 and flash_bwd_dq_kernel at their tile shapes: block and tile ranges (causal

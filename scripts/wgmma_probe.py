@@ -1,11 +1,11 @@
 """Where the Hopper kernels go wrong, if they do: one GPU run that localizes faults.
 
-    PYTHONPATH=python:tests python scripts/wgmma_probe.py [--no-attention]
+    PYTHONPATH=python python scripts/wgmma_probe.py [--no-attention]
 
 The tests say pass or fail; this says where. Two parts, each line 'ok' or 'FAIL':
 
   * the wgmma / TMA selftest tile (torch.ops.cogkern._sm90_wgmma_selftest) fed
-    with identities and integer address codes (tests/wgmma_probe.py): for each
+    with identities and integer address codes (cogkern/reference/wgmma_layout.py): for each
     operand read of S = Q K^T, O = 16bit(S) V, U = V[:, :64]^T V, with ordinary
     stores and with TMA, fp16 and bf16, D 64 and 128, the map of which operand
     element each output element came from, and which read is to blame;
@@ -26,11 +26,9 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-
 import cogkern  # noqa: E402
-from attention_reference import reference_attention  # noqa: E402
-from wgmma_probe import error_profile, explain, probes, random_check, read_model, run_probe  # noqa: E402
+from cogkern.reference.attention_math import reference_attention  # noqa: E402
+from cogkern.reference.wgmma_layout import error_profile, explain, probes, random_check, read_model, run_probe  # noqa: E402
 
 FAILS: list[str] = []
 CHECKS = 0
@@ -95,7 +93,7 @@ def attention_case(d: int, dtype: torch.dtype, causal: bool):
 
 
 def reference_run(c):
-    """The float32 reference (tests/attention_reference.py) on the same (rounded) inputs."""
+    """The float32 reference (cogkern.reference.attention_math) on the same (rounded) inputs."""
     q, k, v = (c[n].float().requires_grad_() for n in "qkv")
     params = [t.clone().requires_grad_() for t in (c["w"][0], c["bias"][0], c["w"][1], c["bias"][1])]
     out, lse = reference_attention(q, k, v, rope=c["rope"], text_len=c["text"], qk_norm="layer_norm",

@@ -37,7 +37,7 @@ def test_cpu_kernels_use_torch_threads():
 
 
 def test_cpu_fp16_conversions_match_c10_half():
-    """The optimizer's vectorizable fp16 conversions (cpu/fp16_bits.h) give c10::Half's bits."""
+    """The optimizer's vectorizable fp16 conversions (common/cpu/fp16_bits.h) give c10::Half's bits."""
     assert cogkern._C.fp16_conversion_mismatches() == 0
 
 

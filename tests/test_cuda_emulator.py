@@ -1,7 +1,7 @@
 """The CUDA kernels' own source, run on the CPU under scripts/cuda_emu's thread-level
 emulator (PTX fragments as the ISA defines them): for the attention kernels the 2x
 error rule, the deterministic backward, NaN propagation; the Hopper wgmma building
-blocks' conformance tile (descriptors, swizzle, fragments; csrc/kernels/sm90_wgmma.cuh);
+blocks' conformance tile (descriptors, swizzle, fragments; csrc/common/cuda/sm90_wgmma.cuh);
 the optimizer's kernels against the CPU backend, bit for bit. With an adversarial
 schedule (one group per block runs behind), so missing barriers fail too. Catches
 indexing, masking and synchronization bugs between GPU runs; real PTX semantics and
@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to build the emulator")
 def test_attention_kernels_under_the_emulator():
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "tests"), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ)
     # --laggard: one warp / warpgroup per block runs behind, so a missing barrier fails.
     script = os.path.join(ROOT, "scripts", "cuda_emu", "run_emu.py")
     out = subprocess.run([sys.executable, script, "--quick", "--laggard"], capture_output=True, text=True, timeout=1200, cwd=ROOT, env=env)
@@ -53,7 +53,7 @@ def test_the_emulator_catches_every_planted_fault():
     """Each planted fault (a dropped barrier, proxy fence or wgmma fence, a stage freed
     early, a wrong swizzle or fragment) makes the emulator fail with the message that
     names it, while the unmutated sources pass the same runs (mutations.py)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "tests"), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ)
     script = os.path.join(ROOT, "scripts", "cuda_emu", "mutations.py")
     # The default work tree is one fixed path, so ccache (when installed) serves the units a mutation leaves alone.
     out = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=2400, cwd=ROOT, env=env)

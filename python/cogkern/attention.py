@@ -23,7 +23,7 @@ _ops = torch.ops.cogkern
 
 _NORMS = (None, "layer_norm", "rms_norm")
 
-# Whether a CUDA kernel is registered (csrc/ops/cuda/attention_cuda.cpp). Read
+# Whether a CUDA kernel is registered (csrc/attention/attention_op_cuda.cpp). Read
 # once: the registration happens when the extension loads.
 
 

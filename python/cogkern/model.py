@@ -9,7 +9,7 @@ scale and gate for video and text). The model predicts v.
 
 ``attention="cogkern"`` uses the fused op; ``"sdpa"`` and ``"eager"`` compute
 the same attention from the same parameters the way diffusers writes it
-(cogkern.eager), for A/B runs.
+(cogkern.reference.diffusers_attention), for A/B runs.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .attention import FusedAttention
 from .data import CAPTION_LEN, VOCAB, VideoSpec
-from .eager import cogvideox_attention
+from .reference.diffusers_attention import cogvideox_attention
 from .rope import RoPE3D
 
 ATTENTION_IMPLS = ("cogkern", "sdpa", "eager")

@@ -1,5 +1,5 @@
 // Host emulation of the CUDA execution model, just enough to run cogkern's
-// attention kernels (csrc/kernels/*_kernel.cuh, attention_rows.cuh) as plain
+// attention kernels (csrc/kernels/*_kernel.cuh, attention_row_kernels.cuh) as plain
 // C++ on the CPU: every GPU thread of a block is a std::thread, __syncthreads
 // is a block barrier, warp collectives exchange values through per-warp
 // slots between two warp barriers. Blocks run one after another. Force-included
@@ -327,5 +327,5 @@ inline T __shfl_down_sync(unsigned, T v, unsigned delta) {
 inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
 
 // The host runtime calls of the launchers (cudaFuncSetAttribute, ...) and
-// their launches (csrc/kernels/launch_kernel.cuh).
+// their launches (csrc/common/cuda/launch_kernel.cuh).
 #include "cuda_emu_runtime.h"

@@ -1,4 +1,4 @@
-// Emulated PTX wrappers of csrc/kernels/flash_common.cuh (ldmatrix, mma.sync,
+// Emulated PTX wrappers of csrc/attention/flash/flash_common.cuh (ldmatrix, mma.sync,
 // cp.async, ex2), implemented from the PTX ISA's fragment definitions with
 // the warp exchange of cuda_emu_prelude.h. Included by flash_common.cuh when
 // COGKERN_CUDA_EMULATION is defined.

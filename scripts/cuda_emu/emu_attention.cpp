@@ -1,15 +1,15 @@
 // The CUDA fused attention, run on the CPU under the emulator
 // (cuda_emu_prelude.h), behind a C API for run_emu.py: the real host entry
-// points launch_attention_forward / _backward (csrc/kernels/attention_prologue.cu,
-// compiled into the emulator with the launchers flash_fwd.cu, flash_bwd.cu,
-// flash_fwd_sm90.cu, flash_bwd_sm90.cu), which pick the kernels from
+// points launch_attention_forward / _backward (csrc/attention/attention_launch.cu,
+// compiled into the emulator with the launchers flash_fwd_launch.cu, flash_bwd_launch.cu,
+// flash_fwd_sm90_launch.cu, flash_bwd_sm90_launch.cu), which pick the kernels from
 // COGKERN_ATTENTION_SM90 / _BWD and the emulated device as on a GPU.
 #include <cmath>
 #include <cstdlib>
 #include <string>
 #include <vector>
 
-#include "kernels/attention_launch.h"
+#include "attention/attention_launch.h"
 
 using namespace cogkern;
 
@@ -115,7 +115,7 @@ int run(const EmuSpec& spec, bool backward) {
 }  // namespace
 
 extern "C" int emu_attention(const EmuSpec* s, int backward) { return run(*s, backward != 0); }
-// The kernel switches, as a user sets them (flash_launch.h: sm90_opt_in_mode).
+// The kernel switches, as a user sets them (flash_params.h: sm90_opt_in_mode).
 extern "C" void emu_set_sm90_forward(int mode) { setenv("COGKERN_ATTENTION_SM90", std::to_string(mode).c_str(), 1); }
 extern "C" void emu_set_sm90_backward(int mode) { setenv("COGKERN_ATTENTION_SM90_BWD", std::to_string(mode).c_str(), 1); }
 // The kernels the launchers pick now (attention_kernel_modes): forward and backward mode, or -1.

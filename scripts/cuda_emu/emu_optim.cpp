@@ -1,11 +1,11 @@
-// The optimizer's CUDA kernels (csrc/kernels/adamw_kernels.cuh) under the
+// The optimizer's CUDA kernels (csrc/adamw/adamw_kernels.cuh) under the
 // emulator, with CUDA's block size and a small grid (so the grid-stride loops
 // and the chunk-owner search run), behind a C API for run_emu.py. The launch
-// packing mirrors csrc/ops/adamw_impl.h (one launch here: few tensors, one
+// packing mirrors csrc/adamw/adamw_op.h (one launch here: few tensors, one
 // dtype): keep them in step.
 #include <vector>
 
-#include "kernels/adamw_kernels.cuh"
+#include "adamw/adamw_kernels.cuh"
 
 using namespace cogkern;
 

@@ -1,8 +1,8 @@
-// The 3D RoPE op's CUDA launch path (csrc/kernels/rope3d.cu: launch_rope3d, its
+// The 3D RoPE op's CUDA launch path (csrc/rope3d/rope3d_launch.cu: launch_rope3d, its
 // launch plan and dtype dispatch, compiled into the emulator) behind a C API for
 // run_emu.py.
-#include "kernels/rope3d_kernel.cuh"  // rope_launch_plan: which layout ran
-#include "kernels/rope3d_launch.h"
+#include "rope3d/rope3d_kernel.cuh"  // rope_launch_plan: which layout ran
+#include "rope3d/rope3d_launch.h"
 
 using namespace cogkern;
 

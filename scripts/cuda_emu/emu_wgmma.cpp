@@ -1,8 +1,8 @@
-// The wgmma conformance kernel (csrc/kernels/sm90_wgmma_selftest_kernel.cuh)
+// The wgmma conformance kernel (csrc/attention/flash/sm90/wgmma_selftest_kernel.cuh)
 // under the emulator (cuda_emu_wgmma.h, cuda_emu_async.h), behind a C API for run_emu.py.
 #include <stdexcept>
 
-#include "kernels/sm90_wgmma_selftest_kernel.cuh"
+#include "attention/flash/sm90/wgmma_selftest_kernel.cuh"
 
 using namespace cogkern::sm90;
 

@@ -4,7 +4,7 @@ rule against an fp32 reference for the output, lse and every gradient,
 bitwise determinism of the deterministic backward, NaN propagation. Also the
 optimizer's and the RoPE op's CUDA kernels against the CPU backend.
 
-    PYTHONPATH=python:tests python scripts/cuda_emu/run_emu.py [--quick] [--laggard] [--only ws,nan]
+    PYTHONPATH=python python scripts/cuda_emu/run_emu.py [--quick] [--laggard] [--only ws,nan]
 
 Missing barriers between one group's shared-memory writes and another's
 reads: --laggard (COGKERN_EMU_LAGGARD=1, cuda_emu_prelude.h) makes one warp or
@@ -13,12 +13,12 @@ read that races a write reads stale data and fails the checks.
 
 Out-of-bounds global (and scratch) accesses: build with AddressSanitizer,
     COGKERN_EMU_ASAN=1 ASAN_OPTIONS=detect_leaks=0 LD_PRELOAD=$(gcc -print-file-name=libasan.so) \
-        PYTHONPATH=python:tests python scripts/cuda_emu/run_emu.py
+        PYTHONPATH=python python scripts/cuda_emu/run_emu.py
 
 What it covers: the actual kernel source (csrc/kernels/*_kernel.cuh,
-attention_rows.cuh) compiled as host C++, with each GPU thread a std::thread,
+attention_row_kernels.cuh) compiled as host C++, with each GPU thread a std::thread,
 launched for the attention and RoPE through their real host code
-(attention_prologue.cu, the launchers flash_*.cu, rope3d.cu: kernel choice,
+(attention_launch.cu, the launchers flash_*.cu, rope3d_launch.cu: kernel choice,
 grids, shared memory, tensor maps; the runtime calls they make emulated in
 emu_runtime.cpp for an H100, or
 an sm_89 GPU in the "device" section, with the hardware's launch checks);
@@ -43,7 +43,7 @@ import time
 
 import torch
 
-from attention_reference import reference_attention
+from cogkern.reference.attention_math import reference_attention
 from cogkern import RoPE3D
 
 # The parts of the suite (--only): the wgmma conformance tile, the optimizer
@@ -74,9 +74,10 @@ def build(out_dir="/tmp/cogkern_cuda_emu", csrc=None):
     launcher = ["ccache"] if shutil.which("ccache") and not sanitize else []
     # The emulator's own units, and the attention's and RoPE's host code with their launchers
     # (the real launch path: kernel choice, grids, shared memory, tensor maps), slowest first.
-    kernels = os.path.join(csrc, "kernels")
-    units = [os.path.join(kernels, f + ".cu") for f in ("flash_bwd_sm90", "flash_fwd_sm90", "flash_bwd",
-                                                        "attention_prologue", "flash_fwd", "rope3d")]
+    units = [os.path.join(csrc, f + ".cu") for f in (
+        "attention/flash/sm90/flash_bwd_sm90_launch", "attention/flash/sm90/flash_fwd_sm90_launch",
+        "attention/flash/flash_bwd_launch", "attention/attention_launch", "attention/flash/flash_fwd_launch",
+        "rope3d/rope3d_launch")]
     units += [os.path.join(HERE, f + ".cpp") for f in ("emu_wgmma", "emu_optim", "emu_rope", "emu_attention",
                                                        "emu_runtime")]
 
@@ -209,7 +210,7 @@ def make_case(b, s, h, d, text_len, qk_norm, rope_mode, table_in_dtype=False):
 
 
 def rule_suite(lib):
-    """The colleague's test_attention_cuda rule (tests/attention_rule.py: eager = layer_norm + diffusers RoPE
+    """The colleague's test_attention_cuda rule (cogkern.reference.flash_rule: eager = layer_norm + diffusers RoPE
     + SDPA in the same dtype) with cogkern.fused_attention replaced by the emulated kernels."""
     import cogkern
     import attention_rule
@@ -246,11 +247,11 @@ def rule_suite(lib):
                     ef, ee = attention_rule.check_flash_rule(batch, seq, 3 if seq < 200 else 1, d, text_len, dtype,
                                                              "cpu")
                     ratios = " ".join(f"{a / max(b, 1e-12):.2f}" for a, b in zip(ef, ee))
-                    print(f"ok   rule (tests/attention_rule.py) {str(dtype)[6:]} B={batch} S={seq} D={d} "
+                    print(f"ok   rule (cogkern.reference.flash_rule) {str(dtype)[6:]} B={batch} S={seq} D={d} "
                           f"text={text_len}: err / eager err {ratios}", flush=True)
                 except AssertionError as e:
                     fails += 1
-                    print(f"FAIL rule (tests/attention_rule.py) {str(dtype)[6:]} B={batch} S={seq} D={d} "
+                    print(f"FAIL rule (cogkern.reference.flash_rule) {str(dtype)[6:]} B={batch} S={seq} D={d} "
                           f"text={text_len}: {e}", flush=True)
     finally:
         cogkern.fused_attention = real
@@ -258,7 +259,7 @@ def rule_suite(lib):
 
 
 def wgmma_suite(lib):
-    """The Hopper wgmma building blocks (csrc/kernels/sm90_wgmma.cuh) on their
+    """The Hopper wgmma building blocks (csrc/common/cuda/sm90_wgmma.cuh) on their
     conformance tile: S = Q K^T (shared-memory operands, K-major),
     O = 16bit(S) V (A from registers, V MN-major) and U = V[:, :64]^T V (A and B
     MN-major), against torch in fp32; its tiles loaded by ordinary stores, then by TMA."""
@@ -282,10 +283,10 @@ def wgmma_suite(lib):
 
 
 def probe_suite(lib):
-    """scripts/wgmma_probe.py's layout probes (tests/wgmma_probe.py) on the emulated
+    """scripts/wgmma_probe.py's layout probes (cogkern.reference.wgmma_layout) on the emulated
     conformance tile: the kernel's own source must reproduce every expected map, so
     a probe that fails on the GPU points at the hardware's reading, not at the probe."""
-    from wgmma_probe import probes, random_check, run_probe
+    from cogkern.reference.wgmma_layout import probes, random_check, run_probe
 
     lib.emu_wgmma_selftest.restype = ctypes.c_int
     lib.emu_wgmma_selftest.argtypes = [P, P, P, P, P, P, I32, I32, I32]
@@ -345,7 +346,7 @@ def clone_state(state):
 
 
 def optim_suite(lib):
-    """The optimizer's CUDA kernels (csrc/kernels/adamw_kernels.cuh: grad check with its block
+    """The optimizer's CUDA kernels (csrc/adamw/adamw_kernels.cuh: grad check with its block
     reduction, finalize, multi-tensor update, step advance) against the CPU backend's ops on the same
     data: params, moments, master weights and steps bit for bit (within an ulp where the clip
     coefficient enters, since the grad norm's summation order differs), skipped steps untouched."""
@@ -423,7 +424,7 @@ def optim_suite(lib):
     return fails
 
 
-class RopeParamsC(ctypes.Structure):  # csrc/kernels/rope3d.h: RopeParams
+class RopeParamsC(ctypes.Structure):  # csrc/rope3d/rope3d_math.h: RopeParams
     _fields_ = [("x", P), ("out", P), ("batch", I64), ("seq", I64), ("heads", I64), ("head_dim", I64),
                 ("x_stride_b", I64), ("x_stride_s", I64), ("x_stride_h", I64), ("out_stride_b", I64),
                 ("out_stride_s", I64), ("out_stride_h", I64), ("text_len", I64), ("token_begin", I64), ("mode", I32),
@@ -432,7 +433,7 @@ class RopeParamsC(ctypes.Structure):  # csrc/kernels/rope3d.h: RopeParams
 
 
 def rope_suite(lib):
-    """The 3D RoPE CUDA kernel (csrc/kernels/rope3d_kernel.cuh) with rope3d.cu's launch plan, against the
+    """The 3D RoPE CUDA kernel (csrc/rope3d/rope3d_kernel.cuh) with rope3d_launch.cu's launch plan, against the
     CPU backend's ops: angles (interleaved, half-split with fractional positions, inverse) and tables (fp32
     and 16-bit), vector and element layouts (a misaligned view), out-of-place and in-place; within one
     rounding of the output dtype (the CPU backend forms the rotations its own way)."""
@@ -530,7 +531,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--laggard", action="store_true",
                     help="adversarial schedule: one group per block runs behind the others (missing barriers fail)")
-    ap.add_argument("--rule", action="store_true", help="only the tests/attention_rule.py suite")
+    ap.add_argument("--rule", action="store_true", help="only the cogkern.reference.flash_rule suite")
     ap.add_argument("--only", default=",".join(SECTIONS),
                     help=f"comma-separated parts to run, of: {', '.join(SECTIONS)} (default: all)")
     ap.add_argument("--max-cases", type=int, default=None,

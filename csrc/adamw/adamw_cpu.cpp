@@ -1,0 +1,126 @@
+// CPU backend of the optimizer ops. Chunks are spread over threads with
+// at::parallel_for; each chunk runs the functor the CUDA kernel runs (one lane,
+// kCpuILP elements per iteration instead of the GPU's 4), so both backends
+// compute the same values element by element.
+//
+// Speed: the chunk runners are compiled per SIMD level (common/cpu/simd_clones.h),
+// and this file is built with -fno-math-errno (sqrt vectorizes) and
+// -ffp-contract=off (no FMA may fuse a multiply-add: the CUDA kernels round
+// every operation separately, and the results must stay bit-identical).
+#include "adamw/adamw_cpu.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+
+#include <stdexcept>
+
+#include "common/cpu/fp16_bits.h"
+#include "common/cpu/simd_clones.h"
+
+namespace cogkern::cpu {
+namespace {
+
+// One AVX-512 register of floats per operand and iteration.
+constexpr int kCpuILP = 16;
+
+// fp16 goes through Fp16Bits (c10::Half's bits and values, with conversions
+// that vectorize). One (tensor, chunk) of a launch. Plain functions, one per instantiation,
+// because function multi-versioning does not apply to templates.
+using AdamWChunkFn = void (*)(const AdamWLaunch&, int, int64_t);
+using GradCheckChunkFn = GradCheckPartial (*)(const GradCheckLaunch&, int, int64_t);
+
+#define COGKERN_ADAMW_RUNNER(NAME, T, MODE)                                 \
+  COGKERN_SIMD_CLONES void NAME(const AdamWLaunch& L, int t, int64_t c) {   \
+    AdamWChunk<T, MODE, kCpuILP>{}(L, t, c, 0, 1);                          \
+  }
+COGKERN_ADAMW_RUNNER(adamw_f32_plain, float, AdamWMode::kPlain)
+COGKERN_ADAMW_RUNNER(adamw_f16_plain, Fp16Bits, AdamWMode::kPlain)
+COGKERN_ADAMW_RUNNER(adamw_f16_master, Fp16Bits, AdamWMode::kMaster)
+COGKERN_ADAMW_RUNNER(adamw_bf16_plain, c10::BFloat16, AdamWMode::kPlain)
+COGKERN_ADAMW_RUNNER(adamw_bf16_master, c10::BFloat16, AdamWMode::kMaster)
+COGKERN_ADAMW_RUNNER(adamw_bf16_stochastic, c10::BFloat16, AdamWMode::kStochastic)
+#undef COGKERN_ADAMW_RUNNER
+
+#define COGKERN_GRAD_CHECK_RUNNER(NAME, T)                                              \
+  COGKERN_SIMD_CLONES GradCheckPartial NAME(const GradCheckLaunch& L, int t, int64_t c) { \
+    return GradCheckChunk<T, kCpuILP>{}(L, t, c, 0, 1);                                 \
+  }
+COGKERN_GRAD_CHECK_RUNNER(grad_check_f32, float)
+COGKERN_GRAD_CHECK_RUNNER(grad_check_f16, Fp16Bits)
+COGKERN_GRAD_CHECK_RUNNER(grad_check_bf16, c10::BFloat16)
+#undef COGKERN_GRAD_CHECK_RUNNER
+
+void run_adamw(const AdamWLaunch& L, AdamWChunkFn chunk_fn) {
+  at::parallel_for(0, L.num_chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const int t = find_chunk_owner(L.num_tensors, c, [&](int i) { return L.tensors[i].chunk_begin; });
+      chunk_fn(L, t, c - L.tensors[t].chunk_begin);
+    }
+  });
+  // Every chunk has read the old step counts; now advance them.
+  for (int t = 0; t < L.num_tensors; ++t) adamw_advance_step(L, t);
+}
+
+void run_grad_check(const GradCheckLaunch& L, GradCheckChunkFn chunk_fn) {
+  at::parallel_for(0, L.num_chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const int t = find_chunk_owner(L.num_tensors, c, [&](int i) { return L.tensors[i].chunk_begin; });
+      const GradCheckPartial p = chunk_fn(L, t, c - L.tensors[t].chunk_begin);
+      L.partials[2 * c] = p.sumsq;
+      L.partials[2 * c + 1] = p.nonfinite;
+    }
+  });
+}
+
+}  // namespace
+
+void adamw(const AdamWLaunch& L, DType param_dtype, AdamWMode mode) {
+  switch (param_dtype) {
+    case DType::kFloat:
+      if (mode == AdamWMode::kPlain) return run_adamw(L, adamw_f32_plain);
+      break;
+    case DType::kHalf:
+      if (mode == AdamWMode::kPlain) return run_adamw(L, adamw_f16_plain);
+      if (mode == AdamWMode::kMaster) return run_adamw(L, adamw_f16_master);
+      break;
+    case DType::kBFloat16:
+      if (mode == AdamWMode::kPlain) return run_adamw(L, adamw_bf16_plain);
+      if (mode == AdamWMode::kMaster) return run_adamw(L, adamw_bf16_master);
+      if (mode == AdamWMode::kStochastic) return run_adamw(L, adamw_bf16_stochastic);
+      break;
+    default:
+      break;
+  }
+  throw std::invalid_argument("cogkern::cpu::adamw: unsupported dtype/mode combination");
+}
+
+void grad_check(const GradCheckLaunch& L, DType grad_dtype) {
+  switch (grad_dtype) {
+    case DType::kFloat:
+      return run_grad_check(L, grad_check_f32);
+    case DType::kHalf:
+      return run_grad_check(L, grad_check_f16);
+    case DType::kBFloat16:
+      return run_grad_check(L, grad_check_bf16);
+    default:
+      break;
+  }
+  throw std::invalid_argument("cogkern::cpu::grad_check: unsupported dtype");
+}
+
+void grad_check_finalize(const float* partials, int64_t num_chunks, const float* scale, const float* found_inf_in,
+                         double max_norm, float* out) {
+  float sumsq = 0.0f, nonfinite = 0.0f;
+  for (int64_t i = 0; i < num_chunks; ++i) {
+    sumsq += partials[2 * i];
+    nonfinite = partials[2 * i + 1] > nonfinite ? partials[2 * i + 1] : nonfinite;
+  }
+  finalize_grad_check(sumsq, nonfinite, scale, found_inf_in, max_norm, out);
+}
+
+void loss_scale_update(float* scale, int32_t* growth_tracker, int32_t* hysteresis_tracker, const float* found_inf,
+                       const LossScaleConfig& config) {
+  update_loss_scale(scale, growth_tracker, hysteresis_tracker, *found_inf != 0.0f, config);
+}
+
+}  // namespace cogkern::cpu

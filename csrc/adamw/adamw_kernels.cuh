@@ -1,0 +1,103 @@
+// Optimizer CUDA kernels: multi-tensor AdamW update, gradient check (inf/NaN +
+// sum of squares), its finalize, step-count advance and the loss-scale update.
+// The math and the per-chunk bodies are in adamw_math.h, shared with the CPU
+// backend; the launchers are in adamw.cu. These kernels also run on the CPU
+// under scripts/cuda_emu (emu_optim.cpp), with CUDA's thread and block counts.
+//
+// Each launch takes its whole tensor list in the parameter block
+// (__grid_constant__, so it stays in the constant bank and is indexed there);
+// blocks walk the global chunk index with a grid stride and find the owning
+// tensor by binary search over the chunk prefix.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "adamw/adamw_math.h"
+
+namespace cogkern {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kFinalizeThreads = 1024;
+
+template <typename T, AdamWMode MODE>
+__global__ void __launch_bounds__(kThreads, 4) adamw_kernel(const __grid_constant__ AdamWLaunch L) {
+  for (int64_t c = blockIdx.x; c < L.num_chunks; c += gridDim.x) {
+    const int t = find_chunk_owner(L.num_tensors, c, [&](int i) { return L.tensors[i].chunk_begin; });
+    AdamWChunk<T, MODE>{}(L, t, c - L.tensors[t].chunk_begin, threadIdx.x, blockDim.x);
+  }
+}
+
+// Only the step pointers: a small parameter block for a tiny launch.
+struct StepAdvance {
+  float* steps[kAdamWMaxTensors];
+  const float* step_scalars;
+  int num_tensors;
+};
+
+__global__ void advance_steps_kernel(const __grid_constant__ StepAdvance A) {
+  const int t = blockIdx.x * blockDim.x + threadIdx.x;
+  if (t >= A.num_tensors) return;
+  if (A.step_scalars != nullptr && A.step_scalars[kFoundInf] != 0.0f) return;  // same rule as adamw_advance_step
+  *A.steps[t] += 1.0f;
+}
+
+// Sum and max over the block, in a fixed order (reproducible). Result in thread 0.
+__device__ float2 block_sum_max(float s, float f) {
+  __shared__ float warp_s[32], warp_f[32];
+  for (int o = 16; o > 0; o >>= 1) {
+    s += __shfl_down_sync(0xFFFFFFFFu, s, o);
+    f = fmaxf(f, __shfl_down_sync(0xFFFFFFFFu, f, o));
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) {
+    warp_s[warp] = s;
+    warp_f[warp] = f;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    const int nwarps = blockDim.x / 32;
+    s = lane < nwarps ? warp_s[lane] : 0.0f;
+    f = lane < nwarps ? warp_f[lane] : 0.0f;
+    for (int o = 16; o > 0; o >>= 1) {
+      s += __shfl_down_sync(0xFFFFFFFFu, s, o);
+      f = fmaxf(f, __shfl_down_sync(0xFFFFFFFFu, f, o));
+    }
+  }
+  __syncthreads();  // the scratch is reused by the next call
+  return make_float2(s, f);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) grad_check_kernel(const __grid_constant__ GradCheckLaunch L) {
+  for (int64_t c = blockIdx.x; c < L.num_chunks; c += gridDim.x) {
+    const int t = find_chunk_owner(L.num_tensors, c, [&](int i) { return L.tensors[i].chunk_begin; });
+    const GradCheckPartial p = GradCheckChunk<T>{}(L, t, c - L.tensors[t].chunk_begin, threadIdx.x, blockDim.x);
+    const float2 r = block_sum_max(p.sumsq, p.nonfinite);
+    if (threadIdx.x == 0) {
+      L.partials[2 * c] = r.x;
+      L.partials[2 * c + 1] = r.y;
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kFinalizeThreads)
+    grad_check_finalize_kernel(const float* partials, int64_t num_chunks, const float* scale,
+                               const float* found_inf_in, double max_norm, float* out) {
+  float s = 0.0f, f = 0.0f;
+  for (int64_t i = threadIdx.x; i < num_chunks; i += blockDim.x) {
+    s += partials[2 * i];
+    f = fmaxf(f, partials[2 * i + 1]);
+  }
+  const float2 r = block_sum_max(s, f);
+  if (threadIdx.x == 0) finalize_grad_check(r.x, r.y, scale, found_inf_in, max_norm, out);
+}
+
+__global__ void loss_scale_update_kernel(float* scale, int32_t* growth_tracker, int32_t* hysteresis_tracker,
+                                         const float* found_inf, const LossScaleConfig config) {
+  update_loss_scale(scale, growth_tracker, hysteresis_tracker, *found_inf != 0.0f, config);
+}
+
+}  // namespace
+}  // namespace cogkern

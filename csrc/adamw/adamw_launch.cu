@@ -1,0 +1,108 @@
+// Launchers of the optimizer CUDA kernels (adamw_kernels.cuh): grid sizes,
+// dtype / mode dispatch.
+#include <algorithm>
+
+#include "adamw/adamw_kernels.cuh"
+#include "adamw/adamw_launch.h"
+
+namespace cogkern {
+namespace {
+
+int sm_count() {
+  int device = 0;
+  cudaGetDevice(&device);
+  static int cache[256] = {};
+  if (device < 0 || device >= 256) return 132;
+  if (cache[device] == 0) {
+    int n = 0;
+    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device);
+    cache[device] = n > 0 ? n : 1;
+  }
+  return cache[device];
+}
+
+// Enough resident blocks to fill the GPU, never more than there are chunks.
+// One occupancy query per kernel (the template parameter is the kernel itself).
+template <auto kKernel>
+unsigned grid_for(int64_t num_chunks) {
+  static const int blocks_per_sm = [] {
+    int n = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kKernel, kThreads, 0) != cudaSuccess || n < 1) n = 1;
+    return n;
+  }();
+  const int64_t full = int64_t(sm_count()) * blocks_per_sm;
+  return unsigned(std::max<int64_t>(1, std::min<int64_t>(num_chunks, full)));
+}
+
+template <typename T, AdamWMode MODE>
+cudaError_t launch_update(const AdamWLaunch& L, cudaStream_t stream) {
+  if (L.num_chunks > 0) {
+    adamw_kernel<T, MODE><<<grid_for<adamw_kernel<T, MODE>>(L.num_chunks), kThreads, 0, stream>>>(L);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  StepAdvance A;
+  A.num_tensors = L.num_tensors;
+  A.step_scalars = L.step_scalars;
+  for (int t = 0; t < L.num_tensors; ++t) A.steps[t] = L.tensors[t].step;
+  advance_steps_kernel<<<unsigned(ceil_div(L.num_tensors, 128)), 128, 0, stream>>>(A);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_check(const GradCheckLaunch& L, cudaStream_t stream) {
+  grad_check_kernel<T><<<grid_for<grad_check_kernel<T>>(L.num_chunks), kThreads, 0, stream>>>(L);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_adamw(const AdamWLaunch& L, DType param_dtype, AdamWMode mode, cudaStream_t stream) {
+  if (L.num_tensors == 0) return cudaSuccess;
+  switch (param_dtype) {
+    case DType::kFloat:
+      if (mode == AdamWMode::kPlain) return launch_update<float, AdamWMode::kPlain>(L, stream);
+      break;
+    case DType::kHalf:
+      if (mode == AdamWMode::kPlain) return launch_update<__half, AdamWMode::kPlain>(L, stream);
+      if (mode == AdamWMode::kMaster) return launch_update<__half, AdamWMode::kMaster>(L, stream);
+      break;
+    case DType::kBFloat16:
+      if (mode == AdamWMode::kPlain) return launch_update<__nv_bfloat16, AdamWMode::kPlain>(L, stream);
+      if (mode == AdamWMode::kMaster) return launch_update<__nv_bfloat16, AdamWMode::kMaster>(L, stream);
+      if (mode == AdamWMode::kStochastic) return launch_update<__nv_bfloat16, AdamWMode::kStochastic>(L, stream);
+      break;
+    default:
+      break;
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_grad_check(const GradCheckLaunch& L, DType grad_dtype, cudaStream_t stream) {
+  if (L.num_chunks == 0) return cudaSuccess;
+  switch (grad_dtype) {
+    case DType::kFloat:
+      return launch_check<float>(L, stream);
+    case DType::kHalf:
+      return launch_check<__half>(L, stream);
+    case DType::kBFloat16:
+      return launch_check<__nv_bfloat16>(L, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+cudaError_t launch_grad_check_finalize(const float* partials, int64_t num_chunks, const float* scale,
+                                       const float* found_inf_in, double max_norm, float* out, cudaStream_t stream) {
+  grad_check_finalize_kernel<<<1, kFinalizeThreads, 0, stream>>>(partials, num_chunks, scale, found_inf_in, max_norm,
+                                                                 out);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_loss_scale_update(float* scale, int32_t* growth_tracker, int32_t* hysteresis_tracker,
+                                     const float* found_inf, const LossScaleConfig& config, cudaStream_t stream) {
+  loss_scale_update_kernel<<<1, 1, 0, stream>>>(scale, growth_tracker, hysteresis_tracker, found_inf, config);
+  return cudaGetLastError();
+}
+
+}  // namespace cogkern

@@ -1,0 +1,388 @@
+// Mixed-precision AdamW and dynamic loss scaling: the math, shared by the CUDA
+// kernels (adamw_launch.cu) and the CPU backend (csrc/adamw/adamw_cpu.cpp). Torch-free.
+//
+// One optimizer step reads the gradients at most twice (check, update), plus
+// two tiny kernels:
+//   1. grad check (read-only): per chunk, "any inf/NaN" and the sum of squares
+//      of the unscaled gradients, written to one slot per chunk (no atomics, so
+//      the norm is reproducible run to run);
+//   2. finalize (one block): found_inf, inv_scale, clip coefficient, grad norm
+//      into a 4-float device buffer, the "step scalars";
+//   3. update: each chunk reads the step scalars; on found_inf it returns
+//      before touching anything, so params, master weights, moments and step
+//      counts stay bit-for-bit unchanged without the host ever looking.
+// The step count of every tensor is then advanced by a tiny kernel, again only
+// when found_inf is clear. Without a loss scale or clipping, step 1 is skipped.
+#pragma once
+
+#include "common/multi_tensor.h"
+
+
+namespace cogkern {
+
+// ---------------------------------------------------------------------------
+// Launch descriptions (they travel in the kernel parameter block: < 32 KB)
+// ---------------------------------------------------------------------------
+
+constexpr int kAdamWMaxTensors = 224;
+constexpr int kAdamWMaxGroups = 24;
+constexpr int kGradCheckMaxTensors = 768;
+
+// Slots of the step-scalar buffer (float32 on the params' device).
+enum StepScalar : int { kFoundInf = 0, kInvScale = 1, kClipCoef = 2, kGradNorm = 3, kNumStepScalars = 4 };
+
+enum class AdamWMode : int {
+  kPlain = 0,       // update the params in their own dtype (round to nearest)
+  kMaster = 1,      // fp32 master weights; params := round_to_nearest(master)
+  kStochastic = 2,  // bf16 params, no master: stochastic rounding of the fp32 result
+};
+
+struct AdamWGroup {
+  double lr = 0;
+  const float* lr_ptr = nullptr;  // when set, lr is read from the device (a tensor lr)
+  double beta1 = 0, beta2 = 0, eps = 0, weight_decay = 0;
+};
+
+struct AdamWTensor {
+  void* param = nullptr;
+  const void* grad = nullptr;
+  float* exp_avg = nullptr;
+  float* exp_avg_sq = nullptr;
+  float* master = nullptr;  // kMaster only
+  float* step = nullptr;    // the tensor's step count (float32, like torch's state['step'])
+  int64_t numel = 0;
+  int64_t chunk_begin = 0;  // first global chunk of this tensor in its launch
+  int32_t group = 0;        // index into AdamWLaunch::groups
+  uint32_t rng_id = 0;      // stable id of the param, for stochastic rounding
+  int32_t vector_ok = 0;    // every pointer aligned for kMultiTensorILP-wide vector access
+};
+
+struct AdamWLaunch {
+  AdamWGroup groups[kAdamWMaxGroups];
+  AdamWTensor tensors[kAdamWMaxTensors];
+  int num_tensors = 0;
+  int64_t num_chunks = 0;
+  const float* step_scalars = nullptr;  // null: no loss scaling, no clipping, never skip
+  uint64_t seed = 0;                    // stochastic rounding
+};
+
+struct GradCheckTensor {
+  void* grad = nullptr;
+  int64_t numel = 0;
+  int64_t chunk_begin = 0;
+  int32_t vector_ok = 0;
+};
+
+struct GradCheckLaunch {
+  GradCheckTensor tensors[kGradCheckMaxTensors];
+  int num_tensors = 0;
+  int64_t num_chunks = 0;
+  float* partials = nullptr;    // 2 floats per chunk (sum of squares, non-finite flag), this launch's part
+  const float* scale = nullptr; // loss scale; null means 1
+  bool unscale_inplace = false; // also write grad * (1 / scale) back (GradScaler.unscale_)
+};
+
+// ---------------------------------------------------------------------------
+// AdamW, exactly as torch.optim.AdamW's single-tensor path computes it:
+//   p  = p * (1 - lr * wd)
+//   m  = lerp(m, g, 1 - beta1)
+//   v  = v * beta2 + (1 - beta2) * g * g
+//   p  = p + (-lr / (1 - beta1^t)) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+// The per-step scalars are formed in double (as torch does in Python), the
+// element math in fp32, in torch's operation order.
+// ---------------------------------------------------------------------------
+
+struct AdamWCoeffs {
+  float decay, lerp_weight, beta2, one_minus_beta2, neg_step_size, bias_correction2_sqrt, eps;
+};
+
+CK_HD AdamWCoeffs adamw_coeffs(const AdamWGroup& g, float step) {
+  const double lr = g.lr_ptr != nullptr ? double(*g.lr_ptr) : g.lr;
+  const double bias_correction1 = 1.0 - pow(g.beta1, double(step));
+  const double bias_correction2 = 1.0 - pow(g.beta2, double(step));
+  AdamWCoeffs c;
+  c.decay = float(1.0 - lr * g.weight_decay);
+  c.lerp_weight = float(1.0 - g.beta1);
+  c.beta2 = float(g.beta2);
+  c.one_minus_beta2 = float(1.0 - g.beta2);
+  c.neg_step_size = float(-(lr / bias_correction1));
+  c.bias_correction2_sqrt = float(sqrt(bias_correction2));
+  c.eps = float(g.eps);
+  return c;
+}
+
+// Single-rounding float ops. On the device they stop nvcc from contracting
+// a * b + c into an FMA, so the CUDA kernel rounds exactly where the CPU
+// backend (x86-64, no FMA contraction) and torch's formulas do.
+CK_HD float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+CK_HD float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+CK_HD float sub_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+CK_HD float div_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+CK_HD float sqrt_rn(float a) {
+#if defined(__CUDA_ARCH__)
+  return __fsqrt_rn(a);
+#else
+  // IEEE sqrt. The CPU backend (adamw_cpu.cpp, its only host caller) is built
+  // with -fno-math-errno, so this vectorizes there instead of branching to errno.
+  return std::sqrt(a);
+#endif
+}
+
+// torch's lerp: the form that is exact at its end point. Both forms are
+// computed and one picked with a bit mask (no branch), so the host compiler
+// can vectorize the element loop; the result is exactly the chosen form.
+CK_HD float lerp_acc(float start, float end, float w) {
+  const float diff = sub_rn(end, start);
+  const float from_start = add_rn(start, mul_rn(w, diff));
+  const float from_end = sub_rn(end, mul_rn(diff, sub_rn(1.0f, w)));
+  const uint32_t pick_start = 0u - uint32_t(fabsf(w) < 0.5f);
+  return bits_float((float_bits(from_start) & pick_start) | (float_bits(from_end) & ~pick_start));
+}
+
+CK_HD void adamw_element(float& p, float& m, float& v, float g, const AdamWCoeffs& c) {
+  p = mul_rn(p, c.decay);
+  m = lerp_acc(m, g, c.lerp_weight);
+  v = mul_rn(v, c.beta2);
+  v = add_rn(v, mul_rn(mul_rn(c.one_minus_beta2, g), g));
+  const float denom = add_rn(div_rn(sqrt_rn(v), c.bias_correction2_sqrt), c.eps);
+  p = add_rn(p, div_rn(mul_rn(c.neg_step_size, m), denom));
+}
+
+// ---------------------------------------------------------------------------
+// Stochastic rounding fp32 -> bf16. Random bits come from a counter-based hash
+// of (seed, param id, step, element index): reproducible, identical on CPU and
+// CUDA, independent of how chunks are scheduled.
+// ---------------------------------------------------------------------------
+
+CK_HD uint64_t mix64(uint64_t x) {  // splitmix64's finalizer
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
+CK_HD uint64_t sr_stream_key(uint64_t seed, uint32_t rng_id, uint32_t step) {
+  return mix64(seed ^ mix64((uint64_t(rng_id) << 32) | step));
+}
+
+// 16 random bits for element i; one hash feeds four consecutive elements.
+CK_HD uint32_t sr_bits(uint64_t key, int64_t i) {
+  const uint64_t h = mix64(key ^ (uint64_t(i >> 2) * 0xD6E8FEB86659FD93ull));
+  return uint32_t(h >> (16 * (i & 3))) & 0xFFFFu;
+}
+
+// Round-to-nearest-even fp32 -> bf16 bits (NaN stays a quiet NaN).
+CK_HD uint16_t bf16_bits_rn(float x) {
+  const uint32_t b = float_bits(x);
+  if ((b & 0x7FFFFFFFu) > 0x7F800000u) return uint16_t((b >> 16) | 0x0040u);
+  return uint16_t((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+}
+
+// Unbiased: rounds up with probability (distance to the lower bf16 neighbour) / ulp.
+CK_HD uint16_t bf16_bits_stochastic(float x, uint32_t random16) {
+  const uint32_t b = float_bits(x);
+  if ((b & 0x7F800000u) == 0x7F800000u) return bf16_bits_rn(x);  // inf / NaN stay as they are
+  return uint16_t((b + random16) >> 16);
+}
+
+CK_HD float bf16_bits_to_float(uint16_t h) { return bits_float(uint32_t(h) << 16); }
+
+// ---------------------------------------------------------------------------
+// The per-chunk bodies (multi_tensor.h): one (tensor, chunk), lanes striding.
+// T is the param/grad storage type (float, or a 16-bit type of the backend).
+// N: elements per lane and iteration; the CUDA kernels use kMultiTensorILP
+// (one 16-byte load), the CPU backend a SIMD register's worth. Every element's
+// arithmetic is the same whatever N is.
+// ---------------------------------------------------------------------------
+
+template <typename T, AdamWMode MODE, int N = kMultiTensorILP>
+struct AdamWChunk {
+  CK_HD void operator()(const AdamWLaunch& L, int t, int64_t chunk, int lane, int nlanes) const {
+    const float* scalars = L.step_scalars;
+    if (scalars != nullptr && scalars[kFoundInf] != 0.0f) return;  // skipped step: touch nothing
+    const AdamWTensor& d = L.tensors[t];
+    const float step = *d.step + 1.0f;
+    const AdamWCoeffs c = adamw_coeffs(L.groups[d.group], step);
+    const float inv_scale = scalars != nullptr ? scalars[kInvScale] : 1.0f;
+    const float clip = scalars != nullptr ? scalars[kClipCoef] : 1.0f;
+    uint64_t key = 0;
+    if constexpr (MODE == AdamWMode::kStochastic) key = sr_stream_key(L.seed, d.rng_id, uint32_t(step));
+
+    T* param = static_cast<T*>(d.param);
+    const T* grad = static_cast<const T*>(d.grad);
+    const bool vec = d.vector_ok != 0;
+    const int64_t begin = chunk * kMultiTensorChunk;
+    const int64_t end = begin + kMultiTensorChunk < d.numel ? begin + kMultiTensorChunk : d.numel;
+    const T zero = from_acc<T>(0.0f);
+
+    for (int64_t i = begin + int64_t(lane) * N; i < end; i += int64_t(nlanes) * N) {
+      const int64_t n = end - i < N ? end - i : N;
+      T g_raw[N], p_raw[N];
+      float m[N], v[N], p[N];
+      mt_load<T, N>(grad + i, n, vec, g_raw, zero);
+      mt_load<float, N>(d.exp_avg + i, n, vec, m, 0.0f);
+      mt_load<float, N>(d.exp_avg_sq + i, n, vec, v, 0.0f);
+      if constexpr (MODE == AdamWMode::kMaster) {
+        mt_load<float, N>(d.master + i, n, vec, p, 0.0f);
+      } else {
+        mt_load<T, N>(param + i, n, vec, p_raw, zero);
+#pragma unroll
+        for (int k = 0; k < N; ++k) p[k] = to_acc<float>(p_raw[k]);
+      }
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        // Unscale, then clip: two roundings, as GradScaler.unscale_ + clip_grad_norm_ would.
+        const float g = mul_rn(mul_rn(to_acc<float>(g_raw[k]), inv_scale), clip);
+        adamw_element(p[k], m[k], v[k], g, c);
+        if constexpr (MODE == AdamWMode::kStochastic) {
+          static_assert(sizeof(T) == 2, "stochastic rounding writes bf16 bits");
+          const uint16_t bits = bf16_bits_stochastic(p[k], sr_bits(key, i + k));
+          memcpy(&p_raw[k], &bits, sizeof(bits));
+        } else {
+          p_raw[k] = from_acc<T>(p[k]);
+        }
+      }
+      mt_store<float, N>(d.exp_avg + i, n, vec, m);
+      mt_store<float, N>(d.exp_avg_sq + i, n, vec, v);
+      if constexpr (MODE == AdamWMode::kMaster) mt_store<float, N>(d.master + i, n, vec, p);
+      mt_store<T, N>(param + i, n, vec, p_raw);
+    }
+  }
+};
+
+// After every chunk of a launch is done: advance the tensor's step unless skipped.
+CK_HD void adamw_advance_step(const AdamWLaunch& L, int t) {
+  const float* scalars = L.step_scalars;
+  if (scalars != nullptr && scalars[kFoundInf] != 0.0f) return;
+  *L.tensors[t].step += 1.0f;
+}
+
+struct GradCheckPartial {
+  float sumsq = 0.0f;
+  float nonfinite = 0.0f;
+};
+
+CK_HD float inv_loss_scale(const float* scale) {
+  return scale != nullptr ? float(1.0 / double(*scale)) : 1.0f;
+}
+
+// Read-only unless unscale_inplace: finds inf/NaN in the (scaled) gradients and
+// sums the squares of the unscaled ones (N running sums, added in order at the
+// end, so that the CPU loop vectorizes; deterministic for a given N).
+template <typename T, int N = kMultiTensorILP>
+struct GradCheckChunk {
+  CK_HD GradCheckPartial operator()(const GradCheckLaunch& L, int t, int64_t chunk, int lane, int nlanes) const {
+    const GradCheckTensor& d = L.tensors[t];
+    const float inv_scale = inv_loss_scale(L.scale);
+    T* grad = static_cast<T*>(d.grad);
+    const bool vec = d.vector_ok != 0;
+    const int64_t begin = chunk * kMultiTensorChunk;
+    const int64_t end = begin + kMultiTensorChunk < d.numel ? begin + kMultiTensorChunk : d.numel;
+    const T zero = from_acc<T>(0.0f);
+    float sumsq[N];
+    uint32_t nonfinite = 0;
+#pragma unroll
+    for (int k = 0; k < N; ++k) sumsq[k] = 0.0f;
+    for (int64_t i = begin + int64_t(lane) * N; i < end; i += int64_t(nlanes) * N) {
+      const int64_t n = end - i < N ? end - i : N;
+      T g_raw[N];
+      mt_load<T, N>(grad + i, n, vec, g_raw, zero);
+      float u[N];
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        const float g = to_acc<float>(g_raw[k]);
+        nonfinite |= uint32_t(!is_finite_acc(g));
+        u[k] = mul_rn(g, inv_scale);
+        sumsq[k] = add_rn(sumsq[k], mul_rn(u[k], u[k]));
+      }
+      if (L.unscale_inplace) {  // a separate pass keeps the loop above branch-free
+#pragma unroll
+        for (int k = 0; k < N; ++k) g_raw[k] = from_acc<T>(u[k]);
+        mt_store<T, N>(grad + i, n, vec, g_raw);
+      }
+    }
+    GradCheckPartial r;
+#pragma unroll
+    for (int k = 0; k < N; ++k) r.sumsq = add_rn(r.sumsq, sumsq[k]);
+    r.nonfinite = nonfinite ? 1.0f : 0.0f;
+    return r;
+  }
+};
+
+// Turns the reduced check into the step scalars. found_inf_in (nullable) is
+// OR-ed in: e.g. the flag torch.amp.GradScaler computed.
+CK_HD void finalize_grad_check(float sumsq, float nonfinite, const float* scale, const float* found_inf_in,
+                               double max_norm, float* out) {
+  const bool found = nonfinite != 0.0f || (found_inf_in != nullptr && *found_inf_in != 0.0f);
+  const float norm = sqrtf(sumsq);
+  out[kFoundInf] = found ? 1.0f : 0.0f;
+  out[kInvScale] = inv_loss_scale(scale);
+  out[kGradNorm] = norm;
+  // torch.nn.utils.clip_grad_norm_: max_norm / (norm + 1e-6), at most 1.
+  float clip = 1.0f;
+  if (max_norm > 0) {
+    clip = float(max_norm) / (norm + 1e-6f);
+    clip = clip < 1.0f ? clip : 1.0f;
+  }
+  out[kClipCoef] = clip;
+}
+
+// ---------------------------------------------------------------------------
+// Dynamic loss scaling with hysteresis (Megatron-LM's semantics, with a
+// floor and a ceiling):
+//   overflow: growth := 0; hysteresis_left -= 1; if hysteresis_left <= 0:
+//             scale := max(scale * backoff, min_scale)
+//   clean:    growth += 1; if growth == interval: growth := 0,
+//             hysteresis_left := hysteresis, scale := min(scale * growth_factor, max_scale)
+// ---------------------------------------------------------------------------
+
+struct LossScaleConfig {
+  double growth_factor = 2.0, backoff_factor = 0.5, min_scale = 1.0, max_scale = 16777216.0;
+  int32_t growth_interval = 1000, hysteresis = 2;
+};
+
+CK_HD void update_loss_scale(float* scale, int32_t* growth_tracker, int32_t* hysteresis_tracker, bool found_inf,
+                             const LossScaleConfig& c) {
+  if (found_inf) {
+    *growth_tracker = 0;
+    *hysteresis_tracker -= 1;
+    if (*hysteresis_tracker <= 0) {
+      const double s = double(*scale) * c.backoff_factor;
+      *scale = float(s > c.min_scale ? s : c.min_scale);
+    }
+    return;
+  }
+  *growth_tracker += 1;
+  if (*growth_tracker >= c.growth_interval) {
+    *growth_tracker = 0;
+    *hysteresis_tracker = c.hysteresis;
+    const double s = double(*scale) * c.growth_factor;
+    *scale = float(s < c.max_scale ? s : c.max_scale);
+  }
+}
+
+}  // namespace cogkern

@@ -1,0 +1,305 @@
+// The optimizer ops (cogkern::fused_adamw_, amp_grad_check_, loss_scale_update_):
+// argument checks, packing of tensor lists into launches, and the op bodies,
+// templated over the backend so the CPU (adamw_op.cpp) and CUDA
+// (cuda/adamw_cuda.cpp) registrations share one definition. Every check runs,
+// and raises ValueError naming the argument, before any kernel is launched.
+#pragma once
+
+#include <ATen/core/List.h>
+#include <ATen/ops/empty.h>
+#include <c10/core/TensorOptions.h>
+
+#include <memory>
+#include <optional>
+#include <vector>
+
+#include "adamw/adamw_math.h"
+#include "common/torch/glue.h"
+
+namespace cogkern::ops {
+
+inline bool optimizer_dtype_ok(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
+
+// True when every pointer allows kMultiTensorILP-wide vector access.
+inline bool vector_aligned(std::initializer_list<const at::Tensor*> ts) {
+  for (const at::Tensor* t : ts) {
+    if (t == nullptr || !t->defined()) continue;
+    const uintptr_t align = uintptr_t(kMultiTensorILP) * t->element_size();
+    if (reinterpret_cast<uintptr_t>(t->const_data_ptr()) % align != 0) return false;
+  }
+  return true;
+}
+
+inline void check_dense(const char* op, const char* name, size_t i, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.defined(), op, ": ", name, "[", i, "] is undefined");
+  TORCH_CHECK_VALUE(t.layout() == at::kStrided, op, ": ", name, "[", i, "] must be a dense tensor, got layout ",
+                    t.layout(), " (sparse gradients are not supported)");
+  TORCH_CHECK_VALUE(t.is_non_overlapping_and_dense(), op, ": ", name, "[", i,
+                    "] must be non-overlapping and dense (e.g. contiguous), got strides ", t.strides());
+}
+
+// A tensor that is walked element by element together with params[i].
+inline void check_like_param(const char* op, const char* name, size_t i, const at::Tensor& t, const at::Tensor& p,
+                             std::optional<at::ScalarType> dtype) {
+  check_dense(op, name, i, t);
+  TORCH_CHECK_VALUE(t.device() == p.device(), op, ": ", name, "[", i, "] is on ", t.device(), " but params[", i,
+                    "] is on ", p.device());
+  TORCH_CHECK_VALUE(t.sizes() == p.sizes(), op, ": ", name, "[", i, "] has shape ", t.sizes(), " but params[", i,
+                    "] has shape ", p.sizes());
+  if (dtype.has_value()) {
+    TORCH_CHECK_VALUE(t.scalar_type() == *dtype, op, ": ", name, "[", i, "] must be ", *dtype, ", got ",
+                      t.scalar_type());
+  }
+  TORCH_CHECK_VALUE(t.numel() <= 1 || t.strides() == p.strides(), op, ": ", name, "[", i, "] has strides ",
+                    t.strides(), " but params[", i, "] has strides ", p.strides());
+}
+
+inline void check_device_scalar(const char* op, const char* name, const at::Tensor& t, at::ScalarType dtype,
+                                const at::Device& device, int64_t numel = 1) {
+  TORCH_CHECK_VALUE(t.defined(), op, ": ", name, " is undefined");
+  TORCH_CHECK_VALUE(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.numel() == numel, op, ": ", name, " must have ", numel, " element(s), got ", t.numel());
+  TORCH_CHECK_VALUE(t.device() == device, op, ": ", name, " must be on ", device, ", got ", t.device());
+  TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+inline void check_hyper(const char* op, const char* name, size_t g, double v, double lo, bool lo_open, double hi,
+                        bool hi_open) {
+  const bool ok = std::isfinite(v) && (lo_open ? v > lo : v >= lo) && (hi_open ? v < hi : v <= hi);
+  TORCH_CHECK_VALUE(ok, op, ": ", name, "[", g, "] must be in ", lo_open ? "(" : "[", lo, ", ", hi,
+                    hi_open ? ")" : "]", ", got ", v);
+}
+
+// Backend: a type with
+//   static void adamw(const AdamWLaunch&, DType, AdamWMode, const at::Tensor& ref);
+//   static void grad_check(const GradCheckLaunch&, DType, const at::Tensor& ref);
+//   static void grad_check_finalize(const float* partials, int64_t chunks, const float* scale,
+//                                   const float* found_inf_in, double max_norm, float* out, const at::Tensor& ref);
+//   static void loss_scale_update(float*, int32_t*, int32_t*, const float*, const LossScaleConfig&, const at::Tensor& ref);
+template <typename Backend>
+struct AdamWOps {
+  // One precision mode per call: all params share a dtype; masters empty (no
+  // master weights) or one per param.
+  static void fused_adamw_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                           at::TensorList exp_avg_sqs, at::TensorList masters, at::TensorList steps,
+                           at::IntArrayRef tensor_groups, at::IntArrayRef tensor_ids, at::ArrayRef<double> lrs,
+                           const c10::List<std::optional<at::Tensor>>& lr_tensors, at::ArrayRef<double> beta1s,
+                           at::ArrayRef<double> beta2s, at::ArrayRef<double> epss, at::ArrayRef<double> weight_decays,
+                           const std::optional<at::Tensor>& step_scalars, int64_t seed, bool stochastic_rounding) {
+    const char* op = "fused_adamw_";
+    const size_t n = params.size();
+    const auto same_n = [&](size_t m, const char* name) {
+      TORCH_CHECK_VALUE(m == n, op, ": ", name, " must have one entry per param (", n, "), got ", m);
+    };
+    same_n(grads.size(), "grads");
+    same_n(exp_avgs.size(), "exp_avgs");
+    same_n(exp_avg_sqs.size(), "exp_avg_sqs");
+    same_n(steps.size(), "steps");
+    same_n(tensor_groups.size(), "tensor_groups");
+    same_n(tensor_ids.size(), "tensor_ids");
+    TORCH_CHECK_VALUE(masters.empty() || masters.size() == n, op, ": masters must be empty or have one entry per param (",
+                      n, "), got ", masters.size());
+    const size_t G = lrs.size();
+    TORCH_CHECK_VALUE(lr_tensors.size() == G && beta1s.size() == G && beta2s.size() == G && epss.size() == G &&
+                          weight_decays.size() == G,
+                      op, ": lrs, lr_tensors, beta1s, beta2s, epss and weight_decays must all have one entry per group");
+    if (n == 0) return;
+
+    const at::Tensor& p0 = params[0];
+    const at::ScalarType dtype = p0.scalar_type();
+    const at::Device device = p0.device();
+    TORCH_CHECK_VALUE(optimizer_dtype_ok(dtype), op, ": params must be float32, float16 or bfloat16, got ", dtype);
+    TORCH_CHECK_VALUE(device.is_cpu() || device.is_cuda(), op, ": params must be on the CPU or a CUDA device, got ",
+                      device);
+    AdamWMode mode = AdamWMode::kPlain;
+    if (stochastic_rounding) {
+      TORCH_CHECK_VALUE(dtype == at::kBFloat16, op, ": stochastic_rounding needs bfloat16 params, got ", dtype);
+      TORCH_CHECK_VALUE(masters.empty(), op, ": stochastic_rounding replaces master weights; masters must be empty");
+      mode = AdamWMode::kStochastic;
+    } else if (!masters.empty()) {
+      TORCH_CHECK_VALUE(dtype != at::kFloat, op, ": master weights are for float16/bfloat16 params, got float32");
+      mode = AdamWMode::kMaster;
+    }
+
+    for (size_t g = 0; g < G; ++g) {
+      check_hyper(op, "lrs", g, lrs[g], 0.0, false, INFINITY, true);
+      check_hyper(op, "beta1s", g, beta1s[g], 0.0, false, 1.0, true);
+      check_hyper(op, "beta2s", g, beta2s[g], 0.0, false, 1.0, true);
+      check_hyper(op, "epss", g, epss[g], 0.0, false, INFINITY, true);
+      check_hyper(op, "weight_decays", g, weight_decays[g], 0.0, false, INFINITY, true);
+      const std::optional<at::Tensor> lr_t = lr_tensors.get(g);
+      if (lr_t.has_value()) check_device_scalar(op, "lr_tensors[g]", *lr_t, at::kFloat, device);
+    }
+    if (step_scalars.has_value()) {
+      check_device_scalar(op, "step_scalars", *step_scalars, at::kFloat, device, kNumStepScalars);
+    }
+    for (size_t i = 0; i < n; ++i) {
+      const at::Tensor& p = params[i];
+      check_dense(op, "params", i, p);
+      TORCH_CHECK_VALUE(p.scalar_type() == dtype, op, ": params[", i, "] is ", p.scalar_type(),
+                        " but params[0] is ", dtype, "; pass one dtype per call");
+      TORCH_CHECK_VALUE(p.device() == device, op, ": params[", i, "] is on ", p.device(), " but params[0] is on ",
+                        device);
+      check_like_param(op, "grads", i, grads[i], p, dtype);
+      check_like_param(op, "exp_avgs", i, exp_avgs[i], p, at::kFloat);
+      check_like_param(op, "exp_avg_sqs", i, exp_avg_sqs[i], p, at::kFloat);
+      if (!masters.empty()) check_like_param(op, "masters", i, masters[i], p, at::kFloat);
+      check_device_scalar(op, "steps[i]", steps[i], at::kFloat, device);
+      TORCH_CHECK_VALUE(tensor_groups[i] >= 0 && size_t(tensor_groups[i]) < G, op, ": tensor_groups[", i,
+                        "] must be in [0, ", G, "), got ", tensor_groups[i]);
+      TORCH_CHECK_VALUE(tensor_ids[i] >= 0 && tensor_ids[i] <= int64_t(UINT32_MAX), op, ": tensor_ids[", i,
+                        "] must be in [0, 2^32), got ", tensor_ids[i]);
+    }
+
+    // Pack into launches of at most kAdamWMaxTensors tensors and kAdamWMaxGroups groups.
+    auto L = std::make_unique<AdamWLaunch>();
+    std::vector<int> slot(G, -1);
+    int nslots = 0;
+    const auto reset = [&] {
+      *L = AdamWLaunch{};
+      L->step_scalars = step_scalars.has_value() ? step_scalars->const_data_ptr<float>() : nullptr;
+      L->seed = uint64_t(seed);
+      std::fill(slot.begin(), slot.end(), -1);
+      nslots = 0;
+    };
+    const auto flush = [&] {
+      if (L->num_tensors > 0) Backend::adamw(*L, to_dtype(dtype), mode, p0);
+      reset();
+    };
+    reset();
+    for (size_t i = 0; i < n; ++i) {
+      const int g = int(tensor_groups[i]);
+      if (L->num_tensors == kAdamWMaxTensors || (slot[g] < 0 && nslots == kAdamWMaxGroups)) flush();
+      if (slot[g] < 0) {
+        slot[g] = nslots;
+        AdamWGroup& grp = L->groups[nslots++];
+        grp.lr = lrs[g];
+        const std::optional<at::Tensor> lr_t = lr_tensors.get(g);
+        grp.lr_ptr = lr_t.has_value() ? lr_t->const_data_ptr<float>() : nullptr;
+        grp.beta1 = beta1s[g];
+        grp.beta2 = beta2s[g];
+        grp.eps = epss[g];
+        grp.weight_decay = weight_decays[g];
+      }
+      const at::Tensor* master = masters.empty() ? nullptr : &masters[i];
+      AdamWTensor& d = L->tensors[L->num_tensors++];
+      d.param = params[i].data_ptr();
+      d.grad = grads[i].const_data_ptr();
+      d.exp_avg = exp_avgs[i].data_ptr<float>();
+      d.exp_avg_sq = exp_avg_sqs[i].data_ptr<float>();
+      d.master = master != nullptr ? master->data_ptr<float>() : nullptr;
+      d.step = steps[i].data_ptr<float>();
+      d.numel = params[i].numel();
+      d.chunk_begin = L->num_chunks;
+      d.group = slot[g];
+      d.rng_id = uint32_t(tensor_ids[i]);
+      d.vector_ok = vector_aligned({&params[i], &grads[i], &exp_avgs[i], &exp_avg_sqs[i], master}) ? 1 : 0;
+      L->num_chunks += chunks_of(d.numel);
+    }
+    flush();
+  }
+
+  // Finds inf/NaN in grads (any mix of float32/float16/bfloat16, one launch per
+  // dtype) and the norm of grads / scale, and writes the step scalars
+  // [found_inf, inv_scale, clip_coef, grad_norm] to `out`. scan=False skips
+  // the pass (only combines scale and found_inf). unscale_inplace also writes
+  // grads * (1 / scale) back.
+  static void amp_grad_check_(at::TensorList grads, const std::optional<at::Tensor>& scale,
+                              const std::optional<at::Tensor>& found_inf, double max_norm, bool scan,
+                              bool unscale_inplace, const at::Tensor& out) {
+    const char* op = "amp_grad_check_";
+    TORCH_CHECK_VALUE(out.defined(), op, ": out is undefined");
+    const at::Device device = out.device();
+    TORCH_CHECK_VALUE(device.is_cpu() || device.is_cuda(), op, ": out must be on the CPU or a CUDA device");
+    check_device_scalar(op, "out", out, at::kFloat, device, kNumStepScalars);
+    if (scale.has_value()) check_device_scalar(op, "scale", *scale, at::kFloat, device);
+    if (found_inf.has_value()) check_device_scalar(op, "found_inf", *found_inf, at::kFloat, device);
+    TORCH_CHECK_VALUE(std::isfinite(max_norm) && max_norm >= 0, op, ": max_norm must be >= 0 (0: no clipping), got ",
+                      max_norm);
+    TORCH_CHECK_VALUE(scan || !unscale_inplace, op, ": unscale_inplace needs scan");
+    for (size_t i = 0; i < grads.size(); ++i) {
+      check_dense(op, "grads", i, grads[i]);
+      TORCH_CHECK_VALUE(optimizer_dtype_ok(grads[i].scalar_type()), op, ": grads[", i,
+                        "] must be float32, float16 or bfloat16, got ", grads[i].scalar_type());
+      TORCH_CHECK_VALUE(grads[i].device() == device, op, ": grads[", i, "] is on ", grads[i].device(),
+                        " but out is on ", device);
+    }
+
+    const float* scale_ptr = scale.has_value() ? scale->const_data_ptr<float>() : nullptr;
+    const float* found_ptr = found_inf.has_value() ? found_inf->const_data_ptr<float>() : nullptr;
+    float* out_ptr = out.data_ptr<float>();
+    int64_t total_chunks = 0;
+    if (scan) {
+      for (const at::Tensor& g : grads) total_chunks += chunks_of(g.numel());
+    }
+    if (total_chunks == 0) {
+      Backend::grad_check_finalize(nullptr, 0, scale_ptr, found_ptr, max_norm, out_ptr, out);
+      return;
+    }
+    const at::Tensor partials = at::empty({2 * total_chunks}, out.options());
+    float* partials_ptr = partials.data_ptr<float>();
+    int64_t offset = 0;  // chunks already assigned a partial slot
+    auto L = std::make_unique<GradCheckLaunch>();
+    for (const at::ScalarType dt : {at::kFloat, at::kHalf, at::kBFloat16}) {
+      const auto reset = [&] {
+        *L = GradCheckLaunch{};
+        L->partials = partials_ptr + 2 * offset;
+        L->scale = scale_ptr;
+        L->unscale_inplace = unscale_inplace;
+      };
+      const auto flush = [&] {
+        if (L->num_chunks > 0) Backend::grad_check(*L, to_dtype(dt), out);
+        offset += L->num_chunks;
+        reset();
+      };
+      reset();
+      for (const at::Tensor& g : grads) {
+        if (g.scalar_type() != dt || g.numel() == 0) continue;
+        if (L->num_tensors == kGradCheckMaxTensors) flush();
+        GradCheckTensor& d = L->tensors[L->num_tensors++];
+        d.grad = g.data_ptr();
+        d.numel = g.numel();
+        d.chunk_begin = L->num_chunks;
+        d.vector_ok = vector_aligned({&g}) ? 1 : 0;
+        L->num_chunks += chunks_of(d.numel);
+      }
+      flush();
+    }
+    Backend::grad_check_finalize(partials_ptr, total_chunks, scale_ptr, found_ptr, max_norm, out_ptr, out);
+  }
+
+  static void loss_scale_update_(const at::Tensor& scale, const at::Tensor& growth_tracker,
+                                 const at::Tensor& hysteresis_tracker, const at::Tensor& found_inf,
+                                 double growth_factor, double backoff_factor, int64_t growth_interval,
+                                 int64_t hysteresis, double min_scale, double max_scale) {
+    const char* op = "loss_scale_update_";
+    TORCH_CHECK_VALUE(scale.defined(), op, ": scale is undefined");
+    const at::Device device = scale.device();
+    check_device_scalar(op, "scale", scale, at::kFloat, device);
+    check_device_scalar(op, "growth_tracker", growth_tracker, at::kInt, device);
+    check_device_scalar(op, "hysteresis_tracker", hysteresis_tracker, at::kInt, device);
+    check_device_scalar(op, "found_inf", found_inf, at::kFloat, device);
+    TORCH_CHECK_VALUE(std::isfinite(growth_factor) && growth_factor >= 1.0, op,
+                      ": growth_factor must be finite and >= 1, got ", growth_factor);
+    TORCH_CHECK_VALUE(backoff_factor > 0.0 && backoff_factor <= 1.0, op, ": backoff_factor must be in (0, 1], got ",
+                      backoff_factor);
+    TORCH_CHECK_VALUE(growth_interval >= 1 && growth_interval <= INT32_MAX, op,
+                      ": growth_interval must be a positive int32, got ", growth_interval);
+    TORCH_CHECK_VALUE(hysteresis >= 1 && hysteresis <= INT32_MAX, op, ": hysteresis must be a positive int32, got ",
+                      hysteresis);
+    TORCH_CHECK_VALUE(std::isfinite(min_scale) && min_scale > 0, op, ": min_scale must be positive, got ", min_scale);
+    TORCH_CHECK_VALUE(max_scale >= min_scale, op, ": max_scale must be >= min_scale, got ", max_scale, " < ",
+                      min_scale);
+    LossScaleConfig c;
+    c.growth_factor = growth_factor;
+    c.backoff_factor = backoff_factor;
+    c.growth_interval = int32_t(growth_interval);
+    c.hysteresis = int32_t(hysteresis);
+    c.min_scale = min_scale;
+    c.max_scale = max_scale;
+    Backend::loss_scale_update(scale.data_ptr<float>(), growth_tracker.data_ptr<int32_t>(),
+                               hysteresis_tracker.data_ptr<int32_t>(), found_inf.const_data_ptr<float>(), c, scale);
+  }
+};
+
+}  // namespace cogkern::ops

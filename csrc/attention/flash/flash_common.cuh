@@ -1,0 +1,381 @@
+// Device building blocks of the flash-attention kernels (flash_fwd_launch.cu,
+// flash_bwd_launch.cu): PTX wrappers for the sm_80+ tensor-core path (mma.sync,
+// ldmatrix, cp.async), a bank-conflict-free shared-memory tile layout, and
+// the fragment layouts the kernels rely on. Everything here works on sm_80
+// and sm_90.
+//
+// ----------------------------------------------------------------------------
+// Fragment layouts (PTX ISA, "Matrix Fragments for mma.m16n8k16", 16-bit A/B,
+// fp32 C/D). In a warp, lane = 4 * g + t with g = lane / 4 (the "groupID",
+// 0..7) and t = lane % 4 (the "threadID_in_group", 0..3):
+//   A (16 x 16, row-major), four .b32 registers of two 16-bit values each:
+//     a0 = A[g    ][2t .. 2t+1]    a1 = A[g + 8][2t .. 2t+1]
+//     a2 = A[g    ][2t+8 .. 2t+9]  a3 = A[g + 8][2t+8 .. 2t+9]
+//   B (16 x 8, "col": element (k, n)), two .b32 registers:
+//     b0 = B[2t .. 2t+1][g]        b1 = B[2t+8 .. 2t+9][g]
+//   C, D (16 x 8, fp32), four registers:
+//     c0, c1 = C[g][2t], C[g][2t+1]     c2, c3 = C[g+8][2t], C[g+8][2t+1]
+// Consequence used throughout (FlashAttention-2's register reuse): the C
+// fragments of two adjacent n8 tiles 2j and 2j+1 of a 16 x N product, packed
+// pairwise to 16 bits, ARE the A fragment of k-slice j (columns 16j..16j+15):
+//     a0 = pack(C[2j].c0, c1)  a1 = pack(C[2j].c2, c3)
+//     a2 = pack(C[2j+1].c0, c1)  a3 = pack(C[2j+1].c2, c3)
+// so P = softmax(S) feeds the next MMA straight from registers.
+//
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16 (PTX ISA "ldmatrix"):
+// lanes 8i .. 8i+7 give the shared addresses of the 8 rows (16 bytes each) of
+// matrix i; register ri of lane (4g + t) receives
+//     without .trans: row g, elements 2t, 2t+1 of matrix i
+//     with .trans:    elements (row 2t, col g) and (row 2t+1, col g) of matrix i
+// Hence, for a tile stored row-major [row][col] in shared memory:
+//   * A fragment of rows r0..r0+15, cols c0..c0+15 (A = the stored tile):
+//       no .trans; lane l addresses row r0 + (l % 16), col c0 + (l / 16) * 8
+//       (matrices: rows 0-7/cols 0-7, rows 8-15/cols 0-7, rows 0-7/cols 8-15,
+//        rows 8-15/cols 8-15 -> a0, a1, a2, a3).
+//   * B fragments of two n8 tiles when B(k, n) = stored[n][k] (e.g. B = K^T
+//     with K stored [key][dim]): no .trans; lane l addresses row
+//     n0 + (l % 8) + (l / 16) * 8, col k0 + ((l / 8) % 2) * 8
+//     -> r0, r1 = (b0, b1) of tile n0; r2, r3 = (b0, b1) of tile n0 + 8.
+//   * B fragments of two n8 tiles when B(k, n) = stored[k][n] (e.g. B = V with
+//     V stored [key][dim]): .trans; lane l addresses row
+//     k0 + (l % 8) + ((l / 8) % 2) * 8, col n0 + (l / 16) * 8
+//     -> r0, r1 = (b0, b1) of tile n0; r2, r3 = (b0, b1) of tile n0 + 8.
+//   * A fragment when A(m, k) = stored[k][m] (A = a transposed stored tile):
+//       .trans; lane l addresses row k0 + (l % 8) + (l / 16) * 8,
+//       col m0 + ((l / 8) % 2) * 8 -> a0, a1, a2, a3.
+// ----------------------------------------------------------------------------
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "attention/attention_math.h"
+#include "attention/flash/flash_params.h"
+
+namespace cogkern::flash {
+
+constexpr int kWarpSize = 32;
+
+// ---------------------------------------------------------------------------
+// Element types: packing two fp32 values into one .b32 register of two 16-bit
+// values (low half = first element), and the mma instruction for the type.
+// ---------------------------------------------------------------------------
+
+// COGKERN_CUDA_EMULATION (scripts/cuda_emu): the kernels compile as host C++
+// and these PTX wrappers come from the emulator, which implements them from
+// the PTX ISA's fragment definitions; the kernel code itself is unchanged.
+#if defined(COGKERN_CUDA_EMULATION)
+#define COGKERN_DYNAMIC_SMEM(name) unsigned char* name = ::cuda_emu::dynamic_smem()
+}  // namespace cogkern::flash
+#include "cuda_emu_ptx.h"
+namespace cogkern::flash {
+using ::cuda_emu::ElemTraits;
+using ::cuda_emu::smem_addr;
+using ::cuda_emu::ldmatrix_x4;
+using ::cuda_emu::ldmatrix_x4_trans;
+using ::cuda_emu::cp_async_16;
+using ::cuda_emu::cp_async_commit;
+using ::cuda_emu::cp_async_wait;
+using ::cuda_emu::fast_exp2;
+using ::cuda_emu::opaque_lane;
+#else
+// Dynamic shared memory of a kernel, 128-byte aligned.
+#define COGKERN_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
+
+template <typename T>
+struct ElemTraits;
+
+template <>
+struct ElemTraits<__half> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    const __half2 h = __floats2half2_rn(lo, hi);  // .x = lo (low 16 bits), .y = hi
+    return *reinterpret_cast<const uint32_t*>(&h);
+  }
+  // D = A * B + D, fp32 accumulators.
+  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+template <>
+struct ElemTraits<__nv_bfloat16> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  }
+  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+// ---------------------------------------------------------------------------
+// Shared memory and async copies.
+// ---------------------------------------------------------------------------
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// 16-byte global -> shared copy; when !valid nothing is read and the 16 bytes
+// are zero-filled (src-size 0), so tile rows past the sequence end are zeros.
+// `src` must still be a valid address expression; callers pass the tensor base.
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
+  const int src_bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+// Waits until at most N of this thread's committed groups are still pending.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// 2^x on the special-function unit: 2^-inf = 0, NaN stays NaN, relative error
+// ~2^-22; inputs below -126 flush to 0 (these are probabilities < 1e-38).
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// The lane index as a value the compiler cannot see through. Tile loops call
+// it once per iteration so that ptxas recomputes the (cheap) per-lane
+// ldmatrix addresses there instead of hoisting dozens of loop-invariant
+// addresses into registers, which otherwise spills the accumulators.
+__device__ __forceinline__ int opaque_lane(int lane) {
+  int v;
+  asm volatile("mov.b32 %0, %1;\n" : "=r"(v) : "r"(lane));
+  return v;
+}
+
+#endif  // COGKERN_CUDA_EMULATION
+
+// ---------------------------------------------------------------------------
+// Tile layout in shared memory: ROWS x COLS 16-bit elements, row-major, in
+// 16-byte chunks of 8 elements. Chunk c of row r is stored at chunk
+// swizzle(r, c), an XOR permutation inside the row, so that the 8 rows an
+// ldmatrix phase reads (same logical chunk, 8 consecutive rows) and the rows a
+// cp.async phase writes fall into 8 different 16-byte bank groups.
+// ---------------------------------------------------------------------------
+
+template <int COLS>
+struct SmemTile {
+  static_assert(COLS % 16 == 0 && COLS >= 16, "tile rows hold whole 16-element MMA slices");
+  static constexpr int kChunks = COLS / 8;  // 16-byte chunks per row
+
+  __device__ __forceinline__ static int swizzle(int row, int chunk) {
+    if constexpr (kChunks >= 8) {
+      return chunk ^ (row & 7);
+    } else if constexpr (kChunks == 4) {
+      // 64-byte rows: two rows share a 128-byte line; rows 2 apart must differ.
+      return chunk ^ ((row >> 1) & 3);
+    } else {  // kChunks == 2: 32-byte rows, four rows per line.
+      return chunk ^ ((row >> 2) & 1);
+    }
+  }
+  // Element offset of (row, col); col % 8 is kept inside the chunk.
+  __device__ __forceinline__ static int offset(int row, int col) {
+    return row * COLS + swizzle(row, col >> 3) * 8 + (col & 7);
+  }
+};
+
+// Loads rows [row0, row0 + ROWS) of a [seq, COLS] row stream into a swizzled
+// tile with cp.async; `row_ptr(r)` returns the global address of row r (only
+// called for r < seq). Rows >= seq are zero-filled.
+template <int ROWS, int COLS, int THREADS, typename T, typename RowPtr>
+__device__ __forceinline__ void load_tile_async(T* tile, int64_t row0, int64_t seq, const T* any_valid,
+                                                RowPtr row_ptr) {
+  using L = SmemTile<COLS>;
+  constexpr int kTotal = ROWS * L::kChunks;
+  static_assert(kTotal % THREADS == 0, "every thread copies the same number of chunks");
+#pragma unroll
+  for (int i = 0; i < kTotal / THREADS; ++i) {
+    const int idx = int(threadIdx.x) + i * THREADS;
+    const int r = idx / L::kChunks, c = idx % L::kChunks;
+    const int64_t grow = row0 + r;
+    const bool valid = grow < seq;
+    const T* src = valid ? row_ptr(grow) + c * 8 : any_valid;
+    cp_async_16(smem_addr(tile + L::offset(r, c * 8)), src, valid);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Warp-level fragment loads from swizzled tiles (addressing as in the header).
+// ---------------------------------------------------------------------------
+
+// A fragment, rows r0..r0+15 and cols c0..c0+15 of the stored tile.
+template <int COLS, typename T>
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], const T* tile, int r0, int c0, int lane) {
+  const int row = r0 + (lane & 15);
+  const int col = c0 + (lane >> 4) * 8;
+  ldmatrix_x4(a, smem_addr(tile + SmemTile<COLS>::offset(row, col)));
+}
+
+// A fragment of A = stored^T: A rows m0..m0+15 are stored cols, A cols
+// (k) k0..k0+15 are stored rows.
+template <int COLS, typename T>
+__device__ __forceinline__ void load_a_trans(uint32_t (&a)[4], const T* tile, int k0, int m0, int lane) {
+  const int row = k0 + (lane & 7) + (lane >> 4) * 8;
+  const int col = m0 + ((lane >> 3) & 1) * 8;
+  ldmatrix_x4_trans(a, smem_addr(tile + SmemTile<COLS>::offset(row, col)));
+}
+
+// B fragments of n8 tiles n0 and n0 + 8 for B(k, n) = stored[n][k], k0..k0+15:
+// b[0], b[1] for tile n0; b[2], b[3] for tile n0 + 8.
+template <int COLS, typename T>
+__device__ __forceinline__ void load_b_nk(uint32_t (&b)[4], const T* tile, int n0, int k0, int lane) {
+  const int row = n0 + (lane & 7) + (lane >> 4) * 8;
+  const int col = k0 + ((lane >> 3) & 1) * 8;
+  ldmatrix_x4(b, smem_addr(tile + SmemTile<COLS>::offset(row, col)));
+}
+
+// B fragments of n8 tiles n0 and n0 + 8 for B(k, n) = stored[k][n], k0..k0+15.
+template <int COLS, typename T>
+__device__ __forceinline__ void load_b_kn(uint32_t (&b)[4], const T* tile, int k0, int n0, int lane) {
+  const int row = k0 + (lane & 7) + ((lane >> 3) & 1) * 8;
+  const int col = n0 + (lane >> 4) * 8;
+  ldmatrix_x4_trans(b, smem_addr(tile + SmemTile<COLS>::offset(row, col)));
+}
+
+// What a query-tile block (the forward kernels, the backward's dq kernel)
+// works on: (batch * head, query tile of BM rows) from blockIdx.x, the rows of
+// q^, k^ (contiguous [seq][D] per head) and v, and the keys it can see. Causal
+// grids run the longest (last) query tiles first.
+template <typename T, int D>
+struct QueryTileBlock {
+  int64_t bh, b, h, m0;
+  int64_t kv_end;  // keys [0, kv_end): all, or up to the tile's last query when causal
+  const T* q;
+  const T* k;
+  const T* v;
+  int64_t v_stride;  // between v rows (tokens)
+};
+template <typename T, int D, int BM>
+__device__ __forceinline__ QueryTileBlock<T, D> query_tile_block(const FlashArgs& a) {
+  const int64_t seq = a.seq;
+  const int64_t n_mtiles = ceil_div(seq, BM);
+  QueryTileBlock<T, D> f;
+  f.bh = int64_t(blockIdx.x) / n_mtiles;
+  int64_t m_tile = int64_t(blockIdx.x) % n_mtiles;
+  if (a.causal) m_tile = n_mtiles - 1 - m_tile;
+  f.m0 = m_tile * BM;
+  f.b = f.bh / a.heads;
+  f.h = f.bh % a.heads;
+  f.kv_end = a.causal ? (f.m0 + BM < seq ? f.m0 + BM : seq) : seq;
+  f.q = static_cast<const T*>(a.q_hat) + f.bh * seq * D;
+  f.k = static_cast<const T*>(a.k_hat) + f.bh * seq * D;
+  f.v = static_cast<const T*>(a.v.ptr) + f.b * a.v.stride_b + f.h * a.v.stride_h;
+  f.v_stride = a.v.stride_s;
+  return f;
+}
+
+// Reductions over the 4 lanes of a quad (the lanes holding one C row).
+__device__ __forceinline__ float quad_max(float x) {
+  // NaN-propagating like softmax_max: fmaxf would drop a NaN.
+  x = softmax_max<float>(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  x = softmax_max<float>(x, __shfl_xor_sync(0xffffffffu, x, 2));
+  return x;
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  x += __shfl_xor_sync(0xffffffffu, x, 2);
+  return x;
+}
+
+// Stores two adjacent elements (2 x 16 bits) with one 32-bit store.
+template <typename T>
+__device__ __forceinline__ void store_pair(T* dst, float lo, float hi) {
+  *reinterpret_cast<uint32_t*>(dst) = ElemTraits<T>::pack(lo, hi);
+}
+
+// dst[0] += lo and dst[1] += hi, each atomically (dst 8-byte aligned): one
+// 64-bit vector reduction on sm_90+.
+__device__ __forceinline__ void atomic_add_pair(float* dst, float lo, float hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float2*>(dst), make_float2(lo, hi));
+#else
+  atomicAdd(dst, lo);
+  atomicAdd(dst + 1, hi);
+#endif
+}
+
+// The block of a backward key-tile kernel: (batch * head, keys [n0, n0 + BN)),
+// and the query tiles of BM rows that see those keys: all, or from the one
+// holding query n0 when causal.
+template <typename T>
+struct KeyTileBlock {
+  int64_t bh, b, h, n0;
+  int64_t m_first;  // first query tile
+  int n_mtiles;     // query tiles from m_first to the sequence end
+  const T* q;
+  const T* k;
+  const T* v;
+  const T* dout;
+  int64_t v_stride, dout_stride;  // between rows (tokens) of v and dO
+};
+template <typename T, int D, int BN, int BM>
+__device__ __forceinline__ KeyTileBlock<T> key_tile_block(const FlashArgs& a) {
+  const int64_t seq = a.seq;
+  const int64_t n_ntiles = ceil_div(seq, BN);
+  KeyTileBlock<T> f;
+  f.bh = int64_t(blockIdx.x) / n_ntiles;
+  f.n0 = (int64_t(blockIdx.x) % n_ntiles) * BN;
+  f.b = f.bh / a.heads;
+  f.h = f.bh % a.heads;
+  f.m_first = a.causal ? f.n0 / BM : 0;
+  f.n_mtiles = int(ceil_div(seq, BM) - f.m_first);
+  f.q = static_cast<const T*>(a.q_hat) + f.bh * seq * D;
+  f.k = static_cast<const T*>(a.k_hat) + f.bh * seq * D;
+  f.v = static_cast<const T*>(a.v.ptr) + f.b * a.v.stride_b + f.h * a.v.stride_h;
+  f.dout = static_cast<const T*>(a.grad_out.ptr) + f.b * a.grad_out.stride_b + f.h * a.grad_out.stride_h;
+  f.v_stride = a.v.stride_s;
+  f.dout_stride = a.grad_out.stride_s;
+  return f;
+}
+
+// Stores a backward key-tile kernel's results for the thread's two keys
+// key_lo and key_lo + 8 (C-fragment rows g and g + 8): dv in the input dtype,
+// dk^ in fp32 for the epilogue (norm and RoPE backward). dv(i, e), dk(i, e):
+// element e of n8 block i of the thread's accumulators.
+template <typename T, int D, typename DvAt, typename DkAt>
+__device__ __forceinline__ void store_key_grads(const FlashArgs& a, const KeyTileBlock<T>& blk, int64_t key_lo, int t,
+                                                DvAt dv, DkAt dk) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t key = key_lo + 8 * r;
+    if (key >= a.seq) continue;
+    T* dv_dst = static_cast<T*>(a.grad_v.ptr) + a.grad_v.offset(blk.b, key, blk.h);
+    float* dk_dst = a.dk_hat + (blk.bh * a.seq + key) * D;
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+      store_pair(dv_dst + i * 8 + 2 * t, dv(i, 2 * r), dv(i, 2 * r + 1));
+      *reinterpret_cast<float2*>(dk_dst + i * 8 + 2 * t) = make_float2(dk(i, 2 * r), dk(i, 2 * r + 1));
+    }
+  }
+}
+
+}  // namespace cogkern::flash

@@ -1,0 +1,23 @@
+// Launcher and instantiations of the flash-attention forward (kernel:
+// flash_fwd_kernel.cuh).
+#include "attention/flash/flash_fwd_kernel.cuh"
+#include "attention/flash/flash_launch_kernel.cuh"
+
+namespace cogkern::flash {
+
+template <typename T, int D>
+cudaError_t run_flash_fwd(const FlashArgs& a, cudaStream_t stream) {
+  using C = FwdConfig<D>;
+  if (a.seq <= 0 || a.batch * a.heads <= 0) return cudaSuccess;
+  if (const int mode = sm90_forward_mode<T, D>()) return run_flash_fwd_sm90<T, D>(a, mode, stream);
+  return launch_flash_kernel(flash_fwd_kernel<T, D, C::kBM, C::kBN, C::kWarps>,
+                             a.batch * a.heads * ceil_div(a.seq, C::kBM), C::kWarps * kWarpSize, fwd_smem_bytes<T, D>(),
+                             a, stream);
+}
+
+template cudaError_t run_flash_fwd<__half, 64>(const FlashArgs&, cudaStream_t);
+template cudaError_t run_flash_fwd<__half, 128>(const FlashArgs&, cudaStream_t);
+template cudaError_t run_flash_fwd<__nv_bfloat16, 64>(const FlashArgs&, cudaStream_t);
+template cudaError_t run_flash_fwd<__nv_bfloat16, 128>(const FlashArgs&, cudaStream_t);
+
+}  // namespace cogkern::flash

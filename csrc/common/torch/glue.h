@@ -1,0 +1,33 @@
+// Torch glue helpers shared by every op.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include "common/host_device.h"
+
+namespace cogkern::ops {
+
+inline bool is_supported_float(at::ScalarType t) {
+  return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
+}
+
+inline DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf:
+      return DType::kHalf;
+    case at::kBFloat16:
+      return DType::kBFloat16;
+    case at::kFloat:
+      return DType::kFloat;
+    case at::kDouble:
+      return DType::kDouble;
+    default:
+      TORCH_CHECK_VALUE(false, "cogkern: unsupported dtype ", t);
+  }
+}
+
+// The dtype the math runs in for a storage dtype (float64 stays float64).
+inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+}  // namespace cogkern::ops

@@ -1,0 +1,113 @@
+"""FlashAttention's accuracy rule for low-precision attention kernels:
+the kernel's output and every gradient must be within 2x the error that eager
+PyTorch makes in the same dtype, both measured against a float32 reference
+computed from the same (rounded) inputs.
+
+"Eager PyTorch" is CogVideoX's path as diffusers runs it: LayerNorm, RoPE via
+a (cos, sin) table computed in fp32 and cast back, scaled_dot_product_attention.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+import cogkern
+from cogkern.reference.attention_math import reference_attention, rope_angle_table
+
+
+def factor_grid(n: int) -> tuple[int, int, int]:
+    """A (T, H, W) grid with n cells, as 3-D as n allows."""
+    for t in (4, 3, 2):
+        if n % t == 0:
+            rest = n // t
+            for h in range(int(math.isqrt(rest)), 0, -1):
+                if rest % h == 0:
+                    return (t, h, rest // h)
+    return (1, 1, n)
+
+
+def diffusers_rotary(x, cos, sin):
+    """diffusers' apply_rotary_emb(use_real=True, use_real_unbind_dim=-1) on (B, H, S, D)."""
+    x_real, x_imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
+    x_rotated = torch.stack([-x_imag, x_real], dim=-1).flatten(3)
+    return (x.float() * cos + x_rotated.float() * sin).to(x.dtype)
+
+
+def eager_attention(q, k, v, norms, table, text_len, eps=1e-6):
+    """q, k, v (B, S, H, D); the processor's steps in the inputs' dtype."""
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    (qw, qb), (kw, kb) = norms
+    q = F.layer_norm(q, (q.shape[-1],), qw, qb, eps)
+    k = F.layer_norm(k, (k.shape[-1],), kw, kb, eps)
+    if table is not None:
+        cos, sin = table
+        q = torch.cat((q[:, :, :text_len], diffusers_rotary(q[:, :, text_len:], cos, sin)), dim=2)
+        k = torch.cat((k[:, :, :text_len], diffusers_rotary(k[:, :, text_len:], cos, sin)), dim=2)
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+
+
+def rule_case(batch, seq, heads, head_dim, text_len, dtype, device, seed=0, grid=None):
+    """Inputs in `dtype` (leaves), their norm parameters, a RoPE3D and the matching fp32 table.
+    grid: the video grid (default: a factorization of seq - text_len)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def randn(*shape, scale=1.0, shift=0.0):
+        t = torch.randn(*shape, generator=g) * scale + shift
+        return t.to(device=device, dtype=dtype).requires_grad_()
+
+    q, k, v = (randn(batch, seq, heads, head_dim) for _ in range(3))
+    norms = ((randn(head_dim, scale=0.2, shift=1.0), randn(head_dim, scale=0.2)),
+             (randn(head_dim, scale=0.2, shift=1.0), randn(head_dim, scale=0.2)))  # fmt: skip
+    n_video = seq - text_len
+    if n_video == 0:
+        return q, k, v, norms, None, None
+    rope = cogkern.RoPE3D(grid or factor_grid(n_video), head_dim)
+    angles, _, _ = rope_angle_table(rope.grid, head_dim, rope.axes_dims, rope.theta, True, None, torch.float64)
+    table = tuple(t.repeat_interleave(2, dim=1).to(device=device, dtype=torch.float32) for t in (angles.cos(), angles.sin()))
+    return q, k, v, norms, rope, table
+
+
+def errors_against(fn, inputs, ref_out, ref_grads, grad_out):
+    """Max abs error of fn's output and of each input's gradient."""
+    out = fn(*inputs)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    errs = [(out.float() - ref_out).abs().max().item()]
+    errs += [(g.float() - r).abs().max().item() for g, r in zip(grads, ref_grads)]
+    return errs, out, grads
+
+
+def check_flash_rule(batch, seq, heads, head_dim, text_len, dtype, device, slack=1e-5):
+    """Asserts the rule for cogkern.fused_attention; returns (cogkern errors, eager errors)."""
+    q, k, v, norms, rope, table = rule_case(batch, seq, heads, head_dim, text_len, dtype, device)
+    (qw, qb), (kw, kb) = norms
+    inputs = [q, k, v, qw, qb, kw, kb]
+    names = ["out", "dq", "dk", "dv", "dq_weight", "dq_bias", "dk_weight", "dk_bias"]
+
+    # The fp32 reference from the same rounded inputs.
+    ref_inputs = [t.detach().float().requires_grad_() for t in inputs]
+    rq, rk, rv, rqw, rqb, rkw, rkb = ref_inputs
+    ref_out, _ = reference_attention(
+        rq, rk, rv, rope=table, text_len=text_len, qk_norm="layer_norm",
+        q_norm_weight=rqw, q_norm_bias=rqb, k_norm_weight=rkw, k_norm_bias=rkb,
+    )  # fmt: skip
+    grad_out = torch.randn_like(ref_out).to(dtype)  # rounded once, used by all three
+    ref_grads = [g.detach() for g in torch.autograd.grad(ref_out, ref_inputs, grad_out.float())]
+    ref_out = ref_out.detach()
+
+    def fused(q, k, v, qw, qb, kw, kb):
+        return cogkern.fused_attention(
+            q, k, v, rope=rope, text_len=text_len, qk_norm="layer_norm",
+            q_norm_weight=qw, q_norm_bias=qb, k_norm_weight=kw, k_norm_bias=kb,
+        )  # fmt: skip
+
+    def eager(q, k, v, qw, qb, kw, kb):
+        return eager_attention(q, k, v, ((qw, qb), (kw, kb)), table, text_len)
+
+    err_fused, out, grads = errors_against(fused, inputs, ref_out, ref_grads, grad_out)
+    err_eager, _, _ = errors_against(eager, inputs, ref_out, ref_grads, grad_out)
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
+    for name, ef, ee in zip(names, err_fused, err_eager):
+        assert ef <= 2 * ee + slack, f"{name}: cogkern error {ef:.3e} > 2 x eager error {ee:.3e}"
+    return err_fused, err_eager
