@@ -121,8 +121,8 @@ def rule(name, got, eager, ref, ok_all):
 def error_rule_sweep(device, quick):
     seqs = (1, 17, 128, 1000) if quick else (1, 17, 128, 1000, 4096 + 113)
     i = 0
-    for dtype in (torch.float16, torch.bfloat16):
-        for d in (64, 128):
+    for dtype in cogkern.CUDA_DTYPES:
+        for d in cogkern.CUDA_HEAD_DIMS:
             for seq in seqs:
                 for text_len in (0, 226):
                     if text_len > seq:

@@ -69,11 +69,11 @@ def attention_cases(quick: bool = True):
     (weight + bias) and RMSNorm (weight), S = 77 (and 130) with text_len 5 (and 0)."""
     import itertools
 
-    from cogkern import RoPE3D, fused_attention
+    from cogkern import CUDA_DTYPES, CUDA_HEAD_DIMS, RoPE3D, fused_attention
 
     grids = {72: (2, 6, 6), 77: (7, 11, 1), 125: (5, 5, 5), 130: (2, 5, 13)}  # seq - text_len -> (T, H, W)
     seqs, texts = ((77,), (5,)) if quick else ((77, 130), (0, 5))
-    cases = itertools.product((torch.float16, torch.bfloat16), (64, 128), (False, True), seqs, texts, (False, True))
+    cases = itertools.product(CUDA_DTYPES, CUDA_HEAD_DIMS, (False, True), seqs, texts, (False, True))
     for i, (dtype, d, causal, s, text_len, deterministic) in enumerate(cases):
         torch.use_deterministic_algorithms(deterministic)
         rope = RoPE3D(grids[s - text_len], d)
@@ -100,8 +100,10 @@ def wgmma_cases():
     attention kernels; nothing on other GPUs."""
     if torch.cuda.get_device_capability() != (9, 0):
         return
-    for dtype in (torch.bfloat16, torch.float16):
-        for d in (64, 128):
+    from cogkern import CUDA_DTYPES, CUDA_HEAD_DIMS
+
+    for dtype in CUDA_DTYPES:
+        for d in CUDA_HEAD_DIMS:
             q, k, v = (torch.randn(64, d, device="cuda", dtype=dtype) for _ in range(3))
             for tma in (False, True):
                 torch.ops.cogkern._sm90_wgmma_selftest(q, k, v, tma)

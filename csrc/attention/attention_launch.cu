@@ -13,6 +13,7 @@
 #include "attention/attention_row_kernels.cuh"
 #include "attention/flash/flash_params.h"
 #include "common/cuda/launch_kernel.cuh"
+#include "common/dispatch.h"
 
 namespace cogkern {
 namespace {
@@ -71,14 +72,9 @@ cudaError_t backward_typed(const AttentionParams& P, const AttentionScratch& s, 
 
 template <template <typename, int> class Fn, typename... Args>
 cudaError_t dispatch(const AttentionParams& P, Args&&... args) {
-  if (P.dtype == DType::kHalf) {
-    if (P.head_dim == 64) return Fn<__half, 64>::run(P, args...);
-    if (P.head_dim == 128) return Fn<__half, 128>::run(P, args...);
-  } else if (P.dtype == DType::kBFloat16) {
-    if (P.head_dim == 64) return Fn<__nv_bfloat16, 64>::run(P, args...);
-    if (P.head_dim == 128) return Fn<__nv_bfloat16, 128>::run(P, args...);
-  }
-  return cudaErrorInvalidValue;
+  return COGKERN_DTYPE_SWITCH(P.dtype, T, cudaErrorInvalidValue, [&] {
+    return COGKERN_HEADDIM_SWITCH(P.head_dim, D, cudaErrorInvalidValue, [&] { return Fn<T, D>::run(P, args...); });
+  });
 }
 
 template <typename T, int D>
@@ -109,7 +105,7 @@ bool empty_problem(const AttentionParams& P) { return P.batch <= 0 || P.seq <= 0
 }  // namespace
 
 bool attention_cuda_supported(DType dtype, int64_t head_dim) {
-  return (dtype == DType::kHalf || dtype == DType::kBFloat16) && (head_dim == 64 || head_dim == 128);
+  return cuda_dtype_listed(dtype) && cuda_head_dim_listed(head_dim);
 }
 
 int64_t attention_norm_partial_blocks(const AttentionParams& P) { return ceil_div(P.seq, kTokens); }

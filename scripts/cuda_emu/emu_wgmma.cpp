@@ -3,6 +3,7 @@
 #include <stdexcept>
 
 #include "attention/flash/sm90/wgmma_selftest_kernel.cuh"
+#include "common/dispatch.h"
 
 using namespace cogkern::sm90;
 
@@ -23,9 +24,11 @@ void run(const uint16_t* q, const uint16_t* k, const uint16_t* v, float* s, floa
 
 extern "C" int emu_wgmma_selftest(const uint16_t* q, const uint16_t* k, const uint16_t* v, float* s, float* o,
                                   float* u, int head_dim, int bf16, int tma) {
-  if (head_dim == 64) bf16 ? run<__nv_bfloat16, 64>(q, k, v, s, o, u, tma) : run<__half, 64>(q, k, v, s, o, u, tma);
-  else if (head_dim == 128)
-    bf16 ? run<__nv_bfloat16, 128>(q, k, v, s, o, u, tma) : run<__half, 128>(q, k, v, s, o, u, tma);
-  else return 1;
-  return 0;
+  using cogkern::DType;
+  return COGKERN_DTYPE_SWITCH(bf16 ? DType::kBFloat16 : DType::kHalf, T, 1, [&] {
+    return COGKERN_HEADDIM_SWITCH(head_dim, D, 1, [&] {
+      run<T, D>(q, k, v, s, o, u, tma);
+      return 0;
+    });
+  });
 }

@@ -44,7 +44,7 @@ import time
 import torch
 
 from cogkern.reference.attention_math import reference_attention
-from cogkern import RoPE3D
+from cogkern import CUDA_DTYPES, CUDA_HEAD_DIMS, RoPE3D
 
 # The parts of the suite (--only): the wgmma conformance tile, the optimizer
 # kernels, the RoPE kernel, the mma.sync attention, the wgmma backwards (modes
@@ -266,7 +266,7 @@ def wgmma_suite(lib):
     fails = 0
     lib.emu_wgmma_selftest.restype = ctypes.c_int
     lib.emu_wgmma_selftest.argtypes = [P, P, P, P, P, P, I32, I32, I32]
-    for tma, dtype, d in itertools.product((0, 1), (torch.bfloat16, torch.float16), (64, 128)):
+    for tma, dtype, d in itertools.product((0, 1), CUDA_DTYPES, CUDA_HEAD_DIMS):
         q, k, v = (torch.randn(64, d).to(dtype).contiguous() for _ in range(3))
         s = torch.empty(64, 64)
         o, u = torch.empty(64, d), torch.empty(64, d)
@@ -305,7 +305,7 @@ def probe_suite(lib):
         return run
 
     fails = 0
-    for tma, dtype, d in itertools.product((0, 1), (torch.bfloat16, torch.float16), (64, 128)):
+    for tma, dtype, d in itertools.product((0, 1), CUDA_DTYPES, CUDA_HEAD_DIMS):
         kernel = emulated(tma)
         wrong = [r.name for r in (run_probe(kernel, p, d, dtype) for p in probes(d)) if r.wrong]
         wrong += [f"random {name}" for name, n, _ in random_check(kernel, d, dtype, "cpu") if n]

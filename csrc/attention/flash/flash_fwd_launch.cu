@@ -2,6 +2,7 @@
 // flash_fwd_kernel.cuh).
 #include "attention/flash/flash_fwd_kernel.cuh"
 #include "attention/flash/flash_launch_kernel.cuh"
+#include "common/dispatch.h"
 
 namespace cogkern::flash {
 
@@ -15,9 +16,8 @@ cudaError_t run_flash_fwd(const FlashArgs& a, cudaStream_t stream) {
                              a, stream);
 }
 
-template cudaError_t run_flash_fwd<__half, 64>(const FlashArgs&, cudaStream_t);
-template cudaError_t run_flash_fwd<__half, 128>(const FlashArgs&, cudaStream_t);
-template cudaError_t run_flash_fwd<__nv_bfloat16, 64>(const FlashArgs&, cudaStream_t);
-template cudaError_t run_flash_fwd<__nv_bfloat16, 128>(const FlashArgs&, cudaStream_t);
+#define COGKERN_INSTANTIATE(T, D) template cudaError_t run_flash_fwd<T, D>(const FlashArgs&, cudaStream_t);
+COGKERN_CUDA_FOR_EACH_TYPE_AND_HEAD_DIM(COGKERN_INSTANTIATE)
+#undef COGKERN_INSTANTIATE
 
 }  // namespace cogkern::flash

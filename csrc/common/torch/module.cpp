@@ -8,10 +8,12 @@
 #include <torch/library.h>
 
 #include <cstring>
+#include <iterator>
 #include <mutex>
 #include <set>
 
 #include "common/cpu/fp16_bits.h"
+#include "common/dispatch.h"
 
 #ifndef COGKERN_CUDA_ARCHS
 #define COGKERN_CUDA_ARCHS ""
@@ -71,6 +73,22 @@ PYBIND11_MODULE(_C, m) {
         "Self-check of the CPU optimizer's fp16 conversions against c10::Half (0 when right).");
   m.def("cpu_parallel_threads", &cpu_parallel_threads,
         "Threads that run one at::parallel_for in this extension (torch.get_num_threads() when built right).");
+  m.def(
+      "cuda_attention_head_dims",
+      []() {
+        pybind11::tuple out(std::size(cogkern::kCudaHeadDims));
+        for (size_t i = 0; i < out.size(); ++i) out[i] = cogkern::kCudaHeadDims[i];
+        return out;
+      },
+      "The head dims the CUDA attention kernels are built for (common/dispatch.h).");
+  m.def(
+      "cuda_attention_dtypes",
+      []() {
+        pybind11::tuple out(std::size(cogkern::kCudaDTypeNames));
+        for (size_t i = 0; i < out.size(); ++i) out[i] = cogkern::kCudaDTypeNames[i];
+        return out;
+      },
+      "The torch dtype names (e.g. 'float16') the CUDA attention kernels are built for (common/dispatch.h).");
 #ifdef COGKERN_WITH_CUDA
   m.def("with_cuda", []() { return true; });
 #else
