@@ -96,7 +96,7 @@ def attention_cases(quick: bool = True):
 
 
 def wgmma_cases():
-    """The Hopper wgmma conformance tile (tests/test_sm90_wgmma_cuda.py) and the opt-in wgmma
+    """The Hopper wgmma conformance tile (tests/attention/test_sm90_wgmma_cuda.py) and the opt-in wgmma
     attention kernels; nothing on other GPUs."""
     if torch.cuda.get_device_capability() != (9, 0):
         return
