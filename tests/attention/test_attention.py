@@ -413,10 +413,10 @@ BAD_INPUTS = {
     "norm-weight-shape": (lambda a, kw: kw.update(q_norm_weight=torch.ones(7)), "q_norm_weight must have shape"),
     "norm-bias-without-norm": (
         lambda a, kw: kw.update(qk_norm=None, q_norm_weight=None, q_norm_bias=None, k_norm_weight=None),
-        "k_norm_bias was given but qk_norm is None",
+        r"k_norm_bias was given but qk_norm is None \('none'\)",
     ),
     "norm-weight-int": (lambda a, kw: kw.update(k_norm_weight=torch.ones(8, dtype=torch.int64)), "k_norm_weight must be"),
-    "rope-grid": (lambda a, kw: kw.update(rope=RoPE3D((2, 2, 2), 8, axes_dims=(2, 2, 2))), "rope's grid"),
+    "rope-grid": (lambda a, kw: kw.update(rope=RoPE3D((2, 2, 2), 8, axes_dims=(2, 2, 2))), r"rope grid \[2, 2, 2\] has 8 video tokens but q has seq - text_len = 14 - 2 = 12"),
     "rope-head-dim": (lambda a, kw: kw.update(rope=RoPE3D((1, 3, 4), 16)), "head_dim"),
     "rope-table-shape": (lambda a, kw: kw.update(rope=(torch.ones(11, 8), torch.zeros(11, 8))), "cos must have shape"),
     "rope-type": (lambda a, kw: kw.update(rope="rotary"), "rope must be"),
@@ -445,8 +445,8 @@ def test_op_checks_its_arguments_too():
         (3, "group_norm", "qk_norm must be"),
         (4, torch.ones(3), "q_norm_weight must have shape"),
         (10, [3, 1, 1], "rope grid"),
-        (17, -2.0, "scale must be positive"),
-        (16, 99, "text_len must be in"),
+        (17, -2.0, "scale must be a positive finite number, got -2"),
+        (16, 99, r"text_len must be an int in \[0, seq=14\], got 99"),
     ]
     for index, value, message in cases:
         bad = list(args)
