@@ -19,7 +19,8 @@ def is_int(v) -> bool:
 
 
 def check_tensor(name: str, t) -> None:
-    """t is a tensor on the CPU or a CUDA device."""
+    """t is a tensor on the CPU or a CUDA device. (With any tensor argument on the meta device,
+    the dispatcher would run the op's fake kernel, which checks nothing and returns empty tensors.)"""
     if not torch.is_tensor(t):
         raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
     if t.device.type not in ("cpu", "cuda"):
@@ -27,8 +28,8 @@ def check_tensor(name: str, t) -> None:
 
 
 def check_optional_tensor(name: str, t) -> None:
-    if t is not None and not torch.is_tensor(t):
-        raise ValueError(f"{name} must be a tensor or None, got {type(t).__name__}")
+    if t is not None:
+        check_tensor(name, t)
 
 
 def check_int(name: str, v) -> None:

@@ -80,7 +80,6 @@ def fused_attention(
     # Python types and devices only: every value is checked by the op (attention_op.h).
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t)
-    require_cuda_kernels("cogkern.fused_attention", q)
     check_int("text_len", text_len)
     if qk_norm is not None and not isinstance(qk_norm, str):
         raise ValueError(f"qk_norm must be None, 'layer_norm' or 'rms_norm', got {qk_norm!r}")
@@ -94,6 +93,10 @@ def fused_attention(
         check_number("scale", scale)
     check_bool("causal", causal)
     check_bool("return_lse", return_lse)
+    rope_args = _rope_args(rope, q)
+    for t in (q, k, v, *norm_params, *rope_args):
+        if torch.is_tensor(t):
+            require_cuda_kernels("cogkern.fused_attention", t)
 
     out, lse = _ops.fused_attention_fwd(
         q,
@@ -102,7 +105,7 @@ def fused_attention(
         qk_norm or "none",
         *norm_params,
         float(norm_eps),
-        *_rope_args(rope, q),
+        *rope_args,
         text_len,
         float(scale),
         causal,

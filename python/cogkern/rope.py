@@ -168,6 +168,7 @@ def rope_table_pair(rope) -> RopeTable:
         raise ValueError(f"rope must be a RoPE3D or a (cos, sin) pair of tensors, got {type(rope).__name__}")
     cos, sin = rope
     for name, t in (("cos", cos), ("sin", sin)):
+        check_tensor(f"rope {name}", t)
         # Autograd through the tables is a Python-level matter: the op's autograd returns no table grads.
         if t.requires_grad and torch.is_grad_enabled():
             raise ValueError(f"rope: gradients with respect to the {name} table are not supported; detach it")
@@ -213,6 +214,8 @@ def apply_rope3d(
         return x
 
     cos, sin = rope_table_pair(rope)
+    for t in (cos, sin):
+        require_cuda_kernels("cogkern.apply_rope3d", t)
     if not inplace:
         return _ops.rope_table(x, cos, sin, text_len, False)
     if torch.is_grad_enabled() and x.requires_grad:

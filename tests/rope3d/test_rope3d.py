@@ -276,6 +276,9 @@ def test_bad_apply_arguments():
         (lambda: apply_rope3d(x, (torch.ones(24, 64, requires_grad=True, dtype=torch.float64),) * 2, text_len=2),
          "detach"),
         (lambda: apply_rope3d(x.expand(2, -1, -1, -1), rope, text_len=2, inplace=True), "overlapping"),
+        (lambda: apply_rope3d(x, (torch.ones(24, 64, device="meta"),) * 2, text_len=2),
+         "rope cos must be on the CPU or a CUDA device"),
+        (lambda: apply_rope3d(x.to("meta"), rope, text_len=2), "x must be on the CPU or a CUDA device"),
     ]
     for fn, match in cases:
         with pytest.raises(ValueError, match=match):
