@@ -95,6 +95,8 @@ using CudaAttention = AttentionOps<CudaBackend>;
 // (attention_kernel_modes). For tests and benchmarks that must know which kernel they measured.
 std::vector<int64_t> attention_cuda_kernels(const at::Tensor& q) {
   TORCH_CHECK_VALUE(q.is_cuda() && q.dim() == 4, "_attention_cuda_kernels: q must be a 4-d CUDA tensor");
+  TORCH_CHECK_VALUE(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
+                    "_attention_cuda_kernels: q must be float16 or bfloat16 on CUDA, got ", dtype_name(q.scalar_type()));
   const DType dtype = q.scalar_type() == at::kHalf ? DType::kHalf
                       : q.scalar_type() == at::kBFloat16 ? DType::kBFloat16 : DType::kFloat;
   TORCH_CHECK_VALUE(attention_cuda_supported(dtype, q.size(3)),

@@ -1,6 +1,6 @@
 """What the CUDA fused attention kernel must meet (skipped without a GPU).
 
-FlashAttention's rule (attention_rule.py): output and every gradient within 2x
+FlashAttention's rule (cogkern.reference.flash_rule): output and every gradient within 2x
 the error of eager PyTorch in the same dtype, against a float32 reference,
 over the shapes CogVideoX uses and the edges around them.
 """
@@ -11,7 +11,8 @@ import torch
 
 import cogkern
 from cogkern.reference.attention_math import reference_attention
-from cogkern.reference.flash_rule import check_flash_rule, eager_attention, rule_case
+from cogkern.reference.diffusers_attention import eager_attention
+from cogkern.reference.flash_rule import check_flash_rule, rule_case
 
 pytestmark = pytest.mark.cuda
 
