@@ -14,6 +14,8 @@ import sys
 
 import torch
 
+from cogkern.attention import CUDA_DTYPES, CUDA_HEAD_DIMS
+
 # The deterministic attention backward runs under torch.use_deterministic_algorithms(True),
 # which makes cuBLAS insist on this.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -73,7 +75,7 @@ def attention_cases(quick: bool = True):
 
     grids = {72: (2, 6, 6), 77: (7, 11, 1), 125: (5, 5, 5), 130: (2, 5, 13)}  # seq - text_len -> (T, H, W)
     seqs, texts = ((77,), (5,)) if quick else ((77, 130), (0, 5))
-    cases = itertools.product((torch.float16, torch.bfloat16), (64, 128), (False, True), seqs, texts, (False, True))
+    cases = itertools.product(CUDA_DTYPES, CUDA_HEAD_DIMS, (False, True), seqs, texts, (False, True))
     for i, (dtype, d, causal, s, text_len, deterministic) in enumerate(cases):
         torch.use_deterministic_algorithms(deterministic)
         rope = RoPE3D(grids[s - text_len], d)
@@ -101,7 +103,7 @@ def wgmma_cases():
     if torch.cuda.get_device_capability() != (9, 0):
         return
     for dtype in (torch.bfloat16, torch.float16):
-        for d in (64, 128):
+        for d in CUDA_HEAD_DIMS:
             q, k, v = (torch.randn(64, d, device="cuda", dtype=dtype) for _ in range(3))
             for tma in (False, True):
                 torch.ops.cogkern._sm90_wgmma_selftest(q, k, v, tma)

@@ -47,7 +47,8 @@ def build_info() -> dict:
     CUDA kernels are compiled in), ``cuda_version`` (nvcc's version),
     ``cuda_archs`` (compiled architectures, e.g. ``['90a-real']``),
     ``cpu_threads`` (how many threads the CPU kernels use now: torch.get_num_threads()
-    unless the extension was built without torch's OpenMP, when it is 1).
+    unless the extension was built without torch's OpenMP, when it is 1),
+    ``cuda_attention_head_dims`` and ``cuda_dtypes`` (what the CUDA attention kernels are built for).
     """
     archs = _C.cuda_archs()
     return {
@@ -57,6 +58,8 @@ def build_info() -> dict:
         "cuda_version": _C.cuda_version(),
         "cuda_archs": [a for a in archs.split(",") if a],
         "cpu_threads": _C.cpu_parallel_threads(),
+        "cuda_attention_head_dims": list(_C.cuda_attention_head_dims()),
+        "cuda_dtypes": list(_C.cuda_dtypes()),
     }
 
 

@@ -13,7 +13,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from ._extension import require_cuda_kernels  # (importing it loads the ops)
+from ._extension import _C, require_cuda_kernels  # (importing it loads the ops)
 from ._checks import check_bool, check_int, check_number, check_optional_tensor, check_tensor
 from ._checks import is_int as _is_int
 from .rope import RoPE3D, RopeTable, check_rope3d_fits, rope_table_pair
@@ -21,6 +21,11 @@ from .rope import RoPE3D, RopeTable, check_rope3d_fits, rope_table_pair
 _ops = torch.ops.cogkern
 
 _NORMS = (None, "layer_norm", "rms_norm")
+
+# What the CUDA kernels are built for, from the one list in csrc/common/dispatch.h
+# (tests and benchmarks parametrize over these; other dtypes and head dims run on the CPU).
+CUDA_HEAD_DIMS: tuple[int, ...] = tuple(_C.cuda_attention_head_dims())
+CUDA_DTYPES: tuple[torch.dtype, ...] = tuple(getattr(torch, name) for name in _C.cuda_dtypes())
 
 
 

@@ -37,13 +37,10 @@ cudaError_t run_flash_bwd(const FlashArgs& a, bool deterministic, cudaStream_t s
                              stream);
 }
 
-template bool atomic_dq_fits<__half, 64>();
-template bool atomic_dq_fits<__half, 128>();
-template bool atomic_dq_fits<__nv_bfloat16, 64>();
-template bool atomic_dq_fits<__nv_bfloat16, 128>();
-template cudaError_t run_flash_bwd<__half, 64>(const FlashArgs&, bool, cudaStream_t);
-template cudaError_t run_flash_bwd<__half, 128>(const FlashArgs&, bool, cudaStream_t);
-template cudaError_t run_flash_bwd<__nv_bfloat16, 64>(const FlashArgs&, bool, cudaStream_t);
-template cudaError_t run_flash_bwd<__nv_bfloat16, 128>(const FlashArgs&, bool, cudaStream_t);
+#define COGKERN_BWD_INSTANTIATE(T, D) \
+  template bool atomic_dq_fits<T, D>();  \
+  template cudaError_t run_flash_bwd<T, D>(const FlashArgs&, bool, cudaStream_t);
+COGKERN_ATTENTION_CONFIGS(COGKERN_BWD_INSTANTIATE)
+#undef COGKERN_BWD_INSTANTIATE
 
 }  // namespace cogkern::flash

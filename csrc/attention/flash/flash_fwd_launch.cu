@@ -15,9 +15,8 @@ cudaError_t run_flash_fwd(const FlashArgs& a, cudaStream_t stream) {
                              a, stream);
 }
 
-template cudaError_t run_flash_fwd<__half, 64>(const FlashArgs&, cudaStream_t);
-template cudaError_t run_flash_fwd<__half, 128>(const FlashArgs&, cudaStream_t);
-template cudaError_t run_flash_fwd<__nv_bfloat16, 64>(const FlashArgs&, cudaStream_t);
-template cudaError_t run_flash_fwd<__nv_bfloat16, 128>(const FlashArgs&, cudaStream_t);
+#define COGKERN_FWD_INSTANTIATE(T, D) template cudaError_t run_flash_fwd<T, D>(const FlashArgs&, cudaStream_t);
+COGKERN_ATTENTION_CONFIGS(COGKERN_FWD_INSTANTIATE)
+#undef COGKERN_FWD_INSTANTIATE
 
 }  // namespace cogkern::flash

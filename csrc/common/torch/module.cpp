@@ -12,6 +12,7 @@
 #include <set>
 
 #include "common/cpu/fp16_bits.h"
+#include "common/dispatch.h"
 
 #ifndef COGKERN_CUDA_ARCHS
 #define COGKERN_CUDA_ARCHS ""
@@ -71,6 +72,22 @@ PYBIND11_MODULE(_C, m) {
         "Self-check of the CPU optimizer's fp16 conversions against c10::Half (0 when right).");
   m.def("cpu_parallel_threads", &cpu_parallel_threads,
         "Threads that run one at::parallel_for in this extension (torch.get_num_threads() when built right).");
+  m.def(
+      "cuda_attention_head_dims",
+      []() {
+        pybind11::list dims;
+        for (int d : cogkern::kAttentionHeadDims) dims.append(d);
+        return dims;
+      },
+      "The head dims the CUDA attention kernels are built for (csrc/common/dispatch.h).");
+  m.def(
+      "cuda_dtypes",
+      []() {
+        pybind11::list names;
+        for (cogkern::DType t : cogkern::kCudaDTypes) names.append(t == cogkern::DType::kHalf ? "float16" : t == cogkern::DType::kBFloat16 ? "bfloat16" : "float32");
+        return names;
+      },
+      "The dtypes (torch names) the CUDA attention kernels are built for (csrc/common/dispatch.h).");
 #ifdef COGKERN_WITH_CUDA
   m.def("with_cuda", []() { return true; });
 #else

@@ -47,6 +47,7 @@ struct Sm90BwdConfig {
   static constexpr int kMinBlocks = 2 / kWarpgroups;      // resident blocks per SM the kernel is built for
   static constexpr int kDqPanels = D / sm90::kPanelCols;  // 64-column panels of dq^, one wgmma batch each
   static_assert(WARPGROUPS == 1 || WARPGROUPS == 2, "one or two warpgroups");
+  static_assert(is_attention_head_dim(D) && D % sm90::kPanelCols == 0, "a head dim of common/dispatch.h, in 64-column panels");
   static_assert(kBM == sm90::kPanelCols, "dS^T rows (one per key) are single 128-byte swizzled lines");
 };
 

@@ -71,10 +71,7 @@ cudaError_t run_flash_bwd_kv_sm90(const FlashArgs& a, int mode, bool atomic_dq, 
 #define COGKERN_SM90_BWD_INSTANTIATE(T, D) \
   template int sm90_backward_mode<T, D>();  \
   template cudaError_t run_flash_bwd_kv_sm90<T, D>(const FlashArgs&, int, bool, cudaStream_t);
-COGKERN_SM90_BWD_INSTANTIATE(__half, 64)
-COGKERN_SM90_BWD_INSTANTIATE(__half, 128)
-COGKERN_SM90_BWD_INSTANTIATE(__nv_bfloat16, 64)
-COGKERN_SM90_BWD_INSTANTIATE(__nv_bfloat16, 128)
+COGKERN_ATTENTION_CONFIGS(COGKERN_SM90_BWD_INSTANTIATE)
 #undef COGKERN_SM90_BWD_INSTANTIATE
 
 }  // namespace cogkern::flash

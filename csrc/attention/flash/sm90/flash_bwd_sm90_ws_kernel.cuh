@@ -41,6 +41,7 @@ struct Sm90WsBwdConfig {
   // no spills, except 80 bytes at D = 128 with atomic dq^.
   static constexpr int kProducerRegs = 40;
   static constexpr int kConsumerRegs = 232;
+  static_assert(is_attention_head_dim(D) && D % sm90::kPanelCols == 0, "a head dim of common/dispatch.h, in 64-column panels");
 };
 
 // The TMA descriptors: q^ and k^ from the scratch, v and dO as the caller's views.

@@ -90,10 +90,7 @@ cudaError_t run_flash_fwd_sm90(const FlashArgs& a, int mode, cudaStream_t stream
 #define COGKERN_SM90_FWD_INSTANTIATE(T, D) \
   template int sm90_forward_mode<T, D>();  \
   template cudaError_t run_flash_fwd_sm90<T, D>(const FlashArgs&, int, cudaStream_t);
-COGKERN_SM90_FWD_INSTANTIATE(__half, 64)
-COGKERN_SM90_FWD_INSTANTIATE(__half, 128)
-COGKERN_SM90_FWD_INSTANTIATE(__nv_bfloat16, 64)
-COGKERN_SM90_FWD_INSTANTIATE(__nv_bfloat16, 128)
+COGKERN_ATTENTION_CONFIGS(COGKERN_SM90_FWD_INSTANTIATE)
 #undef COGKERN_SM90_FWD_INSTANTIATE
 
 }  // namespace cogkern::flash

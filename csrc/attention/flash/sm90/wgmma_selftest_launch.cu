@@ -4,6 +4,7 @@
 // launch on anything but compute capability 9.0.
 #include "attention/flash/sm90/wgmma_selftest_launch.h"
 #include "attention/flash/sm90/wgmma_selftest_kernel.cuh"
+#include "common/cuda/dispatch.cuh"
 
 namespace cogkern::sm90 {
 namespace {
@@ -63,9 +64,8 @@ cudaError_t launch_wgmma_selftest(const void* q, const void* k, const void* v, f
   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
   cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
   if (major != 9 || minor != 0) return cudaErrorInvalidDeviceFunction;
-  if (head_dim == 64) return launch_dim<64>(q, k, v, s, o, u, bf16, tma, stream);
-  if (head_dim == 128) return launch_dim<128>(q, k, v, s, o, u, bf16, tma, stream);
-  return cudaErrorInvalidValue;
+  return switch_head_dim(head_dim, cudaErrorInvalidValue,
+                         [&]<int D>() { return launch_dim<D>(q, k, v, s, o, u, bf16, tma, stream); });
 }
 
 }  // namespace cogkern::sm90
