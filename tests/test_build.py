@@ -13,7 +13,12 @@ import cogkern
 
 def test_build_info():
     info = cogkern.build_info()
-    assert set(info) == {"torch_version", "torch_cuda", "cuda_kernels", "cuda_version", "cuda_archs", "cpu_threads"}
+    assert set(info) == {"torch_version", "torch_cuda", "cuda_kernels", "cuda_version", "cuda_archs", "cpu_threads",
+                         "cuda_attention_head_dims", "cuda_dtypes"}
+    # csrc/common/dispatch.h's lists, as the attention module and the CUDA tests read them.
+    assert info["cuda_attention_head_dims"] == list(cogkern.attention.CUDA_HEAD_DIMS) == [64, 128]
+    assert info["cuda_dtypes"] == ["float16", "bfloat16"]
+    assert cogkern.attention.CUDA_DTYPES == (torch.float16, torch.bfloat16)
     assert info["torch_version"] == torch.__version__
     assert isinstance(info["cuda_kernels"], bool)
     if info["cuda_kernels"]:
