@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import cogkern
 from benchmarks.common import device_name, matmul_rate, report, time_fn
 from benchmarks.counters import attention_flops
-from cogkern.reference.diffusers_attention import apply_rotary_emb
+from cogkern.reference.diffusers_attention import apply_rotary_emb, eager_attention
 
 
 def make_inputs(batch, seq, heads, head_dim, dtype, device):
@@ -37,17 +37,6 @@ def make_inputs(batch, seq, heads, head_dim, dtype, device):
     q, k, v = (t(batch, seq, heads, head_dim) for _ in range(3))
     norms = tuple((t(head_dim, scale=0.1, shift=1.0), t(head_dim, scale=0.1)) for _ in range(2))
     return q, k, v, norms
-
-
-def eager_attention(q, k, v, norms, table, text_len):
-    """q, k, v: (B, S, H, D) -> (B, S, H, D), step by step as diffusers' processor does it."""
-    q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # diffusers' (B, H, S, D) views
-    (qw, qb), (kw, kb) = norms
-    q = F.layer_norm(q, (q.shape[-1],), qw, qb, 1e-6)
-    k = F.layer_norm(k, (k.shape[-1],), kw, kb, 1e-6)
-    q = torch.cat((q[:, :, :text_len], apply_rotary_emb(q[:, :, text_len:], table)), dim=2)
-    k = torch.cat((k[:, :, :text_len], apply_rotary_emb(k[:, :, text_len:], table)), dim=2)
-    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
 
 
 def flash_attn_path(q, k, v, norms, table, text_len):
@@ -143,8 +132,8 @@ def run(device: torch.device, quick: bool, sm90: bool = False) -> tuple[list[dic
         text_len, grid, batch = 226, (13, 30, 45), 1
         # Every dtype and head dim the issue names, even in --quick (fewer repeats only): at
         # S = 17,776 one config takes seconds, and a rare GPU run must bring back all of them.
-        dtypes = [torch.bfloat16, torch.float16]
-        configs = [(48, 64), (24, 128)]  # (heads, head_dim) at width 3072
+        dtypes = list(cogkern.attention.CUDA_DTYPES)
+        configs = [(3072 // d, d) for d in cogkern.attention.CUDA_HEAD_DIMS]  # (heads, head_dim) at width 3072
         shapes = [(batch, heads, d, text_len, grid) for heads, d in configs]
         repeats = 5 if quick else 20
     else:

@@ -17,6 +17,7 @@ import torch
 
 from benchmarks.common import copy_bandwidth, device_name, report, time_fn
 from cogkern import RoPE3D, apply_rope3d
+from cogkern.reference.diffusers_attention import apply_rotary_emb
 
 SHAPES = {
     # name: (batch, heads, head_dim, text_len, grid)
@@ -24,15 +25,6 @@ SHAPES = {
     "cpu-small": (1, 8, 64, 32, (4, 8, 12)),
     "tiny": (1, 2, 64, 8, (2, 4, 4)),
 }
-
-
-def diffusers_apply_rotary_emb(x, freqs_cis):
-    """diffusers.models.embeddings.apply_rotary_emb(use_real=True, use_real_unbind_dim=-1), as written there."""
-    cos, sin = freqs_cis
-    cos, sin = cos[None, None], sin[None, None]
-    x_real, x_imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
-    x_rotated = torch.stack([-x_imag, x_real], dim=-1).flatten(3)
-    return (x.float() * cos + x_rotated.float() * sin).to(x.dtype)
 
 
 def run(device: str, shape: str, dtypes: list[torch.dtype], quick: bool) -> list[dict]:
@@ -52,7 +44,7 @@ def run(device: str, shape: str, dtypes: list[torch.dtype], quick: bool) -> list
         video_bytes = 2 * batch * n_video * heads * d * elem
 
         def eager():
-            x_bhsd[:, :, text_len:] = diffusers_apply_rotary_emb(x_bhsd[:, :, text_len:], table)
+            x_bhsd[:, :, text_len:] = apply_rotary_emb(x_bhsd[:, :, text_len:], table)
 
         impls = [
             ("eager (diffusers apply_rotary_emb)", eager, video_bytes),

@@ -31,6 +31,7 @@ import torch
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 import cogkern
+from cogkern.attention import CUDA_DTYPES, CUDA_HEAD_DIMS
 from cogkern.reference.attention_math import reference_attention
 from cogkern import RoPE3D
 
@@ -121,8 +122,8 @@ def rule(name, got, eager, ref, ok_all):
 def error_rule_sweep(device, quick):
     seqs = (1, 17, 128, 1000) if quick else (1, 17, 128, 1000, 4096 + 113)
     i = 0
-    for dtype in cogkern.CUDA_DTYPES:
-        for d in cogkern.CUDA_HEAD_DIMS:
+    for dtype in CUDA_DTYPES:
+        for d in CUDA_HEAD_DIMS:
             for seq in seqs:
                 for text_len in (0, 226):
                     if text_len > seq:
@@ -154,7 +155,7 @@ def error_rule_sweep(device, quick):
 
 
 def special_inputs(device):
-    for dtype in (torch.float16, torch.bfloat16):
+    for dtype in CUDA_DTYPES:
         # NaN in one q row: that row's output is NaN, every other row finite.
         q, k, v = (torch.randn(1, 40, 2, 64, device=device, dtype=dtype) for _ in range(3))
         q[0, 7, 1, 3] = float("nan")

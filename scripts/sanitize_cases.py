@@ -14,6 +14,8 @@ import sys
 
 import torch
 
+from cogkern.attention import CUDA_DTYPES, CUDA_HEAD_DIMS
+
 # The deterministic attention backward runs under torch.use_deterministic_algorithms(True),
 # which makes cuBLAS insist on this.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -69,7 +71,7 @@ def attention_cases(quick: bool = True):
     (weight + bias) and RMSNorm (weight), S = 77 (and 130) with text_len 5 (and 0)."""
     import itertools
 
-    from cogkern import CUDA_DTYPES, CUDA_HEAD_DIMS, RoPE3D, fused_attention
+    from cogkern import RoPE3D, fused_attention
 
     grids = {72: (2, 6, 6), 77: (7, 11, 1), 125: (5, 5, 5), 130: (2, 5, 13)}  # seq - text_len -> (T, H, W)
     seqs, texts = ((77,), (5,)) if quick else ((77, 130), (0, 5))
@@ -96,13 +98,11 @@ def attention_cases(quick: bool = True):
 
 
 def wgmma_cases():
-    """The Hopper wgmma conformance tile (tests/test_sm90_wgmma_cuda.py) and the opt-in wgmma
+    """The Hopper wgmma conformance tile (tests/attention/test_sm90_wgmma_cuda.py) and the opt-in wgmma
     attention kernels; nothing on other GPUs."""
     if torch.cuda.get_device_capability() != (9, 0):
         return
-    from cogkern import CUDA_DTYPES, CUDA_HEAD_DIMS
-
-    for dtype in CUDA_DTYPES:
+    for dtype in (torch.bfloat16, torch.float16):
         for d in CUDA_HEAD_DIMS:
             q, k, v = (torch.randn(64, d, device="cuda", dtype=dtype) for _ in range(3))
             for tma in (False, True):

@@ -1,5 +1,6 @@
 """The installed extension: build facts, and a clear refusal under the wrong torch."""
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,10 +14,11 @@ import cogkern
 def test_build_info():
     info = cogkern.build_info()
     assert set(info) == {"torch_version", "torch_cuda", "cuda_kernels", "cuda_version", "cuda_archs", "cpu_threads",
-                         "cuda_attention_head_dims", "cuda_attention_dtypes"}
-    # The one list of csrc/common/dispatch.h, as Python sees it.
-    assert info["cuda_attention_head_dims"] == list(cogkern.CUDA_HEAD_DIMS) == [64, 128]
-    assert info["cuda_attention_dtypes"] == list(cogkern.CUDA_DTYPES) == [torch.float16, torch.bfloat16]
+                         "cuda_attention_head_dims", "cuda_dtypes"}
+    # csrc/common/dispatch.h's lists, as the attention module and the CUDA tests read them.
+    assert info["cuda_attention_head_dims"] == list(cogkern.attention.CUDA_HEAD_DIMS) == [64, 128]
+    assert info["cuda_dtypes"] == ["float16", "bfloat16"]
+    assert cogkern.attention.CUDA_DTYPES == (torch.float16, torch.bfloat16)
     assert info["torch_version"] == torch.__version__
     assert isinstance(info["cuda_kernels"], bool)
     if info["cuda_kernels"]:
@@ -65,13 +67,45 @@ NVCC = next((os.path.join(d, "bin", "nvcc") for d in (os.environ.get("CUDA_HOME"
              if d and os.path.exists(os.path.join(d, "bin", "nvcc"))), None)
 
 
+def _cmake_version(exe):
+    try:
+        out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except OSError:
+        return None
+    m = re.search(r"cmake version (\d+)\.(\d+)", out)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def find_cmake():
+    """The cmake this Python's environment builds with (the `test` extra installs one >= 3.26 next to
+    the interpreter, as pip's build does), else one on PATH; None when no cmake >= 3.26 is found."""
+    candidates = [os.path.join(os.path.dirname(sys.executable), "cmake")]
+    try:
+        import cmake  # the PyPI package's binary
+
+        candidates.append(os.path.join(cmake.CMAKE_BIN_DIR, "cmake"))
+    except ImportError:
+        pass
+    candidates.append(shutil.which("cmake"))
+    for exe in candidates:
+        if exe and os.path.exists(exe) and (_cmake_version(exe) or (0, 0)) >= (3, 26):
+            return exe
+    return None
+
+
+CMAKE = find_cmake()
+needs_cmake_and_nvcc = pytest.mark.skipif(
+    CMAKE is None or NVCC is None,
+    reason="needs nvcc and cmake >= 3.26 (pip install '.[test]' brings cmake into this environment)")
+
+
 def cmake_configure(build_dir, env):
-    return subprocess.run(["cmake", "-S", ROOT, "-B", str(build_dir), "-DCOGKERN_CUDA=ON",
+    return subprocess.run([CMAKE, "-S", ROOT, "-B", str(build_dir), "-DCOGKERN_CUDA=ON",
                            f"-DPython_EXECUTABLE={sys.executable}"], capture_output=True, text=True,
                           env=dict(os.environ, **env), timeout=300)
 
 
-@pytest.mark.skipif(shutil.which("cmake") is None or NVCC is None, reason="needs cmake and nvcc")
+@needs_cmake_and_nvcc
 @pytest.mark.parametrize("archs, message", [
     # Which of sm_90 and sm_90a code an H100 would run is the runtime's choice; only 9.0a has the Hopper kernels.
     ("9.0;9.0a", "names both 9.0 and 9.0a"),
@@ -83,7 +117,7 @@ def test_cmake_refuses_a_bad_arch_list(tmp_path, archs, message):
     assert message in " ".join((out.stdout + out.stderr).split()), out.stdout[-2000:] + out.stderr[-2000:]
 
 
-@pytest.mark.skipif(shutil.which("cmake") is None or NVCC is None, reason="needs cmake and nvcc")
+@needs_cmake_and_nvcc
 def test_cmake_refuses_cuda_older_than_12_5(tmp_path):
     """The tensor maps need cudaGetDriverEntryPointByVersion (CUDA 12.5): an older nvcc is named, not a compile error."""
     fake = tmp_path / "nvcc"  # the real nvcc, but it says it is 12.4

@@ -11,6 +11,7 @@
 
 #include <memory>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "adamw/adamw_math.h"
@@ -54,7 +55,7 @@ inline void check_like_param(const char* op, const char* name, size_t i, const a
                     t.strides(), " but params[", i, "] has strides ", p.strides());
 }
 
-inline void check_device_scalar(const char* op, const char* name, const at::Tensor& t, at::ScalarType dtype,
+inline void check_device_scalar(const char* op, const std::string& name, const at::Tensor& t, at::ScalarType dtype,
                                 const at::Device& device, int64_t numel = 1) {
   TORCH_CHECK_VALUE(t.defined(), op, ": ", name, " is undefined");
   TORCH_CHECK_VALUE(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
@@ -128,7 +129,13 @@ struct AdamWOps {
       check_hyper(op, "epss", g, epss[g], 0.0, false, INFINITY, true);
       check_hyper(op, "weight_decays", g, weight_decays[g], 0.0, false, INFINITY, true);
       const std::optional<at::Tensor> lr_t = lr_tensors.get(g);
-      if (lr_t.has_value()) check_device_scalar(op, "lr_tensors[g]", *lr_t, at::kFloat, device);
+      if (lr_t.has_value()) {
+        const std::string name = "lr_tensors[" + std::to_string(g) + "]";
+        check_device_scalar(op, name, *lr_t, at::kFloat, device);
+        // A CPU lr is read here for free; a CUDA one is read by the kernel only (no sync).
+        TORCH_CHECK_VALUE(!lr_t->is_cpu() || *lr_t->const_data_ptr<float>() >= 0.0f, op, ": ", name,
+                          " is a negative learning rate, ", *lr_t->const_data_ptr<float>());
+      }
     }
     if (step_scalars.has_value()) {
       check_device_scalar(op, "step_scalars", *step_scalars, at::kFloat, device, kNumStepScalars);
@@ -144,7 +151,7 @@ struct AdamWOps {
       check_like_param(op, "exp_avgs", i, exp_avgs[i], p, at::kFloat);
       check_like_param(op, "exp_avg_sqs", i, exp_avg_sqs[i], p, at::kFloat);
       if (!masters.empty()) check_like_param(op, "masters", i, masters[i], p, at::kFloat);
-      check_device_scalar(op, "steps[i]", steps[i], at::kFloat, device);
+      check_device_scalar(op, "steps[" + std::to_string(i) + "]", steps[i], at::kFloat, device);
       TORCH_CHECK_VALUE(tensor_groups[i] >= 0 && size_t(tensor_groups[i]) < G, op, ": tensor_groups[", i,
                         "] must be in [0, ", G, "), got ", tensor_groups[i]);
       TORCH_CHECK_VALUE(tensor_ids[i] >= 0 && tensor_ids[i] <= int64_t(UINT32_MAX), op, ": tensor_ids[", i,

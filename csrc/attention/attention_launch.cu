@@ -12,8 +12,8 @@
 // rope3d_math.h (the CPU backend runs the same functions). Kernels: attention_rows.cuh.
 #include "attention/attention_row_kernels.cuh"
 #include "attention/flash/flash_params.h"
+#include "common/cuda/dispatch.cuh"
 #include "common/cuda/launch_kernel.cuh"
-#include "common/dispatch.h"
 
 namespace cogkern {
 namespace {
@@ -70,43 +70,9 @@ cudaError_t backward_typed(const AttentionParams& P, const AttentionScratch& s, 
   return launch_kernel(norm_grad_reduce_kernel<D>, 4 * D, 256, 0, stream, P, s.norm_partials, n_blocks);
 }
 
-template <template <typename, int> class Fn, typename... Args>
-cudaError_t dispatch(const AttentionParams& P, Args&&... args) {
-  return COGKERN_DTYPE_SWITCH(P.dtype, T, cudaErrorInvalidValue, [&] {
-    return COGKERN_HEADDIM_SWITCH(P.head_dim, D, cudaErrorInvalidValue, [&] { return Fn<T, D>::run(P, args...); });
-  });
-}
-
-template <typename T, int D>
-struct Forward {
-  static cudaError_t run(const AttentionParams& P, const AttentionScratch& s, cudaStream_t stream) {
-    return forward_typed<T, D>(P, s, stream);
-  }
-};
-template <typename T, int D>
-struct Backward {
-  static cudaError_t run(const AttentionParams& P, const AttentionScratch& s, bool deterministic,
-                         cudaStream_t stream) {
-    return backward_typed<T, D>(P, s, deterministic, stream);
-  }
-};
-
-template <typename T, int D>
-struct KernelModes {
-  static cudaError_t run(const AttentionParams&, int* forward, int* backward) {
-    *forward = flash::sm90_forward_mode<T, D>();
-    *backward = flash::sm90_backward_mode<T, D>();
-    return cudaSuccess;
-  }
-};
-
 bool empty_problem(const AttentionParams& P) { return P.batch <= 0 || P.seq <= 0 || P.heads <= 0; }
 
 }  // namespace
-
-bool attention_cuda_supported(DType dtype, int64_t head_dim) {
-  return cuda_dtype_listed(dtype) && cuda_head_dim_listed(head_dim);
-}
 
 int64_t attention_norm_partial_blocks(const AttentionParams& P) { return ceil_div(P.seq, kTokens); }
 
@@ -119,17 +85,19 @@ bool attention_rows_loadable(const BshdTensor& t, const AttentionParams& P) {
 }
 
 cudaError_t attention_kernel_modes(DType dtype, int64_t head_dim, int* forward, int* backward) {
-  AttentionParams P;
-  P.dtype = dtype;
-  P.head_dim = head_dim;
-  return dispatch<KernelModes>(P, forward, backward);
+  return switch_attention_config(dtype, head_dim, cudaErrorInvalidValue, [&]<typename T, int D>() {
+    *forward = flash::sm90_forward_mode<T, D>();
+    *backward = flash::sm90_backward_mode<T, D>();
+    return cudaSuccess;
+  });
 }
 
 cudaError_t launch_attention_forward(const AttentionParams& P, const AttentionScratch& scratch, cudaStream_t stream) {
   if (!attention_cuda_supported(P.dtype, P.head_dim)) return cudaErrorInvalidValue;
   if (empty_problem(P)) return cudaSuccess;
   if (!attention_rows_loadable(P.v, P)) return cudaErrorMisalignedAddress;
-  return dispatch<Forward>(P, scratch, stream);
+  return switch_attention_config(P.dtype, P.head_dim, cudaErrorInvalidValue,
+                                 [&]<typename T, int D>() { return forward_typed<T, D>(P, scratch, stream); });
 }
 
 cudaError_t launch_attention_backward(const AttentionParams& P, const AttentionScratch& scratch, bool deterministic,
@@ -138,7 +106,9 @@ cudaError_t launch_attention_backward(const AttentionParams& P, const AttentionS
   if (empty_problem(P)) return cudaSuccess;
   if (!attention_rows_loadable(P.v, P) || !attention_rows_loadable(P.grad_out, P)) return cudaErrorMisalignedAddress;
   if (P.norm != NormKind::kNone && scratch.norm_partials == nullptr) return cudaErrorInvalidValue;
-  return dispatch<Backward>(P, scratch, deterministic, stream);
+  return switch_attention_config(P.dtype, P.head_dim, cudaErrorInvalidValue, [&]<typename T, int D>() {
+    return backward_typed<T, D>(P, scratch, deterministic, stream);
+  });
 }
 
 }  // namespace cogkern

@@ -5,6 +5,7 @@
 #include <cuda_runtime_api.h>
 
 #include "attention/attention_math.h"
+#include "common/dispatch.h"  // attention_cuda_supported: the listed dtypes and head dims
 
 namespace cogkern {
 
@@ -18,9 +19,6 @@ struct AttentionScratch {
   float* dk_hat = nullptr;         // [batch, heads, seq, head_dim]
   float* norm_partials = nullptr;  // [4 * head_dim * attention_norm_partial_blocks(P)] when P.norm != kNone
 };
-
-// Whether the CUDA kernels handle this dtype and head dim (fp16/bf16, 64/128).
-bool attention_cuda_supported(DType dtype, int64_t head_dim);
 
 // Number of per-block partial sums of the norm parameter grads the backward
 // writes (deterministic two-pass reduction).

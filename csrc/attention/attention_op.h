@@ -50,7 +50,7 @@ inline NormKind parse_norm(const char* op, std::string_view name) {
   if (name == "none") return NormKind::kNone;
   if (name == "layer_norm") return NormKind::kLayerNorm;
   if (name == "rms_norm") return NormKind::kRMSNorm;
-  TORCH_CHECK_VALUE(false, op, ": qk_norm must be 'none', 'layer_norm' or 'rms_norm', got '", std::string(name),
+  TORCH_CHECK_VALUE(false, op, ": qk_norm must be None ('none'), 'layer_norm' or 'rms_norm', got '", std::string(name),
                     "'");
 }
 
@@ -59,11 +59,10 @@ inline void check_qkv(const char* op, const at::Tensor& t, const char* name, con
                     t.sizes());
   TORCH_CHECK_VALUE(t.sizes() == q.sizes(), op, ": ", name, " must have q's shape ", q.sizes(), ", got ", t.sizes());
   TORCH_CHECK_VALUE(is_supported_float(t.scalar_type()), op, ": ", name,
-                    " must be float16, bfloat16, float32 or float64, got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.scalar_type() == q.scalar_type(), op, ": ", name, " must have q's dtype ", q.scalar_type(),
-                    ", got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.device() == q.device(), op, ": ", name, " must be on q's device ", q.device(), ", got ",
-                    t.device());
+                    " must be float16, bfloat16, float32 or float64, got ", dtype_name(t.scalar_type()));
+  TORCH_CHECK_VALUE(t.scalar_type() == q.scalar_type(), op, ": ", name, " must have q's dtype ",
+                    dtype_name(q.scalar_type()), ", got ", dtype_name(t.scalar_type()));
+  TORCH_CHECK_VALUE(t.device() == q.device(), op, ": ", name, " is on ", t.device(), " but q is on ", q.device());
   TORCH_CHECK_VALUE(t.size(3) <= 1 || t.stride(3) == 1, op, ": ", name,
                     "'s last dimension must have stride 1, got strides ", t.strides());
 }
@@ -76,13 +75,12 @@ inline BshdTensorMut bshd_mut(const at::Tensor& t) { return {t.data_ptr(), t.str
 inline at::Tensor norm_param(const char* op, const std::optional<at::Tensor>& t, const char* name, NormKind kind,
                              const at::Tensor& q) {
   if (!t.has_value() || !t->defined()) return {};
-  TORCH_CHECK_VALUE(kind != NormKind::kNone, op, ": ", name, " was given but qk_norm is 'none'");
+  TORCH_CHECK_VALUE(kind != NormKind::kNone, op, ": ", name, " was given but qk_norm is None ('none')");
   TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == q.size(3), op, ": ", name, " must have shape (head_dim,) = (",
                     q.size(3), ",), got ", t->sizes());
   TORCH_CHECK_VALUE(is_supported_float(t->scalar_type()), op, ": ", name,
-                    " must be float16, bfloat16, float32 or float64, got ", t->scalar_type());
-  TORCH_CHECK_VALUE(t->device() == q.device(), op, ": ", name, " must be on q's device ", q.device(), ", got ",
-                    t->device());
+                    " must be float16, bfloat16, float32 or float64, got ", dtype_name(t->scalar_type()));
+  TORCH_CHECK_VALUE(t->device() == q.device(), op, ": ", name, " is on ", t->device(), " but q is on ", q.device());
   return t->to(acc_dtype(q.scalar_type())).contiguous();
 }
 
@@ -113,15 +111,15 @@ inline AttentionInputs attention_inputs(const char* op, const at::Tensor& q, con
   check_qkv(op, q, "q", q);
   check_qkv(op, k, "k", q);
   check_qkv(op, v, "v", q);
-  TORCH_CHECK_VALUE(q.size(3) >= 1, op, ": head_dim must be at least 1");
+  TORCH_CHECK_VALUE(q.size(3) >= 1, op, ": q's head_dim must be at least 1");
   TORCH_CHECK_VALUE(!(q.is_cuda() && q.scalar_type() == at::kDouble), op,
                     ": q of dtype float64 is supported on the CPU only");
   const NormKind kind = parse_norm(op, a.qk_norm);
-  TORCH_CHECK_VALUE(std::isfinite(a.norm_eps) && a.norm_eps >= 0, op, ": norm_eps must be finite and >= 0, got ",
+  TORCH_CHECK_VALUE(std::isfinite(a.norm_eps) && a.norm_eps >= 0, op, ": norm_eps must be a finite number >= 0, got ",
                     a.norm_eps);
-  TORCH_CHECK_VALUE(std::isfinite(a.scale) && a.scale > 0, op, ": scale must be positive and finite, got ",
+  TORCH_CHECK_VALUE(std::isfinite(a.scale) && a.scale > 0, op, ": scale must be a positive finite number, got ",
                     a.scale);
-  TORCH_CHECK_VALUE(a.text_len >= 0 && a.text_len <= q.size(1), op, ": text_len must be in [0, seq=", q.size(1),
+  TORCH_CHECK_VALUE(a.text_len >= 0 && a.text_len <= q.size(1), op, ": text_len must be an int in [0, seq=", q.size(1),
                     "], got ", a.text_len);
 
   AttentionInputs in;
@@ -139,13 +137,13 @@ inline AttentionInputs attention_inputs(const char* op, const at::Tensor& q, con
   if (has_cos) {
     check_rope(op, q, a, /*table=*/true);
     P.rope = rope_table_params(op, q, q, *a.rope_cos, *a.rope_sin, a.text_len, /*transpose=*/false,
-                               /*inplace=*/false);
+                               /*inplace=*/false, "q");
     P.rope_table_dtype = to_dtype(a.rope_cos->scalar_type());
     P.has_rope = true;
   } else if (!a.rope_grid.empty()) {
     check_rope(op, q, a, /*table=*/false);
     P.rope = rope3d_params(op, q, q, a.rope_positions, a.rope_grid, a.rope_axes_dims, a.rope_theta,
-                           a.rope_interleaved, a.text_len, /*inverse=*/false, /*inplace=*/false);
+                           a.rope_interleaved, a.text_len, /*inverse=*/false, /*inplace=*/false, "q");
     P.has_rope = true;
   } else {
     TORCH_CHECK_VALUE(!(a.rope_positions.has_value() && a.rope_positions->defined()), op,
@@ -182,9 +180,8 @@ inline void check_lse(const char* op, const at::Tensor& t, const char* name, con
                     ": ", name, " must have shape (batch, heads, seq) = (", q.size(0), ", ", q.size(2), ", ",
                     q.size(1), "), got ", t.sizes());
   TORCH_CHECK_VALUE(t.scalar_type() == acc_dtype(q.scalar_type()), op, ": ", name, " must be ",
-                    acc_dtype(q.scalar_type()), ", got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.device() == q.device(), op, ": ", name, " must be on q's device ", q.device(), ", got ",
-                    t.device());
+                    dtype_name(acc_dtype(q.scalar_type())), ", got ", dtype_name(t.scalar_type()));
+  TORCH_CHECK_VALUE(t.device() == q.device(), op, ": ", name, " is on ", t.device(), " but q is on ", q.device());
 }
 
 inline at::Tensor last_dim_contiguous(const at::Tensor& t) {

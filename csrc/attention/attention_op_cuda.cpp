@@ -15,7 +15,6 @@
 
 #include "attention/attention_launch.h"
 #include "attention/attention_op.h"
-#include "common/dispatch.h"
 
 namespace cogkern::ops {
 namespace {
@@ -38,10 +37,11 @@ void check_launch(cudaError_t err, const char* what) {
 struct CudaBackend {
   // Called by AttentionOps after the common checks, before any allocation or launch.
   static void check_supported(const char* op, const AttentionParams& P) {
-    TORCH_CHECK_VALUE(cuda_dtype_listed(P.dtype), op, ": q must be ", cuda_dtypes_text(), " on CUDA, got ",
+    TORCH_CHECK_VALUE(is_cuda_dtype(P.dtype), op,
+                      ": q must be float16 or bfloat16 on CUDA, got ",
                       P.dtype == DType::kFloat ? "float32" : "float64", " (float32 and float64 run on the CPU backend)");
     TORCH_CHECK_VALUE(attention_cuda_supported(P.dtype, P.head_dim), op,
-                      ": q's head_dim must be ", cuda_head_dims_text(), " on CUDA, got ", P.head_dim);
+                      ": q's head_dim must be ", attention_head_dims_text(), " on CUDA, got ", P.head_dim);
     // The kernels index tokens with 32-bit integers (and TMA coordinates are 32-bit).
     TORCH_CHECK_VALUE(P.seq < (int64_t(1) << 30), op, ": q's seq must be below 2**30 on CUDA, got ", P.seq);
   }
@@ -95,10 +95,12 @@ using CudaAttention = AttentionOps<CudaBackend>;
 // (attention_kernel_modes). For tests and benchmarks that must know which kernel they measured.
 std::vector<int64_t> attention_cuda_kernels(const at::Tensor& q) {
   TORCH_CHECK_VALUE(q.is_cuda() && q.dim() == 4, "_attention_cuda_kernels: q must be a 4-d CUDA tensor");
+  TORCH_CHECK_VALUE(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
+                    "_attention_cuda_kernels: q must be float16 or bfloat16 on CUDA, got ", dtype_name(q.scalar_type()));
   const DType dtype = q.scalar_type() == at::kHalf ? DType::kHalf
                       : q.scalar_type() == at::kBFloat16 ? DType::kBFloat16 : DType::kFloat;
   TORCH_CHECK_VALUE(attention_cuda_supported(dtype, q.size(3)),
-                    "_attention_cuda_kernels: q must be ", cuda_dtypes_text(), " with head_dim ", cuda_head_dims_text());
+                    "_attention_cuda_kernels: q's head_dim must be ", attention_head_dims_text(), ", got ", q.size(3));
   const c10::cuda::CUDAGuard guard(q.device());
   int forward = 0, backward = 0;
   check_launch(attention_kernel_modes(dtype, q.size(3), &forward, &backward), "kernel query");

@@ -16,15 +16,19 @@
 
 namespace cogkern::ops {
 
-inline void check_rope_x(const char* op, const at::Tensor& x, int64_t text_len) {
-  TORCH_CHECK_VALUE(x.dim() == 4, op, ": x must be 4-D (batch, seq, heads, head_dim), got shape ", x.sizes());
-  TORCH_CHECK_VALUE(is_supported_float(x.scalar_type()), op,
-                    ": x must be float16, bfloat16, float32 or float64, got ", x.scalar_type());
-  TORCH_CHECK_VALUE(!(x.is_cuda() && x.scalar_type() == at::kDouble), op,
-                    ": x of dtype float64 is supported on the CPU only");
-  TORCH_CHECK_VALUE(x.size(3) % 2 == 0 && x.size(3) > 0, op, ": x's head_dim must be even, got ", x.size(3));
-  TORCH_CHECK_VALUE(x.stride(3) == 1, op, ": x's last dimension must have stride 1, got strides ", x.strides());
-  TORCH_CHECK_VALUE(text_len >= 0 && text_len <= x.size(1), op, ": text_len must be in [0, seq=", x.size(1),
+// x_name: what the caller calls x in its messages ("x" for the RoPE ops, "q" for attention).
+inline void check_rope_x(const char* op, const at::Tensor& x, int64_t text_len, const char* x_name) {
+  TORCH_CHECK_VALUE(x.dim() == 4, op, ": ", x_name, " must be 4-D (batch, seq, heads, head_dim), got shape ",
+                    x.sizes());
+  TORCH_CHECK_VALUE(is_supported_float(x.scalar_type()), op, ": ", x_name,
+                    " must be float16, bfloat16, float32 or float64, got ", dtype_name(x.scalar_type()));
+  TORCH_CHECK_VALUE(!(x.is_cuda() && x.scalar_type() == at::kDouble), op, ": ", x_name,
+                    " of dtype float64 is supported on the CPU only");
+  TORCH_CHECK_VALUE(x.size(3) % 2 == 0 && x.size(3) > 0, op, ": ", x_name,
+                    "'s head_dim must be a positive even number, got ", x.size(3));
+  TORCH_CHECK_VALUE(x.stride(3) == 1, op, ": ", x_name, "'s last dimension must have stride 1, got strides ",
+                    x.strides());
+  TORCH_CHECK_VALUE(text_len >= 0 && text_len <= x.size(1), op, ": text_len must be an int in [0, seq=", x.size(1),
                     "], got ", text_len);
 }
 
@@ -53,8 +57,8 @@ inline void fill_layout(RopeParams& P, const at::Tensor& x, const at::Tensor& ou
 inline RopeParams rope3d_params(const char* op, const at::Tensor& x, const at::Tensor& out,
                                 const std::optional<at::Tensor>& positions, at::IntArrayRef grid,
                                 at::IntArrayRef axes, double theta, bool interleaved, int64_t text_len,
-                                bool inverse, bool inplace) {
-  check_rope_x(op, x, text_len);
+                                bool inverse, bool inplace, const char* x_name = "x") {
+  check_rope_x(op, x, text_len, x_name);
   TORCH_CHECK_VALUE(grid.size() == 3, op, ": grid must have 3 entries (T, H, W), got ", grid);
   TORCH_CHECK_VALUE(axes.size() == 3, op, ": axes_dims must have 3 entries, got ", axes);
   int64_t n_video = 1;
@@ -62,14 +66,14 @@ inline RopeParams rope3d_params(const char* op, const at::Tensor& x, const at::T
     TORCH_CHECK_VALUE(grid[i] >= 1 && grid[i] < (int64_t(1) << 30), op, ": grid entries must be >= 1, got ", grid);
     n_video *= grid[i];
   }
-  TORCH_CHECK_VALUE(x.size(1) == text_len + n_video, op, ": x has seq=", x.size(1), " but text_len + T*H*W = ",
-                    text_len, " + ", n_video, " = ", text_len + n_video);
+  TORCH_CHECK_VALUE(x.size(1) == text_len + n_video, op, ": ", x_name, " has seq=", x.size(1), " but text_len + T*H*W = ",
+                    text_len, " + ", n_video, " = ", text_len + n_video, " (grid ", grid, ")");
   int64_t axes_sum = 0;
   for (int i = 0; i < 3; ++i) {
     TORCH_CHECK_VALUE(axes[i] >= 0 && axes[i] % 2 == 0, op, ": axes_dims must be even and >= 0, got ", axes);
     axes_sum += axes[i];
   }
-  TORCH_CHECK_VALUE(axes_sum <= x.size(3), op, ": axes_dims ", axes, " sum to more than head_dim=", x.size(3));
+  TORCH_CHECK_VALUE(axes_sum <= x.size(3), op, ": axes_dims ", axes, " sum to more than ", x_name, "'s head_dim=", x.size(3));
   TORCH_CHECK_VALUE(std::isfinite(theta) && theta > 0, op, ": theta must be positive and finite, got ", theta);
   if (positions.has_value()) {
     const at::Tensor& pos = *positions;
@@ -77,9 +81,10 @@ inline RopeParams rope3d_params(const char* op, const at::Tensor& x, const at::T
     TORCH_CHECK_VALUE(pos.dim() == 1 && pos.size(0) == n, op, ": positions must be 1-D with T+H+W=", n,
                       " entries, got shape ", pos.sizes());
     TORCH_CHECK_VALUE(pos.scalar_type() == acc_dtype(x.scalar_type()), op, ": positions must be ",
-                      acc_dtype(x.scalar_type()), " for x of dtype ", x.scalar_type(), ", got ", pos.scalar_type());
-    TORCH_CHECK_VALUE(pos.device() == x.device(), op, ": positions must be on x's device ", x.device(), ", got ",
-                      pos.device());
+                      dtype_name(acc_dtype(x.scalar_type())), " for ", x_name, " of dtype ",
+                      dtype_name(x.scalar_type()), ", got ", dtype_name(pos.scalar_type()));
+    TORCH_CHECK_VALUE(pos.device() == x.device(), op, ": positions is on ", pos.device(), " but ", x_name, " is on ",
+                      x.device());
     TORCH_CHECK_VALUE(pos.is_contiguous(), op, ": positions must be contiguous");
   }
   if (inplace) check_inplace_target(op, x);
@@ -100,8 +105,8 @@ inline RopeParams rope3d_params(const char* op, const at::Tensor& x, const at::T
 
 inline RopeParams rope_table_params(const char* op, const at::Tensor& x, const at::Tensor& out,
                                     const at::Tensor& cos, const at::Tensor& sin, int64_t text_len, bool transpose,
-                                    bool inplace) {
-  check_rope_x(op, x, text_len);
+                                    bool inplace, const char* x_name = "x") {
+  check_rope_x(op, x, text_len, x_name);
   const int64_t n_video = x.size(1) - text_len;
   for (const auto* t : {&cos, &sin}) {
     const char* name = t == &cos ? "cos" : "sin";
@@ -109,14 +114,17 @@ inline RopeParams rope_table_params(const char* op, const at::Tensor& x, const a
                       " must have shape (seq - text_len, head_dim) = (", n_video, ", ", x.size(3), "), got ",
                       t->sizes());
     TORCH_CHECK_VALUE(t->scalar_type() == at::kFloat || t->scalar_type() == x.scalar_type(), op, ": rope table ",
-                      name, " must be float32 or x's dtype ", x.scalar_type(), ", got ", t->scalar_type());
-    TORCH_CHECK_VALUE(t->device() == x.device(), op, ": rope table ", name, " must be on x's device ", x.device(),
-                      ", got ", t->device());
+                      name, " must be float32 or ", x_name, "'s dtype ", dtype_name(x.scalar_type()), ", got ",
+                      dtype_name(t->scalar_type()));
+    TORCH_CHECK_VALUE(t->device() == x.device(), op, ": rope table ", name, " is on ", t->device(), " but ", x_name,
+                      " is on ", x.device());
     TORCH_CHECK_VALUE(t->stride(1) == 1 || t->size(1) == 1, op, ": rope table ", name,
                       "'s last dimension must have stride 1");
   }
-  TORCH_CHECK_VALUE(cos.scalar_type() == sin.scalar_type() && cos.stride(0) == sin.stride(0), op,
-                    ": rope tables cos and sin must have the same dtype and strides");
+  TORCH_CHECK_VALUE(cos.scalar_type() == sin.scalar_type(), op, ": rope tables cos and sin must have the same dtype, got ",
+                    dtype_name(cos.scalar_type()), " and ", dtype_name(sin.scalar_type()));
+  TORCH_CHECK_VALUE(cos.stride(0) == sin.stride(0), op, ": rope tables cos and sin must have the same strides, got ",
+                    cos.strides(), " and ", sin.strides());
   if (inplace) check_inplace_target(op, x);
 
   RopeParams P;

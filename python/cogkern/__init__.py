@@ -8,9 +8,8 @@ Public API:
     amp.DynamicLossScaler           device-resident dynamic loss scaling (FP16)
     precision.audit                 FP16 or BF16? measured on your model
     build_info()                    what the compiled extension was built with
-    CUDA_HEAD_DIMS, CUDA_DTYPES     the head dims and dtypes the CUDA attention kernels take
 """
-from ._extension import CUDA_DTYPES, CUDA_HEAD_DIMS, build_info
+from ._extension import build_info
 from .rope import RoPE3D, apply_rope3d, default_axes_dims
 from .attention import FusedAttention, attention_kernels, fused_attention
 from . import amp, optim, precision
@@ -18,8 +17,6 @@ from . import amp, optim, precision
 __version__ = "0.1.0"
 
 __all__ = [
-    "CUDA_DTYPES",
-    "CUDA_HEAD_DIMS",
     "FusedAttention",
     "RoPE3D",
     "amp",

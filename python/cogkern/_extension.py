@@ -38,11 +38,6 @@ def _load():
 
 _C, _build_config = _load()
 
-# What the CUDA attention kernels are built for, from the one list in
-# csrc/common/dispatch.h: head dims, e.g. (64, 128), and storage dtypes.
-CUDA_HEAD_DIMS: tuple = tuple(_C.cuda_attention_head_dims())
-CUDA_DTYPES: tuple = tuple(getattr(torch, name) for name in _C.cuda_attention_dtypes())
-
 
 def build_info() -> dict:
     """What the installed extension was built with.
@@ -53,8 +48,7 @@ def build_info() -> dict:
     ``cuda_archs`` (compiled architectures, e.g. ``['90a-real']``),
     ``cpu_threads`` (how many threads the CPU kernels use now: torch.get_num_threads()
     unless the extension was built without torch's OpenMP, when it is 1),
-    ``cuda_attention_head_dims`` and ``cuda_attention_dtypes`` (what the CUDA
-    attention kernels are built for: CUDA_HEAD_DIMS, CUDA_DTYPES).
+    ``cuda_attention_head_dims`` and ``cuda_dtypes`` (what the CUDA attention kernels are built for).
     """
     archs = _C.cuda_archs()
     return {
@@ -64,8 +58,8 @@ def build_info() -> dict:
         "cuda_version": _C.cuda_version(),
         "cuda_archs": [a for a in archs.split(",") if a],
         "cpu_threads": _C.cpu_parallel_threads(),
-        "cuda_attention_head_dims": list(CUDA_HEAD_DIMS),
-        "cuda_attention_dtypes": list(CUDA_DTYPES),
+        "cuda_attention_head_dims": list(_C.cuda_attention_head_dims()),
+        "cuda_dtypes": list(_C.cuda_dtypes()),
     }
 
 

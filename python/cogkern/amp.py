@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from . import _extension  # noqa: F401  (loads the ops)
+from ._distributed import reduce_found_inf_
 
 _ops = torch.ops.cogkern
 
@@ -51,18 +52,6 @@ def _positive_int(name: str, value: Any) -> int:
     if not 1 <= value < 2**31:
         raise ValueError(f"{name} must be a positive int32, got {value}")
     return value
-
-
-def _dist_world():
-    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
-        return False
-    return torch.distributed.get_world_size() > 1
-
-
-def reduce_found_inf_(flag: torch.Tensor, process_group=None) -> None:
-    """MAX-reduces an overflow flag across ranks in place (no-op outside torch.distributed)."""
-    if _dist_world():
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=process_group)
 
 
 class DynamicLossScaler:
@@ -258,12 +247,19 @@ class DynamicLossScaler:
     def step(self, optimizer, *args, **kwargs):
         """Steps the optimizer unless its gradients overflowed.
 
-        A :class:`cogkern.optim.FusedAdamW` unscales inside its update kernel and
-        skips on the device. Optimizers with ``_step_supports_amp_scaling``
-        (torch's fused AdamW/Adam/SGD) receive ``grad_scale``/``found_inf`` as
-        torch's GradScaler gives them. Any other optimizer is unscaled in place
-        and stepped only if no overflow was found, which reads the flag on the
-        host (one synchronization, as torch's GradScaler does).
+        The scaler knows no optimizer class, only this protocol:
+
+        * ``_step_supports_amp_scaling`` (torch's, e.g. fused AdamW/Adam/SGD): the
+          optimizer gets ``grad_scale``/``found_inf`` as attributes, as torch's
+          GradScaler gives them, and skips on the device when found_inf is set.
+        * ``step_checks_overflow`` as well (:class:`cogkern.optim.FusedAdamW`): before
+          any ``unscale_``, it gets only ``step(grad_scale=...)``, finds inf/NaN in its
+          own pass over the gradients, and its public ``skipped_flag`` (a device
+          tensor, nonzero when the step was skipped) is the overflow flag.
+
+        Any other optimizer is unscaled in place and stepped only if no overflow
+        was found, which reads the flag on the host (one synchronization, as
+        torch's GradScaler does).
         """
         if not self._enabled:
             return optimizer.step(*args, **kwargs)
@@ -272,13 +268,12 @@ class DynamicLossScaler:
         st = self._opt_state(optimizer)
         if st["stage"] is _Stage.STEPPED:
             raise RuntimeError("step() has already been called since the last update().")
-        from .optim import FusedAdamW
-
-        if isinstance(optimizer, FusedAdamW):
-            self._require_scale("step")
-            retval = optimizer.step(*args, loss_scaler=self, **kwargs)
+        amp_aware = getattr(optimizer, "_step_supports_amp_scaling", False)
+        if amp_aware and getattr(optimizer, "step_checks_overflow", False) and st["stage"] is _Stage.READY:
+            scale = self._require_scale("step")
+            retval = optimizer.step(*args, grad_scale=scale, **kwargs)
             st["found_inf"] = optimizer.skipped_flag.reshape(1)
-        elif getattr(optimizer, "_step_supports_amp_scaling", False):
+        elif amp_aware:
             scale = self._require_scale("step")
             if st["stage"] is _Stage.READY:
                 st["found_inf"] = self._check(optimizer, unscale=False)

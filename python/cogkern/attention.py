@@ -13,18 +13,20 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from ._extension import require_cuda_kernels  # (importing it loads the ops)
-from ._checks import FLOAT_DTYPES as _SUPPORTED
-from ._checks import check_bshd
+from ._extension import _C, require_cuda_kernels  # (importing it loads the ops)
+from ._checks import check_bool, check_int, check_number, check_optional_tensor, check_tensor
 from ._checks import is_int as _is_int
-from .rope import RoPE3D, RopeTable, _check_table
+from .rope import RoPE3D, RopeTable, check_rope3d_fits, rope_table_pair
 
 _ops = torch.ops.cogkern
 
 _NORMS = (None, "layer_norm", "rms_norm")
 
-# Whether a CUDA kernel is registered (csrc/attention/attention_op_cuda.cpp). Read
-# once: the registration happens when the extension loads.
+# What the CUDA kernels are built for, from the one list in csrc/common/dispatch.h
+# (tests and benchmarks parametrize over these; other dtypes and head dims run on the CPU).
+CUDA_HEAD_DIMS: tuple[int, ...] = tuple(_C.cuda_attention_head_dims())
+CUDA_DTYPES: tuple[torch.dtype, ...] = tuple(getattr(torch, name) for name in _C.cuda_dtypes())
+
 
 
 def fused_attention(
@@ -80,32 +82,26 @@ def fused_attention(
             any kernel runs.
         NotImplementedError: CUDA tensors in a build without CUDA kernels.
     """
-    _check_qkv(q, k, v)
-    require_cuda_kernels("cogkern.fused_attention", q)
-    seq, head_dim = q.shape[1], q.shape[3]
-    if not _is_int(text_len) or not 0 <= text_len <= seq:
-        raise ValueError(f"text_len must be an int in [0, seq={seq}], got {text_len!r}")
-    if qk_norm not in _NORMS:
+    # Python types and devices only: every value is checked by the op (attention_op.h).
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t)
+    check_int("text_len", text_len)
+    if qk_norm is not None and not isinstance(qk_norm, str):
         raise ValueError(f"qk_norm must be None, 'layer_norm' or 'rms_norm', got {qk_norm!r}")
-    norm_params = [
-        _check_norm_param(name, t, qk_norm, q)
-        for name, t in (
-            ("q_norm_weight", q_norm_weight),
-            ("q_norm_bias", q_norm_bias),
-            ("k_norm_weight", k_norm_weight),
-            ("k_norm_bias", k_norm_bias),
-        )
-    ]
-    if isinstance(norm_eps, bool) or not isinstance(norm_eps, (int, float)) or not 0 <= norm_eps < math.inf:
-        raise ValueError(f"norm_eps must be a finite number >= 0, got {norm_eps!r}")
+    norm_params = (q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias)
+    for name, t in zip(("q_norm_weight", "q_norm_bias", "k_norm_weight", "k_norm_bias"), norm_params):
+        check_optional_tensor(name, t)
+    check_number("norm_eps", norm_eps)
     if scale is None:
-        scale = 1.0 / math.sqrt(head_dim)
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
-        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
-    if not isinstance(causal, bool):
-        raise ValueError(f"causal must be a bool, got {causal!r}")
-    if not isinstance(return_lse, bool):
-        raise ValueError(f"return_lse must be a bool, got {return_lse!r}")
+        scale = 1.0 / math.sqrt(q.shape[-1]) if q.dim() > 0 and q.shape[-1] > 0 else 1.0
+    else:
+        check_number("scale", scale)
+    check_bool("causal", causal)
+    check_bool("return_lse", return_lse)
+    rope_args = _rope_args(rope, q)
+    for t in (q, k, v, *norm_params, *rope_args):
+        if torch.is_tensor(t):
+            require_cuda_kernels("cogkern.fused_attention", t)
 
     out, lse = _ops.fused_attention_fwd(
         q,
@@ -114,7 +110,7 @@ def fused_attention(
         qk_norm or "none",
         *norm_params,
         float(norm_eps),
-        *_rope_args(rope, q, text_len),
+        *rope_args,
         text_len,
         float(scale),
         causal,
@@ -144,60 +140,19 @@ def attention_kernels(q: torch.Tensor) -> dict[str, str]:
         raise ValueError("q must be a (batch, seq, heads, head_dim) tensor")
     if q.device.type == "cpu":
         return {"forward": "cpu", "backward": "cpu"}
-    require_cuda_kernels("cogkern.attention_kernels", q)
-    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in (64, 128):
-        raise ValueError(f"q must be float16 or bfloat16 with head_dim 64 or 128 on CUDA, got {q.dtype} and "
-                         f"head_dim {q.shape[-1]}")
+    require_cuda_kernels("cogkern.attention_kernels", q)  # dtype and head_dim: checked by the op
     forward, backward = _ops._attention_cuda_kernels(q)
     return {"forward": _FORWARD_KERNELS[forward], "backward": _BACKWARD_KERNELS[backward]}
 
 
-def _check_qkv(q, k, v) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_bshd(name, t)
-        if t.shape != q.shape:
-            raise ValueError(f"{name} must have q's shape {tuple(q.shape)}, got {tuple(t.shape)}")
-        if t.dtype != q.dtype:
-            raise ValueError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
-    if q.shape[-1] < 1:
-        raise ValueError("q's head_dim must be at least 1")
-
-
-def _check_norm_param(name: str, t, qk_norm, q: torch.Tensor):
-    if t is None:
-        return None
-    if qk_norm is None:
-        raise ValueError(f"{name} was given but qk_norm is None")
-    if not torch.is_tensor(t):
-        raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
-    if tuple(t.shape) != (q.shape[-1],):
-        raise ValueError(f"{name} must have shape (head_dim,) = ({q.shape[-1]},), got {tuple(t.shape)}")
-    if t.dtype not in _SUPPORTED:
-        raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-    if t.device != q.device:
-        raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
-    return t
-
-
-def _rope_args(rope, q: torch.Tensor, text_len: int) -> tuple:
-    """(positions, grid, axes_dims, theta, interleaved, cos, sin) for the op."""
-    head_dim, n_video = q.shape[-1], q.shape[1] - text_len
+def _rope_args(rope, q: torch.Tensor) -> tuple:
+    """(rope_positions, rope_grid, rope_axes_dims, rope_theta, rope_interleaved, rope_cos, rope_sin) for the op."""
     if rope is None:
         return None, [], [], 10000.0, True, None, None
     if isinstance(rope, RoPE3D):
-        if head_dim != rope.head_dim:
-            raise ValueError(f"q has head_dim={head_dim} but rope was built for head_dim={rope.head_dim}")
-        if n_video != rope.num_video_tokens:
-            raise ValueError(
-                f"rope: q has seq={q.shape[1]} = text_len {text_len} + {n_video} video tokens, but rope's grid "
-                f"{rope.grid} has {rope.num_video_tokens}"
-            )
+        check_rope3d_fits(rope, q, "q")
         return rope.positions_for(q), list(rope.grid), list(rope.axes_dims), rope.theta, rope.interleaved, None, None
-    if head_dim % 2:
-        raise ValueError(f"q's head_dim must be even for RoPE, got {head_dim}")
-    cos, sin = _check_table(rope, q, n_video)
+    cos, sin = rope_table_pair(rope)
     return None, [], [], 10000.0, True, cos, sin
 
 
@@ -205,43 +160,56 @@ def _rope_args(rope, q: torch.Tensor, text_len: int) -> tuple:
 # Autograd and fake (meta) kernels.
 # ----------------------------------------------------------------------------
 
-# Positions of the op's inputs that carry gradients: q, k, v, then the norm parameters.
-_QKV = (0, 1, 2)
-_NORM_PARAMS = (4, 5, 6, 7)
+# The glue names every argument by the schema's own argument names, so adding
+# or moving an argument in attention_op.cpp cannot silently shift the others.
+_FWD_SCHEMA = _ops.fused_attention_fwd.default._schema
+_BWD_SCHEMA = _ops.fused_attention_bwd.default._schema
+_FWD_ARGS = tuple(a.name for a in _FWD_SCHEMA.arguments)
+_BWD_ARGS = tuple(a.name for a in _BWD_SCHEMA.arguments)
+# The forward's tensor arguments (saved for the backward) and the rest (kept on ctx).
+_FWD_TENSORS = tuple(
+    a.name for a in _FWD_SCHEMA.arguments if a.type.isSubtypeOf(torch._C.OptionalType.ofTensor())
+)
+_FWD_OTHERS = tuple(n for n in _FWD_ARGS if n not in _FWD_TENSORS)
+# What the backward takes that is not a forward argument: grad_out, grad_lse and the forward's outputs.
+_FWD_OUTPUTS = tuple(r.name for r in _FWD_SCHEMA.returns)  # ("out", "lse")
+if set(_BWD_ARGS) != set(_FWD_ARGS) | set(_FWD_OUTPUTS) | {"grad_out", "grad_lse"}:
+    raise ImportError(f"cogkern: fused_attention_bwd's arguments {_BWD_ARGS} do not match the forward's")
+# fused_attention_bwd returns grad_<name> for the forward inputs that carry gradients.
+_BWD_RETURNS = tuple(r.name for r in _BWD_SCHEMA.returns)
+if not all(r.startswith("grad_") and r[len("grad_"):] in _FWD_TENSORS for r in _BWD_RETURNS):
+    raise ImportError(f"cogkern: fused_attention_bwd's returns {_BWD_RETURNS} are not grad_<forward tensor>")
+
+
+def _bind(names: tuple, args: tuple, kwargs: dict) -> dict:
+    """The arguments of one op call by name."""
+    if len(args) > len(names):
+        raise TypeError(f"expected at most {len(names)} arguments, got {len(args)}")
+    return {**dict(zip(names, args)), **kwargs}
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v = inputs[0:3]
-    norm_params = inputs[4:8]
-    rope_tensors = (inputs[9], inputs[14], inputs[15])  # positions, cos, sin
+    args = _bind(_FWD_ARGS, inputs, {})
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, *norm_params, *rope_tensors)
-    ctx.qk_norm = inputs[3]
-    ctx.norm_eps = inputs[8]
-    ctx.rope_static = inputs[10:14]  # grid, axes_dims, theta, interleaved
-    ctx.rest = inputs[16:19]  # text_len, scale, causal
+    ctx.save_for_backward(out, lse, *(args[n] for n in _FWD_TENSORS))
+    ctx.others = {n: args[n] for n in _FWD_OTHERS}
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, qw, qb, kw, kb, positions, cos, sin = ctx.saved_tensors
+    out, lse, *tensors = ctx.saved_tensors
+    args = dict(zip(_FWD_TENSORS, tensors), **ctx.others)
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     elif grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
     if grad_lse is not None:
         grad_lse = grad_lse.contiguous()
-    dq, dk, dv, dqw, dqb, dkw, dkb = _ops.fused_attention_bwd(
-        grad_out, grad_lse, q, k, v, out, lse,
-        ctx.qk_norm, qw, qb, kw, kb, ctx.norm_eps,
-        positions, *ctx.rope_static, cos, sin,
-        *ctx.rest,
-    )  # fmt: skip
-    grads = [None] * 19
-    grads[0], grads[1], grads[2] = dq, dk, dv
-    for index, param, grad in zip(_NORM_PARAMS, (qw, qb, kw, kb), (dqw, dqb, dkw, dkb)):
-        if param is not None:
-            grads[index] = grad
-    return tuple(grads)
+    args.update(grad_out=grad_out, grad_lse=grad_lse, out=out, lse=lse)
+    grads = dict(zip(_BWD_RETURNS, _ops.fused_attention_bwd(*(args[n] for n in _BWD_ARGS))))
+    # An absent norm parameter (None) gets no gradient (the op returns an empty tensor for it).
+    return tuple(
+        grads.get("grad_" + n) if args.get(n) is not None else None for n in _FWD_ARGS
+    )
 
 
 torch.library.register_autograd("cogkern::fused_attention_fwd", _backward, setup_context=_setup_context)
@@ -252,24 +220,22 @@ def _math_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @torch.library.register_fake("cogkern::fused_attention_fwd")
-def _fwd_fake(q, k, v, qk_norm, qw, qb, kw, kb, norm_eps, positions, grid, axes, theta, interleaved, cos, sin,
-              text_len, scale, causal):  # fmt: skip
+def _fwd_fake(*args, **kwargs):
+    q = _bind(_FWD_ARGS, args, kwargs)["q"]
     batch, seq, heads, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((batch, heads, seq), dtype=_math_dtype(q.dtype))
 
 
 @torch.library.register_fake("cogkern::fused_attention_bwd")
-def _bwd_fake(grad_out, grad_lse, q, k, v, out, lse, qk_norm, qw, qb, kw, kb, norm_eps, positions, grid, axes,
-              theta, interleaved, cos, sin, text_len, scale, causal):  # fmt: skip
-    def param_grad(p):
+def _bwd_fake(*args, **kwargs):
+    a = _bind(_BWD_ARGS, args, kwargs)
+    q = a["q"]
+
+    def grad_of(name):
+        p = a[name]
         return q.new_empty((0,)) if p is None else p.new_empty(p.shape)
 
-    return (
-        q.new_empty(q.shape),
-        q.new_empty(q.shape),
-        q.new_empty(q.shape),
-        *(param_grad(p) for p in (qw, qb, kw, kb)),
-    )
+    return tuple(grad_of(r[len("grad_"):]) for r in _BWD_RETURNS)
 
 
 # ----------------------------------------------------------------------------

@@ -13,8 +13,8 @@ bfloat16 + SR      bf16 param, grad + fp32 m, v; stochastic      12
                    rounding of the update (no master)
 =================  ===========================================  ==============
 
-With a :class:`cogkern.amp.DynamicLossScaler` (``scaler.step(opt)``), or with
-``torch.amp.GradScaler`` (which passes ``grad_scale``/``found_inf`` as to
+With a loss scaler (``scaler.step(opt)``: :class:`cogkern.amp.DynamicLossScaler`,
+or ``torch.amp.GradScaler``, which passes ``grad_scale``/``found_inf`` as to
 torch's fused optimizers), one read-only pass over the gradients finds inf/NaN
 and, when ``max_grad_norm`` is set, the global gradient norm; the update kernel
 then unscales and clips inside (gradients are never written back) and, on
@@ -31,7 +31,7 @@ from typing import Any, Callable
 import torch
 
 from . import _extension  # noqa: F401  (loads the ops)
-from .amp import DynamicLossScaler, _Stage, reduce_found_inf_
+from ._distributed import reduce_found_inf_
 
 _ops = torch.ops.cogkern
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -100,7 +100,12 @@ class FusedAdamW(torch.optim.Optimizer):
     (``state[p]['step']``) only advance on steps that were taken.
     """
 
-    _step_supports_amp_scaling = True  # torch.amp.GradScaler hands us grad_scale / found_inf
+    # The loss-scaler protocol (this module knows no scaler; see cogkern.amp):
+    # torch.amp.GradScaler and DynamicLossScaler hand step() grad_scale / found_inf ...
+    _step_supports_amp_scaling = True
+    # ... and, since step(grad_scale=s) without found_inf finds inf/NaN itself (in the pass it
+    # makes anyway) and leaves the verdict in skipped_flag, a scaler need not scan first.
+    step_checks_overflow = True
 
     def __init__(
         self,
@@ -231,7 +236,6 @@ class FusedAdamW(torch.optim.Optimizer):
         *,
         grad_scale: torch.Tensor | None = None,
         found_inf: torch.Tensor | None = None,
-        loss_scaler: DynamicLossScaler | None = None,
     ):
         """One AdamW step over every param with a gradient.
 
@@ -239,8 +243,9 @@ class FusedAdamW(torch.optim.Optimizer):
             closure: re-evaluates the model and returns the loss.
             grad_scale: the loss scale the gradients carry (they are divided by it
                 inside the update); torch.amp.GradScaler also sets it as an attribute.
-            found_inf: a 1-element flag; nonzero skips the step on the device.
-            loss_scaler: a DynamicLossScaler (``scaler.step(opt)`` passes itself).
+            found_inf: a 1-element flag; nonzero skips the step on the device. With
+                ``grad_scale`` but no ``found_inf``, the step finds inf/NaN in the
+                gradients itself (and ``skipped_flag`` tells the verdict).
         """
         loss = None
         if closure is not None:
@@ -282,16 +287,9 @@ class FusedAdamW(torch.optim.Optimizer):
         # Where the scale and the overflow flag come from.
         scale = None
         found_in = None
-        scan = self.max_grad_norm is not None
-        if loss_scaler is not None and loss_scaler.is_enabled():
-            st = loss_scaler._opt_state(self)
-            if st["stage"] is _Stage.UNSCALED:
-                found_in = st["found_inf"]
-            else:
-                scale = loss_scaler._require_scale("step")
-                scan = True
-        else:
-            scale, found_in = grad_scale, found_inf
+        scale, found_in = grad_scale, found_inf
+        # Scaled gradients with no verdict on them: find inf/NaN here (step_checks_overflow).
+        scan = self.max_grad_norm is not None or (scale is not None and found_in is None)
         scale = self._as_device_scalar(scale, "grad_scale")
         found_in = self._as_device_scalar(found_in, "found_inf")
 
@@ -321,12 +319,9 @@ class FusedAdamW(torch.optim.Optimizer):
         lrs, lr_tensors = [], []
         for group in groups:
             lr = group["lr"]
-            if torch.is_tensor(lr):
-                _check_lr(lr, "lr")
-                if lr.device != self._device:
-                    raise ValueError(f"the lr tensor is on {lr.device} but the params are on {self._device}")
+            if torch.is_tensor(lr):  # dtype, size, device (and a CPU value < 0): checked by the op
                 lrs.append(0.0)
-                lr_tensors.append(lr.reshape(()) if lr.dim() else lr)
+                lr_tensors.append(lr.reshape(()) if lr.dim() and lr.numel() == 1 else lr)
             else:
                 lrs.append(float(lr))
                 lr_tensors.append(None)

@@ -14,7 +14,7 @@ from typing import Union
 
 import torch
 
-from ._checks import check_bshd
+from ._checks import check_bool, check_int, check_tensor
 from ._checks import is_int as _is_int
 from ._extension import require_cuda_kernels  # (importing it loads the ops)
 
@@ -155,12 +155,26 @@ def _concat_positions(positions, grid) -> torch.Tensor:
     return torch.cat(parts).contiguous()
 
 
-def _check_x(x: torch.Tensor, text_len: int, inplace: bool) -> None:
-    check_bshd("x", x)
-    if not _is_int(text_len) or not 0 <= text_len <= x.shape[1]:
-        raise ValueError(f"text_len must be an int in [0, seq={x.shape[1]}], got {text_len!r}")
-    if inplace and not isinstance(inplace, bool):
-        raise ValueError(f"inplace must be a bool, got {inplace!r}")
+def check_rope3d_fits(rope: "RoPE3D", x: torch.Tensor, x_name: str) -> None:
+    """The one thing about a RoPE3D the op cannot see: the head_dim it was built for
+    (the op sees grid, axes_dims, theta and positions, and checks them against x)."""
+    if x.dim() > 0 and x.shape[-1] != rope.head_dim:
+        raise ValueError(f"{x_name} has head_dim={x.shape[-1]} but rope was built for head_dim={rope.head_dim}")
+
+
+def rope_table_pair(rope) -> RopeTable:
+    """A diffusers ``(cos, sin)`` pair as the ops take it (shapes, dtypes and devices: checked by the op)."""
+    if not (isinstance(rope, (tuple, list)) and len(rope) == 2 and all(torch.is_tensor(t) for t in rope)):
+        raise ValueError(f"rope must be a RoPE3D or a (cos, sin) pair of tensors, got {type(rope).__name__}")
+    cos, sin = rope
+    for name, t in (("cos", cos), ("sin", sin)):
+        check_tensor(f"rope {name}", t)
+        # Autograd through the tables is a Python-level matter: the op's autograd returns no table grads.
+        if t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"rope: gradients with respect to the {name} table are not supported; detach it")
+    if cos.dim() == 2 and sin.dim() == 2 and (cos.stride(-1) != 1 or sin.stride(-1) != 1 or cos.stride(0) != sin.stride(0)):
+        cos, sin = cos.contiguous(), sin.contiguous()
+    return cos, sin
 
 
 def apply_rope3d(
@@ -184,17 +198,13 @@ def apply_rope3d(
         The rotated tensor (``x`` itself when ``inplace``), differentiable with
         respect to ``x``; the backward is the inverse rotation.
     """
-    _check_x(x, text_len, inplace)
+    # Python types and devices only: every value is checked by the op (rope3d_op.h).
+    check_tensor("x", x)
     require_cuda_kernels("cogkern.apply_rope3d", x)
-    n_video = x.shape[1] - text_len
+    check_int("text_len", text_len)
+    check_bool("inplace", inplace)
     if isinstance(rope, RoPE3D):
-        if x.shape[-1] != rope.head_dim:
-            raise ValueError(f"x has head_dim={x.shape[-1]} but rope was built for head_dim={rope.head_dim}")
-        if n_video != rope.num_video_tokens:
-            raise ValueError(
-                f"x has seq={x.shape[1]} = text_len {text_len} + {n_video} video tokens, but rope's grid "
-                f"{rope.grid} has {rope.num_video_tokens}"
-            )
+        check_rope3d_fits(rope, x, "x")
         args = (rope.positions_for(x), list(rope.grid), list(rope.axes_dims), rope.theta, rope.interleaved, text_len)
         if not inplace:
             return _ops.rope3d(x, *args, False)
@@ -203,36 +213,15 @@ def apply_rope3d(
         _ops.rope3d_(x, *args, False)
         return x
 
-    cos, sin = _check_table(rope, x, n_video)
+    cos, sin = rope_table_pair(rope)
+    for t in (cos, sin):
+        require_cuda_kernels("cogkern.apply_rope3d", t)
     if not inplace:
         return _ops.rope_table(x, cos, sin, text_len, False)
     if torch.is_grad_enabled() and x.requires_grad:
         return _RopeTableInplace.apply(x, cos, sin, text_len)
     _ops.rope_table_(x, cos, sin, text_len, False)
     return x
-
-
-def _check_table(rope, x: torch.Tensor, n_video: int) -> RopeTable:
-    if not (isinstance(rope, (tuple, list)) and len(rope) == 2 and all(torch.is_tensor(t) for t in rope)):
-        raise ValueError(f"rope must be a RoPE3D or a (cos, sin) pair of tensors, got {type(rope).__name__}")
-    cos, sin = rope
-    for name, t in (("cos", cos), ("sin", sin)):
-        if tuple(t.shape) != (n_video, x.shape[-1]):
-            raise ValueError(
-                f"rope: {name} must have shape (seq - text_len, head_dim) = {(n_video, x.shape[-1])}, "
-                f"got {tuple(t.shape)}"
-            )
-        if t.dtype not in (torch.float32, x.dtype):
-            raise ValueError(f"rope: {name} must be float32 or x's dtype {x.dtype}, got {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"rope: {name} is on {t.device} but x is on {x.device}")
-        if t.requires_grad and torch.is_grad_enabled():
-            raise ValueError(f"rope: gradients with respect to the {name} table are not supported; detach it")
-    if cos.dtype != sin.dtype:
-        raise ValueError(f"rope: cos and sin must have the same dtype, got {cos.dtype} and {sin.dtype}")
-    if cos.stride(-1) != 1 or sin.stride(-1) != 1 or cos.stride(0) != sin.stride(0):
-        cos, sin = cos.contiguous(), sin.contiguous()
-    return cos, sin
 
 
 def _contiguous_last(t: torch.Tensor) -> torch.Tensor:

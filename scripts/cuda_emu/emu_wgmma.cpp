@@ -3,7 +3,7 @@
 #include <stdexcept>
 
 #include "attention/flash/sm90/wgmma_selftest_kernel.cuh"
-#include "common/dispatch.h"
+#include "common/cuda/dispatch.cuh"
 
 using namespace cogkern::sm90;
 
@@ -24,11 +24,8 @@ void run(const uint16_t* q, const uint16_t* k, const uint16_t* v, float* s, floa
 
 extern "C" int emu_wgmma_selftest(const uint16_t* q, const uint16_t* k, const uint16_t* v, float* s, float* o,
                                   float* u, int head_dim, int bf16, int tma) {
-  using cogkern::DType;
-  return COGKERN_DTYPE_SWITCH(bf16 ? DType::kBFloat16 : DType::kHalf, T, 1, [&] {
-    return COGKERN_HEADDIM_SWITCH(head_dim, D, 1, [&] {
-      run<T, D>(q, k, v, s, o, u, tma);
-      return 0;
-    });
+  return cogkern::switch_head_dim(head_dim, 1, [&]<int D>() {
+    bf16 ? run<__nv_bfloat16, D>(q, k, v, s, o, u, tma) : run<__half, D>(q, k, v, s, o, u, tma);
+    return 0;
   });
 }

@@ -44,7 +44,8 @@ import time
 import torch
 
 from cogkern.reference.attention_math import reference_attention
-from cogkern import CUDA_DTYPES, CUDA_HEAD_DIMS, RoPE3D
+from cogkern import RoPE3D
+from cogkern.attention import CUDA_DTYPES, CUDA_HEAD_DIMS
 
 # The parts of the suite (--only): the wgmma conformance tile, the optimizer
 # kernels, the RoPE kernel, the mma.sync attention, the wgmma backwards (modes
@@ -213,7 +214,7 @@ def rule_suite(lib):
     """The colleague's test_attention_cuda rule (cogkern.reference.flash_rule: eager = layer_norm + diffusers RoPE
     + SDPA in the same dtype) with cogkern.fused_attention replaced by the emulated kernels."""
     import cogkern
-    import attention_rule
+    from cogkern.reference import flash_rule
 
     class Emu(torch.autograd.Function):
         @staticmethod
@@ -244,7 +245,7 @@ def rule_suite(lib):
         for dtype in (torch.bfloat16, torch.float16):
             for batch, seq, d, text_len in ((1, 17, 64, 0), (2, 130, 128, 0), (1, 300, 64, 226)):
                 try:
-                    ef, ee = attention_rule.check_flash_rule(batch, seq, 3 if seq < 200 else 1, d, text_len, dtype,
+                    ef, ee = flash_rule.check_flash_rule(batch, seq, 3 if seq < 200 else 1, d, text_len, dtype,
                                                              "cpu")
                     ratios = " ".join(f"{a / max(b, 1e-12):.2f}" for a, b in zip(ef, ee))
                     print(f"ok   rule (cogkern.reference.flash_rule) {str(dtype)[6:]} B={batch} S={seq} D={d} "

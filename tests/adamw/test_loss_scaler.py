@@ -210,3 +210,71 @@ def test_several_optimizers_share_one_update():
     scaler.update()
     assert scaler.get_scale() == 32.0 and scaler.last_step_skipped
     assert not o1.last_step_skipped and torch.equal(q, torch.zeros(3))
+
+
+# ---------------------------------------------------------------------------- the scaler/optimizer protocol
+
+
+class _Recorder(torch.optim.SGD):
+    """An SGD that records what the scaler hands its step()."""
+
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params, checks_overflow):
+        super().__init__(params, lr=0.1)
+        self.step_checks_overflow = checks_overflow
+        self.skipped_flag = torch.zeros(())
+        self.calls = []
+
+    def step(self, closure=None, *, grad_scale=None, found_inf=None):
+        self.calls.append(dict(grad_scale=grad_scale, found_inf=found_inf,
+                               attr_scale=getattr(self, "grad_scale", None), attr_found=getattr(self, "found_inf", None)))
+        self.skipped_flag = torch.ones(())  # "found an overflow" (read only by scalers when step_checks_overflow)
+        return "stepped"
+
+
+@pytest.mark.parametrize("checks_overflow", [True, False])
+def test_scaler_drives_optimizers_by_their_public_protocol(checks_overflow):
+    p = torch.zeros(3)
+    opt = _Recorder([p], checks_overflow)
+    scaler = DynamicLossScaler(init_scale=8.0)
+    scaler.scale(torch.ones(()))
+    p.grad = torch.full((3,), 8.0)
+    assert scaler.step(opt) == "stepped"
+    (call,) = opt.calls
+    if checks_overflow:  # only the scale, as a kwarg; the optimizer's skipped_flag is the verdict
+        assert call["grad_scale"].item() == 8.0 and call["found_inf"] is None and call["attr_scale"] is None
+    else:  # torch.amp.GradScaler's way: scale and overflow flag as attributes, removed afterwards
+        assert call["grad_scale"] is None and call["attr_scale"].item() == 8.0 and call["attr_found"].item() == 0.0
+        assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
+    scaler.update()
+    hysteresis = scaler.state_dict()["_hysteresis_tracker"]
+    # The recorded overflow: the optimizer's own verdict, or the scaler's scan of the (finite) gradients.
+    assert hysteresis == (1 if checks_overflow else 2)
+
+
+def test_fused_adamw_finds_overflow_itself_given_only_grad_scale():
+    p = torch.ones(4)
+    opt = FusedAdamW([p], lr=1e-3)
+    p.grad = torch.tensor([1.0, math.inf, 1.0, 1.0])
+    opt.step(grad_scale=torch.tensor(4.0))
+    assert opt.last_step_skipped and torch.equal(p, torch.ones(4)) and opt.state[p]["step"].item() == 0
+    p.grad = torch.full((4,), 4.0)
+    opt.step(grad_scale=torch.tensor(4.0))
+    assert not opt.last_step_skipped and opt.state[p]["step"].item() == 1
+
+
+def test_amp_and_optim_do_not_import_each_other():
+    import ast
+
+    import cogkern.amp
+    import cogkern.optim
+
+    for module, other in ((cogkern.amp, "optim"), (cogkern.optim, "amp")):
+        tree = ast.parse(open(module.__file__).read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [a.name for a in node.names]
+                assert not any(n == other or n.endswith("." + other) for n in names), (module.__name__, names)
+            if isinstance(node, ast.Import):
+                assert not any(a.name.endswith("." + other) for a in node.names), module.__name__

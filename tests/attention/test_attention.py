@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import cogkern
 from cogkern import FusedAttention, RoPE3D, fused_attention
-from cogkern.reference.attention_math import reference_attention, rotate_video_tokens
+from cogkern.reference.attention_math import reference_attention
+from cogkern.reference.diffusers_attention import cogvideox_attention, rotary_table
 from cogkern.reference.flash_rule import check_flash_rule, factor_grid
 
 _ops = torch.ops.cogkern
@@ -324,18 +324,7 @@ class EagerCogVideoXAttention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Dropout(0.0)])
 
     def forward(self, hidden_states, rope_table, text_len):
-        batch = hidden_states.shape[0]
-        q, k, v = (
-            proj(hidden_states).view(batch, -1, self.heads, self.head_dim).transpose(1, 2)
-            for proj in (self.to_q, self.to_k, self.to_v)
-        )
-        if self.norm_q is not None:
-            q, k = self.norm_q(q), self.norm_k(k)
-        if rope_table is not None:
-            q = rotate_video_tokens(q.transpose(1, 2), rope_table, text_len).transpose(1, 2)
-            k = rotate_video_tokens(k.transpose(1, 2), rope_table, text_len).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
-        return self.to_out[1](self.to_out[0](out))
+        return cogvideox_attention(self, hidden_states, rope_table, text_len)
 
 
 def test_module_state_dict_keys_follow_diffusers():
@@ -363,12 +352,8 @@ def test_module_matches_eager_module_with_same_weights(qk_norm):
     fused = FusedAttention(dim, heads, head_dim, qk_norm=qk_norm).double()
     fused.load_state_dict(eager.state_dict())
     rope = RoPE3D(grid, head_dim)
-    # The table the eager module uses, built from the formula (diffusers' get_3d_rotary_pos_embed).
-    from cogkern.reference.attention_math import rope_angle_table
-
-    angles, first, _ = rope_angle_table(grid, head_dim, rope.axes_dims, rope.theta, True, None, torch.float64)
-    assert torch.equal(first, torch.arange(0, head_dim, 2))
-    table = (angles.cos().repeat_interleave(2, 1), angles.sin().repeat_interleave(2, 1))
+    # The table the eager module uses, built as diffusers' get_3d_rotary_pos_embed builds it.
+    table = rotary_table(grid, head_dim, rope.theta, dtype=torch.float64)
 
     x = torch.randn(2, seq, dim, dtype=torch.float64, requires_grad=True)
     out_fused = fused(x, rope=rope, text_len=text_len)
@@ -413,10 +398,14 @@ BAD_INPUTS = {
     "norm-weight-shape": (lambda a, kw: kw.update(q_norm_weight=torch.ones(7)), "q_norm_weight must have shape"),
     "norm-bias-without-norm": (
         lambda a, kw: kw.update(qk_norm=None, q_norm_weight=None, q_norm_bias=None, k_norm_weight=None),
-        "k_norm_bias was given but qk_norm is None",
+        r"k_norm_bias was given but qk_norm is None \('none'\)",
     ),
     "norm-weight-int": (lambda a, kw: kw.update(k_norm_weight=torch.ones(8, dtype=torch.int64)), "k_norm_weight must be"),
-    "rope-grid": (lambda a, kw: kw.update(rope=RoPE3D((2, 2, 2), 8, axes_dims=(2, 2, 2))), "rope's grid"),
+    "norm-weight-meta": (lambda a, kw: kw.update(q_norm_weight=torch.ones(8, device="meta")),
+                         "q_norm_weight must be on the CPU or a CUDA device"),
+    "rope-table-meta": (lambda a, kw: kw.update(rope=(torch.ones(12, 8, device="meta"),) * 2),
+                        "rope cos must be on the CPU or a CUDA device"),
+    "rope-grid": (lambda a, kw: kw.update(rope=RoPE3D((2, 2, 2), 8, axes_dims=(2, 2, 2))), r"rope grid \[2, 2, 2\] has 8 video tokens but q has seq - text_len = 14 - 2 = 12"),
     "rope-head-dim": (lambda a, kw: kw.update(rope=RoPE3D((1, 3, 4), 16)), "head_dim"),
     "rope-table-shape": (lambda a, kw: kw.update(rope=(torch.ones(11, 8), torch.zeros(11, 8))), "cos must have shape"),
     "rope-type": (lambda a, kw: kw.update(rope="rotary"), "rope must be"),
@@ -445,8 +434,8 @@ def test_op_checks_its_arguments_too():
         (3, "group_norm", "qk_norm must be"),
         (4, torch.ones(3), "q_norm_weight must have shape"),
         (10, [3, 1, 1], "rope grid"),
-        (17, -2.0, "scale must be positive"),
-        (16, 99, "text_len must be in"),
+        (17, -2.0, "scale must be a positive finite number, got -2"),
+        (16, 99, r"text_len must be an int in \[0, seq=14\], got 99"),
     ]
     for index, value, message in cases:
         bad = list(args)

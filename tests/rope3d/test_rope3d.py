@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from cogkern import RoPE3D, apply_rope3d
-from cogkern.reference.rope_math import apply_table_reference, diffusers_style_table, rope3d_reference
+from cogkern.reference.diffusers_attention import rotary_table
+from cogkern.reference.rope_math import apply_table_reference, rope3d_reference
 
 F64 = dict(rtol=0, atol=1e-12)
 
@@ -87,7 +88,7 @@ def test_low_precision_within_one_rounding(dtype):
 def test_table_mode_matches_diffusers_formula_and_rope3d():
     grid, text_len = (3, 4, 5), 6
     x = make_x(2, text_len, grid, 2, 64)
-    cos, sin = diffusers_style_table(grid, 64, dtype=torch.float64)
+    cos, sin = rotary_table(grid, 64, dtype=torch.float64)
     out = apply_rope3d(x, (cos, sin), text_len=text_len)
     torch.testing.assert_close(out, apply_table_reference(x, cos, sin, text_len), **F64)
     # diffusers' tables and RoPE3D describe the same rotation
@@ -121,7 +122,7 @@ def test_inverse_undoes_rotation(interleaved):
 def test_inplace(use_table):
     grid, text_len = (2, 3, 4), 5
     x = make_x(2, text_len, grid, 3, 64, layout="bhsd")
-    rope = diffusers_style_table(grid, 64, dtype=torch.float64) if use_table else RoPE3D(grid, 64)
+    rope = rotary_table(grid, 64, dtype=torch.float64) if use_table else RoPE3D(grid, 64)
     expected = apply_rope3d(x, rope, text_len=text_len)
     ptr = x.data_ptr()
     out = apply_rope3d(x, rope, text_len=text_len, inplace=True)
@@ -132,7 +133,7 @@ def test_inplace(use_table):
 @pytest.mark.parametrize("use_table", [False, True])
 def test_inplace_autograd(use_table):
     grid, text_len = (2, 2, 3), 2
-    rope = diffusers_style_table(grid, 16, dtype=torch.float64) if use_table else RoPE3D(grid, 16)
+    rope = rotary_table(grid, 16, dtype=torch.float64) if use_table else RoPE3D(grid, 16)
     leaf = make_x(1, text_len, grid, 2, 16).requires_grad_()
     g = torch.randn_like(leaf)
     (apply_rope3d(leaf * 1.0, rope, text_len=text_len, inplace=True) * g).sum().backward()
@@ -177,7 +178,7 @@ def test_opcheck():
 def test_torch_compile_fullgraph():
     grid, text_len = (2, 3, 4), 5
     rope = RoPE3D(grid, 32)
-    cos, sin = diffusers_style_table(grid, 32)
+    cos, sin = rotary_table(grid, 32)
 
     @torch.compile(fullgraph=True, backend="aot_eager")
     def f(q, k):
@@ -215,7 +216,7 @@ def test_cos_sin_tables_match_diffusers_construction():
     positions = [torch.linspace(0, 3, 3), torch.arange(4) * 0.5, torch.arange(5)]
     for rope, pos in ((RoPE3D(grid, 64), None), (RoPE3D(grid, 64, positions=positions), positions)):
         cos, sin = rope.cos_sin(dtype=torch.float64)
-        ref_cos, ref_sin = diffusers_style_table(grid, 64, positions=pos, dtype=torch.float64)
+        ref_cos, ref_sin = rotary_table(grid, 64, positions=pos, dtype=torch.float64)
         torch.testing.assert_close(cos, ref_cos, **F64)
         torch.testing.assert_close(sin, ref_sin, **F64)
     cos, sin = RoPE3D(grid, 40, axes_dims=(8, 8, 8)).cos_sin()
@@ -275,6 +276,9 @@ def test_bad_apply_arguments():
         (lambda: apply_rope3d(x, (torch.ones(24, 64, requires_grad=True, dtype=torch.float64),) * 2, text_len=2),
          "detach"),
         (lambda: apply_rope3d(x.expand(2, -1, -1, -1), rope, text_len=2, inplace=True), "overlapping"),
+        (lambda: apply_rope3d(x, (torch.ones(24, 64, device="meta"),) * 2, text_len=2),
+         "rope cos must be on the CPU or a CUDA device"),
+        (lambda: apply_rope3d(x.to("meta"), rope, text_len=2), "x must be on the CPU or a CUDA device"),
     ]
     for fn, match in cases:
         with pytest.raises(ValueError, match=match):

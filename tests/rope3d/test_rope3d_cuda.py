@@ -6,7 +6,8 @@ import torch
 
 from cogkern import RoPE3D, apply_rope3d
 from conftest import GPU_TEST_DEVICE as DEV
-from cogkern.reference.rope_math import apply_table_reference, diffusers_apply_rotary_emb, diffusers_style_table, rope3d_reference
+from cogkern.reference.diffusers_attention import apply_rotary_emb, rotary_table
+from cogkern.reference.rope_math import apply_table_reference, rope3d_reference
 
 pytestmark = pytest.mark.cuda
 CPU_DRY_RUN = True  # COGKERN_CUDA_TESTS_DEVICE=cpu runs these against the CPU backend (conftest.py)
@@ -58,12 +59,12 @@ def test_other_head_dims(head_dim, axes):
 def test_table_mode(dtype, table_dtype):
     grid, text_len = (3, 4, 6), 5
     tdt = torch.float32 if table_dtype == "float32" else dtype
-    cos, sin = (t.to(DEV, tdt) for t in diffusers_style_table(grid, 64))
+    cos, sin = (t.to(DEV, tdt) for t in rotary_table(grid, 64))
     x = cuda_x(2, text_len + 72, 2, 64, dtype, "bhsd")
     out = apply_rope3d(x, (cos, sin), text_len=text_len)
     ref = apply_table_reference(x.cpu(), cos.cpu(), sin.cpu(), text_len)
     # the same as diffusers' own formula in the same dtype, up to one rounding
-    eager = diffusers_apply_rotary_emb(x[:, text_len:].transpose(1, 2), cos, sin).transpose(1, 2)
+    eager = apply_rotary_emb(x[:, text_len:].transpose(1, 2), (cos, sin)).transpose(1, 2)
     err = (out[:, text_len:].double().cpu() - ref[:, text_len:]).abs().max().item()
     err_eager = (eager.double().cpu() - ref[:, text_len:]).abs().max().item()
     assert err <= max(2 * err_eager, 1e-6), (err, err_eager)
@@ -74,7 +75,7 @@ def test_table_mode(dtype, table_dtype):
 def test_inplace_and_backward(dtype, mode):
     grid, text_len = (2, 5, 3), 7
     if mode == "table":
-        rope = tuple(t.to(DEV) for t in diffusers_style_table(grid, 64))
+        rope = tuple(t.to(DEV) for t in rotary_table(grid, 64))
     else:
         rope = RoPE3D(grid, 64, interleaved=mode != "halfsplit")
     x = cuda_x(2, text_len + 30, 4, 64, dtype, "bhsd")
@@ -103,8 +104,8 @@ def test_cogvideox_5b_grid(dtype):
     x = cuda_x(1, text_len + 17550, 48, 64, dtype, "bhsd")
     out = apply_rope3d(x, rope, text_len=text_len)
     assert torch.isfinite(out).all()
-    cos, sin = (t.to(DEV) for t in diffusers_style_table(grid, 64))
-    eager = diffusers_apply_rotary_emb(x[:, text_len:].transpose(1, 2), cos, sin).transpose(1, 2)
+    cos, sin = (t.to(DEV) for t in rotary_table(grid, 64))
+    eager = apply_rotary_emb(x[:, text_len:].transpose(1, 2), (cos, sin)).transpose(1, 2)
     # one rounding from fp32 math on both sides; they may differ by one ulp
     diff = (out[:, text_len:].float() - eager.float()).abs() / eager.float().abs().clamp_min(1.0)
     assert diff.max().item() <= 2 * torch.finfo(dtype).eps

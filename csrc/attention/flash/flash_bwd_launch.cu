@@ -3,7 +3,6 @@
 // flash_bwd_sm90_launch.cu).
 #include "attention/flash/flash_bwd_kernel.cuh"
 #include "attention/flash/flash_launch_kernel.cuh"
-#include "common/dispatch.h"
 
 namespace cogkern::flash {
 
@@ -38,10 +37,10 @@ cudaError_t run_flash_bwd(const FlashArgs& a, bool deterministic, cudaStream_t s
                              stream);
 }
 
-#define COGKERN_INSTANTIATE(T, D)   \
-  template bool atomic_dq_fits<T, D>(); \
+#define COGKERN_BWD_INSTANTIATE(T, D) \
+  template bool atomic_dq_fits<T, D>();  \
   template cudaError_t run_flash_bwd<T, D>(const FlashArgs&, bool, cudaStream_t);
-COGKERN_CUDA_FOR_EACH_TYPE_AND_HEAD_DIM(COGKERN_INSTANTIATE)
-#undef COGKERN_INSTANTIATE
+COGKERN_ATTENTION_CONFIGS(COGKERN_BWD_INSTANTIATE)
+#undef COGKERN_BWD_INSTANTIATE
 
 }  // namespace cogkern::flash

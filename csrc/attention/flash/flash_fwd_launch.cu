@@ -2,7 +2,6 @@
 // flash_fwd_kernel.cuh).
 #include "attention/flash/flash_fwd_kernel.cuh"
 #include "attention/flash/flash_launch_kernel.cuh"
-#include "common/dispatch.h"
 
 namespace cogkern::flash {
 
@@ -16,8 +15,8 @@ cudaError_t run_flash_fwd(const FlashArgs& a, cudaStream_t stream) {
                              a, stream);
 }
 
-#define COGKERN_INSTANTIATE(T, D) template cudaError_t run_flash_fwd<T, D>(const FlashArgs&, cudaStream_t);
-COGKERN_CUDA_FOR_EACH_TYPE_AND_HEAD_DIM(COGKERN_INSTANTIATE)
-#undef COGKERN_INSTANTIATE
+#define COGKERN_FWD_INSTANTIATE(T, D) template cudaError_t run_flash_fwd<T, D>(const FlashArgs&, cudaStream_t);
+COGKERN_ATTENTION_CONFIGS(COGKERN_FWD_INSTANTIATE)
+#undef COGKERN_FWD_INSTANTIATE
 
 }  // namespace cogkern::flash

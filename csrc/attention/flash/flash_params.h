@@ -7,6 +7,7 @@
 
 #include "attention/attention_math.h"
 #include "attention/attention_launch.h"
+#include "common/cuda/dispatch.cuh"  // COGKERN_ATTENTION_CONFIGS: the explicit instantiations
 
 namespace cogkern::flash {
 
@@ -58,7 +59,7 @@ inline FlashArgs flash_args(const AttentionParams& P, const AttentionScratch& s)
   return a;
 }
 
-// T: __half or __nv_bfloat16; D: 64 or 128.
+// T, D: a pair of common/dispatch.h's lists (COGKERN_ATTENTION_CONFIGS).
 template <typename T, int D>
 cudaError_t run_flash_fwd(const FlashArgs& a, cudaStream_t stream);
 

@@ -4,6 +4,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <string>
+
 #include "common/host_device.h"
 
 namespace cogkern::ops {
@@ -24,6 +26,23 @@ inline DType to_dtype(at::ScalarType t) {
       return DType::kDouble;
     default:
       TORCH_CHECK_VALUE(false, "cogkern: unsupported dtype ", t);
+  }
+}
+
+// A dtype as Python writes it (torch.float32, torch.int64, ...), for error messages.
+inline std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kByte: return "torch.uint8";
+    case at::kChar: return "torch.int8";
+    case at::kShort: return "torch.int16";
+    case at::kInt: return "torch.int32";
+    case at::kLong: return "torch.int64";
+    case at::kBool: return "torch.bool";
+    default: return std::string("torch.") + c10::toString(t);
   }
 }
 

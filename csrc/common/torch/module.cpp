@@ -8,7 +8,6 @@
 #include <torch/library.h>
 
 #include <cstring>
-#include <iterator>
 #include <mutex>
 #include <set>
 
@@ -76,19 +75,19 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "cuda_attention_head_dims",
       []() {
-        pybind11::tuple out(std::size(cogkern::kCudaHeadDims));
-        for (size_t i = 0; i < out.size(); ++i) out[i] = cogkern::kCudaHeadDims[i];
-        return out;
+        pybind11::list dims;
+        for (int d : cogkern::kAttentionHeadDims) dims.append(d);
+        return dims;
       },
-      "The head dims the CUDA attention kernels are built for (common/dispatch.h).");
+      "The head dims the CUDA attention kernels are built for (csrc/common/dispatch.h).");
   m.def(
-      "cuda_attention_dtypes",
+      "cuda_dtypes",
       []() {
-        pybind11::tuple out(std::size(cogkern::kCudaDTypeNames));
-        for (size_t i = 0; i < out.size(); ++i) out[i] = cogkern::kCudaDTypeNames[i];
-        return out;
+        pybind11::list names;
+        for (cogkern::DType t : cogkern::kCudaDTypes) names.append(t == cogkern::DType::kHalf ? "float16" : t == cogkern::DType::kBFloat16 ? "bfloat16" : "float32");
+        return names;
       },
-      "The torch dtype names (e.g. 'float16') the CUDA attention kernels are built for (common/dispatch.h).");
+      "The dtypes (torch names) the CUDA attention kernels are built for (csrc/common/dispatch.h).");
 #ifdef COGKERN_WITH_CUDA
   m.def("with_cuda", []() { return true; });
 #else

@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from .rope_math import apply_table_reference
+
 
 def norm_rows(x, kind, weight, bias, eps):
     """LayerNorm or RMSNorm over the last dim; weight/bias None mean 1/0."""
@@ -61,27 +63,22 @@ def rotate_video_tokens(x, rope, text_len):
     """x: (batch, seq, heads, head_dim); rotates tokens [text_len, seq)."""
     if rope is None:
         return x
-    text, video = x[:, :text_len], x[:, text_len:]
     if isinstance(rope, (tuple, list)):
-        # diffusers' apply_rotary_emb: x * cos + rotate_half(x) * sin,
-        # rotate_half(x)[2j] = -x[2j+1], rotate_half(x)[2j+1] = x[2j].
-        cos, sin = (t.to(x.dtype)[None, :, None, :] for t in rope)
-        pairs = video.unflatten(-1, (-1, 2))
-        rotated_half = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
-        video = video * cos + rotated_half * sin
-    else:
-        positions = rope.positions
-        angles, first, second = rope_angle_table(
-            rope.grid, rope.head_dim, rope.axes_dims, rope.theta, rope.interleaved, positions, x.dtype
-        )
-        cos, sin = torch.cos(angles)[None, :, None, :], torch.sin(angles)[None, :, None, :]
-        x0, x1 = video[..., first], video[..., second]
-        y0 = x0 * cos - x1 * sin
-        y1 = x1 * cos + x0 * sin
-        out = video.clone()
-        out[..., first] = y0
-        out[..., second] = y1
-        video = out
+        # A (cos, sin) table: x * cos + rotate_half(x) * sin, in x's dtype.
+        return apply_table_reference(x, *rope, text_len=text_len, dtype=x.dtype)
+    text, video = x[:, :text_len], x[:, text_len:]
+    positions = rope.positions
+    angles, first, second = rope_angle_table(
+        rope.grid, rope.head_dim, rope.axes_dims, rope.theta, rope.interleaved, positions, x.dtype
+    )
+    cos, sin = torch.cos(angles)[None, :, None, :], torch.sin(angles)[None, :, None, :]
+    x0, x1 = video[..., first], video[..., second]
+    y0 = x0 * cos - x1 * sin
+    y1 = x1 * cos + x0 * sin
+    out = video.clone()
+    out[..., first] = y0
+    out[..., second] = y1
+    video = out
     return torch.cat((text, video), dim=1)
 
 

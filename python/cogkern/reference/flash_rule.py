@@ -3,18 +3,19 @@ the kernel's output and every gradient must be within 2x the error that eager
 PyTorch makes in the same dtype, both measured against a float32 reference
 computed from the same (rounded) inputs.
 
-"Eager PyTorch" is CogVideoX's path as diffusers runs it: LayerNorm, RoPE via
-a (cos, sin) table computed in fp32 and cast back, scaled_dot_product_attention.
+"Eager PyTorch" is CogVideoX's path as diffusers runs it
+(:func:`cogkern.reference.diffusers_attention.eager_attention`): LayerNorm, RoPE
+via a (cos, sin) table computed in fp32 and cast back, scaled_dot_product_attention.
 """
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
 
 import cogkern
-from cogkern.reference.attention_math import reference_attention, rope_angle_table
+from cogkern.reference.attention_math import reference_attention
+from cogkern.reference.diffusers_attention import eager_attention, rotary_table
 
 
 def factor_grid(n: int) -> tuple[int, int, int]:
@@ -26,26 +27,6 @@ def factor_grid(n: int) -> tuple[int, int, int]:
                 if rest % h == 0:
                     return (t, h, rest // h)
     return (1, 1, n)
-
-
-def diffusers_rotary(x, cos, sin):
-    """diffusers' apply_rotary_emb(use_real=True, use_real_unbind_dim=-1) on (B, H, S, D)."""
-    x_real, x_imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
-    x_rotated = torch.stack([-x_imag, x_real], dim=-1).flatten(3)
-    return (x.float() * cos + x_rotated.float() * sin).to(x.dtype)
-
-
-def eager_attention(q, k, v, norms, table, text_len, eps=1e-6):
-    """q, k, v (B, S, H, D); the processor's steps in the inputs' dtype."""
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    (qw, qb), (kw, kb) = norms
-    q = F.layer_norm(q, (q.shape[-1],), qw, qb, eps)
-    k = F.layer_norm(k, (k.shape[-1],), kw, kb, eps)
-    if table is not None:
-        cos, sin = table
-        q = torch.cat((q[:, :, :text_len], diffusers_rotary(q[:, :, text_len:], cos, sin)), dim=2)
-        k = torch.cat((k[:, :, :text_len], diffusers_rotary(k[:, :, text_len:], cos, sin)), dim=2)
-    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
 
 
 def rule_case(batch, seq, heads, head_dim, text_len, dtype, device, seed=0, grid=None):
@@ -64,8 +45,7 @@ def rule_case(batch, seq, heads, head_dim, text_len, dtype, device, seed=0, grid
     if n_video == 0:
         return q, k, v, norms, None, None
     rope = cogkern.RoPE3D(grid or factor_grid(n_video), head_dim)
-    angles, _, _ = rope_angle_table(rope.grid, head_dim, rope.axes_dims, rope.theta, True, None, torch.float64)
-    table = tuple(t.repeat_interleave(2, dim=1).to(device=device, dtype=torch.float32) for t in (angles.cos(), angles.sin()))
+    table = tuple(t.to(device) for t in rotary_table(rope.grid, head_dim, rope.theta, dtype=torch.float32))
     return q, k, v, norms, rope, table
 
 

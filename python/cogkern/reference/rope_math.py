@@ -1,6 +1,6 @@
 """Independent pure-PyTorch references for 3D RoPE, written from the formula
-(shared/REFERENCE.md) and from diffusers' table construction. They share no
-code with cogkern."""
+(shared/REFERENCE.md), in float64 by default. diffusers' table construction and
+rotation are in :mod:`.diffusers_attention`. They share no code with cogkern."""
 from __future__ import annotations
 
 import torch
@@ -46,34 +46,16 @@ def rope3d_reference(x, grid, axes_dims, theta=10000.0, interleaved=True, text_l
     return out
 
 
-def diffusers_style_table(grid, head_dim, theta=10000.0, positions=None, dtype=torch.float32):
-    """(cos, sin) of shape (T*H*W, head_dim) built the way diffusers'
-    get_3d_rotary_pos_embed(use_real=True) builds them: per-axis frequencies,
-    each value repeated for its interleaved pair, axes concatenated t, h, w."""
-    dims = (head_dim // 4, head_dim // 8 * 3, head_dim // 8 * 3)
-    coss, sins = [], []
-    for pos, d in zip(video_positions(grid, positions), dims):
-        freqs = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float64)[: d // 2] / d))
-        ang = torch.outer(pos, freqs)
-        coss.append(ang.cos().repeat_interleave(2, dim=1))
-        sins.append(ang.sin().repeat_interleave(2, dim=1))
-    return torch.cat(coss, dim=1).to(dtype), torch.cat(sins, dim=1).to(dtype)
+def rotate_half_pairs(x):
+    """rotate_half of interleaved pairs: out[2j] = -x[2j+1], out[2j+1] = x[2j]."""
+    pairs = x.unflatten(-1, (-1, 2))
+    return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
 
 
-def diffusers_apply_rotary_emb(x_bhsd, cos, sin):
-    """diffusers' apply_rotary_emb(use_real_unbind_dim=-1) on (B, H, S, D): math in fp32
-    (float64 for float64 input), cast back."""
-    acc = torch.float64 if x_bhsd.dtype == torch.float64 else torch.float32
-    x_real, x_imag = x_bhsd.reshape(*x_bhsd.shape[:-1], -1, 2).unbind(-1)
-    x_rotated = torch.stack([-x_imag, x_real], dim=-1).flatten(3)
-    out = x_bhsd.to(acc) * cos.to(acc) + x_rotated.to(acc) * sin.to(acc)
-    return out.to(x_bhsd.dtype)
-
-
-def apply_table_reference(x, cos, sin, text_len=0):
-    """The table mix on (B, S, H, D) in float64, text prefix untouched (differentiable)."""
-    x = x.to(torch.float64)
-    out = x.clone()
-    video = x[:, text_len:].transpose(1, 2)  # (B, H, n, D)
-    out[:, text_len:] = diffusers_apply_rotary_emb(video, cos.double(), sin.double()).transpose(1, 2)
-    return out
+def apply_table_reference(x, cos, sin, text_len=0, dtype=torch.float64):
+    """The table mix x * cos + rotate_half(x) * sin on the video tokens of x (B, S, H, D), computed
+    and returned in `dtype` (default float64), text prefix untouched (differentiable)."""
+    x = x.to(dtype)
+    cos, sin = (t.to(device=x.device, dtype=dtype)[None, :, None, :] for t in (cos, sin))
+    text, video = x[:, :text_len], x[:, text_len:]
+    return torch.cat((text, video * cos + rotate_half_pairs(video) * sin), dim=1)

@@ -39,7 +39,7 @@ namespace cogkern::flash {
 // twice the dq^ atomics). Which is faster is for a GPU to say (the
 // COGKERN_ATTENTION_SM90_BWD modes run both).
 template <int D, int WARPGROUPS>
-struct Sm90BwdTiles {
+struct Sm90BwdConfig {
   static constexpr int kWarpgroups = WARPGROUPS;
   static constexpr int kBN = 64 * kWarpgroups;  // keys per block, 64 per warpgroup
   static constexpr int kBM = 64;                // queries per step: dS^T is one 64-column panel
@@ -47,15 +47,9 @@ struct Sm90BwdTiles {
   static constexpr int kMinBlocks = 2 / kWarpgroups;      // resident blocks per SM the kernel is built for
   static constexpr int kDqPanels = D / sm90::kPanelCols;  // 64-column panels of dq^, one wgmma batch each
   static_assert(WARPGROUPS == 1 || WARPGROUPS == 2, "one or two warpgroups");
+  static_assert(is_attention_head_dim(D) && D % sm90::kPanelCols == 0, "a head dim of common/dispatch.h, in 64-column panels");
   static_assert(kBM == sm90::kPanelCols, "dS^T rows (one per key) are single 128-byte swizzled lines");
-  static_assert(D % sm90::kPanelCols == 0, "whole 64-column panels");
 };
-template <int D, int WARPGROUPS>
-struct Sm90BwdConfig;  // one specialization per head dim of common/dispatch.h
-template <int WARPGROUPS>
-struct Sm90BwdConfig<64, WARPGROUPS> : Sm90BwdTiles<64, WARPGROUPS> {};
-template <int WARPGROUPS>
-struct Sm90BwdConfig<128, WARPGROUPS> : Sm90BwdTiles<128, WARPGROUPS> {};
 
 // Dynamic shared memory: k^ and v tiles, two stages of q^ and dO, the dS^T
 // panel, two stages of lse / delta, plus 1024 bytes of alignment slack.

@@ -6,7 +6,6 @@
 // it; opt-in until validated on a GPU.
 #include "attention/flash/sm90/flash_bwd_sm90_ws_kernel.cuh"
 #include "attention/flash/flash_launch_kernel.cuh"
-#include "common/dispatch.h"
 
 namespace cogkern::flash {
 namespace {
@@ -72,7 +71,7 @@ cudaError_t run_flash_bwd_kv_sm90(const FlashArgs& a, int mode, bool atomic_dq, 
 #define COGKERN_SM90_BWD_INSTANTIATE(T, D) \
   template int sm90_backward_mode<T, D>();  \
   template cudaError_t run_flash_bwd_kv_sm90<T, D>(const FlashArgs&, int, bool, cudaStream_t);
-COGKERN_CUDA_FOR_EACH_TYPE_AND_HEAD_DIM(COGKERN_SM90_BWD_INSTANTIATE)
+COGKERN_ATTENTION_CONFIGS(COGKERN_SM90_BWD_INSTANTIATE)
 #undef COGKERN_SM90_BWD_INSTANTIATE
 
 }  // namespace cogkern::flash

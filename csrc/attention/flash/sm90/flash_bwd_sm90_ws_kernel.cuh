@@ -28,8 +28,8 @@
 
 namespace cogkern::flash {
 
-template <int PRODUCER_REGS, int CONSUMER_REGS>
-struct Sm90WsBwdTiles {
+template <int D>
+struct Sm90WsBwdConfig {
   static constexpr int kConsumers = 2;           // warpgroups of 64 keys
   static constexpr int kBN = 64 * kConsumers;    // keys per block
   static constexpr int kBM = sm90::kPanelCols;   // queries per step: dS^T is one 64-column panel
@@ -39,17 +39,10 @@ struct Sm90WsBwdTiles {
   // Registers after setmaxnreg: 128 * 40 + 256 * 232 = 384 * 168. The
   // producer needs 40 (its stats warp; 24 spills in every variant). ptxas:
   // no spills, except 80 bytes at D = 128 with atomic dq^.
-  static constexpr int kProducerRegs = PRODUCER_REGS;
-  static constexpr int kConsumerRegs = CONSUMER_REGS;
-  static_assert((kProducerRegs + kConsumers * kConsumerRegs) * sm90::kWarpgroupThreads <= 65536,
-                "setmaxnreg hands out at most the register file");
+  static constexpr int kProducerRegs = 40;
+  static constexpr int kConsumerRegs = 232;
+  static_assert(is_attention_head_dim(D) && D % sm90::kPanelCols == 0, "a head dim of common/dispatch.h, in 64-column panels");
 };
-template <int D>
-struct Sm90WsBwdConfig;  // one specialization per head dim of common/dispatch.h
-template <>
-struct Sm90WsBwdConfig<64> : Sm90WsBwdTiles<40, 232> {};
-template <>
-struct Sm90WsBwdConfig<128> : Sm90WsBwdTiles<40, 232> {};
 
 // The TMA descriptors: q^ and k^ from the scratch, v and dO as the caller's views.
 struct Sm90BwdMaps {

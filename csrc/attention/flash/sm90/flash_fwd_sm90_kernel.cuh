@@ -30,15 +30,16 @@ namespace cogkern::flash {
 // Key tiles of 128 at D = 64 (ptxas: 196 registers, no spills); of 64 at
 // D = 128 (187 / 193), where 128 would need more than 255 registers (S and O
 // accumulators are 64 + 64 per thread) and spill.
-template <int BN>
+// One specialization per head dim of common/dispatch.h (an unlisted one fails to compile).
+template <int KEYS_PER_TILE>
 struct Sm90FwdTiles {
   static constexpr int kWarpgroups = 2;
   static constexpr int kBM = 64 * kWarpgroups;  // query rows per block
-  static constexpr int kBN = BN;                // keys per tile
+  static constexpr int kBN = KEYS_PER_TILE;     // keys per tile
   static constexpr int kThreads = kWarpgroups * sm90::kWarpgroupThreads;
 };
 template <int D>
-struct Sm90FwdConfig;  // one specialization per head dim of common/dispatch.h
+struct Sm90FwdConfig;
 template <>
 struct Sm90FwdConfig<64> : Sm90FwdTiles<128> {};
 template <>

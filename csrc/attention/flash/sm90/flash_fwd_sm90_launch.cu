@@ -9,7 +9,6 @@
 
 #include "attention/flash/sm90/flash_fwd_sm90_ws_kernel.cuh"
 #include "attention/flash/flash_launch_kernel.cuh"
-#include "common/dispatch.h"
 
 namespace cogkern::flash {
 namespace {
@@ -91,7 +90,7 @@ cudaError_t run_flash_fwd_sm90(const FlashArgs& a, int mode, cudaStream_t stream
 #define COGKERN_SM90_FWD_INSTANTIATE(T, D) \
   template int sm90_forward_mode<T, D>();  \
   template cudaError_t run_flash_fwd_sm90<T, D>(const FlashArgs&, int, cudaStream_t);
-COGKERN_CUDA_FOR_EACH_TYPE_AND_HEAD_DIM(COGKERN_SM90_FWD_INSTANTIATE)
+COGKERN_ATTENTION_CONFIGS(COGKERN_SM90_FWD_INSTANTIATE)
 #undef COGKERN_SM90_FWD_INSTANTIATE
 
 }  // namespace cogkern::flash

@@ -33,7 +33,7 @@ namespace cogkern::flash {
 // consumer warpgroups of 160 registers) at D = 64, so that each k^ / v tile
 // serves 1.5x the rows (at D = 64 the L2 -> shared-memory traffic, not the
 // math, is what 128-row tiles would run into), 128 rows (two of 240) at D = 128.
-template <int CONSUMERS, int PRODUCER_REGS, int CONSUMER_REGS>
+template <int CONSUMERS>
 struct Sm90WsFwdTiles {
   static constexpr int kConsumers = CONSUMERS;  // warpgroups of 64 query rows
   static constexpr int kBM = 64 * kConsumers;
@@ -44,17 +44,17 @@ struct Sm90WsFwdTiles {
   // threads each (168 for 384, 128 for 512; ptxas allocates each side's code
   // within its new limit); the producer gives its spare ones to the
   // consumers: 128 * 24 + 256 * 240 = 384 * 168, 128 * 32 + 384 * 160 = 512 * 128.
-  static constexpr int kProducerRegs = PRODUCER_REGS;
-  static constexpr int kConsumerRegs = CONSUMER_REGS;
-  static_assert((kProducerRegs + kConsumers * kConsumerRegs) * sm90::kWarpgroupThreads <= 65536,
-                "setmaxnreg hands out at most the register file");
+  static constexpr int kProducerRegs = kConsumers == 2 ? 24 : 32;
+  static constexpr int kConsumerRegs = kConsumers == 2 ? 240 : 160;
+  static_assert(CONSUMERS == 2 || CONSUMERS == 3, "register budgets are set for 2 or 3 consumer warpgroups");
 };
+// One specialization per head dim of common/dispatch.h (an unlisted one fails to compile).
 template <int D>
-struct Sm90WsFwdConfig;  // one specialization per head dim of common/dispatch.h
+struct Sm90WsFwdConfig;
 template <>
-struct Sm90WsFwdConfig<64> : Sm90WsFwdTiles<3, 32, 160> {};
+struct Sm90WsFwdConfig<64> : Sm90WsFwdTiles<3> {};
 template <>
-struct Sm90WsFwdConfig<128> : Sm90WsFwdTiles<2, 24, 240> {};
+struct Sm90WsFwdConfig<128> : Sm90WsFwdTiles<2> {};
 
 // The TMA descriptors the producer loads through: q^ and k^ as
 // [batch * heads][seq][D] (3-D), v as its [batch][seq][heads][D] view (4-D).

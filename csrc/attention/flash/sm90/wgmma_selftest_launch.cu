@@ -4,7 +4,7 @@
 // launch on anything but compute capability 9.0.
 #include "attention/flash/sm90/wgmma_selftest_launch.h"
 #include "attention/flash/sm90/wgmma_selftest_kernel.cuh"
-#include "common/dispatch.h"
+#include "common/cuda/dispatch.cuh"
 
 namespace cogkern::sm90 {
 namespace {
@@ -45,6 +45,16 @@ cudaError_t launch_typed(const void* q, const void* k, const void* v, float* s, 
   return cudaGetLastError();
 }
 
+template <int D>
+cudaError_t launch_dim(const void* q, const void* k, const void* v, float* s, float* o, float* u, bool bf16, bool tma,
+                       cudaStream_t stream) {
+  if (tma)
+    return bf16 ? launch_typed<__nv_bfloat16, D, true>(q, k, v, s, o, u, stream)
+                : launch_typed<__half, D, true>(q, k, v, s, o, u, stream);
+  return bf16 ? launch_typed<__nv_bfloat16, D, false>(q, k, v, s, o, u, stream)
+              : launch_typed<__half, D, false>(q, k, v, s, o, u, stream);
+}
+
 }  // namespace
 
 cudaError_t launch_wgmma_selftest(const void* q, const void* k, const void* v, float* s, float* o, float* u,
@@ -54,12 +64,8 @@ cudaError_t launch_wgmma_selftest(const void* q, const void* k, const void* v, f
   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
   cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
   if (major != 9 || minor != 0) return cudaErrorInvalidDeviceFunction;
-  return COGKERN_DTYPE_SWITCH(bf16 ? DType::kBFloat16 : DType::kHalf, T, cudaErrorInvalidValue, [&] {
-    return COGKERN_HEADDIM_SWITCH(head_dim, D, cudaErrorInvalidValue, [&] {
-      return tma ? launch_typed<T, D, true>(q, k, v, s, o, u, stream)
-                 : launch_typed<T, D, false>(q, k, v, s, o, u, stream);
-    });
-  });
+  return switch_head_dim(head_dim, cudaErrorInvalidValue,
+                         [&]<int D>() { return launch_dim<D>(q, k, v, s, o, u, bf16, tma, stream); });
 }
 
 }  // namespace cogkern::sm90

@@ -7,7 +7,7 @@
 namespace cogkern::sm90 {
 
 // q, k, v: row-major [64][head_dim] fp16 or bf16 on the device; s: [64][64]
-// fp32, o and u: [64][head_dim] fp32. head_dim: one of common/dispatch.h's. tma: the tiles come
+// fp32, o and u: [64][head_dim] fp32. head_dim 64 or 128. tma: the tiles come
 // in through TMA (16-byte-aligned q, k, v). Needs an sm_90a build and a
 // compute capability 9.0 device (cudaErrorInvalidDeviceFunction otherwise).
 cudaError_t launch_wgmma_selftest(const void* q, const void* k, const void* v, float* s, float* o, float* u,

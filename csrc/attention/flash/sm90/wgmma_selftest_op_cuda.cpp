@@ -11,6 +11,7 @@
 #include <tuple>
 
 #include "attention/flash/sm90/wgmma_selftest_launch.h"
+#include "common/dispatch.h"
 
 namespace cogkern::ops {
 namespace {
@@ -21,9 +22,9 @@ void check_operand(const at::Tensor& t, const char* name, const at::Tensor& q) {
                     " must be float16 or bfloat16, got ", t.scalar_type());
   TORCH_CHECK_VALUE(t.scalar_type() == q.scalar_type(), name, " must have q's dtype");
   TORCH_CHECK_VALUE(t.device() == q.device(), name, " must be on q's device");
-  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == 64 && (t.size(1) == 64 || t.size(1) == 128) &&
-                        t.size(1) == q.size(1),
-                    name, " must have shape (64, 64) or (64, 128), like q; got ", t.sizes());
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == 64 && is_attention_head_dim(t.size(1)) && t.size(1) == q.size(1),
+                    name, " must have shape (64, head_dim), head_dim ", attention_head_dims_text(), ", like q; got ",
+                    t.sizes());
   TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
 }
 
