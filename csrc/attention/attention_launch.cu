@@ -12,7 +12,7 @@
 // rope3d_math.h (the CPU backend runs the same functions). Kernels: attention_rows.cuh.
 #include "attention/attention_row_kernels.cuh"
 #include "attention/flash/flash_params.h"
-#include "common/cuda/launch_kernel.cuh"
+#include "common/cuda/device_seam.h"  // launch_kernel
 
 namespace cogkern {
 namespace {
@@ -55,6 +55,7 @@ cudaError_t backward_typed(const AttentionParams& P, const AttentionScratch& s, 
                      : launch_kernel(attention_prologue_kernel<T, float, D, true>, blocks, kRowThreads, 0, stream, P, s);
   if (err != cudaSuccess) return err;
 
+  // [mut:atomic-dq-fits]
   if (!deterministic && !flash::atomic_dq_fits<T, D>()) deterministic = true;  // sm_86 / sm_89 at D = 128
   if (!deterministic) {
     err = cudaMemsetAsync(s.dq_hat, 0, size_t(P.batch * P.heads * P.seq * D) * sizeof(float), stream);
