@@ -59,12 +59,9 @@ namespace cogkern::flash {
 
 constexpr int kWarpSize = 32;
 
-// ---------------------------------------------------------------------------
-// Element types: packing two fp32 values into one .b32 register of two 16-bit
-// values (low half = first element), and the mma instruction for the type.
-// ---------------------------------------------------------------------------
-
-// The PTX wrappers (common/cuda/ptx_sm80.cuh, or the emulator's).
+// The sm_80+ PTX wrappers (common/cuda/ptx_sm80.cuh on the GPU, the emulator's
+// on the CPU): ElemTraits<T> packs two fp32 values into one .b32 register of
+// two 16-bit values (low half = first element) and issues the mma for the type.
 using sm80::ElemTraits;
 using sm80::smem_addr;
 using sm80::ldmatrix_x4;
