@@ -37,14 +37,34 @@ def _mutations():
 
 
 def test_each_planted_fault_still_applies_to_the_sources(tmp_path):
-    """scripts/cuda_emu/mutations.py edits kernel sources by exact text: a kernel edit that
-    moves that text must update the mutation, not silently retire it."""
+    """scripts/cuda_emu/mutations.py finds each fault's site by a `[mut:NAME]` marker comment in
+    the kernel source: a kernel edit that drops or duplicates a marker must fail here, not
+    silently retire the mutation; and every marker in csrc/ belongs to a mutation."""
     mutations = _mutations()
-    shutil.copytree(os.path.join(ROOT, "csrc"), tmp_path / "csrc")
+    csrc = os.path.join(ROOT, "csrc")
+    found = mutations.markers_in(csrc)
+    used = {e.marker: m.file for m in mutations.MUTATIONS for e in m.edits}
+    assert {k: v for k, v in found.items() if len(v) != 1} == {}, "markers that occur more than once"
+    assert sorted(set(found) - set(used)) == [], "markers in csrc/ that no mutation uses"
+    assert {k: f for k, f in used.items() if found.get(k) != [f]} == {}, "mutations whose marker is not in their file"
+    shutil.copytree(csrc, tmp_path / "csrc")
     for m in mutations.MUTATIONS:
-        mutations.apply(m, str(tmp_path / "csrc"))  # raises if the text is not there exactly once
-        assert (tmp_path / "csrc" / m.file).read_text() != open(os.path.join(ROOT, "csrc", m.file)).read()
-        shutil.copy(os.path.join(ROOT, "csrc", m.file), tmp_path / "csrc" / m.file)
+        mutations.apply(m, str(tmp_path / "csrc"))  # raises if a marker or its site's text is not there once
+        assert (tmp_path / "csrc" / m.file).read_text() != open(os.path.join(csrc, m.file)).read()
+        shutil.copy(os.path.join(csrc, m.file), tmp_path / "csrc" / m.file)
+
+
+def test_a_missing_or_doubled_marker_fails_loudly(tmp_path):
+    mutations = _mutations()
+    m = mutations.MUTATIONS[0]
+    shutil.copytree(os.path.join(ROOT, "csrc"), tmp_path / "csrc")
+    path = tmp_path / "csrc" / m.file
+    text = path.read_text()
+    tag = f"[mut:{m.edits[0].marker}]"
+    for broken, count in ((text.replace(tag, ""), 0), (text.replace(tag, tag + " " + tag), 2)):
+        path.write_text(broken)
+        with pytest.raises(ValueError, match=rf"occurs {count} times"):
+            mutations.apply(m, str(tmp_path / "csrc"))
 
 
 @pytest.mark.slow

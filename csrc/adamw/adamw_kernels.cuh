@@ -55,7 +55,7 @@ __device__ float2 block_sum_max(float s, float f) {
     warp_s[warp] = s;
     warp_f[warp] = f;
   }
-  __syncthreads();
+  __syncthreads();  // [mut:optim-reduce-barrier]
   if (warp == 0) {
     const int nwarps = blockDim.x / 32;
     s = lane < nwarps ? warp_s[lane] : 0.0f;

@@ -1,9 +1,13 @@
 // Launchers of the optimizer CUDA kernels (adamw_kernels.cuh): grid sizes,
-// dtype / mode dispatch.
+// dtype / mode dispatch. The grids of the grid-stride kernels come from the
+// device (SM count, occupancy) through the runtime; under the CPU emulator,
+// whose emulated GPU has few SMs (scripts/cuda_emu/cuda_emu_runtime.h), they
+// are smaller than the work, so the grid-stride loops run there too.
 #include <algorithm>
 
 #include "adamw/adamw_kernels.cuh"
 #include "adamw/adamw_launch.h"
+#include "common/cuda/device_seam.h"  // launch_kernel
 
 namespace cogkern {
 namespace {
@@ -37,22 +41,20 @@ unsigned grid_for(int64_t num_chunks) {
 template <typename T, AdamWMode MODE>
 cudaError_t launch_update(const AdamWLaunch& L, cudaStream_t stream) {
   if (L.num_chunks > 0) {
-    adamw_kernel<T, MODE><<<grid_for<adamw_kernel<T, MODE>>(L.num_chunks), kThreads, 0, stream>>>(L);
-    const cudaError_t err = cudaGetLastError();
+    const cudaError_t err =
+        launch_kernel(adamw_kernel<T, MODE>, grid_for<adamw_kernel<T, MODE>>(L.num_chunks), kThreads, 0, stream, L);
     if (err != cudaSuccess) return err;
   }
   StepAdvance A;
   A.num_tensors = L.num_tensors;
   A.step_scalars = L.step_scalars;
   for (int t = 0; t < L.num_tensors; ++t) A.steps[t] = L.tensors[t].step;
-  advance_steps_kernel<<<unsigned(ceil_div(L.num_tensors, 128)), 128, 0, stream>>>(A);
-  return cudaGetLastError();
+  return launch_kernel(advance_steps_kernel, unsigned(ceil_div(L.num_tensors, 128)), 128, 0, stream, A);
 }
 
 template <typename T>
 cudaError_t launch_check(const GradCheckLaunch& L, cudaStream_t stream) {
-  grad_check_kernel<T><<<grid_for<grad_check_kernel<T>>(L.num_chunks), kThreads, 0, stream>>>(L);
-  return cudaGetLastError();
+  return launch_kernel(grad_check_kernel<T>, grid_for<grad_check_kernel<T>>(L.num_chunks), kThreads, 0, stream, L);
 }
 
 }  // namespace
@@ -94,15 +96,14 @@ cudaError_t launch_grad_check(const GradCheckLaunch& L, DType grad_dtype, cudaSt
 
 cudaError_t launch_grad_check_finalize(const float* partials, int64_t num_chunks, const float* scale,
                                        const float* found_inf_in, double max_norm, float* out, cudaStream_t stream) {
-  grad_check_finalize_kernel<<<1, kFinalizeThreads, 0, stream>>>(partials, num_chunks, scale, found_inf_in, max_norm,
-                                                                 out);
-  return cudaGetLastError();
+  return launch_kernel(grad_check_finalize_kernel, 1, kFinalizeThreads, 0, stream, partials, num_chunks, scale,
+                       found_inf_in, max_norm, out);
 }
 
 cudaError_t launch_loss_scale_update(float* scale, int32_t* growth_tracker, int32_t* hysteresis_tracker,
                                      const float* found_inf, const LossScaleConfig& config, cudaStream_t stream) {
-  loss_scale_update_kernel<<<1, 1, 0, stream>>>(scale, growth_tracker, hysteresis_tracker, found_inf, config);
-  return cudaGetLastError();
+  return launch_kernel(loss_scale_update_kernel, 1, 1, 0, stream, scale, growth_tracker, hysteresis_tracker, found_inf,
+                       config);
 }
 
 }  // namespace cogkern

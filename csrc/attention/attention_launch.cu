@@ -12,8 +12,8 @@
 // rope3d_math.h (the CPU backend runs the same functions). Kernels: attention_rows.cuh.
 #include "attention/attention_row_kernels.cuh"
 #include "attention/flash/flash_params.h"
+#include "common/cuda/device_seam.h"  // launch_kernel
 #include "common/cuda/dispatch.cuh"
-#include "common/cuda/launch_kernel.cuh"
 
 namespace cogkern {
 namespace {
@@ -56,6 +56,7 @@ cudaError_t backward_typed(const AttentionParams& P, const AttentionScratch& s, 
                      : launch_kernel(attention_prologue_kernel<T, float, D, true>, blocks, kRowThreads, 0, stream, P, s);
   if (err != cudaSuccess) return err;
 
+  // [mut:atomic-dq-fits]
   if (!deterministic && !flash::atomic_dq_fits<T, D>()) deterministic = true;  // sm_86 / sm_89 at D = 128
   if (!deterministic) {
     err = cudaMemsetAsync(s.dq_hat, 0, size_t(P.batch * P.heads * P.seq * D) * sizeof(float), stream);

@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "common/cuda/device_seam.h"  // COGKERN_DYNAMIC_SMEM
 #include "rope3d/rope3d_math.h"
 
 namespace cogkern {
@@ -37,11 +38,7 @@ enum Layout { kVector = 0, kPairScalar = 1, kHalfSplit = 2 };
 template <typename scalar_t, typename table_t, Layout LAYOUT, int VEC>
 __global__ void __launch_bounds__(kThreads) rope3d_kernel(const RopeParams P, int tokens_per_block) {
   using A = float;
-#if defined(COGKERN_CUDA_EMULATION)
-  unsigned char* smem_raw = ::cuda_emu::dynamic_smem();
-#else
-  extern __shared__ unsigned char smem_raw[];
-#endif
+  COGKERN_DYNAMIC_SMEM(smem_raw);
   PairCoeffs<A>* coeffs = reinterpret_cast<PairCoeffs<A>*>(smem_raw);
 
   const int half_d = int(P.head_dim / 2);
@@ -54,7 +51,7 @@ __global__ void __launch_bounds__(kThreads) rope3d_kernel(const RopeParams P, in
   for (int i = tid; i < ntok * half_d; i += nthreads) {
     coeffs[i] = rope_coeffs<A, table_t>(P, tok0 + i / half_d, i % half_d);
   }
-  __syncthreads();
+  __syncthreads();  // [mut:rope-coeff-barrier]
 
   const scalar_t* __restrict__ x = static_cast<const scalar_t*>(P.x);
   scalar_t* out = static_cast<scalar_t*>(P.out);

@@ -1,7 +1,7 @@
 // Launcher of the 3D RoPE CUDA kernel (rope3d_kernel.cuh): dtype dispatch.
 #include "rope3d/rope3d_kernel.cuh"
 #include "rope3d/rope3d_launch.h"
-#include "common/cuda/launch_kernel.cuh"
+#include "common/cuda/device_seam.h"  // launch_kernel
 
 namespace cogkern {
 namespace {

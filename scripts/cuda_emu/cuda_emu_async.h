@@ -1,5 +1,5 @@
 // Emulated Hopper asynchronous-data-movement and synchronization PTX
-// (csrc/common/cuda/sm90_async.cuh): mbarriers, TMA tile loads
+// (csrc/common/cuda/ptx_sm90_async.cuh): mbarriers, TMA tile loads
 // (cp.async.bulk.tensor) with their tensor maps, named barriers, setmaxnreg.
 // Implemented from the PTX ISA and the driver's cuTensorMapEncodeTiled
 // documentation:

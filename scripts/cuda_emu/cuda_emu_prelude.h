@@ -327,5 +327,5 @@ inline T __shfl_down_sync(unsigned, T v, unsigned delta) {
 inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
 
 // The host runtime calls of the launchers (cudaFuncSetAttribute, ...) and
-// their launches (csrc/common/cuda/launch_kernel.cuh).
+// their launches (launch_kernel: csrc/common/cuda/launch_kernel.cuh, emulated in cuda_emu_device.h).
 #include "cuda_emu_runtime.h"

@@ -1,7 +1,7 @@
-// Emulated PTX wrappers of csrc/attention/flash/flash_common.cuh (ldmatrix, mma.sync,
+// Emulated PTX wrappers of csrc/common/cuda/ptx_sm80.cuh (ldmatrix, mma.sync,
 // cp.async, ex2), implemented from the PTX ISA's fragment definitions with
-// the warp exchange of cuda_emu_prelude.h. Included by flash_common.cuh when
-// COGKERN_CUDA_EMULATION is defined.
+// the warp exchange of cuda_emu_prelude.h. The kernels reach them through
+// csrc/common/cuda/device_seam.h (cuda_emu_device.h: the same names).
 #pragma once
 
 #include <cstdint>

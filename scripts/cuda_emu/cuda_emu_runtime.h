@@ -4,7 +4,9 @@
 // launchers' fallbacks). Launches check what the hardware checks: at most
 // 1024 threads, 1-D grids (all cogkern uses), and dynamic shared memory above
 // 48 KB only up to what cudaFuncSetAttribute allowed for that kernel, itself
-// at most the device's opt-in limit. The C API is defined in emu_runtime.cpp.
+// at most the device's opt-in limit. The C API is defined in emu_runtime.cpp,
+// with the driver entry point the TMA tensor maps are encoded through
+// (cuTensorMapEncodeTiled: the emulator's, cuda_emu_async.h).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -17,7 +19,11 @@ namespace cuda_emu {
 struct EmuDevice {
   int cc_major = 9, cc_minor = 0;
   int smem_per_block_optin = 227 * 1024;
-  int multiprocessors = 132;
+  // A GPU of few SMs, each holding one resident block of any kernel
+  // (cudaOccupancyMaxActiveBlocksPerMultiprocessor): launchers that size their
+  // grid to fill the GPU (the optimizer's grid-stride kernels) launch fewer
+  // blocks than there are work items, so the grid-stride loops run here.
+  int multiprocessors = 3;
   int ptx_version = 90;  // of every kernel: the build's sm_90a code
 };
 EmuDevice& emu_device();
@@ -36,4 +42,10 @@ inline cudaError_t cudaFuncSetAttribute(T* entry, cudaFuncAttribute attr, int va
 template <typename T>
 inline cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, T* entry) {
   return ::cudaFuncGetAttributes(attr, reinterpret_cast<const void*>(entry));
+}
+template <typename T>
+inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, T* entry, int block_size,
+                                                                 size_t dynamic_smem) {
+  return ::cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, reinterpret_cast<const void*>(entry), block_size,
+                                                         dynamic_smem);
 }

@@ -1,4 +1,4 @@
-// Emulated wgmma (csrc/common/cuda/sm90_wgmma.cuh), implemented from the PTX ISA's
+// Emulated wgmma (csrc/common/cuda/ptx_sm90_wgmma.cuh), implemented from the PTX ISA's
 // descriptor and fragment definitions and CUTLASS's canonical GMMA layouts:
 //   K-major, 128-byte swizzle:  ((8,n),2) : ((8,SBO),1)          in 16-byte units
 //   MN-major, 128-byte swizzle: ((8,n),(8,k)) : ((1,LBO),(8,SBO))  in 16-byte units

@@ -4,6 +4,8 @@
 #include <map>
 #include <mutex>
 
+#include "cuda_emu_async.h"  // encode_tensor_map_tiled
+
 namespace cuda_emu {
 namespace {
 
@@ -78,6 +80,22 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) 
       std::fprintf(stderr, "cuda_emu: cudaDeviceGetAttribute(%d) is not emulated\n", int(attr));
       return cudaErrorInvalidValue;
   }
+}
+
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, const void*, int block_size, size_t) {
+  if (block_size <= 0 || block_size > 1024) return cudaErrorInvalidValue;
+  *blocks = 1;  // EmuDevice: one resident block per SM
+  return cudaSuccess;
+}
+
+// The driver entry points the launchers look up: the TMA tensor-map encoder
+// (csrc/common/cuda/sm90_tensor_map.h), which is the emulator's.
+cudaError_t cudaGetDriverEntryPointByVersion(const char* symbol, void** fn, unsigned int, unsigned long long,
+                                             cudaDriverEntryPointQueryResult* status) {
+  const bool found = std::strcmp(symbol, "cuTensorMapEncodeTiled") == 0;
+  *fn = found ? reinterpret_cast<void*>(&cuda_emu::encode_tensor_map_tiled) : nullptr;
+  if (status != nullptr) *status = found ? cudaDriverEntryPointSuccess : cudaDriverEntryPointSymbolNotFound;
+  return cudaSuccess;
 }
 
 cudaError_t cudaGetLastError() { return cudaSuccess; }  // launch errors are returned by launch_kernel

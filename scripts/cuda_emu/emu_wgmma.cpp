@@ -1,31 +1,12 @@
 // The wgmma conformance kernel (csrc/attention/flash/sm90/wgmma_selftest_kernel.cuh)
-// under the emulator (cuda_emu_wgmma.h, cuda_emu_async.h), behind a C API for run_emu.py.
-#include <stdexcept>
+// under the emulator (cuda_emu_wgmma.h, cuda_emu_async.h), launched through its real
+// host code (wgmma_selftest_launch.cu: device check, tensor maps, shared memory, the
+// launch), behind a C API for run_emu.py.
+#include "attention/flash/sm90/wgmma_selftest_launch.h"
 
-#include "attention/flash/sm90/wgmma_selftest_kernel.cuh"
-#include "common/cuda/dispatch.cuh"
-
-using namespace cogkern::sm90;
-
-namespace {
-template <typename T, int D>
-void run(const uint16_t* q, const uint16_t* k, const uint16_t* v, float* s, float* o, float* u, bool tma) {
-  alignas(128) SelftestMaps maps{};
-  if (tma) {
-    if (!make_selftest_maps<D>(q, k, v, &maps)) throw std::runtime_error("tensor maps refused");
-    cuda_emu::launch(1, kWarpgroupThreads, selftest_smem_bytes(D),
-                     [&] { wgmma_selftest_body<T, D, true>(q, k, v, s, o, u, maps, cuda_emu::dynamic_smem()); });
-  } else {
-    cuda_emu::launch(1, kWarpgroupThreads, selftest_smem_bytes(D),
-                     [&] { wgmma_selftest_body<T, D, false>(q, k, v, s, o, u, maps, cuda_emu::dynamic_smem()); });
-  }
-}
-}  // namespace
-
-extern "C" int emu_wgmma_selftest(const uint16_t* q, const uint16_t* k, const uint16_t* v, float* s, float* o,
-                                  float* u, int head_dim, int bf16, int tma) {
-  return cogkern::switch_head_dim(head_dim, 1, [&]<int D>() {
-    bf16 ? run<__nv_bfloat16, D>(q, k, v, s, o, u, tma) : run<__half, D>(q, k, v, s, o, u, tma);
-    return 0;
-  });
+// q, k, v: [64][head_dim] 16-bit (bf16 or fp16); s [64][64], o and u [64][head_dim] fp32.
+// tma: load the tiles through TMA tensor maps. Returns the launch's error (0: none).
+extern "C" int emu_wgmma_selftest(const void* q, const void* k, const void* v, float* s, float* o, float* u,
+                                  int head_dim, int bf16, int tma) {
+  return int(cogkern::sm90::launch_wgmma_selftest(q, k, v, s, o, u, head_dim, bf16 != 0, tma != 0, nullptr));
 }

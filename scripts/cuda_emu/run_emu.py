@@ -15,16 +15,18 @@ Out-of-bounds global (and scratch) accesses: build with AddressSanitizer,
     COGKERN_EMU_ASAN=1 ASAN_OPTIONS=detect_leaks=0 LD_PRELOAD=$(gcc -print-file-name=libasan.so) \
         PYTHONPATH=python python scripts/cuda_emu/run_emu.py
 
-What it covers: the actual kernel source (csrc/kernels/*_kernel.cuh,
+What it covers: the actual kernel source (csrc/*/*_kernel(s).cuh,
 attention_row_kernels.cuh) compiled as host C++, with each GPU thread a std::thread,
-launched for the attention and RoPE through their real host code
-(attention_launch.cu, the launchers flash_*.cu, rope3d_launch.cu: kernel choice,
-grids, shared memory, tensor maps; the runtime calls they make emulated in
-emu_runtime.cpp for an H100, or
-an sm_89 GPU in the "device" section, with the hardware's launch checks);
-ldmatrix / mma.sync / cp.async / shuffles emulated from their PTX ISA
-definitions (cuda_emu_ptx.h), wgmma (cuda_emu_wgmma.h), mbarriers / TMA /
-named barriers (cuda_emu_async.h). What it cannot cover: the real PTX semantics
+launched for every op through its real host code (attention_launch.cu, the
+launchers flash_*.cu, wgmma_selftest_launch.cu, rope3d_launch.cu, adamw_launch.cu:
+kernel choice, grids, shared memory, tensor maps; the parameter structs built in
+C++ from plain arguments, emu_*.cpp; the runtime calls they make emulated in
+emu_runtime.cpp for an H100-like GPU of few SMs, or an sm_89 GPU in the "device"
+section, with the hardware's launch checks); ldmatrix / mma.sync / cp.async /
+shuffles emulated from their PTX ISA definitions (cuda_emu_ptx.h), wgmma
+(cuda_emu_wgmma.h), mbarriers / TMA / named barriers (cuda_emu_async.h), all
+reached through the kernels' one seam, csrc/common/cuda/device_seam.h
+(cuda_emu_device.h). What it cannot cover: the real PTX semantics
 (the emulator encodes our reading of them), races that only a real schedule
 exposes (asynchronous copies land at the latest, or under --laggard TMA at the
 earliest, moment allowed; other orders are not tried), timing, register limits.
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import hashlib
 import itertools
 import math
 import os
@@ -58,12 +61,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 
 
-def build(out_dir="/tmp/cogkern_cuda_emu", csrc=None):
+def default_build_dir():
+    """One emulator build directory per checkout: runs from different checkouts do not overwrite each other's."""
+    return f"/tmp/cogkern_cuda_emu-{hashlib.sha1(ROOT.encode()).hexdigest()[:8]}"
+
+
+def build(out_dir=None, csrc=None):
     """Compiles the emulator's translation units (in parallel; through ccache when it is
     installed, so a rebuild after a one-header change recompiles only the units that
     include it) against the kernel sources in `csrc` (default: the repo's) and loads them."""
     from concurrent.futures import ThreadPoolExecutor
 
+    out_dir = out_dir or default_build_dir()
     os.makedirs(out_dir, exist_ok=True)
     lib = os.path.join(out_dir, "libemu.so")
     csrc = os.path.abspath(csrc or os.path.join(ROOT, "csrc"))
@@ -73,12 +82,12 @@ def build(out_dir="/tmp/cogkern_cuda_emu", csrc=None):
              *sanitize, "-include", os.path.join(HERE, "cuda_emu_prelude.h"), "-I", csrc, "-I", HERE,
              "-ffp-contract=off", "-I", cuda_inc]
     launcher = ["ccache"] if shutil.which("ccache") and not sanitize else []
-    # The emulator's own units, and the attention's and RoPE's host code with their launchers
-    # (the real launch path: kernel choice, grids, shared memory, tensor maps), slowest first.
+    # The emulator's own units, and the host code of every op with its launchers (the real
+    # launch path: kernel choice, grids, shared memory, tensor maps), slowest first.
     units = [os.path.join(csrc, f + ".cu") for f in (
         "attention/flash/sm90/flash_bwd_sm90_launch", "attention/flash/sm90/flash_fwd_sm90_launch",
         "attention/flash/flash_bwd_launch", "attention/attention_launch", "attention/flash/flash_fwd_launch",
-        "rope3d/rope3d_launch")]
+        "attention/flash/sm90/wgmma_selftest_launch", "rope3d/rope3d_launch", "adamw/adamw_launch")]
     units += [os.path.join(HERE, f + ".cpp") for f in ("emu_wgmma", "emu_optim", "emu_rope", "emu_attention",
                                                        "emu_runtime")]
 
@@ -92,20 +101,52 @@ def build(out_dir="/tmp/cogkern_cuda_emu", csrc=None):
     # -Bsymbolic: the emulated runtime calls (emu_runtime.cpp) bind here, not to a CUDA runtime torch has loaded.
     subprocess.run(["g++", "-shared", "-pthread", "-Wl,-Bsymbolic", *sanitize, *objs, "-o", lib + ".tmp"], check=True)
     os.replace(lib + ".tmp", lib)  # a running emulator keeps its (unlinked) copy
-    return ctypes.CDLL(lib)
+    return declare_api(ctypes.CDLL(lib))
 
 
 P = ctypes.c_void_p
 I64, I32, F64 = ctypes.c_int64, ctypes.c_int32, ctypes.c_double
 
 
-class EmuSpec(ctypes.Structure):
-    _fields_ = [("batch", I64), ("seq", I64), ("heads", I64), ("head_dim", I64), ("dtype", I32), ("norm", I32),
-                ("eps", F64), ("qw", P), ("qb", P), ("kw", P), ("kb", P), ("rope", I32), ("grid", I32 * 3),
-                ("axes", I32 * 3), ("interleaved", I32), ("theta", F64), ("positions", P), ("cos", P), ("sin", P),
-                ("table_stride", I64), ("table_in_dtype", I32), ("text_len", I64), ("scale", F64), ("causal", I32),
-                ("deterministic", I32), ("q", P), ("k", P), ("v", P), ("out", P), ("lse", P), ("dout", P),
-                ("dlse", P), ("dq", P), ("dk", P), ("dv", P), ("dqw", P), ("dqb", P), ("dkw", P), ("dkb", P)]
+def declare_api(lib):
+    """The C API of the emulator's units (emu_*.cpp): plain scalars and pointers, from which the C++ side
+    builds the real parameter structs (RopeParams, AttentionParams, AdamWLaunch, ...) and calls the real
+    launchers. Pointers are passed as ints (tensor.data_ptr()) or None."""
+    api = {
+        # emu_attention.cpp
+        "emu_attention_new": (P, [I64, I64, I64, I64, I32, I64, F64, I32]),
+        "emu_attention_free": (None, [P]),
+        "emu_attention_set_norm": (None, [P, I32, F64, P, P, P, P]),
+        "emu_attention_rope": (P, [P, I32]),
+        "emu_attention_forward": (I32, [P, P, P, P, P, P]),
+        "emu_attention_backward": (I32, [P, P, P, P, P, P, P, P, P, P, I32]),
+        "emu_set_sm90_forward": (None, [I32]),
+        "emu_set_sm90_backward": (None, [I32]),
+        "emu_kernel_modes": (I32, [I32, I32, ctypes.POINTER(I32), ctypes.POINTER(I32)]),
+        "emu_set_device": (None, [I32, I32, I32]),
+        # emu_rope.cpp
+        "emu_rope_params_new": (P, []),
+        "emu_rope_params_free": (None, [P]),
+        "emu_rope_set_layout": (None, [P, P, P, I64, I64, I64, I64, P, P, I64, I64, I32]),
+        "emu_rope_set_angles": (None, [P, P, P, I32, F64, P]),
+        "emu_rope_set_table": (None, [P, P, P, I64]),
+        "emu_rope3d": (I32, [P, I32, I32]),
+        # emu_optim.cpp
+        "emu_adamw_step": (I32, [I32, P, P, P, P, P, P, P, P, P, I32, P, P, P, P, P, I32, I32, P, F64, I32,
+                                 ctypes.c_uint64, P]),
+        # emu_wgmma.cpp
+        "emu_wgmma_selftest": (I32, [P, P, P, P, P, P, I32, I32, I32]),
+    }
+    for name, (restype, argtypes) in api.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = restype, argtypes
+    return lib
+
+
+def i64s(values):
+    """An int64 array (a tensor, kept alive by the caller) of ints or tensors' data pointers."""
+    return torch.tensor([0 if v is None else v.data_ptr() if torch.is_tensor(v) else int(v) for v in values],
+                        dtype=torch.int64)
 
 
 def ptr(t):
@@ -129,43 +170,32 @@ def emu_run(lib, c, dtype, causal, deterministic):
     out = torch.full_like(q, nan)
     lse = torch.full((b, h, s), nan)
     w = [None if t is None else t.detach().float().contiguous() for t in c["params"]]
-    spec = EmuSpec()
-    spec.batch, spec.seq, spec.heads, spec.head_dim = b, s, h, d
-    spec.dtype = 0 if dtype == torch.float16 else 1
-    spec.norm = {None: 0, "layer_norm": 1, "rms_norm": 2}[c["qk_norm"]]
-    spec.eps = 1e-6
-    spec.qw, spec.qb, spec.kw, spec.kb = (ptr(t) for t in w)
-    rope = c["rope"]
-    keep = []
-    if rope is None:
-        spec.rope = 0
-    elif isinstance(rope, RoPE3D):
-        spec.rope = 1
-        spec.grid[:] = list(rope.grid)
-        spec.axes[:] = list(rope.axes_dims)
-        spec.interleaved = int(rope.interleaved)
-        spec.theta = rope.theta
-    else:
-        spec.rope = 2
-        cos, sin = (t.to(dtype) if c["table_in_dtype"] else t for t in rope)
-        cos, sin = cos.contiguous(), sin.contiguous()
-        keep += [cos, sin]
-        spec.cos, spec.sin = ptr(cos), ptr(sin)
-        spec.table_stride = d
-        spec.table_in_dtype = int(c["table_in_dtype"])
-    spec.text_len = c["text_len"]
-    spec.scale = 1 / math.sqrt(d)
-    spec.causal, spec.deterministic = int(causal), int(deterministic)
-    spec.q, spec.k, spec.v, spec.out, spec.lse = ptr(q), ptr(k), ptr(v), ptr(out), ptr(lse)
-    assert lib.emu_attention(ctypes.byref(spec), 0) == 0
-    dout = c["dout"].to(dtype).contiguous()
-    dlse = c["dlse"].contiguous()
-    grads = [torch.full_like(q, nan) for _ in range(3)]
-    pgrads = [None if t is None else torch.full_like(t, nan) for t in w]
-    spec.dout, spec.dlse = ptr(dout), ptr(dlse)
-    spec.dq, spec.dk, spec.dv = (ptr(t) for t in grads)
-    spec.dqw, spec.dqb, spec.dkw, spec.dkb = (ptr(t) for t in pgrads)
-    assert lib.emu_attention(ctypes.byref(spec), 1) == 0
+    prob = lib.emu_attention_new(b, s, h, d, 0 if dtype == torch.float16 else 1, c["text_len"], 1 / math.sqrt(d),
+                                 int(causal))
+    try:
+        lib.emu_attention_set_norm(prob, {None: 0, "layer_norm": 1, "rms_norm": 2}[c["qk_norm"]], 1e-6,
+                                   *(ptr(t) for t in w))
+        rope = c["rope"]
+        keep = []
+        if isinstance(rope, RoPE3D):
+            grid, axes = i64s(rope.grid), i64s(rope.axes_dims)
+            keep += [grid, axes]
+            lib.emu_rope_set_angles(lib.emu_attention_rope(prob, 0), ptr(grid), ptr(axes), int(rope.interleaved),
+                                    rope.theta, None)
+        elif rope is not None:
+            cos, sin = (t.to(dtype) if c["table_in_dtype"] else t for t in rope)
+            cos, sin = cos.contiguous(), sin.contiguous()
+            keep += [cos, sin]
+            lib.emu_rope_set_table(lib.emu_attention_rope(prob, int(c["table_in_dtype"])), ptr(cos), ptr(sin), d)
+        assert lib.emu_attention_forward(prob, ptr(q), ptr(k), ptr(v), ptr(out), ptr(lse)) == 0
+        dout = c["dout"].to(dtype).contiguous()
+        dlse = c["dlse"].contiguous()
+        grads = [torch.full_like(q, nan) for _ in range(3)]
+        pgrads = [None if t is None else torch.full_like(t, nan) for t in w]
+        assert lib.emu_attention_backward(prob, ptr(dout), ptr(dlse), *(ptr(t) for t in grads),
+                                          *(ptr(t) for t in pgrads), int(deterministic)) == 0
+    finally:
+        lib.emu_attention_free(prob)
     return [out.float(), lse] + [t.float() for t in grads] + [t for t in pgrads if t is not None]
 
 
@@ -265,8 +295,6 @@ def wgmma_suite(lib):
     O = 16bit(S) V (A from registers, V MN-major) and U = V[:, :64]^T V (A and B
     MN-major), against torch in fp32; its tiles loaded by ordinary stores, then by TMA."""
     fails = 0
-    lib.emu_wgmma_selftest.restype = ctypes.c_int
-    lib.emu_wgmma_selftest.argtypes = [P, P, P, P, P, P, I32, I32, I32]
     for tma, dtype, d in itertools.product((0, 1), CUDA_DTYPES, CUDA_HEAD_DIMS):
         q, k, v = (torch.randn(64, d).to(dtype).contiguous() for _ in range(3))
         s = torch.empty(64, 64)
@@ -289,8 +317,6 @@ def probe_suite(lib):
     a probe that fails on the GPU points at the hardware's reading, not at the probe."""
     from cogkern.reference.wgmma_layout import probes, random_check, run_probe
 
-    lib.emu_wgmma_selftest.restype = ctypes.c_int
-    lib.emu_wgmma_selftest.argtypes = [P, P, P, P, P, P, I32, I32, I32]
 
     def emulated(tma):
         def run(q, k, v):
@@ -314,18 +340,6 @@ def probe_suite(lib):
               + (f": wrong: {'; '.join(wrong)}" if wrong else ": every map as expected"), flush=True)
         fails += bool(wrong)
     return fails
-
-
-class EmuOptTensor(ctypes.Structure):
-    _fields_ = [("param", P), ("grad", P), ("exp_avg", P), ("exp_avg_sq", P), ("master", P), ("step", P),
-                ("numel", I64), ("group", I32), ("rng_id", ctypes.c_uint32)]
-
-
-class EmuOptSpec(ctypes.Structure):
-    _fields_ = [("num_tensors", I32), ("tensors", ctypes.POINTER(EmuOptTensor)), ("num_groups", I32),
-                ("lr", P), ("beta1", P), ("beta2", P), ("eps", P), ("weight_decay", P), ("dtype", I32), ("mode", I32),
-                ("scale", P), ("max_norm", F64), ("check", I32), ("seed", ctypes.c_uint64), ("step_scalars", P),
-                ("grid", I32)]
 
 
 def optim_state(dtype, master, sizes, g):
@@ -353,7 +367,6 @@ def optim_suite(lib):
     coefficient enters, since the grad norm's summation order differs), skipped steps untouched."""
     import cogkern  # noqa: F401  (registers the ops)
 
-    lib.emu_adamw_step.restype = ctypes.c_int
     fails = 0
     sizes = [1, 37, 32768 + 5, 70001, 4, 1000]
     configs = [  # name, dtype, mode (0 plain, 1 master, 2 stochastic), scale, max_norm, inf in a grad
@@ -390,14 +403,13 @@ def optim_suite(lib):
         # The CUDA kernels, emulated.
         emu = clone_state(state)
         scalars_emu = torch.zeros(4)
-        arr = (EmuOptTensor * len(sizes))()
-        for i, d in enumerate(emu):
-            arr[i] = EmuOptTensor(ptr(d["p"]), ptr(d["g"]), ptr(d["m"]), ptr(d["v"]), ptr(d["master"]), ptr(d["step"]),
-                                  d["p"].numel(), groups[i], i)
+        lists = [i64s(d[k] for d in emu) for k in ("p", "g", "m", "v", "master", "step")]  # data pointers
+        lists[4] = lists[4] if mode == 1 else None  # no masters
+        sizes_t, groups_t, ids_t = i64s(d["p"].numel() for d in emu), i64s(groups), i64s(range(len(sizes)))
         hyper_t = {k: torch.tensor(v, dtype=torch.float64) for k, v in hyper.items()}
-        spec = EmuOptSpec(len(sizes), arr, 2, *(ptr(hyper_t[k]) for k in ("lr", "beta1", "beta2", "eps", "weight_decay")),
-                          dtype_code[dtype], mode, ptr(scale_t), max_norm, int(check), 1234, ptr(scalars_emu), 3)
-        rc = lib.emu_adamw_step(ctypes.byref(spec))
+        rc = lib.emu_adamw_step(len(sizes), *(ptr(t) for t in lists), ptr(sizes_t), ptr(groups_t), ptr(ids_t), 2,
+                                *(ptr(hyper_t[k]) for k in ("lr", "beta1", "beta2", "eps", "weight_decay")),
+                                dtype_code[dtype], mode, ptr(scale_t), max_norm, int(check), 1234, ptr(scalars_emu))
 
         bad = [] if rc == 0 else [f"rc {rc}"]
         if check and not torch.allclose(scalars_emu, scalars_cpu, rtol=1e-5, atol=0):
@@ -425,14 +437,6 @@ def optim_suite(lib):
     return fails
 
 
-class RopeParamsC(ctypes.Structure):  # csrc/rope3d/rope3d_math.h: RopeParams
-    _fields_ = [("x", P), ("out", P), ("batch", I64), ("seq", I64), ("heads", I64), ("head_dim", I64),
-                ("x_stride_b", I64), ("x_stride_s", I64), ("x_stride_h", I64), ("out_stride_b", I64),
-                ("out_stride_s", I64), ("out_stride_h", I64), ("text_len", I64), ("token_begin", I64), ("mode", I32),
-                ("inverse", ctypes.c_bool), ("grid", I32 * 3), ("axes", I32 * 3), ("interleaved", ctypes.c_bool),
-                ("log2_theta", F64), ("positions", P), ("cos", P), ("sin", P), ("table_stride", I64)]
-
-
 def rope_suite(lib):
     """The 3D RoPE CUDA kernel (csrc/rope3d/rope3d_kernel.cuh) with rope3d_launch.cu's launch plan, against the
     CPU backend's ops: angles (interleaved, half-split with fractional positions, inverse) and tables (fp32
@@ -440,8 +444,6 @@ def rope_suite(lib):
     rounding of the output dtype (the CPU backend forms the rotations its own way)."""
     import cogkern  # noqa: F401  (registers the ops)
 
-    assert lib.emu_rope_params_size() == ctypes.sizeof(RopeParamsC), "RopeParamsC is out of step with RopeParams"
-    lib.emu_rope3d.restype = ctypes.c_int
     ops = torch.ops.cogkern
     fails = 0
     grid, text_len, b, h, d = (3, 4, 5), 7, 2, 3, 64
@@ -462,33 +464,32 @@ def rope_suite(lib):
             x = base[..., 1:] if misaligned else base[..., :d]
             pos = [torch.rand(n, generator=g) * n for n in grid] if positions else None
             rope = RoPE3D(grid, d, axes_dims=axes, interleaved=interleaved, positions=pos)
-            prm = RopeParamsC()
+            prm = lib.emu_rope_params_new()
             keep = []
             if kind == "angles":
                 pos_t = rope.positions_for(x)
                 ref = ops.rope3d(x, pos_t, list(rope.grid), list(rope.axes_dims), rope.theta, rope.interleaved,
                                  text_len, inverse)
-                prm.mode, prm.interleaved, prm.log2_theta = 0, interleaved, math.log2(rope.theta)
-                prm.grid[:], prm.axes[:] = list(rope.grid), list(rope.axes_dims)
-                prm.positions = ptr(pos_t)
-                keep.append(pos_t)
+                grid_t, axes_t = i64s(rope.grid), i64s(rope.axes_dims)
+                lib.emu_rope_set_angles(prm, ptr(grid_t), ptr(axes_t), int(interleaved), rope.theta, ptr(pos_t))
+                keep += [pos_t, grid_t, axes_t]
             else:
                 cos, sin = table_from(rope, d)
                 if table_in_dtype and dtype != torch.float32:
                     cos, sin = cos.to(dtype), sin.to(dtype)
                 ref = ops.rope_table(x, cos, sin, text_len, inverse)
-                prm.mode, prm.interleaved = 1, True
-                prm.cos, prm.sin, prm.table_stride = ptr(cos), ptr(sin), cos.stride(0)
+                lib.emu_rope_set_table(prm, ptr(cos), ptr(sin), cos.stride(0))
                 keep += [cos, sin]
             xin = x.clone() if not misaligned else base.clone()[..., 1:]
             out = xin if inplace else torch.full_like(x, float("nan"))
-            prm.x, prm.out = ptr(xin), ptr(out)
-            prm.batch, prm.seq, prm.heads, prm.head_dim = b, s, h, d
-            prm.x_stride_b, prm.x_stride_s, prm.x_stride_h = xin.stride()[:3]
-            prm.out_stride_b, prm.out_stride_s, prm.out_stride_h = out.stride()[:3]
-            prm.text_len, prm.token_begin, prm.inverse = text_len, text_len if inplace else 0, inverse
+            x_strides, out_strides = i64s(xin.stride()), i64s(out.stride())
+            lib.emu_rope_set_layout(prm, ptr(xin), ptr(out), b, s, h, d, ptr(x_strides), ptr(out_strides), text_len,
+                                    text_len if inplace else 0, int(inverse))
             code = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
-            layout = lib.emu_rope3d(ctypes.byref(prm), code[dtype], code[cos.dtype] if kind == "table" else 2)
+            try:
+                layout = lib.emu_rope3d(prm, code[dtype], code[cos.dtype] if kind == "table" else 2)
+            finally:
+                lib.emu_rope_params_free(prm)
             err = ((out.float() - ref.float()).abs() / (ref.float().abs() + 1e-3)).max().item()
             tol = {torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7, torch.float32: 1e-5}[dtype]
             ok = layout >= 0 and torch.isfinite(out).all() and err <= tol
@@ -542,7 +543,7 @@ def main():
                     help="one attention case for every kernel pair instead of the lists below: "
                          "dtype,D,S,text,B,H,causal,norm,rope,det (e.g. bfloat16,64,300,5,1,1,0,layer_norm,angles,0)")
     ap.add_argument("--csrc", default=None, help="kernel sources to compile (default: the repo's csrc)")
-    ap.add_argument("--build-dir", default="/tmp/cogkern_cuda_emu")
+    ap.add_argument("--build-dir", default=None, help="emulator build directory (default: one per checkout)")
     args = ap.parse_args()
     only = set(args.only.split(","))
     if not only <= set(SECTIONS):

@@ -217,7 +217,7 @@ __global__ void __launch_bounds__(WARPS * kWarpSize) flash_bwd_kv_kernel(const F
         }
       }
     }
-    __syncthreads();  // this stage's q^ / dO and sdS are free again
+    __syncthreads();  // this stage's q^ / dO and sdS are free again [mut:bwd-stage-barrier]
   }
 
   store_key_grads<T, D>(a, blk, key_lo, t, [&](int i, int e) { return acc_dv[i][e]; },

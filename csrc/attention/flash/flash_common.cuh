@@ -1,8 +1,8 @@
 // Device building blocks of the flash-attention kernels (flash_fwd_launch.cu,
-// flash_bwd_launch.cu): PTX wrappers for the sm_80+ tensor-core path (mma.sync,
-// ldmatrix, cp.async), a bank-conflict-free shared-memory tile layout, and
-// the fragment layouts the kernels rely on. Everything here works on sm_80
-// and sm_90.
+// flash_bwd_launch.cu): the sm_80+ tensor-core path's PTX (mma.sync, ldmatrix,
+// cp.async: common/cuda/ptx_sm80.cuh, through common/cuda/device_seam.h), a
+// bank-conflict-free shared-memory tile layout, and the fragment layouts the
+// kernels rely on. Everything here works on sm_80 and sm_90.
 //
 // ----------------------------------------------------------------------------
 // Fragment layouts (PTX ISA, "Matrix Fragments for mma.m16n8k16", 16-bit A/B,
@@ -53,126 +53,24 @@
 
 #include "attention/attention_math.h"
 #include "attention/flash/flash_params.h"
+#include "common/cuda/device_seam.h"
 
 namespace cogkern::flash {
 
 constexpr int kWarpSize = 32;
 
-// ---------------------------------------------------------------------------
-// Element types: packing two fp32 values into one .b32 register of two 16-bit
-// values (low half = first element), and the mma instruction for the type.
-// ---------------------------------------------------------------------------
-
-// COGKERN_CUDA_EMULATION (scripts/cuda_emu): the kernels compile as host C++
-// and these PTX wrappers come from the emulator, which implements them from
-// the PTX ISA's fragment definitions; the kernel code itself is unchanged.
-#if defined(COGKERN_CUDA_EMULATION)
-#define COGKERN_DYNAMIC_SMEM(name) unsigned char* name = ::cuda_emu::dynamic_smem()
-}  // namespace cogkern::flash
-#include "cuda_emu_ptx.h"
-namespace cogkern::flash {
-using ::cuda_emu::ElemTraits;
-using ::cuda_emu::smem_addr;
-using ::cuda_emu::ldmatrix_x4;
-using ::cuda_emu::ldmatrix_x4_trans;
-using ::cuda_emu::cp_async_16;
-using ::cuda_emu::cp_async_commit;
-using ::cuda_emu::cp_async_wait;
-using ::cuda_emu::fast_exp2;
-using ::cuda_emu::opaque_lane;
-#else
-// Dynamic shared memory of a kernel, 128-byte aligned.
-#define COGKERN_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
-
-template <typename T>
-struct ElemTraits;
-
-template <>
-struct ElemTraits<__half> {
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    const __half2 h = __floats2half2_rn(lo, hi);  // .x = lo (low 16 bits), .y = hi
-    return *reinterpret_cast<const uint32_t*>(&h);
-  }
-  // D = A * B + D, fp32 accumulators.
-  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-};
-
-template <>
-struct ElemTraits<__nv_bfloat16> {
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&h);
-  }
-  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-};
-
-// ---------------------------------------------------------------------------
-// Shared memory and async copies.
-// ---------------------------------------------------------------------------
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-// 16-byte global -> shared copy; when !valid nothing is read and the 16 bytes
-// are zero-filled (src-size 0), so tile rows past the sequence end are zeros.
-// `src` must still be a valid address expression; callers pass the tensor base.
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
-  const int src_bytes = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-
-// Waits until at most N of this thread's committed groups are still pending.
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-// 2^x on the special-function unit: 2^-inf = 0, NaN stays NaN, relative error
-// ~2^-22; inputs below -126 flush to 0 (these are probabilities < 1e-38).
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
-
-// The lane index as a value the compiler cannot see through. Tile loops call
-// it once per iteration so that ptxas recomputes the (cheap) per-lane
-// ldmatrix addresses there instead of hoisting dozens of loop-invariant
-// addresses into registers, which otherwise spills the accumulators.
-__device__ __forceinline__ int opaque_lane(int lane) {
-  int v;
-  asm volatile("mov.b32 %0, %1;\n" : "=r"(v) : "r"(lane));
-  return v;
-}
-
-#endif  // COGKERN_CUDA_EMULATION
+// The sm_80+ PTX wrappers (common/cuda/ptx_sm80.cuh on the GPU, the emulator's
+// on the CPU): ElemTraits<T> packs two fp32 values into one .b32 register of
+// two 16-bit values (low half = first element) and issues the mma for the type.
+using sm80::ElemTraits;
+using sm80::smem_addr;
+using sm80::ldmatrix_x4;
+using sm80::ldmatrix_x4_trans;
+using sm80::cp_async_16;
+using sm80::cp_async_commit;
+using sm80::cp_async_wait;
+using sm80::fast_exp2;
+using sm80::opaque_lane;
 
 // ---------------------------------------------------------------------------
 // Tile layout in shared memory: ROWS x COLS 16-bit elements, row-major, in

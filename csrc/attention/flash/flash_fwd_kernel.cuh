@@ -81,7 +81,7 @@ __global__ void __launch_bounds__(WARPS * kWarpSize) flash_fwd_kernel(const Flas
     const int stage = j & 1;
     if (j + 1 < n_tiles) load_kv(j + 1, stage ^ 1);
     cp_async_commit();   // possibly empty: keeps the group count uniform
-    cp_async_wait<1>();  // everything but the newest group: tile j (and q^) has landed
+    cp_async_wait<1>();  // everything but the newest group: tile j (and q^) has landed [mut:fwd-wait-tile]
     __syncthreads();
     const int lane_v = opaque_lane(lane);  // for ldmatrix addressing
 
@@ -180,7 +180,7 @@ __global__ void __launch_bounds__(WARPS * kWarpSize) flash_fwd_kernel(const Flas
         }
       }
     }
-    __syncthreads();  // all warps are done with this stage before it is refilled
+    __syncthreads();  // all warps are done with this stage before it is refilled [mut:fwd-refill-barrier]
   }
 
   // Finish: O / l and lse, rows inside the sequence only.

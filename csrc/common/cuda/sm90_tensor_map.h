@@ -1,18 +1,15 @@
-// Host side of TMA (sm90_async.cuh): tensor maps for 16-bit row tensors read
+// Host side of TMA (ptx_sm90_async.cuh): tensor maps for 16-bit row tensors read
 // as 64-column, 128-byte-swizzled panels (the layout wgmma reads, see
 // sm90_wgmma.cuh). The driver's cuTensorMapEncodeTiled is reached through the
-// runtime's entry-point query, so nothing links libcuda; under the emulator it
-// is the emulator's, which checks the same argument rules.
+// runtime's entry-point query, so nothing links libcuda; the CPU emulator's
+// runtime (scripts/cuda_emu/emu_runtime.cpp) answers that query with its own
+// encoder, which checks the same argument rules.
 #pragma once
 
 #include <cuda.h>
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
-
-#if defined(COGKERN_CUDA_EMULATION)
-#include "cuda_emu_async.h"  // encode_tensor_map_tiled
-#endif
 
 namespace cogkern::sm90 {
 
@@ -21,9 +18,6 @@ using TensorMapEncoder = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint3
                                       CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
 
 inline TensorMapEncoder tensor_map_encoder() {
-#if defined(COGKERN_CUDA_EMULATION)
-  return &::cuda_emu::encode_tensor_map_tiled;
-#else
   static const TensorMapEncoder encoder = [] {
     void* fn = nullptr;
     cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
@@ -34,7 +28,6 @@ inline TensorMapEncoder tensor_map_encoder() {
     return reinterpret_cast<TensorMapEncoder>(fn);
   }();
   return encoder;
-#endif
 }
 
 // A tensor of 16-bit elements with `rank` dims (dims[0] the contiguous row of

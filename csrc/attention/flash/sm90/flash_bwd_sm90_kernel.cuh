@@ -101,7 +101,7 @@ __device__ __forceinline__ void store_ds_t(unsigned char* sdS, const uint32_t (&
       sm90::store_for_async_proxy(sdS + sm90::sw128_offset(key_row + (r & 1) * 8, 16 * kk + (r >> 1) * 8 + 2 * t),
                                   dsa[kk][r]);
   }
-  sm90::fence_proxy_async_shared();
+  sm90::fence_proxy_async_shared();  // [mut:sm90-bwd-ds-fence]
 }
 
 // dq^[m0 .. m0 + 64) panel p += dS k^[:, panel p] over the block's KEYS keys
@@ -243,7 +243,7 @@ __device__ __forceinline__ void flash_bwd_sm90_body(const FlashArgs& a, unsigned
     sm90::wgmma_commit();
 
     if constexpr (ATOMIC_DQ) {
-      __syncthreads();  // every warpgroup's dS^T is in the panel
+      __syncthreads();  // every warpgroup's dS^T is in the panel [mut:sm90-bwd-ds-barrier]
       sm90_bwd_dq<T, D, kBN, WARPGROUPS>(smem_addr(sdS), smem_addr(sK), it, wg, [&](int p, const float (&acc)[32]) {
         atomic_add_dq_panel<D>(a, bh, m0, p, acc);
       });

@@ -13,7 +13,7 @@ namespace {
 template <typename T, int D, int WARPGROUPS, bool ATOMIC_DQ>
 __global__ void __launch_bounds__(Sm90BwdConfig<D, WARPGROUPS>::kThreads, Sm90BwdConfig<D, WARPGROUPS>::kMinBlocks)
     flash_bwd_sm90_kernel(const FlashArgs a) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(COGKERN_CUDA_EMULATION)
+#if COGKERN_SM90A_DEVICE_CODE
   COGKERN_DYNAMIC_SMEM(smem);
   flash_bwd_sm90_body<T, D, WARPGROUPS, ATOMIC_DQ>(a, smem);
 #else
@@ -24,7 +24,7 @@ __global__ void __launch_bounds__(Sm90BwdConfig<D, WARPGROUPS>::kThreads, Sm90Bw
 template <typename T, int D, bool ATOMIC_DQ>
 __global__ void __launch_bounds__(Sm90WsBwdConfig<D>::kThreads, 1)
     flash_bwd_sm90_ws_kernel(const FlashArgs a, const __grid_constant__ Sm90BwdMaps maps) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(COGKERN_CUDA_EMULATION)
+#if COGKERN_SM90A_DEVICE_CODE
   COGKERN_DYNAMIC_SMEM(smem);
   flash_bwd_sm90_ws_body<T, D, ATOMIC_DQ>(a, maps, smem);
 #else

@@ -24,7 +24,7 @@
 #pragma once
 
 #include "attention/flash/sm90/flash_bwd_sm90_kernel.cuh"
-#include "common/cuda/sm90_async.cuh"
+#include "common/cuda/device_seam.h"
 
 namespace cogkern::flash {
 
@@ -182,7 +182,7 @@ __device__ __forceinline__ void flash_bwd_sm90_ws_body(const FlashArgs& a, const
         sm90::store_for_async_proxy(dq_stage + row * kDqStageRowBytes + (8 * j + 2 * t) * 4,
                                     make_float2(acc[4 * j + 2 * r], acc[4 * j + 2 * r + 1]));
     }
-    sm90::fence_proxy_async_shared();
+    sm90::fence_proxy_async_shared();  // [mut:ws-bwd-dq-fence]
     sm90::named_barrier_sync(stage_barrier, sm90::kWarpgroupThreads);
     if (warp == 0) {
       for (int row = lane; row < kBM; row += kWarpSize) {
@@ -229,18 +229,18 @@ __device__ __forceinline__ void flash_bwd_sm90_ws_body(const FlashArgs& a, const
       // Both halves of this step's dS^T are in the panel. The panel written
       // next step is the other one, which every consumer finished reading
       // before it arrived here (its dq^ products of step it - 1 were waited for).
-      sm90::named_barrier_sync(kDsBarrier, kConsumerThreads);
+      sm90::named_barrier_sync(kDsBarrier, kConsumerThreads);  // [mut:ws-bwd-ds-barrier]
       sm90_bwd_dq<T, D, kBN, C::kConsumers>(smem_addr(ds_panel), smem_addr(sK), it, cw,
                                             [&](int p, const float (&acc)[32]) { add_dq_panel(m0, p, acc); });
     }
-    sm90::wgmma_wait<0>();  // dv, dk^ of this tile: pa, dsa and the stage are free
+    sm90::wgmma_wait<0>();  // dv, dk^ of this tile: pa, dsa and the stage are free [mut:ws-bwd-wait-dv]
     sm90::fence_operands(acc_dv);
     sm90::fence_operands(acc_dk);
     sm90::fence_operands(pa);
     sm90::fence_operands(dsa);
     // One arrival per warp (the barrier counts warps): every lane's ordinary
     // loads of the stage's lse shift and delta are ordered before lane 0 frees it.
-    __syncwarp();
+    __syncwarp();  // [mut:ws-bwd-q-release]
     if (lane == 0) sm90::mbar_arrive(q_empty(st));
   }
 

@@ -209,6 +209,7 @@ __device__ __forceinline__ void flash_fwd_sm90_body(const FlashArgs& a, unsigned
   // with the stages the next prefetch overwrites.
   const auto tile_ready = [&](int pending_after) {
     if (pending_after) cp_async_wait<1>(); else cp_async_wait<0>();
+    // [mut:sm90-fwd-proxy-fence]
     sm90::fence_proxy_async_shared();  // cp.async wrote through the generic proxy; wgmma reads through the async one
     __syncthreads();
   };

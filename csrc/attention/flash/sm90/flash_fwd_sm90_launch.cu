@@ -15,7 +15,7 @@ namespace {
 
 template <typename T, int D, bool PIPELINED>
 __global__ void __launch_bounds__(Sm90FwdConfig<D>::kThreads, 1) flash_fwd_sm90_kernel(const FlashArgs a) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(COGKERN_CUDA_EMULATION)
+#if COGKERN_SM90A_DEVICE_CODE
   COGKERN_DYNAMIC_SMEM(smem);
   flash_fwd_sm90_body<T, D, PIPELINED>(a, smem);
 #else
@@ -26,7 +26,7 @@ __global__ void __launch_bounds__(Sm90FwdConfig<D>::kThreads, 1) flash_fwd_sm90_
 template <typename T, int D, bool PINGPONG>
 __global__ void __launch_bounds__(Sm90WsFwdConfig<D>::kThreads, 1)
     flash_fwd_sm90_ws_kernel(const FlashArgs a, const __grid_constant__ Sm90FwdMaps maps) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(COGKERN_CUDA_EMULATION)
+#if COGKERN_SM90A_DEVICE_CODE
   COGKERN_DYNAMIC_SMEM(smem);
   flash_fwd_sm90_ws_body<T, D, PINGPONG>(a, maps, smem);
 #else

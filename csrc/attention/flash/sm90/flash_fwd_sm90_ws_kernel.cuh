@@ -25,7 +25,7 @@
 #pragma once
 
 #include "attention/flash/sm90/flash_fwd_sm90_kernel.cuh"
-#include "common/cuda/sm90_async.cuh"
+#include "common/cuda/device_seam.h"
 
 namespace cogkern::flash {
 
@@ -200,7 +200,7 @@ __device__ __forceinline__ void flash_fwd_sm90_ws_body(const FlashArgs& a, const
     sm90::mbar_wait(k_full(st), full_parity(j));
     sm90::mbar_wait(v_full(prev), full_parity(j - 1));
     my_turn();
-    sm90::wgmma_fence_after(sm.acc_o, pa);  // pa and the rescaled acc_o, before both batches
+    sm90::wgmma_fence_after(sm.acc_o, pa);  // pa and the rescaled acc_o, before both batches [mut:ws-fwd-wgmma-fence]
     issue_s(s, st);
     issue_pv(pa, prev);
     pass_turn(false);
@@ -208,10 +208,10 @@ __device__ __forceinline__ void flash_fwd_sm90_ws_body(const FlashArgs& a, const
     sm90::fence_operands(s);
     release(k_empty(st));
     sm.step(s, j * kBN, seq, a.causal, c);
-    sm90::wgmma_wait<0>();  // now acc_o and pa are ours again
+    sm90::wgmma_wait<0>();  // now acc_o and pa are ours again [mut:ws-fwd-wait-pv]
     sm90::fence_operands(sm.acc_o);
     sm90::fence_operands(pa);
-    release(v_empty(prev));
+    release(v_empty(prev));  // [mut:ws-fwd-v-release]
     sm.rescale();
     pack_a_slices<T>(s, pa);
   }

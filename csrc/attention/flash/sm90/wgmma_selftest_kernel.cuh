@@ -8,7 +8,7 @@
 // with Q [64][D], K [64][D], V [64][D] row-major in global memory, D = 64 or
 // 128. S, O and U go back to global memory in fp32 so that the test compares
 // them with torch.matmul. With TMA, the tiles come in through TMA tensor maps
-// and an mbarrier (sm90_async.cuh) instead of ordinary loads and stores: the
+// and an mbarrier (ptx_sm90_async.cuh) instead of ordinary loads and stores: the
 // check that TMA's 128-byte swizzle is the layout the wgmma descriptors read,
 // and that the transaction bytes complete the barrier, apart from any
 // attention kernel. Exactly the layouts and fragment moves the Hopper
@@ -18,7 +18,7 @@
 #pragma once
 
 #include "attention/flash/flash_common.cuh"  // ElemTraits<T>::pack: two floats -> one A register
-#include "common/cuda/sm90_async.cuh"
+#include "common/cuda/device_seam.h"
 #include "common/cuda/sm90_tensor_map.h"
 #include "common/cuda/sm90_wgmma.cuh"
 
@@ -70,7 +70,7 @@ template <typename T, int D, bool TMA>
 __device__ __forceinline__ void wgmma_selftest_body(const uint16_t* q, const uint16_t* k, const uint16_t* v, float* s_out,
                                                     float* o_out, float* u_out, const SelftestMaps& maps,
                                                     unsigned char* smem_raw) {
-  unsigned char* smem = align_to_panel_group(smem_raw);
+  unsigned char* smem = align_to_panel_group(smem_raw);  // [mut:tile-align]
   constexpr int kMatrixBytes = kSelftestRows * D * 2;
   unsigned char* qs = smem;
   unsigned char* ks = smem + kMatrixBytes;
@@ -87,7 +87,7 @@ __device__ __forceinline__ void wgmma_selftest_body(const uint16_t* q, const uin
       mbar_arrive_expect_tx(bar, 3 * kMatrixBytes);
       for (int p = 0; p < D / kPanelCols; ++p) {
         const uint32_t panel = uint32_t(p * kSelftestRows * 128);
-        tma_load_2d(smem_addr(qs) + panel, &maps.q, bar, p * kPanelCols, 0);
+        tma_load_2d(smem_addr(qs) + panel, &maps.q, bar, p * kPanelCols, 0);  // [mut:probe-tma-q]
         tma_load_2d(smem_addr(ks) + panel, &maps.k, bar, p * kPanelCols, 0);
         tma_load_2d(smem_addr(vs) + panel, &maps.v, bar, p * kPanelCols, 0);
       }
@@ -95,7 +95,7 @@ __device__ __forceinline__ void wgmma_selftest_body(const uint16_t* q, const uin
     mbar_wait(bar, 0);
   } else {
     load_panels<D>(qs, q, tid);
-    load_panels<D>(ks, k, tid);
+    load_panels<D>(ks, k, tid);  // [mut:probe-load-k]
     load_panels<D>(vs, v, tid);
     fence_proxy_async_shared();  // ordinary stores -> tensor-core reads
     __syncthreads();
@@ -111,7 +111,7 @@ __device__ __forceinline__ void wgmma_selftest_body(const uint16_t* q, const uin
   for (int ks_i = 0; ks_i < D / 16; ++ks_i) {
     const int panel = ks_i / 4, slice = ks_i % 4;
     Wgmma<64, T>::ss(s, desc_k_major(smem_addr(qs + panel * kPanelBytes), slice),
-                     desc_k_major(smem_addr(ks + panel * kPanelBytes), slice), ks_i > 0);
+                     desc_k_major(smem_addr(ks + panel * kPanelBytes), slice), ks_i > 0);  // [mut:tile-desc-k]
   }
   wgmma_commit();
   wgmma_wait<0>();
@@ -128,8 +128,8 @@ __device__ __forceinline__ void wgmma_selftest_body(const uint16_t* q, const uin
 #pragma unroll
   for (int j = 0; j < kSelftestRows / 16; ++j) {
     a[j][0] = flash::ElemTraits<T>::pack(s[8 * j + 0], s[8 * j + 1]);
-    a[j][1] = flash::ElemTraits<T>::pack(s[8 * j + 2], s[8 * j + 3]);
-    a[j][2] = flash::ElemTraits<T>::pack(s[8 * j + 4], s[8 * j + 5]);
+    a[j][1] = flash::ElemTraits<T>::pack(s[8 * j + 2], s[8 * j + 3]);  // [mut:probe-pack-a1]
+    a[j][2] = flash::ElemTraits<T>::pack(s[8 * j + 4], s[8 * j + 5]);  // [mut:probe-pack-a2]
     a[j][3] = flash::ElemTraits<T>::pack(s[8 * j + 6], s[8 * j + 7]);
   }
   wgmma_fence();

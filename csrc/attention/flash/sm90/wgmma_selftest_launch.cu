@@ -13,8 +13,8 @@ template <typename T, int D, bool TMA>
 __global__ void __launch_bounds__(kWarpgroupThreads, 1)
     wgmma_selftest_kernel(const uint16_t* q, const uint16_t* k, const uint16_t* v, float* s, float* o, float* u,
                           const __grid_constant__ SelftestMaps maps) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  extern __shared__ __align__(128) unsigned char smem[];
+#if COGKERN_SM90A_DEVICE_CODE
+  COGKERN_DYNAMIC_SMEM(smem);
   wgmma_selftest_body<T, D, TMA>(q, k, v, s, o, u, maps, smem);
 #else
   __trap();
@@ -40,9 +40,8 @@ cudaError_t launch_typed(const void* q, const void* k, const void* v, float* s, 
     const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err != cudaSuccess) return err;
   }
-  kernel<<<1, kWarpgroupThreads, smem, stream>>>(static_cast<const uint16_t*>(q), static_cast<const uint16_t*>(k),
-                                                 static_cast<const uint16_t*>(v), s, o, u, maps);
-  return cudaGetLastError();
+  return launch_kernel(kernel, dim3(1), dim3(kWarpgroupThreads), smem, stream, static_cast<const uint16_t*>(q),
+                       static_cast<const uint16_t*>(k), static_cast<const uint16_t*>(v), s, o, u, maps);
 }
 
 template <int D>

@@ -2,8 +2,10 @@
 // it, for warp-specialized kernels: a producer warp streams tiles into shared
 // memory with TMA (cp.async.bulk.tensor), each stage guarded by two mbarriers
 // ("full": the tile has landed, "empty": every consumer is done with it), and
-// consumer warpgroups take more registers with setmaxnreg. Checked on the CPU
-// by the emulator (scripts/cuda_emu/cuda_emu_async.h).
+// consumer warpgroups take more registers with setmaxnreg. Real hardware
+// only: kernels include common/cuda/device_seam.h, which includes this header
+// on the GPU and the emulator's (scripts/cuda_emu/cuda_emu_async.h, through
+// cuda_emu_device.h: same names) on the CPU.
 //
 // mbarrier phases: a phase completes when all `count` arrivals of it are in
 // and the transaction bytes announced with arrive_expect_tx have landed.
@@ -17,40 +19,6 @@
 
 #include <cstdint>
 
-#include "common/cuda/sm90_wgmma.cuh"
-
-#if defined(COGKERN_CUDA_EMULATION)
-#include "cuda_emu_async.h"
-namespace cogkern::sm90 {
-inline void mbar_init(uint32_t bar, uint32_t count) { ::cuda_emu::mbar_init(bar, count); }
-inline void mbar_init_fence() {}
-inline void mbar_arrive(uint32_t bar) { ::cuda_emu::mbar_arrive(bar); }
-inline void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) { ::cuda_emu::mbar_arrive_expect_tx(bar, bytes); }
-inline void mbar_wait(uint32_t bar, uint32_t parity) { ::cuda_emu::mbar_wait(bar, parity); }
-inline void tma_load_2d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1) {
-  ::cuda_emu::tma_load(dst, map, bar, {c0, c1, 0, 0, 0});
-}
-inline void tma_load_3d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1, int c2) {
-  ::cuda_emu::tma_load(dst, map, bar, {c0, c1, c2, 0, 0});
-}
-inline void tma_load_4d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1, int c2, int c3) {
-  ::cuda_emu::tma_load(dst, map, bar, {c0, c1, c2, c3, 0});
-}
-inline void prefetch_tensor_map(const CUtensorMap*) {}
-inline void bulk_reduce_add_f32(float* dst, uint32_t src, uint32_t bytes) { ::cuda_emu::bulk_reduce_add_f32(dst, src, bytes); }
-inline void bulk_commit() { ::cuda_emu::bulk_commit(); }
-template <int N>
-inline void bulk_wait_read() { ::cuda_emu::bulk_wait(N); }
-template <int N>
-inline void bulk_wait() { ::cuda_emu::bulk_wait(N); }
-inline void named_barrier_sync(unsigned id, unsigned threads) { ::cuda_emu::named_barrier(id, threads, true); }
-inline void named_barrier_arrive(unsigned id, unsigned threads) { ::cuda_emu::named_barrier(id, threads, false); }
-template <int REGS>
-inline void increase_max_registers() {}
-template <int REGS>
-inline void decrease_max_registers() {}
-}  // namespace cogkern::sm90
-#else
 namespace cogkern::sm90 {
 
 // Sets up an mbarrier expecting `count` arrivals per phase (one thread).
@@ -157,4 +125,3 @@ __device__ __forceinline__ void decrease_max_registers() {
 }
 
 }  // namespace cogkern::sm90
-#endif  // COGKERN_CUDA_EMULATION
