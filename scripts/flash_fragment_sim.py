@@ -1,4 +1,4 @@
-"""CPU check of the fragment addressing in csrc/kernels/flash_common.cuh.
+"""CPU check of the fragment addressing in csrc/common/cuda/ptx_sm80.cuh and csrc/attention/flash/flash_common.cuh.
 
 Re-implements, in numpy, ldmatrix.x4 (plain and .trans) and
 mma.m16n8k16 as the PTX ISA defines their fragments, plus the swizzled tile

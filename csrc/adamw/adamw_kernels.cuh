@@ -1,7 +1,7 @@
 // Optimizer CUDA kernels: multi-tensor AdamW update, gradient check (inf/NaN +
 // sum of squares), its finalize, step-count advance and the loss-scale update.
 // The math and the per-chunk bodies are in adamw_math.h, shared with the CPU
-// backend; the launchers are in adamw.cu. These kernels also run on the CPU
+// backend; the launchers are in adamw_launch.cu. These kernels also run on the CPU
 // under scripts/cuda_emu (emu_optim.cpp), with CUDA's thread and block counts.
 //
 // Each launch takes its whole tensor list in the parameter block

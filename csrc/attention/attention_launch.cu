@@ -9,7 +9,7 @@
 //           dq, dk; per-block partial sums of the norm parameter grads) ->
 //           a fixed-order reduction of those partials.
 // The norm, RoPE and softmax formulas are the shared ones of attention_math.h and
-// rope3d_math.h (the CPU backend runs the same functions). Kernels: attention_rows.cuh.
+// rope3d_math.h (the CPU backend runs the same functions). Kernels: attention_row_kernels.cuh.
 #include "attention/attention_row_kernels.cuh"
 #include "attention/flash/flash_params.h"
 #include "common/cuda/device_seam.h"  // launch_kernel

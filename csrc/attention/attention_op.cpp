@@ -1,5 +1,5 @@
 // Schemas of the fused attention ops and their CPU registration. A CUDA
-// backend registers the same schemas in csrc/ops/cuda/attention_cuda.cpp.
+// backend registers the same schemas in attention_op_cuda.cpp.
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 

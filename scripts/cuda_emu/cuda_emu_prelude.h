@@ -1,5 +1,5 @@
 // Host emulation of the CUDA execution model, just enough to run cogkern's
-// attention kernels (csrc/kernels/*_kernel.cuh, attention_row_kernels.cuh) as plain
+// attention kernels (csrc/**/*_kernel.cuh, attention_row_kernels.cuh) as plain
 // C++ on the CPU: every GPU thread of a block is a std::thread, __syncthreads
 // is a block barrier, warp collectives exchange values through per-warp
 // slots between two warp barriers. Blocks run one after another. Force-included

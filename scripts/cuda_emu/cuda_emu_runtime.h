@@ -1,4 +1,4 @@
-// The host runtime calls the launchers make (csrc/kernels/*.cu), emulated for
+// The host runtime calls the launchers make (csrc/**/*_launch.cu), emulated for
 // one device whose properties run_emu.py chooses (an H100/H200 by default;
 // an sm_89 part, with 99 KB of shared memory per block, to test the
 // launchers' fallbacks). Launches check what the hardware checks: at most

@@ -3,7 +3,7 @@ hardware: descriptors, the 128-byte swizzle, accumulator and register-A
 fragments, MN-major B, MN-major (transposed) A. One attention-shaped tile
 (wgmma_selftest_kernel.cuh): S = Q K^T, O = 16bit(S) V and
 U = V[:, :64]^T V against float64, with the tiles loaded by ordinary stores
-and by TMA (tensor maps, mbarrier; sm90_async.cuh). Needs an sm_90 GPU and a build
+and by TMA (tensor maps, mbarrier; ptx_sm90_async.cuh). Needs an sm_90 GPU and a build
 that includes 9.0a; the same kernel source runs under the CPU emulator in
 tests/test_cuda_emulator.py."""
 import pytest

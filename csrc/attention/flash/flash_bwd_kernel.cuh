@@ -1,5 +1,5 @@
 // Flash-attention backward kernels (FlashAttention-2 structure) on tensor cores;
-// launched by flash_bwd.cu.
+// launched by flash_bwd_launch.cu.
 //
 // With P = exp(scale * q^ k^T - lse), dS = P * (dO v^T - delta) * scale
 // (delta_i = dO_i . O_i - dlse_i, from the prologue):

@@ -1,5 +1,5 @@
 // Flash-attention forward kernel (FlashAttention-2 structure) on tensor cores;
-// launched by flash_fwd.cu.
+// launched by flash_fwd_launch.cu.
 //
 // Grid: one block per (batch * head, query tile of BM rows). Each of the
 // WARPS warps owns BM / WARPS query rows (16-row MMA tiles); their q^ rows stay

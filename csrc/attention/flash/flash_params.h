@@ -63,7 +63,7 @@ inline FlashArgs flash_args(const AttentionParams& P, const AttentionScratch& s)
 template <typename T, int D>
 cudaError_t run_flash_fwd(const FlashArgs& a, cudaStream_t stream);
 
-// The Hopper (wgmma) forwards, flash_fwd_sm90.cu. sm90_forward_mode(): 0 (use
+// The Hopper (wgmma) forwards, sm90/flash_fwd_sm90_launch.cu. sm90_forward_mode(): 0 (use
 // the mma.sync kernel), 1 (plain schedule), 2 (pipelined), 3 (pipelined,
 // warp-specialized with TMA loads) or 4 (3 with ping-pong), from COGKERN_ATTENTION_SM90 (opt-in until
 // validated on a GPU), and only on a compute capability 9.0 device with sm_90a

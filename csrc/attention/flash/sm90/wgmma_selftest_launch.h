@@ -1,5 +1,5 @@
 // Host entry of the wgmma conformance kernel (wgmma_selftest_kernel.cuh).
-// Torch-free; the op glue is csrc/ops/cuda/sm90_selftest_cuda.cpp.
+// Torch-free; the op glue is wgmma_selftest_op_cuda.cpp.
 #pragma once
 
 #include <cuda_runtime_api.h>
