@@ -82,6 +82,30 @@ struct GradCheckLaunch {
   bool unscale_inplace = false; // also write grad * (1 / scale) back (GradScaler.unscale_)
 };
 
+// Packing, shared by the op glue (adamw_op.h) and the emulator's harness
+// (scripts/cuda_emu/emu_optim.cpp): appends a tensor to a launch that has room
+// for it (the caller flushes full launches), at the launch's next chunk, with
+// vector access where every pointer allows it. elem_bytes: the size of one
+// param / grad element (the moments and the master are fp32).
+inline bool vector_aligned(const void* p, size_t elem_bytes) {
+  return p == nullptr || reinterpret_cast<uintptr_t>(p) % (size_t(kMultiTensorILP) * elem_bytes) == 0;
+}
+inline void append_tensor(AdamWLaunch& L, AdamWTensor t, size_t elem_bytes) {
+  t.chunk_begin = L.num_chunks;
+  t.vector_ok = vector_aligned(t.param, elem_bytes) && vector_aligned(t.grad, elem_bytes) &&
+                vector_aligned(t.exp_avg, 4) && vector_aligned(t.exp_avg_sq, 4) && vector_aligned(t.master, 4);
+  L.tensors[L.num_tensors++] = t;
+  L.num_chunks += chunks_of(t.numel);
+}
+inline void append_tensor(GradCheckLaunch& L, void* grad, int64_t numel, size_t elem_bytes) {
+  GradCheckTensor& d = L.tensors[L.num_tensors++];
+  d.grad = grad;
+  d.numel = numel;
+  d.chunk_begin = L.num_chunks;
+  d.vector_ok = vector_aligned(grad, elem_bytes);
+  L.num_chunks += chunks_of(numel);
+}
+
 // ---------------------------------------------------------------------------
 // AdamW, exactly as torch.optim.AdamW's single-tensor path computes it:
 //   p  = p * (1 - lr * wd)

@@ -21,16 +21,6 @@ namespace cogkern::ops {
 
 inline bool optimizer_dtype_ok(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
 
-// True when every pointer allows kMultiTensorILP-wide vector access.
-inline bool vector_aligned(std::initializer_list<const at::Tensor*> ts) {
-  for (const at::Tensor* t : ts) {
-    if (t == nullptr || !t->defined()) continue;
-    const uintptr_t align = uintptr_t(kMultiTensorILP) * t->element_size();
-    if (reinterpret_cast<uintptr_t>(t->const_data_ptr()) % align != 0) return false;
-  }
-  return true;
-}
-
 inline void check_dense(const char* op, const char* name, size_t i, const at::Tensor& t) {
   TORCH_CHECK_VALUE(t.defined(), op, ": ", name, "[", i, "] is undefined");
   TORCH_CHECK_VALUE(t.layout() == at::kStrided, op, ": ", name, "[", i, "] must be a dense tensor, got layout ",
@@ -188,20 +178,17 @@ struct AdamWOps {
         grp.eps = epss[g];
         grp.weight_decay = weight_decays[g];
       }
-      const at::Tensor* master = masters.empty() ? nullptr : &masters[i];
-      AdamWTensor& d = L->tensors[L->num_tensors++];
+      AdamWTensor d;
       d.param = params[i].data_ptr();
       d.grad = grads[i].const_data_ptr();
       d.exp_avg = exp_avgs[i].data_ptr<float>();
       d.exp_avg_sq = exp_avg_sqs[i].data_ptr<float>();
-      d.master = master != nullptr ? master->data_ptr<float>() : nullptr;
+      d.master = masters.empty() ? nullptr : masters[i].data_ptr<float>();
       d.step = steps[i].data_ptr<float>();
       d.numel = params[i].numel();
-      d.chunk_begin = L->num_chunks;
       d.group = slot[g];
       d.rng_id = uint32_t(tensor_ids[i]);
-      d.vector_ok = vector_aligned({&params[i], &grads[i], &exp_avgs[i], &exp_avg_sqs[i], master}) ? 1 : 0;
-      L->num_chunks += chunks_of(d.numel);
+      append_tensor(*L, d, params[i].element_size());
     }
     flush();
   }
@@ -263,12 +250,7 @@ struct AdamWOps {
       for (const at::Tensor& g : grads) {
         if (g.scalar_type() != dt || g.numel() == 0) continue;
         if (L->num_tensors == kGradCheckMaxTensors) flush();
-        GradCheckTensor& d = L->tensors[L->num_tensors++];
-        d.grad = g.data_ptr();
-        d.numel = g.numel();
-        d.chunk_begin = L->num_chunks;
-        d.vector_ok = vector_aligned({&g}) ? 1 : 0;
-        L->num_chunks += chunks_of(d.numel);
+        append_tensor(*L, g.data_ptr(), g.numel(), g.element_size());
       }
       flush();
     }
