@@ -234,29 +234,48 @@ def _contiguous_last(t: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------
 
 
+# Arguments by the schemas' own names (rope3d_op.cpp), as the attention glue does,
+# so a moved or added argument cannot shift the others. The tensors that are not
+# x are saved for the backward; the rest is kept on ctx.
+def _schema_args(op) -> tuple[str, ...]:
+    return tuple(a.name for a in op.default._schema.arguments)
+
+
+_ROPE3D_ARGS = _schema_args(_ops.rope3d)
+_ROPE_TABLE_ARGS = _schema_args(_ops.rope_table)
+_ROPE3D_TENSORS = ("positions",)
+_ROPE_TABLE_TENSORS = ("cos", "sin")
+
+
+def _setup_by_name(ctx, names, tensors, inputs):
+    args = dict(zip(names, inputs))
+    ctx.save_for_backward(*(args[n] for n in tensors))
+    ctx.others = {n: v for n, v in args.items() if n != "x" and n not in tensors}
+
+
+def _backward_by_name(ctx, op, names, tensors, grad, flip):
+    """op on grad with the forward's arguments, `flip` (inverse / transpose) negated: dL/dx alone."""
+    args = dict(ctx.others, **dict(zip(tensors, ctx.saved_tensors)))
+    args[flip] = not args[flip]
+    args["x"] = _contiguous_last(grad)
+    gx = op(*(args[n] for n in names))
+    return tuple(gx if n == "x" else None for n in names)
+
+
 def _rope3d_setup(ctx, inputs, output):
-    x, positions, grid, axes, theta, interleaved, text_len, inverse = inputs
-    ctx.save_for_backward(positions)
-    ctx.args = (grid, axes, theta, interleaved, text_len, not inverse)
+    _setup_by_name(ctx, _ROPE3D_ARGS, _ROPE3D_TENSORS, inputs)
 
 
 def _rope3d_backward(ctx, grad):
-    (positions,) = ctx.saved_tensors
-    grid, axes, theta, interleaved, text_len, inverse = ctx.args
-    gx = _ops.rope3d(_contiguous_last(grad), positions, grid, axes, theta, interleaved, text_len, inverse)
-    return gx, None, None, None, None, None, None, None
+    return _backward_by_name(ctx, _ops.rope3d, _ROPE3D_ARGS, _ROPE3D_TENSORS, grad, "inverse")
 
 
 def _rope_table_setup(ctx, inputs, output):
-    x, cos, sin, text_len, transpose = inputs
-    ctx.save_for_backward(cos, sin)
-    ctx.args = (text_len, not transpose)
+    _setup_by_name(ctx, _ROPE_TABLE_ARGS, _ROPE_TABLE_TENSORS, inputs)
 
 
 def _rope_table_backward(ctx, grad):
-    cos, sin = ctx.saved_tensors
-    text_len, transpose = ctx.args
-    return _ops.rope_table(_contiguous_last(grad), cos, sin, text_len, transpose), None, None, None, None
+    return _backward_by_name(ctx, _ops.rope_table, _ROPE_TABLE_ARGS, _ROPE_TABLE_TENSORS, grad, "transpose")
 
 
 torch.library.register_autograd("cogkern::rope3d", _rope3d_backward, setup_context=_rope3d_setup)
