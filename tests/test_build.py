@@ -127,3 +127,23 @@ def test_cmake_refuses_cuda_older_than_12_5(tmp_path):
     out = cmake_configure(tmp_path / "build", {"CUDACXX": str(fake), "TORCH_CUDA_ARCH_LIST": "9.0a"})
     text = " ".join((out.stdout + out.stderr).split())
     assert out.returncode != 0 and "is CUDA 12.4; the kernels need CUDA 12.5 or newer" in text, text[-3000:]
+
+
+@pytest.mark.skipif(NVCC is None, reason="needs nvcc")
+@pytest.mark.parametrize("config", ["FwdConfig", "BwdConfig", "Sm90FwdConfig", "Sm90WsFwdConfig"])
+def test_a_head_dim_off_the_list_has_no_tile_config(tmp_path, config):
+    """csrc/common/dispatch.h lists the head dims; each tile config exists for exactly those, so an
+    unlisted one (96) fails to compile instead of falling into another's tiles. 64 compiles (the control)."""
+    def compile_with(d):
+        src = tmp_path / f"{config}_{d}.cu"
+        src.write_text('#include "attention/flash/flash_fwd_kernel.cuh"\n'
+                       '#include "attention/flash/flash_bwd_kernel.cuh"\n'
+                       '#include "attention/flash/sm90/flash_fwd_sm90_ws_kernel.cuh"\n'
+                       f"int probe = cogkern::flash::{config}<{d}>::kBM;\n")
+        return subprocess.run([NVCC, "-std=c++20", "--expt-relaxed-constexpr", "-arch=sm_90a", "-I",
+                               os.path.join(ROOT, "csrc"), "-c", str(src), "-o", str(tmp_path / f"{d}.o")],
+                              capture_output=True, text=True, timeout=300)
+
+    assert compile_with(64).returncode == 0, compile_with(64).stderr[-2000:]
+    bad = compile_with(96)
+    assert bad.returncode != 0 and f"{config}<96>" in bad.stderr, bad.stderr[-2000:]

@@ -1,7 +1,7 @@
 // The optimizer ops (cogkern::fused_adamw_, amp_grad_check_, loss_scale_update_):
 // argument checks, packing of tensor lists into launches, and the op bodies,
 // templated over the backend so the CPU (adamw_op.cpp) and CUDA
-// (cuda/adamw_cuda.cpp) registrations share one definition. Every check runs,
+// (adamw_op_cuda.cpp) registrations share one definition. Every check runs,
 // and raises ValueError naming the argument, before any kernel is launched.
 #pragma once
 

@@ -1,7 +1,7 @@
 // The fused attention ops (cogkern::fused_attention_fwd / _bwd): argument
 // checks, parameter packing and the op bodies, templated over the backend so
 // that the CPU registration (attention_op.cpp) and a CUDA one
-// (cuda/attention_cuda.cpp) share one definition. Checks raise ValueError
+// (attention_op_cuda.cpp) share one definition. Checks raise ValueError
 // naming the argument, before any kernel runs.
 #pragma once
 

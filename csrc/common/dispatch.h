@@ -18,24 +18,28 @@
 // X(a, b, D) for each head dim D (a, b: passed through).
 #define COGKERN_ATTENTION_HEAD_DIMS(X, a, b) X(a, b, 64) X(a, b, 128)
 
-// X(a, DTYPE, T) for each dtype of the CUDA kernels: DType::DTYPE, stored as
-// the CUDA type T (a token here; only CUDA translation units expand it).
-#define COGKERN_CUDA_DTYPES(X, a) X(a, kHalf, __half) X(a, kBFloat16, __nv_bfloat16)
+// X(a, DTYPE, T, NAME) for each dtype of the CUDA kernels: DType::DTYPE, stored
+// as the CUDA type T (a token here; only CUDA translation units expand it),
+// torch.NAME in Python.
+#define COGKERN_CUDA_DTYPES(X, a) X(a, kHalf, __half, float16) X(a, kBFloat16, __nv_bfloat16, bfloat16)
 
 // X(T, D) for every (dtype, head dim) pair the attention kernels are built
 // for: one line per launcher instantiates them all.
 #define COGKERN_ATTENTION_CONFIGS(X) COGKERN_CUDA_DTYPES(COGKERN_DETAIL_DTYPE_CONFIGS, X)
-#define COGKERN_DETAIL_DTYPE_CONFIGS(X, DTYPE, T) COGKERN_ATTENTION_HEAD_DIMS(COGKERN_DETAIL_CONFIG, X, T)
+#define COGKERN_DETAIL_DTYPE_CONFIGS(X, DTYPE, T, NAME) COGKERN_ATTENTION_HEAD_DIMS(COGKERN_DETAIL_CONFIG, X, T)
 #define COGKERN_DETAIL_CONFIG(X, T, D) X(T, D)
 
 namespace cogkern {
 
 #define COGKERN_DETAIL_HEAD_DIM_ITEM(a, b, D) D,
-#define COGKERN_DETAIL_DTYPE_ITEM(a, DTYPE, T) DType::DTYPE,
+#define COGKERN_DETAIL_DTYPE_ITEM(a, DTYPE, T, NAME) DType::DTYPE,
+#define COGKERN_DETAIL_DTYPE_NAME(a, DTYPE, T, NAME) #NAME,
 inline constexpr int kAttentionHeadDims[] = {COGKERN_ATTENTION_HEAD_DIMS(COGKERN_DETAIL_HEAD_DIM_ITEM, _, _)};
 inline constexpr DType kCudaDTypes[] = {COGKERN_CUDA_DTYPES(COGKERN_DETAIL_DTYPE_ITEM, _)};
+inline constexpr const char* kCudaDTypeNames[] = {COGKERN_CUDA_DTYPES(COGKERN_DETAIL_DTYPE_NAME, _)};  // torch names
 #undef COGKERN_DETAIL_HEAD_DIM_ITEM
 #undef COGKERN_DETAIL_DTYPE_ITEM
+#undef COGKERN_DETAIL_DTYPE_NAME
 
 constexpr bool is_attention_head_dim(int64_t d) {
   for (int listed : kAttentionHeadDims)

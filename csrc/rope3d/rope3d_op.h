@@ -1,6 +1,6 @@
 // The 3D RoPE ops (cogkern::rope3d, rope3d_, rope_table, rope_table_):
 // argument checks, parameter packing, and the op bodies, templated over the
-// backend so that the CPU (rope3d_op.cpp) and CUDA (cuda/rope3d_cuda.cpp)
+// backend so that the CPU (rope3d_op.cpp) and CUDA (rope3d_op_cuda.cpp)
 // registrations share one definition. Checks raise ValueError naming the
 // argument, before any kernel runs.
 #pragma once

@@ -71,3 +71,8 @@ def require_cuda_kernels(what: str, tensor: torch.Tensor) -> None:
             "Rebuild with the CUDA toolkit present (COGKERN_CUDA=ON makes a missing toolkit an error), "
             "or move the tensors to the CPU."
         )
+
+
+def op_argument_names(op) -> tuple[str, ...]:
+    """The argument names of a torch.ops.cogkern op's schema, in order (the autograd glue binds by these)."""
+    return tuple(a.name for a in op.default._schema.arguments)

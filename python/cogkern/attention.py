@@ -13,7 +13,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from ._extension import _C, require_cuda_kernels  # (importing it loads the ops)
+from ._extension import _C, op_argument_names, require_cuda_kernels  # (importing it loads the ops)
 from ._checks import check_bool, check_int, check_number, check_optional_tensor, check_tensor
 from ._checks import is_int as _is_int
 from .rope import RoPE3D, RopeTable, check_rope3d_fits, rope_table_pair
@@ -26,7 +26,6 @@ _NORMS = (None, "layer_norm", "rms_norm")
 # (tests and benchmarks parametrize over these; other dtypes and head dims run on the CPU).
 CUDA_HEAD_DIMS: tuple[int, ...] = tuple(_C.cuda_attention_head_dims())
 CUDA_DTYPES: tuple[torch.dtype, ...] = tuple(getattr(torch, name) for name in _C.cuda_dtypes())
-
 
 
 def fused_attention(
@@ -164,8 +163,8 @@ def _rope_args(rope, q: torch.Tensor) -> tuple:
 # or moving an argument in attention_op.cpp cannot silently shift the others.
 _FWD_SCHEMA = _ops.fused_attention_fwd.default._schema
 _BWD_SCHEMA = _ops.fused_attention_bwd.default._schema
-_FWD_ARGS = tuple(a.name for a in _FWD_SCHEMA.arguments)
-_BWD_ARGS = tuple(a.name for a in _BWD_SCHEMA.arguments)
+_FWD_ARGS = op_argument_names(_ops.fused_attention_fwd)
+_BWD_ARGS = op_argument_names(_ops.fused_attention_bwd)
 # The forward's tensor arguments (saved for the backward) and the rest (kept on ctx).
 _FWD_TENSORS = tuple(
     a.name for a in _FWD_SCHEMA.arguments if a.type.isSubtypeOf(torch._C.OptionalType.ofTensor())

@@ -16,7 +16,7 @@ import torch
 
 from ._checks import check_bool, check_int, check_tensor
 from ._checks import is_int as _is_int
-from ._extension import require_cuda_kernels  # (importing it loads the ops)
+from ._extension import op_argument_names, require_cuda_kernels  # (importing it loads the ops)
 
 _ops = torch.ops.cogkern
 RopeTable = tuple[torch.Tensor, torch.Tensor]
@@ -237,12 +237,8 @@ def _contiguous_last(t: torch.Tensor) -> torch.Tensor:
 # Arguments by the schemas' own names (rope3d_op.cpp), as the attention glue does,
 # so a moved or added argument cannot shift the others. The tensors that are not
 # x are saved for the backward; the rest is kept on ctx.
-def _schema_args(op) -> tuple[str, ...]:
-    return tuple(a.name for a in op.default._schema.arguments)
-
-
-_ROPE3D_ARGS = _schema_args(_ops.rope3d)
-_ROPE_TABLE_ARGS = _schema_args(_ops.rope_table)
+_ROPE3D_ARGS = op_argument_names(_ops.rope3d)
+_ROPE_TABLE_ARGS = op_argument_names(_ops.rope_table)
 _ROPE3D_TENSORS = ("positions",)
 _ROPE_TABLE_TENSORS = ("cos", "sin")
 

@@ -12,7 +12,7 @@ namespace cogkern {
 
 template <typename T>
 struct DTypeOf;  // DTypeOf<__half>::value == DType::kHalf, ...
-#define COGKERN_DETAIL_DTYPE_OF(a, DTYPE, T) \
+#define COGKERN_DETAIL_DTYPE_OF(a, DTYPE, T, NAME) \
   template <>                               \
   struct DTypeOf<T> {                       \
     static constexpr DType value = DType::DTYPE; \

@@ -84,7 +84,7 @@ PYBIND11_MODULE(_C, m) {
       "cuda_dtypes",
       []() {
         pybind11::list names;
-        for (cogkern::DType t : cogkern::kCudaDTypes) names.append(t == cogkern::DType::kHalf ? "float16" : t == cogkern::DType::kBFloat16 ? "bfloat16" : "float32");
+        for (const char* name : cogkern::kCudaDTypeNames) names.append(name);
         return names;
       },
       "The dtypes (torch names) the CUDA attention kernels are built for (csrc/common/dispatch.h).");
