@@ -8,7 +8,7 @@ on the video tokens, then scaled_dot_product_attention — on each SDPA backend
 GPU: the CogVideoX-5B layer shape (batch 1, S = 17,776, 48 heads, D = 64, 226
 text tokens) and the same width at D = 128, bf16 and fp16: forward, backward
 and forward+backward TFLOP/s of the whole operation, with the matmul ceiling
-measured in the same run. FLOPs (benchmarks.counters): 4*B*S^2*H*D forward,
+measured in the same run. FLOPs (cogkern._counters): 4*B*S^2*H*D forward,
 2.5x that backward. CPU: small shapes, float32, as speed-ups over eager.
 
     python -m benchmarks.bench_attention [--device cpu|cuda] [--quick] [--threads N] [--json out.json]
@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 
 import cogkern
-from benchmarks.common import device_name, matmul_rate, report, time_fn
-from benchmarks.counters import attention_flops
+from benchmarks.common import device_name, matmul_rate, report
+from cogkern._counters import attention_flops
+from cogkern._timing import time_forward_backward
 from cogkern.reference.diffusers_attention import apply_rotary_emb, eager_attention
 
 
@@ -59,14 +60,6 @@ def cogkern_attention(q, k, v, norms, rope, text_len):
     (qw, qb), (kw, kb) = norms
     return cogkern.fused_attention(q, k, v, rope=rope, text_len=text_len, qk_norm="layer_norm",
                                    q_norm_weight=qw, q_norm_bias=qb, k_norm_weight=kw, k_norm_bias=kb)
-
-
-def time_passes(fn, grad, device, repeats):
-    """Seconds for forward (no grad), forward+backward, and their difference."""
-    with torch.no_grad():
-        t_fwd = time_fn(fn, device, repeats=repeats)
-    t_fb = time_fn(lambda: fn().backward(grad), device, repeats=repeats)
-    return t_fwd, max(t_fb - t_fwd, 1e-9), t_fb
 
 
 @contextlib.contextmanager
@@ -160,7 +153,7 @@ def run(device: torch.device, quick: bool, sm90: bool = False) -> tuple[list[dic
                     continue
                 try:
                     with ctx():
-                        results[name] = time_passes(fn, grad, device, repeats)
+                        results[name] = time_forward_backward(fn, grad, device, repeats=repeats)
                 except Exception as exc:  # a peer that refuses the shape is reported, not dropped
                     rows.append(dict(base, impl=name, status=f"FAILED: {str(exc).splitlines()[0][:120]}"))
             peers = {n: t for n, t in results.items() if not n.startswith("cogkern")}

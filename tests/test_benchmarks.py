@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from benchmarks import counters
 from benchmarks import run as bench_run
+from cogkern import _counters as counters
 
 
 def test_attention_flops_by_hand():
@@ -27,6 +27,7 @@ def test_rope_and_adamw_bytes_by_hand():
     assert counters.adamw_bytes(10, "fp16+master") == 280
     assert counters.adamw_bytes(10, "fp16+master", with_overflow_check=True) == 300
     assert counters.adamw_bytes(10, "bf16-sr") == 220
+    assert counters.adamw_bytes(10, "bf16") == 220  # no masters, round to nearest: what SR moves
     with pytest.raises(ValueError, match="mode"):
         counters.adamw_bytes(1, "fp8")
 

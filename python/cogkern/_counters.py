@@ -1,5 +1,6 @@
-"""FLOP and byte counts the benchmarks divide by. Counted by hand, unit-tested
-(tests/test_benchmarks.py): a throughput is only as honest as its counter.
+"""FLOP and byte counts the benchmarks and `python -m cogkern.selftest` divide by.
+Counted by hand, unit-tested (tests/test_benchmarks.py): a throughput is only as
+honest as its counter.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ ADAMW_BYTES_PER_PARAM = {
     "fp16+master": 2 + 4 + 4 + 4 + 4 + 4 + 4 + 2,  # r: g(2) master m v, w: master m v p(2) = 28
     "bf16+master": 2 + 4 + 4 + 4 + 4 + 4 + 4 + 2,  # = 28
     "bf16-sr": 2 + 2 + 4 + 4 + 2 + 4 + 4,  # r: g p m v, w: p m v = 22 counted exactly (the sheet rounds to 20)
+    "bf16": 2 + 2 + 4 + 4 + 2 + 4 + 4,  # no masters, round to nearest: as bf16-sr = 22
 }
 # The fp16 overflow check reads the grads once more (read only).
 FP16_CHECK_BYTES_PER_PARAM = 2
