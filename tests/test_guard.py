@@ -155,9 +155,10 @@ def test_the_guard_traces_into_torch_compile_without_a_graph_break(guarded):
         return cogkern.fused_attention(q, k, v, **kwargs)
 
     torch._dynamo.reset()
-    with _guard.inject_failure("attention.forward", "cpu"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        out = attend(q, k, v)  # the check ran while tracing; the composite path was traced
+    with _guard.inject_failure("attention.forward", "cpu"):
+        out, caught = _warnings_of(lambda: attend(q, k, v))  # the check ran while tracing ...
+    assert len(caught) == 1
+    assert cogkern.attention_kernels(q)["forward"] == "composite"  # ... and the composite path was traced
     ref, _ = reference_attention(*(t.double() for t in (q, k, v)), **_reference_kwargs(
         {n: (t.double() if torch.is_tensor(t) else t) for n, t in kwargs.items()}))
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
