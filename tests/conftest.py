@@ -12,6 +12,10 @@ import torch
 
 GPU_TEST_DEVICE = os.environ.get("COGKERN_CUDA_TESTS_DEVICE", "cuda")
 
+# A kernel that fails its first-use check (cogkern._guard) must fail the tests, not pass them
+# quietly through the composite fallback. test_guard.py sets its own values.
+os.environ.setdefault("COGKERN_VALIDATE", "strict")
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

@@ -104,6 +104,8 @@ cudaError_t retire_attention_kernel_mode(DType dtype, int64_t head_dim, bool bac
   });
 }
 
+void forget_retired_attention_kernels() { flash::clear_retired_sm90_modes(); }
+
 cudaError_t launch_attention_forward(const AttentionParams& P, const AttentionScratch& scratch, cudaStream_t stream) {
   if (!attention_cuda_supported(P.dtype, P.head_dim)) return cudaErrorInvalidValue;
   if (empty_problem(P)) return cudaSuccess;

@@ -51,5 +51,7 @@ cudaError_t attention_kernel_modes(DType dtype, int64_t head_dim, int* forward, 
 // and head dim on the current device, after it failed the first-use guard's
 // check: attention_kernel_modes and the launches then use mma.sync instead.
 cudaError_t retire_attention_kernel_mode(DType dtype, int64_t head_dim, bool backward, int mode);
+// Un-retires every mode (the guard's tests only).
+void forget_retired_attention_kernels();
 
 }  // namespace cogkern

@@ -127,6 +127,8 @@ void attention_cuda_retire_kernel(const at::Tensor& q, bool backward, int64_t mo
 TORCH_LIBRARY_FRAGMENT(cogkern, m) {
   m.def("_attention_cuda_kernels(Tensor q) -> int[]");
   m.def("_attention_cuda_retire_kernel(Tensor q, bool backward, int mode) -> ()");
+  // No tensor to dispatch on: one implementation for every key. Tests only.
+  m.def("_attention_cuda_forget_retired() -> ()", [] { forget_retired_attention_kernels(); });
 }
 
 TORCH_LIBRARY_IMPL(cogkern, CUDA, m) {

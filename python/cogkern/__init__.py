@@ -13,6 +13,7 @@ from ._extension import build_info
 from .rope import RoPE3D, apply_rope3d, default_axes_dims
 from .attention import FusedAttention, attention_kernels, fused_attention
 from . import amp, optim, precision
+from . import _validate  # noqa: F401  (registers the first-use checks with _guard; imports the ops above)
 
 __version__ = "0.1.0"
 

@@ -13,6 +13,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from . import _composite, _guard
 from ._extension import _C, op_argument_names, require_cuda_kernels  # (importing it loads the ops)
 from ._checks import check_bool, check_int, check_number, check_optional_tensor, check_tensor
 from ._checks import is_int as _is_int
@@ -102,6 +103,14 @@ def fused_attention(
         if torch.is_tensor(t):
             require_cuda_kernels("cogkern.fused_attention", t)
 
+    # First use of this configuration in the process: checked (cogkern._guard); a config whose
+    # kernels all failed goes to the composite path.
+    if _guard.route("attention", (q.dtype, q.shape[-1]), q.device) == _guard.COMPOSITE:
+        return _composite.attention(
+            q, k, v, rope=rope, text_len=text_len, qk_norm=qk_norm, q_norm_weight=q_norm_weight,
+            q_norm_bias=q_norm_bias, k_norm_weight=k_norm_weight, k_norm_bias=k_norm_bias,
+            norm_eps=float(norm_eps), scale=float(scale), causal=causal, return_lse=return_lse,
+        )  # fmt: skip
     out, lse = _ops.fused_attention_fwd(
         q,
         k,
@@ -133,10 +142,14 @@ def attention_kernels(q: torch.Tensor) -> dict[str, str]:
     TMA loads; ``pingpong``: its two math warpgroups take turns on the tensor cores), ``"wgmma-2wg"`` /
     ``"wgmma-1wg"`` / ``"wgmma-ws"`` backward (``COGKERN_ATTENTION_SM90_BWD=1|2|3``: two or one
     warpgroups per block, or warp-specialized with TMA loads). Use it to confirm that an
-    opt-in took effect: elsewhere the switches are ignored without a word.
+    opt-in took effect: elsewhere the switches are ignored without a word. ``"composite"``: the
+    first-use check (cogkern._guard) failed every kernel of this configuration, and eager PyTorch
+    (norm, RoPE, SDPA) runs it instead.
     """
     if not torch.is_tensor(q) or q.dim() != 4:
         raise ValueError("q must be a (batch, seq, heads, head_dim) tensor")
+    if _guard.verdict("attention", (q.dtype, q.shape[-1]), q.device) == _guard.COMPOSITE:
+        return {"forward": "composite", "backward": "composite"}
     if q.device.type == "cpu":
         return {"forward": "cpu", "backward": "cpu"}
     require_cuda_kernels("cogkern.attention_kernels", q)  # dtype and head_dim: checked by the op

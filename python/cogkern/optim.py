@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import _extension  # noqa: F401  (loads the ops)
+from . import _extension, _guard  # noqa: F401  (_extension loads the ops)
 from ._distributed import reduce_found_inf_
 
 _ops = torch.ops.cogkern
@@ -149,6 +149,7 @@ class FusedAdamW(torch.optim.Optimizer):
         self._device: torch.device | None = None
         self._param_dtypes: dict[int, torch.dtype] = {}
         self._scalars: torch.Tensor | None = None
+        self._checked_dtypes: set[torch.dtype] = set()  # precision modes past their first-use check
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         _check_hyper(defaults, "FusedAdamW")
         super().__init__(params, defaults)
@@ -186,6 +187,13 @@ class FusedAdamW(torch.optim.Optimizer):
             raise
         for p in group["params"]:
             self._param_dtypes[id(p)] = p.dtype
+
+    def _check_kwargs(self, dtype: torch.dtype) -> dict:
+        """The FusedAdamW arguments of dtype's precision mode, for its first-use check."""
+        mode = self._mode(dtype)
+        if mode == _SR:
+            return {"stochastic_rounding": True}
+        return {} if dtype == torch.float32 else {"master_weights": mode == _MASTER}
 
     def _mode(self, dtype: torch.dtype) -> str:
         if dtype == torch.float32:
@@ -283,6 +291,12 @@ class FusedAdamW(torch.optim.Optimizer):
                 raise RuntimeError("FusedAdamW.step() is being captured into a CUDA graph; build it with capturable=True")
             if any("step" not in self.state[p] for _, _, p, _ in entries):
                 raise RuntimeError("FusedAdamW: run one step before capturing it, so the optimizer state exists")
+
+        # First use of each precision mode's kernels in the process: checked (cogkern._guard),
+        # before anything is launched; a failed check raises here.
+        for dtype in {p.dtype for _, _, p, _ in entries} - self._checked_dtypes:
+            _guard.route("optimizer", (dtype, tuple(sorted(self._check_kwargs(dtype).items()))), device)
+            self._checked_dtypes.add(dtype)
 
         # Where the scale and the overflow flag come from.
         scale = None

@@ -16,6 +16,7 @@ import torch
 
 from ._checks import check_bool, check_int, check_tensor
 from ._checks import is_int as _is_int
+from . import _guard
 from ._extension import op_argument_names, require_cuda_kernels  # (importing it loads the ops)
 
 _ops = torch.ops.cogkern
@@ -221,6 +222,14 @@ def apply_rope3d(
     check_bool("inplace", inplace)
     if isinstance(rope, RoPE3D):
         check_rope3d_fits(rope, x, "x")
+    else:
+        rope = rope_table_pair(rope)
+    # First use of this configuration in the process: checked (cogkern._guard); if the kernel
+    # failed, eager PyTorch rotates instead.
+    if _guard.route("rope", (x.dtype,), x.device) == _guard.COMPOSITE:
+        out = rotate_composite(x, rope, text_len)
+        return x.copy_(out) if inplace else out
+    if isinstance(rope, RoPE3D):
         args = (rope.positions_for(x), list(rope.grid), list(rope.axes_dims), rope.theta, rope.interleaved, text_len)
         if not inplace:
             return _ops.rope3d(x, *args, False)
@@ -229,7 +238,7 @@ def apply_rope3d(
         _ops.rope3d_(x, *args, False)
         return x
 
-    cos, sin = rope_table_pair(rope)
+    cos, sin = rope
     for t in (cos, sin):
         require_cuda_kernels("cogkern.apply_rope3d", t)
     if not inplace:

@@ -123,8 +123,10 @@ int sm90_opt_in_mode(const char* env_name, int max_mode, int default_mode, const
 // The first-use guard (python/cogkern/_guard.py) retires a Hopper mode that
 // failed its check on a device: from then on sm90_opt_in_mode answers 0
 // (mma.sync) where it would have answered that mode, for that kernel family
-// (`kernel`, as passed to sm90_opt_in_mode) on that device. Process-wide; never undone.
+// (`kernel`, as passed to sm90_opt_in_mode) on that device. Process-wide; only the
+// guard's own tests undo it (clear_retired_sm90_modes).
 void retire_sm90_mode(const void* kernel, int device, int mode);
+void clear_retired_sm90_modes();
 template <typename T, int D>
 void retire_sm90_forward_mode(int mode);  // on the current device
 template <typename T, int D>

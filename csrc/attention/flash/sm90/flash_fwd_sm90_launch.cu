@@ -76,6 +76,12 @@ void retire_sm90_mode(const void* kernel, int device, int mode) {
   g_any_retired.store(true, std::memory_order_release);
 }
 
+void clear_retired_sm90_modes() {
+  const std::lock_guard<std::mutex> lock(g_retired_mutex);
+  g_retired.clear();
+  g_any_retired.store(false, std::memory_order_release);
+}
+
 int sm90_opt_in_mode(const char* env_name, int max_mode, int default_mode, const void* kernel) {
   const char* env = std::getenv(env_name);
   const bool valid = env != nullptr && env[0] >= '0' && env[0] <= char('0' + max_mode) && env[1] == '\0';
