@@ -24,10 +24,11 @@ def test_rope_and_adamw_bytes_by_hand():
     assert counters.rope_bytes(1, 17776, 48, 64, "bfloat16") == 2 * 17776 * 48 * 64 * 2
     assert counters.rope_bytes(1, 17776, 48, 64, "bfloat16", text_len=226, inplace=True) == 2 * 17550 * 48 * 64 * 2
     assert counters.adamw_bytes(10, "fp32") == 280  # 28 B/param (shared/REFERENCE.md)
-    assert counters.adamw_bytes(10, "fp16+master") == 280
-    assert counters.adamw_bytes(10, "fp16+master", with_overflow_check=True) == 300
+    assert counters.adamw_bytes(10, "fp16-master") == 280
+    assert counters.adamw_bytes(10, "bf16-master", with_overflow_check=True) == 300
     assert counters.adamw_bytes(10, "bf16-sr") == 220
-    assert counters.adamw_bytes(10, "bf16") == 220  # no masters, round to nearest: what SR moves
+    assert counters.adamw_bytes(10, "fp16-plain") == 220  # no masters, round to nearest: what SR moves
+    assert counters.adamw_bytes(10, "bf16-plain") == 220
     with pytest.raises(ValueError, match="mode"):
         counters.adamw_bytes(1, "fp8")
 

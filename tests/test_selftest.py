@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cogkern import _counters, selftest
+from cogkern import _counters, _validate, selftest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,11 +31,11 @@ def _expected_rows() -> set[tuple[str, str | None, str | None, str | None, int |
         for head_dim in (64, 128):
             for direction in ("forward", "backward"):
                 rows |= {(kind, "cpu", direction, d, head_dim) for kind in ("check", "speed")}
-        rows.add(("check", "rope3d", "forward+backward", d, None))
+        rows.add(("check", "rope3d", "forward+backward", d, _validate.ROPE_CASE["head_dim"]))
     rows.add(("speed", "rope3d", "forward", dtypes[0], 64))
-    for mode in selftest.OPTIMIZER_MODES:
-        dtype = str(mode.param_dtype).replace("torch.", "")
-        rows |= {(kind, f"adamw[{mode.name}]", "step", dtype, None) for kind in ("check", "speed")}
+    for name, param_dtype, _ in selftest.OPTIMIZER_MODES:
+        dtype = str(param_dtype).replace("torch.", "")
+        rows |= {(kind, f"adamw[{name}]", "step", dtype, None) for kind in ("check", "speed")}
     return rows
 
 

@@ -29,13 +29,15 @@ def rope_bytes(batch: int, seq: int, heads: int, head_dim: int, dtype: str, text
 
 
 # Bytes an AdamW step must move per parameter (shared/REFERENCE.md): read
-# param (or master), grad, m, v; write param (and master), m, v.
+# param (or master), grad, m, v; write param (and master), m, v. Keyed by the
+# mode names of cogkern._validate.OPTIMIZER_MODES (the selftest's list).
 ADAMW_BYTES_PER_PARAM = {
     "fp32": 4 + 4 + 4 + 4 + 4 + 4 + 4,  # r: p g m v, w: p m v = 28
-    "fp16+master": 2 + 4 + 4 + 4 + 4 + 4 + 4 + 2,  # r: g(2) master m v, w: master m v p(2) = 28
-    "bf16+master": 2 + 4 + 4 + 4 + 4 + 4 + 4 + 2,  # = 28
-    "bf16-sr": 2 + 2 + 4 + 4 + 2 + 4 + 4,  # r: g p m v, w: p m v = 22 counted exactly (the sheet rounds to 20)
-    "bf16": 2 + 2 + 4 + 4 + 2 + 4 + 4,  # no masters, round to nearest: as bf16-sr = 22
+    "fp16-master": 2 + 4 + 4 + 4 + 4 + 4 + 4 + 2,  # r: g(2) master m v, w: master m v p(2) = 28
+    "bf16-master": 2 + 4 + 4 + 4 + 4 + 4 + 4 + 2,  # = 28
+    "fp16-plain": 2 + 2 + 4 + 4 + 2 + 4 + 4,  # no masters, round to nearest: r: g p m v, w: p m v = 22
+    "bf16-plain": 2 + 2 + 4 + 4 + 2 + 4 + 4,  # = 22
+    "bf16-sr": 2 + 2 + 4 + 4 + 2 + 4 + 4,  # as bf16-plain = 22 counted exactly (the sheet rounds to 20)
 }
 # The fp16 overflow check reads the grads once more (read only).
 FP16_CHECK_BYTES_PER_PARAM = 2

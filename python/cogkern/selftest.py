@@ -46,6 +46,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import _validate
+
 # A child's records come on its stdout, one JSON object a line after this marker
 # (anything else it prints, a library's warning say, is not mistaken for a record).
 _RECORD = "@cogkern-selftest-record "
@@ -63,26 +65,11 @@ CPU_PROBE = dict(batch=1, text_len=16, grid=(4, 8, 12), width=256)
 CPU_DTYPES = (torch.float32, torch.float64)
 
 
-@dataclass(frozen=True)
-class OptimizerMode:
-    """One FusedAdamW mode: its param dtype, its constructor options and its byte count's
-    key in cogkern._counters.ADAMW_BYTES_PER_PARAM."""
-
-    name: str
-    param_dtype: torch.dtype
-    options: dict = field(default_factory=dict)
-
-
-# The one list of optimizer modes (checks and probes both follow it). For the integrator:
-# moments="fp32"|"bf16"|"int8" and param_remainders=True, once FusedAdamW has them, are
-# new entries here (with their bytes per param added to cogkern._counters).
-OPTIMIZER_MODES = (
-    OptimizerMode("fp32", torch.float32),
-    OptimizerMode("fp16+master", torch.float16),
-    OptimizerMode("bf16+master", torch.bfloat16),
-    OptimizerMode("bf16", torch.bfloat16, {"master_weights": False}),
-    OptimizerMode("bf16-sr", torch.bfloat16, {"stochastic_rounding": True}),
-)
+# The optimizer modes, (name, param dtype, FusedAdamW options), from the one list the checks
+# use; each has its bytes per param in cogkern._counters.ADAMW_BYTES_PER_PARAM. For the
+# integrator: moments="fp32"|"bf16"|"int8" and param_remainders=True, once FusedAdamW has them,
+# are new rows of that list (and of the byte table); the selftest follows it.
+OPTIMIZER_MODES = _validate.OPTIMIZER_MODES
 
 # COGKERN_ATTENTION_SM90 / _BWD values and the kernel each selects (attention.py's tables).
 _FORWARD_MODES = {0: "mma.sync", 1: "wgmma", 2: "wgmma-pipelined", 3: "wgmma-ws", 4: "wgmma-ws-pingpong"}
@@ -221,6 +208,9 @@ def _child_ceilings(family: Family, device: str, quick: bool, timing: _Timing) -
 
     dtypes = CPU_DTYPES if device == "cpu" else _cuda_dtypes()
     n = 512 if device == "cpu" else (4096 if quick else 8192)
+    # Every speed row is judged against these, so they get a longer look than the probes
+    # (on a CPU shared with other work a short autorange can catch a slow moment).
+    timing = dataclasses.replace(timing, warmup=max(timing.warmup, 3), min_run_time=max(timing.min_run_time, 0.2))
     for dtype in dtypes:
         def matmul(dtype=dtype):
             rate = matmul_rate(device, n=n, dtype=dtype, **timing.kwargs())
@@ -288,7 +278,6 @@ def _attention_probe(device: str, dtype: torch.dtype, head_dim: int, timing: _Ti
 
 def _child_attention(family: Family, device: str, quick: bool, timing: _Timing) -> None:
     import cogkern
-    from . import _validate
 
     dtypes = CPU_DTYPES if device == "cpu" else _cuda_dtypes()
     if device == "cpu":
@@ -339,7 +328,6 @@ def _child_attention(family: Family, device: str, quick: bool, timing: _Timing) 
 
 def _child_rope(family: Family, device: str, quick: bool, timing: _Timing) -> None:
     import cogkern
-    from . import _validate
     from ._counters import rope_bytes
     from ._timing import time_fn
 
@@ -375,37 +363,35 @@ def _probe_params(device: str, quick: bool) -> int:
 
 
 def _child_optimizer(family: Family, device: str, quick: bool, timing: _Timing) -> None:
-    from . import _validate
     from ._counters import ADAMW_BYTES_PER_PARAM, adamw_bytes
     from ._timing import time_fn
     from .optim import FusedAdamW
 
-    for mode in OPTIMIZER_MODES:
-        fields = dict(kernel=f"adamw[{mode.name}]", direction="step", dtype=_dtype_name(mode.param_dtype))
+    for name, param_dtype, options in OPTIMIZER_MODES:
+        fields = dict(kernel=f"adamw[{name}]", direction="step", dtype=_dtype_name(param_dtype))
         start = time.perf_counter()
         try:
-            check = _validate.check_optimizer(device, mode.param_dtype, **mode.options)
+            check = _validate.check_optimizer(device, param_dtype, **options)
             _emit(_check_record(check, family, **fields))
         except Exception as exc:
-            _emit(_failed(f"optimizer[{mode.name}]", family, _error_text(exc), seconds=time.perf_counter() - start,
+            _emit(_failed(f"optimizer[{name}]", family, _error_text(exc), seconds=time.perf_counter() - start,
                           **fields))
     n = _probe_params(device, quick)
     # Odd sizes, several tensors: the multi-tensor packing at work, not one flat buffer.
     sizes = [n // 2 + 3, n // 4 - 5, n // 8 + 7]
     sizes.append(n - sum(sizes))
-    for mode in OPTIMIZER_MODES:
-        def measure(mode=mode):
-            params = [torch.randn(s, device=device).to(mode.param_dtype) for s in sizes]
+    for name, param_dtype, options in OPTIMIZER_MODES:
+        def measure(name=name, param_dtype=param_dtype, options=options):
+            params = [torch.randn(s, device=device).to(param_dtype) for s in sizes]
             for p in params:
-                p.grad = (torch.randn(p.shape, device=device) * 1e-3).to(mode.param_dtype)
-            opt = FusedAdamW(params, lr=1e-4, **mode.options)
+                p.grad = (torch.randn(p.shape, device=device) * 1e-3).to(param_dtype)
+            opt = FusedAdamW(params, lr=1e-4, **options)
             t = time_fn(opt.step, device, **timing.kwargs())
-            per_param = ADAMW_BYTES_PER_PARAM[mode.name]
             finite = all(bool(torch.isfinite(p).all()) for p in params)
-            return ({"ms": t * 1e3, "gbps": adamw_bytes(n, mode.name) / t / 1e9, "bytes_per_param": per_param,
-                     "params": n}, finite)
-        _emit(_probe(f"speed optimizer[{mode.name}] {n / 2**20:g} Mi params", family, measure,
-                     kernel=f"adamw[{mode.name}]", direction="step", dtype=_dtype_name(mode.param_dtype)))
+            return ({"ms": t * 1e3, "gbps": adamw_bytes(n, name) / t / 1e9,
+                     "bytes_per_param": ADAMW_BYTES_PER_PARAM[name], "params": n}, finite)
+        _emit(_probe(f"speed optimizer[{name}] {n / 2**20:g} Mi params", family, measure,
+                     kernel=f"adamw[{name}]", direction="step", dtype=_dtype_name(param_dtype)))
         if device == "cuda":
             torch.cuda.empty_cache()
 
@@ -548,6 +534,11 @@ def summary(record: dict) -> str:
         if "pct_of_ceiling" in f:
             text += f"  ({f['pct_of_ceiling']:.0f}% of copy's {f['ceiling_gbps']:.4g})"
         return text
+    pairs = {k[: -len("_eager_err")]: (f[k[: -len("_eager_err")] + "_err"], v) for k, v in f.items()
+             if k.endswith("_eager_err") and k[: -len("_eager_err")] + "_err" in f}
+    if pairs:  # FlashAttention's rule, error <= 2x eager's: the worst ratio says how close it came
+        name, (err, eager) = max(pairs.items(), key=lambda kv: kv[1][0] / max(kv[1][1], 1e-300))
+        return f"error / eager's at most {err / max(eager, 1e-300):.2f}x (rule: 2x), worst {name}: {err:.3g} vs {eager:.3g}"
     return "  ".join(f"{k} {_fmt(v)}" for k, v in f.items())
 
 
