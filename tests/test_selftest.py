@@ -131,3 +131,43 @@ def test_only_selects_families_by_prefix_and_names_the_choices_when_none_match(c
         selftest.main(["--device", "cpu", "--only", "warp"])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "warp" in err and "optimizer" in err
+
+
+def test_gpu_plan_lists_a_hopper_mode_only_when_attention_kernels_confirms_it(monkeypatch):
+    """The planning logic on a (pretended) Hopper GPU whose build runs forward modes 1-3 and
+    backward modes 1 and 3: mode 4 and backward 2 silently mean mma.sync there, so no family."""
+    import cogkern
+    import torch
+
+    confirmed = {"forward": {1: "wgmma", 2: "wgmma-pipelined", 3: "wgmma-ws"},
+                 "backward": {1: "wgmma-2wg", 3: "wgmma-ws"}}
+
+    def fake_kernels(q):
+        fwd, bwd = int(os.environ["COGKERN_ATTENTION_SM90"]), int(os.environ["COGKERN_ATTENTION_SM90_BWD"])
+        return {"forward": confirmed["forward"].get(fwd, "mma.sync"),
+                "backward": confirmed["backward"].get(bwd, "mma.sync")}
+
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, device=None, **kw: real_empty(*a, **kw))
+    monkeypatch.setattr(cogkern, "attention_kernels", fake_kernels)
+    monkeypatch.setenv("COGKERN_ATTENTION_SM90", "4")  # the caller's own setting survives planning
+    monkeypatch.delenv("COGKERN_ATTENTION_SM90_BWD", raising=False)
+    names = [f.name for f in selftest.plan_families("cuda")]
+    assert names == ["ceilings", "attention:mma.sync", "attention.forward:wgmma", "attention.forward:wgmma-pipelined",
+                     "attention.forward:wgmma-ws", "attention.backward:wgmma-2wg", "attention.backward:wgmma-ws",
+                     "rope", "optimizer"]
+    assert os.environ["COGKERN_ATTENTION_SM90"] == "4" and "COGKERN_ATTENTION_SM90_BWD" not in os.environ
+    families = {f.name: f for f in selftest.plan_families("cuda", skip_ws=True)}
+    assert not any("ws" in name for name in families)
+    assert families["attention.backward:wgmma-2wg"].env == {"COGKERN_ATTENTION_SM90": "0",
+                                                            "COGKERN_ATTENTION_SM90_BWD": "1"}
+    assert families["attention.backward:wgmma-2wg"].directions == ("backward",)
+
+    def broken(q):
+        raise RuntimeError("CUDA error: no kernel image is available")
+
+    monkeypatch.setattr(cogkern, "attention_kernels", broken)
+    problems = []
+    names = [f.name for f in selftest.plan_families("cuda", problems=problems)]
+    assert names == ["ceilings", "attention:mma.sync", "rope", "optimizer"]
+    assert len(problems) == 7 and "no kernel image" in problems[0]

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import _validate
+from .attention import _BACKWARD_KERNELS, _FORWARD_KERNELS
 
 # A child's records come on its stdout, one JSON object a line after this marker
 # (anything else it prints, a library's warning say, is not mistaken for a record).
@@ -71,9 +72,9 @@ CPU_DTYPES = (torch.float32, torch.float64)
 # are new rows of that list (and of the byte table); the selftest follows it.
 OPTIMIZER_MODES = _validate.OPTIMIZER_MODES
 
-# COGKERN_ATTENTION_SM90 / _BWD values and the kernel each selects (attention.py's tables).
-_FORWARD_MODES = {0: "mma.sync", 1: "wgmma", 2: "wgmma-pipelined", 3: "wgmma-ws", 4: "wgmma-ws-pingpong"}
-_BACKWARD_MODES = {0: "mma.sync", 1: "wgmma-2wg", 2: "wgmma-1wg", 3: "wgmma-ws"}
+# The warp-specialized attention modes (COGKERN_ATTENTION_SM90 / _BWD values; attention.py's
+# _FORWARD_KERNELS / _BACKWARD_KERNELS name them): --skip-ws leaves them out, since a device
+# check once saw them hang.
 _WARP_SPECIALIZED = {("forward", 3), ("forward", 4), ("backward", 3)}
 
 
@@ -93,12 +94,12 @@ def _attention_env(forward: int, backward: int) -> dict:
     return {"COGKERN_ATTENTION_SM90": str(forward), "COGKERN_ATTENTION_SM90_BWD": str(backward)}
 
 
-def _runnable_modes(direction: str, modes: dict[int, str]) -> list[int]:
+def _runnable_modes(direction: str, modes: dict[int, str], problems: list[str]) -> list[int]:
     """The Hopper modes attention_kernels confirms on this GPU and build (elsewhere the
-    switches silently mean mma.sync, so a mode is listed only when it is what runs)."""
+    switches silently mean mma.sync, so a mode is listed only when it is what runs).
+    A failure to ask goes to `problems` (a failed row), not up: the other families still run."""
     import cogkern
 
-    q = torch.empty(1, 1, 1, 64, device="cuda", dtype=torch.bfloat16)
     runnable = []
     for mode, kernel in modes.items():
         if mode == 0:
@@ -106,8 +107,11 @@ def _runnable_modes(direction: str, modes: dict[int, str]) -> list[int]:
         old = {k: os.environ.get(k) for k in ("COGKERN_ATTENTION_SM90", "COGKERN_ATTENTION_SM90_BWD")}
         os.environ.update(_attention_env(mode, 0) if direction == "forward" else _attention_env(0, mode))
         try:
+            q = torch.empty(1, 1, 1, 64, device="cuda", dtype=torch.bfloat16)
             if cogkern.attention_kernels(q)[direction] == kernel:
                 runnable.append(mode)
+        except Exception as exc:
+            problems.append(f"attention_kernels with the {direction} switch at {mode} ({kernel}): {_error_text(exc)}")
         finally:
             for k, v in old.items():
                 if v is None:
@@ -117,18 +121,20 @@ def _runnable_modes(direction: str, modes: dict[int, str]) -> list[int]:
     return runnable
 
 
-def plan_families(device: str, skip_ws: bool = False) -> list[Family]:
+def plan_families(device: str, skip_ws: bool = False, problems: list[str] | None = None) -> list[Family]:
     """The families this device runs, in order: the ceilings first (the speed rows are
     judged against them), the default attention kernels, the Hopper ones (one family per
-    kernel and direction, so a hang in one hides no other), RoPE, the optimizer."""
+    kernel and direction, so a hang in one hides no other), RoPE, the optimizer.
+    What went wrong finding the Hopper kernels is appended to `problems`."""
+    problems = [] if problems is None else problems
     families = [Family("ceilings", "ceilings")]
     if device == "cpu":
         families.append(Family("attention:cpu", "attention", "cpu", ("forward", "backward")))
     else:
         families.append(Family("attention:mma.sync", "attention", "mma.sync", ("forward", "backward"),
                                _attention_env(0, 0)))
-        for direction, modes in (("forward", _FORWARD_MODES), ("backward", _BACKWARD_MODES)):
-            for mode in _runnable_modes(direction, modes):
+        for direction, modes in (("forward", _FORWARD_KERNELS), ("backward", _BACKWARD_KERNELS)):
+            for mode in _runnable_modes(direction, modes, problems):
                 if skip_ws and (direction, mode) in _WARP_SPECIALIZED:
                     continue
                 env = _attention_env(mode, 0) if direction == "forward" else _attention_env(0, mode)
@@ -207,7 +213,7 @@ def _child_ceilings(family: Family, device: str, quick: bool, timing: _Timing) -
     from ._timing import copy_bandwidth, matmul_rate
 
     dtypes = CPU_DTYPES if device == "cpu" else _cuda_dtypes()
-    n = 512 if device == "cpu" else (4096 if quick else 8192)
+    n = 512 if device == "cpu" else 8192  # a GPU reaches its peak only at a large size
     # Every speed row is judged against these, so they get a longer look than the probes
     # (on a CPU shared with other work a short autorange can catch a slow moment).
     timing = dataclasses.replace(timing, warmup=max(timing.warmup, 3), min_run_time=max(timing.min_run_time, 0.2))
@@ -669,7 +675,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["COGKERN_VALIDATE"] = "0"
         return _child_main(args.child, device, args.quick, args.skip_ws)
 
-    families = plan_families(device, args.skip_ws)
+    problems: list[str] = []
+    families = plan_families(device, args.skip_ws, problems)
     if args.only:
         wanted = [w.strip() for w in args.only.split(",") if w.strip()]
         unknown = [w for w in wanted if not any(f.name.startswith(w) for f in families)]
@@ -691,6 +698,9 @@ def main(argv: list[str] | None = None) -> int:
     if why_not_gpu:
         report.add(dict(name="build has CUDA kernels", family="build", kind="check", passed=False,
                         error=why_not_gpu + "; the CPU backend is checked instead", figures={}, seconds=0.0))
+    for problem in problems:
+        report.add(dict(name="attention: which Hopper kernels run", family="plan", kind="check", passed=False,
+                        error=problem, figures={}, seconds=0.0))
     start = time.monotonic()
     for family in families:
         env = dict(os.environ, COGKERN_VALIDATE="0", PYTHONUNBUFFERED="1", **family.env)
