@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import _validate
-from .attention import _BACKWARD_KERNELS, _FORWARD_KERNELS
+from .attention import _BACKWARD_KERNELS, _FORWARD_KERNELS, CUDA_DTYPES, CUDA_HEAD_DIMS
 
 # A child's records come on its stdout, one JSON object a line after this marker
 # (anything else it prints, a library's warning say, is not mistaken for a record).
@@ -212,7 +212,7 @@ def _probe(name: str, family: Family, measure: Callable[[], tuple[dict, bool]], 
 def _child_ceilings(family: Family, device: str, quick: bool, timing: _Timing) -> None:
     from ._timing import copy_bandwidth, matmul_rate
 
-    dtypes = CPU_DTYPES if device == "cpu" else _cuda_dtypes()
+    dtypes = CPU_DTYPES if device == "cpu" else CUDA_DTYPES
     n = 512 if device == "cpu" else 8192  # a GPU reaches its peak only at a large size
     # Every speed row is judged against these, so they get a longer look than the probes
     # (on a CPU shared with other work a short autorange can catch a slow moment).
@@ -221,20 +221,14 @@ def _child_ceilings(family: Family, device: str, quick: bool, timing: _Timing) -
         def matmul(dtype=dtype):
             rate = matmul_rate(device, n=n, dtype=dtype, **timing.kwargs())
             return {"tflops": rate / 1e12, "n": n}, math.isfinite(rate) and rate > 0
-        _emit(_probe(f"ceiling matmul {_dtype_name(dtype)} {n}x{n}x{n}", family, matmul, kind="ceiling", kernel="matmul",
-                     dtype=_dtype_name(dtype)))
+        _emit(_probe(f"ceiling matmul {_dtype_name(dtype)} {n}x{n}x{n}", family, matmul, kind="ceiling",
+                     kernel="matmul", dtype=_dtype_name(dtype)))
     nbytes = (64 << 20) if device == "cpu" else ((256 << 20) if quick else (1 << 30))
 
     def copy():
         rate = copy_bandwidth(device, nbytes=nbytes, **timing.kwargs())
         return {"gbps": rate / 1e9, "bytes": nbytes}, math.isfinite(rate) and rate > 0
     _emit(_probe(f"ceiling copy {nbytes >> 20} MiB", family, copy, kind="ceiling", kernel="copy"))
-
-
-def _cuda_dtypes() -> tuple[torch.dtype, ...]:
-    from .attention import CUDA_DTYPES
-
-    return CUDA_DTYPES
 
 
 def _probe_shape(device: str, head_dim: int) -> tuple[int, int, int, tuple[int, int, int]]:
@@ -285,12 +279,8 @@ def _attention_probe(device: str, dtype: torch.dtype, head_dim: int, timing: _Ti
 def _child_attention(family: Family, device: str, quick: bool, timing: _Timing) -> None:
     import cogkern
 
-    dtypes = CPU_DTYPES if device == "cpu" else _cuda_dtypes()
-    if device == "cpu":
-        head_dims = (64, 128)
-    else:
-        from .attention import CUDA_HEAD_DIMS
-        head_dims = CUDA_HEAD_DIMS
+    dtypes = CPU_DTYPES if device == "cpu" else CUDA_DTYPES
+    head_dims = (64, 128) if device == "cpu" else CUDA_HEAD_DIMS  # the CPU: CogVideoX's two
     for dtype in dtypes:
         for head_dim in head_dims:
             config = dict(dtype=_dtype_name(dtype), head_dim=head_dim)
@@ -337,7 +327,7 @@ def _child_rope(family: Family, device: str, quick: bool, timing: _Timing) -> No
     from ._counters import rope_bytes
     from ._timing import time_fn
 
-    check_dtypes = CPU_DTYPES if device == "cpu" else (torch.float32, *_cuda_dtypes())
+    check_dtypes = CPU_DTYPES if device == "cpu" else (torch.float32, *CUDA_DTYPES)
     for dtype in check_dtypes:
         start = time.perf_counter()
         try:
@@ -350,7 +340,7 @@ def _child_rope(family: Family, device: str, quick: bool, timing: _Timing) -> No
     head_dim = 64
     batch, seq, heads, grid = _probe_shape(device, head_dim)
     text_len = (CPU_PROBE if device == "cpu" else GPU_PROBE)["text_len"]
-    for dtype in (CPU_DTYPES[:1] if device == "cpu" else _cuda_dtypes()):
+    for dtype in (CPU_DTYPES[:1] if device == "cpu" else CUDA_DTYPES):
         def measure(dtype=dtype):
             x = torch.randn(batch, seq, heads, head_dim, device=device, dtype=dtype)
             rope = cogkern.RoPE3D(grid, head_dim)
@@ -544,7 +534,8 @@ def summary(record: dict) -> str:
              if k.endswith("_eager_err") and k[: -len("_eager_err")] + "_err" in f}
     if pairs:  # FlashAttention's rule, error <= 2x eager's: the worst ratio says how close it came
         name, (err, eager) = max(pairs.items(), key=lambda kv: kv[1][0] / max(kv[1][1], 1e-300))
-        return f"error / eager's at most {err / max(eager, 1e-300):.2f}x (rule: 2x), worst {name}: {err:.3g} vs {eager:.3g}"
+        ratio = err / max(eager, 1e-300)
+        return f"error / eager's at most {ratio:.2f}x (rule: 2x), worst {name}: {err:.3g} vs {eager:.3g}"
     return "  ".join(f"{k} {_fmt(v)}" for k, v in f.items())
 
 
