@@ -39,6 +39,7 @@ def _expected_rows() -> set[tuple[str, str | None, str | None, str | None, int |
     return rows
 
 
+@pytest.mark.slow
 def test_quick_cpu_selftest_passes_with_every_row_and_a_well_formed_json(tmp_path):
     out_json = tmp_path / "selftest.json"
     start = time.monotonic()
@@ -95,6 +96,15 @@ def test_run_child_kills_a_hanging_child_at_the_timeout():
     result = selftest.run_child([sys.executable, "-c", code], dict(os.environ), 3, got.append, notes.append)
     assert result.returncode is None and time.monotonic() - start < 30
     assert [r["name"] for r in got] == ["before the hang"] and notes == ["a note"]
+
+
+def test_run_child_kills_a_child_that_hangs_after_closing_its_stdout():
+    # As a process stuck in its exit (a CUDA context teardown, say) looks from outside.
+    got = []
+    code = f"import os, time; print({_record_line('done')!r}, flush=True); os.close(1); time.sleep(120)"
+    start = time.monotonic()
+    result = selftest.run_child([sys.executable, "-c", code], dict(os.environ), 3, got.append)
+    assert result.returncode is None and time.monotonic() - start < 30 and [r["name"] for r in got] == ["done"]
 
 
 def test_a_crashed_family_is_a_failed_row_and_the_others_still_run(tmp_path, monkeypatch, capsys):

@@ -438,29 +438,39 @@ def run_child(argv: list[str], env: dict, timeout: float, on_record: Callable[[d
             elif text.startswith(_NOTE):
                 on_note(text[len(_NOTE):])
 
-        while True:
-            left = timeout - (time.monotonic() - start)
-            if left <= 0:
-                timed_out = True
-                break
-            if not sel.select(timeout=min(left, 1.0)):
-                continue
-            chunk = os.read(proc.stdout.fileno(), 1 << 16)
-            if not chunk:
-                break
-            pending += chunk
-            *lines, pending = pending.split(b"\n")
-            for line in lines:
-                handle(line)
-        if timed_out:
+        def kill() -> None:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        elif pending:
-            handle(pending)
-        sel.close()
-        proc.stdout.close()
+
+        try:
+            while True:
+                left = timeout - (time.monotonic() - start)
+                if left <= 0:
+                    timed_out = True
+                    break
+                if not sel.select(timeout=min(left, 1.0)):
+                    continue
+                chunk = os.read(proc.stdout.fileno(), 1 << 16)
+                if not chunk:
+                    break
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    handle(line)
+            if pending:
+                handle(pending)
+            if not timed_out:
+                try:  # stdout closed; the exit itself (a CUDA teardown, say) may still hang
+                    proc.wait(timeout=max(timeout - (time.monotonic() - start), 0.1))
+                except subprocess.TimeoutExpired:
+                    timed_out = True
+        finally:
+            if timed_out or proc.poll() is None:  # also on Ctrl-C: no child outlives the selftest
+                kill()
+            sel.close()
+            proc.stdout.close()
         returncode = proc.wait()
         err.seek(0)
         tail = err.read().decode(errors="replace")[-3000:]
@@ -689,6 +699,7 @@ def main(argv: list[str] | None = None) -> int:
     if why_not_gpu:
         report.add(dict(name="build has CUDA kernels", family="build", kind="check", passed=False,
                         error=why_not_gpu + "; the CPU backend is checked instead", figures={}, seconds=0.0))
+    report.write_json(complete=False)  # a bad --json path fails now, not after the first family
     for problem in problems:
         report.add(dict(name="attention: which Hopper kernels run", family="plan", kind="check", passed=False,
                         error=problem, figures={}, seconds=0.0))
