@@ -285,7 +285,11 @@ def _child_attention(family: Family, device: str, quick: bool, timing: _Timing) 
         for head_dim in head_dims:
             config = dict(dtype=_dtype_name(dtype), head_dim=head_dim)
             label = f"{_dtype_name(dtype)} D={head_dim}"
-            kernels = cogkern.attention_kernels(torch.empty(1, 1, 1, head_dim, device=device, dtype=dtype))
+            try:
+                kernels = cogkern.attention_kernels(torch.empty(1, 1, 1, head_dim, device=device, dtype=dtype))
+            except Exception as exc:
+                _emit(_failed(f"attention {label}: which kernels run", family, _error_text(exc), **config))
+                continue
             directions = [d for d in family.directions if kernels[d] == family.kernel]
             if not directions:
                 _note(f"{family.name}: {label} runs {kernels} here, not {family.kernel}: not checked in this family")
@@ -302,8 +306,9 @@ def _child_attention(family: Family, device: str, quick: bool, timing: _Timing) 
                 if direction in directions:
                     _emit(_check_record(check, family, kernel=kernels[direction], direction=direction, **config))
                 elif not check.passed:
-                    # The other direction's (default) kernel, run on this family's output: it passed in
-                    # its own family, so failing here blames this family's kernel (say, a wrong lse).
+                    # The other direction's (default) kernel, run on this family's kernel's output: a
+                    # failure here that its own family does not show points at this family's kernel
+                    # (say, a forward with a wrong lse), so it is reported; a pass repeats that family's row.
                     check = dataclasses.replace(check, name=f"{check.name} after {family.kernel} {directions[0]}")
                     _emit(_check_record(check, family, kernel=kernels[direction], direction=direction, **config))
             probes: dict = {}
