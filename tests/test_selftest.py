@@ -2,6 +2,7 @@
 well formed; and its runner: a crashing or hanging family is a failed row, not a lost run."""
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -181,3 +182,13 @@ def test_gpu_plan_lists_a_hopper_mode_only_when_attention_kernels_confirms_it(mo
     names = [f.name for f in selftest.plan_families("cuda", problems=problems)]
     assert names == ["ceilings", "attention:mma.sync", "rope", "optimizer"]
     assert len(problems) == 7 and "no kernel image" in problems[0]
+
+
+def test_json_is_strict_even_with_a_non_finite_figure(tmp_path):
+    out = tmp_path / "r.json"
+    report = selftest.Report({"build_info": {}}, str(out), out=io.StringIO())
+    report.add(dict(name="speed x", family="f", kind="speed", passed=False, error="non-finite output",
+                    figures={"gbps": float("inf"), "ms": 0.5}, seconds=0.1))
+    report.write_json(complete=True)
+    doc = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+    assert doc["checks"][0]["figures"] == {"gbps": None, "ms": 0.5} and doc["passed"] is False

@@ -612,8 +612,19 @@ class Report:
         doc = dict(self.header, complete=complete, passed=not self.failed, notes=self.notes, checks=self.records)
         tmp = f"{self.json_path}.tmp"
         with open(tmp, "w") as fh:
-            json.dump(doc, fh, indent=1, default=str)
+            json.dump(_json_safe(doc), fh, indent=1, default=str, allow_nan=False)
         os.replace(tmp, self.json_path)  # a run killed mid-write leaves the last whole file
+
+
+def _json_safe(value):
+    """value with inf/NaN figures as null: strict JSON, which every reader takes."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def default_timeout(device: str, quick: bool) -> float:
@@ -672,6 +683,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--list", action="store_true", help="print the families this device would run, then exit")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        ap.error(f"--json: the folder of {args.json} does not exist")
     import cogkern
 
     device, why_not_gpu = _choose_device(args.device)
@@ -704,7 +717,7 @@ def main(argv: list[str] | None = None) -> int:
     if why_not_gpu:
         report.add(dict(name="build has CUDA kernels", family="build", kind="check", passed=False,
                         error=why_not_gpu + "; the CPU backend is checked instead", figures={}, seconds=0.0))
-    report.write_json(complete=False)  # a bad --json path fails now, not after the first family
+    report.write_json(complete=False)  # an unwritable --json fails now, not after the first family
     for problem in problems:
         report.add(dict(name="attention: which Hopper kernels run", family="plan", kind="check", passed=False,
                         error=problem, figures={}, seconds=0.0))
