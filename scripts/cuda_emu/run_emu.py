@@ -343,12 +343,13 @@ def probe_suite(lib):
 
 
 def optim_state(dtype, master, sizes, g):
-    """Params (one a misaligned view), grads, moments mid-training, steps: a fresh copy each call."""
+    """Params and grads (one of each a misaligned view), moments mid-training, steps: a fresh copy each call."""
     state = []
     for i, n in enumerate(sizes):
         base = torch.randn(n + 1, generator=g).to(dtype)
         p = base[1:] if i == 2 else base[:n]  # tensor 2 starts one element in: no vector access
-        grad = (torch.randn(n, generator=g) * 3).to(dtype)
+        grad = (torch.randn(n + 1, generator=g) * 3).to(dtype)
+        grad = grad[1:] if i == 5 else grad[:n]  # grad 5 starts one element in: the grad check's element path
         m = torch.randn(n, generator=g) * 0.1
         v = torch.rand(n, generator=g) * 0.01
         mw = p.float() + torch.randn(n, generator=g) * 1e-4 if master else None
