@@ -50,7 +50,9 @@ struct CudaBackend {
     check_supported("fused_attention", params);  // again: forward() must never launch on unsupported input
     const c10::cuda::CUDAGuard guard(q.device());
     AttentionParams P = params;
-    at::Tensor v_copy;
+    at::Tensor q_copy, k_copy, v_copy;
+    P.q = loadable_rows(P.q, P, q, q_copy);  // the row kernels' 16-byte loads
+    P.k = loadable_rows(P.k, P, q, k_copy);
     P.v = loadable_rows(P.v, P, q, v_copy);
 
     const auto shape = {P.batch, P.heads, P.seq, P.head_dim};
@@ -65,9 +67,12 @@ struct CudaBackend {
     check_supported("fused_attention_bwd", params);
     const c10::cuda::CUDAGuard guard(q.device());
     AttentionParams P = params;
-    at::Tensor v_copy, grad_out_copy;
+    at::Tensor q_copy, k_copy, v_copy, grad_out_copy, out_copy;
+    P.q = loadable_rows(P.q, P, q, q_copy);  // the row kernels' 16-byte loads
+    P.k = loadable_rows(P.k, P, q, k_copy);
     P.v = loadable_rows(P.v, P, q, v_copy);
     P.grad_out = loadable_rows(P.grad_out, P, q, grad_out_copy);
+    P.out_saved = loadable_rows(P.out_saved, P, q, out_copy);
 
     const auto shape = {P.batch, P.heads, P.seq, P.head_dim};
     const auto f32 = q.options().dtype(at::kFloat);

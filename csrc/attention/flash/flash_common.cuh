@@ -213,20 +213,21 @@ __device__ __forceinline__ float quad_sum(float x) {
 //
 // The max is fmaxf (one FMNMX) over four independent partial maxima instead
 // of softmax_max's NaN-propagating compare-and-select chain (three dependent
-// instructions per element). fmaxf drops a NaN score, so m' stays finite
-// (or -inf), but the NaN still reaches the output through the sum: its own
+// instructions per element). fmaxf drops a NaN score, so m' is never NaN (the
+// running max starts at -inf; a tile of only NaN and -inf scores leaves it as
+// it was), but the NaN still reaches the output through the sum: its own
 // P = exp2(NaN * c - m' c) is NaN (FFMA and MUFU.EX2 propagate it), hence the
 // row sum l, lse = ln(l) + scale m and, through P V (NaN times any v, also 0),
 // every O element of the row are NaN, and later tiles keep them NaN
-// (NaN * alpha, also for alpha = 0). A row whose scores are all NaN or -inf
-// has m' = -inf, shift 0, and the same NaN P. Emulator section `nan` pins
-// this with one NaN score among finite ones (a NaN in one k row).
+// (NaN * alpha, also for alpha = 0). Emulator section `nan` pins this with one
+// NaN score among finite ones (a NaN in one k row), and mutations.py checks
+// that it fails when a NaN score's P is dropped.
 template <int NT, typename Score>
 __device__ __forceinline__ float online_softmax_row(Score score, float& row_max, float c, float& alpha) {
   static_assert(NT % 2 == 0, "pairs of n8 blocks feed the partial maxima");
-  float part[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
+  float part[4] = {score(0, 0), score(0, 1), score(1, 0), score(1, 1)};
 #pragma unroll
-  for (int i = 0; i < NT; i += 2) {
+  for (int i = 2; i < NT; i += 2) {
     part[0] = fmaxf(part[0], score(i, 0));
     part[1] = fmaxf(part[1], score(i, 1));
     part[2] = fmaxf(part[2], score(i + 1, 0));
