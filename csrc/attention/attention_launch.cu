@@ -37,11 +37,17 @@ bool row_vectors_ok(const Tensor& t, int64_t elem_bytes) {
   return rows_aligned(t.ptr, t.stride_b, t.stride_s, t.stride_h, elem_bytes, 16);
 }
 
+// The row kernels index a block's rows (up to kTokens tokens x batch x heads) in 32 bits.
+bool rows_per_block_fit(const AttentionParams& P) {
+  return (P.seq < kTokens ? P.seq : kTokens) * P.batch * P.heads <= int64_t(UINT32_MAX);
+}
+
 template <typename T, int D>
 cudaError_t forward_typed(const AttentionParams& P, const AttentionScratch& s, cudaStream_t stream) {
   if (!rows_aligned(P.out.ptr, P.out.stride_b, P.out.stride_s, P.out.stride_h, sizeof(T), 4))
     return cudaErrorMisalignedAddress;
   if (!row_vectors_ok(P.q, sizeof(T)) || !row_vectors_ok(P.k, sizeof(T))) return cudaErrorMisalignedAddress;
+  if (!rows_per_block_fit(P)) return cudaErrorInvalidValue;
   const unsigned blocks = unsigned(ceil_div(P.seq, kTokens));
   const bool table_in_dtype = P.has_rope && P.rope.mode == RopeMode::kTable && P.rope_table_dtype != DType::kFloat;
   const cudaError_t err =
@@ -60,6 +66,7 @@ cudaError_t backward_typed(const AttentionParams& P, const AttentionScratch& s, 
       !row_vectors_ok(P.grad_out, sizeof(T)) || !row_vectors_ok(P.grad_q, sizeof(T)) ||
       !row_vectors_ok(P.grad_k, sizeof(T)))
     return cudaErrorMisalignedAddress;
+  if (!rows_per_block_fit(P)) return cudaErrorInvalidValue;
   const int64_t n_blocks = ceil_div(P.seq, kTokens);
   const bool table_in_dtype = P.has_rope && P.rope.mode == RopeMode::kTable && P.rope_table_dtype != DType::kFloat;
   const unsigned blocks = unsigned(n_blocks);

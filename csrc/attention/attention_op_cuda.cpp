@@ -44,6 +44,9 @@ struct CudaBackend {
                       ": q's head_dim must be ", attention_head_dims_text(), " on CUDA, got ", P.head_dim);
     // The kernels index tokens with 32-bit integers (and TMA coordinates are 32-bit).
     TORCH_CHECK_VALUE(P.seq < (int64_t(1) << 30), op, ": q's seq must be below 2**30 on CUDA, got ", P.seq);
+    // The row kernels index a block's rows (16 tokens x batch x heads) in 32 bits.
+    TORCH_CHECK_VALUE(P.batch * P.heads < (int64_t(1) << 28), op,
+                      ": q's batch * heads must be below 2**28 on CUDA, got ", P.batch * P.heads);
   }
 
   static void forward(const AttentionParams& params, const at::Tensor& q) {

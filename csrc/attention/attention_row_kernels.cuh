@@ -19,7 +19,7 @@
 #include <cuda_fp16.h>
 
 #include "attention/attention_launch.h"
-#include "common/multi_tensor.h"  // mt_load / mt_store: the 16-byte vector accesses
+#include "common/multi_tensor.h"  // mt_load, MtVec: the 16-byte vector accesses
 
 namespace cogkern::rows {
 
@@ -63,18 +63,23 @@ __device__ __forceinline__ RowLane row_lane() {
   return {int(threadIdx.x) / 32, lane / RowLanes<D>::kLanes, lane % RowLanes<D>::kLanes};
 }
 
-// Row `row` of the block's ntok * batch * heads rows (heads fastest, then batch, then token).
+// Row `row` of the block's ntok * batch * heads rows (heads fastest, then batch,
+// then token). 32-bit divisions: inline, where 64-bit ones are calls, across
+// which the epilogue's partial sums would spill. The launcher checks that a
+// block's rows fit (rows_per_block_fit).
 struct RowIndex {
   int64_t b, s, h, bh;
   int t;  // token within the block
 };
-__device__ __forceinline__ RowIndex row_index(const AttentionParams& P, int64_t tok0, int64_t row) {
+__device__ __forceinline__ RowIndex row_index(const AttentionParams& P, int64_t tok0, uint32_t row) {
+  const uint32_t heads = uint32_t(P.heads), batch = uint32_t(P.batch);
+  const uint32_t bh = row % (heads * batch);
   RowIndex r;
-  r.h = row % P.heads;
-  r.b = (row / P.heads) % P.batch;
-  r.t = int(row / (P.heads * P.batch));
+  r.h = bh % heads;
+  r.b = bh / heads;
+  r.t = int(row / (heads * batch));
   r.s = tok0 + r.t;
-  r.bh = r.b * P.heads + r.h;
+  r.bh = bh;
   return r;
 }
 
@@ -87,7 +92,7 @@ __device__ __forceinline__ void for_warp_rows(int64_t rows, const RowLane& l, F 
   constexpr int kRows = RowLanes<D>::kRows;
   for (int64_t row0 = int64_t(l.warp) * kRows; row0 < rows; row0 += kRowWarps * kRows) {
     const int64_t row = row0 + l.seg;
-    f(row < rows ? row : row0, row < rows);
+    f(uint32_t(row < rows ? row : row0), row < rows);
   }
 }
 
@@ -169,12 +174,28 @@ __device__ __forceinline__ void load_row(float (&x)[kRowVec], const T* row, int 
 #pragma unroll
   for (int k = 0; k < kRowVec; ++k) x[k] = to_acc<float>(raw[k]);
 }
+// One 16-byte store of the lane's 8 channels. On the GPU in PTX: NVVM splits a
+// plain 16-byte store here (of the 16-bit array, a memcpy-ed or a built uint4)
+// into four 32-bit ones, and __stwb's st.global.wb becomes a STRONG.SM store.
 template <typename T>
 __device__ __forceinline__ void store_row(T* row, int sub, const float (&x)[kRowVec]) {
-  T raw[kRowVec];
+  static_assert(sizeof(T) == 2, "16-bit rows: 8 channels are 16 bytes");
+  uint32_t w[kRowVec / 2];
 #pragma unroll
-  for (int k = 0; k < kRowVec; ++k) raw[k] = from_acc<T>(x[k]);
-  mt_store<T, kRowVec>(row + sub * kRowVec, kRowVec, /*vector_ok=*/true, raw);
+  for (int j = 0; j < kRowVec / 2; ++j) {
+    const T lo = from_acc<T>(x[2 * j]), hi = from_acc<T>(x[2 * j + 1]);
+    uint16_t lo_bits, hi_bits;
+    memcpy(&lo_bits, &lo, sizeof(lo_bits));
+    memcpy(&hi_bits, &hi, sizeof(hi_bits));
+    w[j] = uint32_t(lo_bits) | (uint32_t(hi_bits) << 16);
+  }
+#if defined(__CUDA_ARCH__)
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"l"(row + sub * kRowVec), "r"(w[0]), "r"(w[1]),
+               "r"(w[2]), "r"(w[3])
+               : "memory");
+#else
+  memcpy(row + sub * kRowVec, w, sizeof(w));
+#endif
 }
 
 // which: 0 = q, 1 = k. Computes R(norm(x)) of row r into x.
@@ -205,7 +226,7 @@ __global__ void __launch_bounds__(kRowThreads) attention_prologue_kernel(const A
   load_row_tables<table_t, D>(sh, P, tok0, ntok);
 
   const RowLane l = row_lane<D>();
-  for_warp_rows<D>(int64_t(ntok) * P.batch * P.heads, l, [&](int64_t row, bool active) {
+  for_warp_rows<D>(int64_t(ntok) * P.batch * P.heads, l, [&](uint32_t row, bool active) {
     const RowIndex r = row_index(P, tok0, row);
 #pragma unroll
     for (int which = 0; which < 2; ++which) {
@@ -252,10 +273,19 @@ __global__ void __launch_bounds__(kRowThreads) attention_epilogue_kernel(const A
     for (int k = 0; k < kRowVec; ++k) part[j][k] = 0.f;
   }
 
-  for_warp_rows<D>(int64_t(ntok) * P.batch * P.heads, l, [&](int64_t row, bool active) {
+  for_warp_rows<D>(int64_t(ntok) * P.batch * P.heads, l, [&](uint32_t row, bool active) {
     const RowIndex r = row_index(P, tok0, row);
 #pragma unroll
     for (int which = 0; which < 2; ++which) {
+      // The norm's row statistics first: their sqrt and division have slow-path calls,
+      // across which fewer live values (no dy yet) keep the partial sums in registers.
+      float x[kRowVec];
+      RowNormStats<float> st{};
+      if (norm) {
+        const BshdTensor& src = which == 0 ? P.q : P.k;
+        load_row<T>(x, static_cast<const T*>(src.ptr) + src.offset(r.b, r.s, r.h), l.sub);
+        st = row_stats<D>(P.norm, x, P.norm_eps);
+      }
       const float* grad_hat = (which == 0 ? scratch.dq_hat : scratch.dk_hat) + (r.bh * P.seq + r.s) * D;
       float dy[kRowVec];
       load_row<float>(dy, grad_hat, l.sub);
@@ -266,10 +296,6 @@ __global__ void __launch_bounds__(kRowThreads) attention_epilogue_kernel(const A
         if (active) store_row<T>(dst, l.sub, dy);
         continue;
       }
-      const BshdTensor& src = which == 0 ? P.q : P.k;
-      float x[kRowVec];
-      load_row<T>(x, static_cast<const T*>(src.ptr) + src.offset(r.b, r.s, r.h), l.sub);
-      const RowNormStats<float> st = row_stats<D>(P.norm, x, P.norm_eps);
       const NormParams& np = which == 0 ? P.q_norm : P.k_norm;
       const float* w = sh.norm_w[2 * which];
       float xhat[kRowVec], gvals[kRowVec];
