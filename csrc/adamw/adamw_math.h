@@ -345,11 +345,19 @@ struct GradCheckChunk {
     for (int64_t i0 = begin + int64_t(lane) * N; i0 < end; i0 += load_stride * LOADS) {
       T g_raw[LOADS][N];
       int64_t n[LOADS];
+      if (vec && i0 + (LOADS - 1) * load_stride + N <= end) {  // every trip but a chunk's last: straight vector loads
 #pragma unroll
-      for (int j = 0; j < LOADS; ++j) {
-        const int64_t i = i0 + j * load_stride;
-        n[j] = end - i < N ? (end > i ? end - i : 0) : N;
-        mt_load<T, N>(grad + (n[j] > 0 ? i : begin), n[j], vec, g_raw[j], zero);
+        for (int j = 0; j < LOADS; ++j) {
+          n[j] = N;
+          mt_load<T, N>(grad + i0 + j * load_stride, N, true, g_raw[j], zero);
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < LOADS; ++j) {
+          const int64_t i = i0 + j * load_stride;
+          n[j] = end - i < N ? (end > i ? end - i : 0) : N;
+          mt_load<T, N>(grad + (n[j] > 0 ? i : begin), n[j], vec, g_raw[j], zero);
+        }
       }
 #pragma unroll
       for (int j = 0; j < LOADS; ++j) {
