@@ -101,12 +101,13 @@ inline void append_tensor(AdamWLaunch& L, AdamWTensor t, size_t elem_bytes) {
   L.tensors[L.num_tensors++] = t;
   L.num_chunks += chunks_of(t.numel);
 }
-inline void append_tensor(GradCheckLaunch& L, void* grad, int64_t numel, size_t elem_bytes) {
+inline void append_tensor(GradCheckLaunch& L, void* grad, int64_t numel, size_t /*elem_bytes: 16-byte rule for all*/) {
   GradCheckTensor& d = L.tensors[L.num_tensors++];
   d.grad = grad;
   d.numel = numel;
   d.chunk_begin = L.num_chunks;
-  d.vector_ok = reinterpret_cast<uintptr_t>(grad) % kGradCheckVectorBytes == 0;  // every chunk then, too
+  // Chunks start at multiples of kMultiTensorChunk elements: aligned when the tensor is.
+  d.vector_ok = reinterpret_cast<uintptr_t>(grad) % kGradCheckVectorBytes == 0;
   L.num_chunks += chunks_of(numel);
 }
 
