@@ -69,11 +69,16 @@ __device__ float2 block_sum_max(float s, float f) {
   return make_float2(s, f);
 }
 
+// The grad check streams each gradient once: 16 bytes per lane and load
+// (kGradCheckVectorBytes), kGradCheckLoads loads in flight per lane.
+constexpr int kGradCheckLoads = 4;
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) grad_check_kernel(const __grid_constant__ GradCheckLaunch L) {
+  using Chunk = GradCheckChunk<T, int(kGradCheckVectorBytes / sizeof(T)), kGradCheckLoads>;
   for (int64_t c = blockIdx.x; c < L.num_chunks; c += gridDim.x) {
     const int t = find_chunk_owner(L.num_tensors, c, [&](int i) { return L.tensors[i].chunk_begin; });
-    const GradCheckPartial p = GradCheckChunk<T>{}(L, t, c - L.tensors[t].chunk_begin, threadIdx.x, blockDim.x);
+    const GradCheckPartial p = Chunk{}(L, t, c - L.tensors[t].chunk_begin, threadIdx.x, blockDim.x);
     const float2 r = block_sum_max(p.sumsq, p.nonfinite);
     if (threadIdx.x == 0) {
       L.partials[2 * c] = r.x;

@@ -27,6 +27,10 @@ namespace cogkern {
 constexpr int kAdamWMaxTensors = 224;
 constexpr int kAdamWMaxGroups = 24;
 constexpr int kGradCheckMaxTensors = 768;
+// The grad check's CUDA kernel loads 16 bytes per lane (GradCheckChunk's N = 16 / sizeof(T)): a
+// tensor takes the vector path when its start is 16-byte aligned (chunks and lane offsets are
+// multiples of N elements), else element loads.
+constexpr size_t kGradCheckVectorBytes = 16;
 
 // Slots of the step-scalar buffer (float32 on the params' device).
 enum StepScalar : int { kFoundInf = 0, kInvScale = 1, kClipCoef = 2, kGradNorm = 3, kNumStepScalars = 4 };
@@ -97,12 +101,13 @@ inline void append_tensor(AdamWLaunch& L, AdamWTensor t, size_t elem_bytes) {
   L.tensors[L.num_tensors++] = t;
   L.num_chunks += chunks_of(t.numel);
 }
-inline void append_tensor(GradCheckLaunch& L, void* grad, int64_t numel, size_t elem_bytes) {
+inline void append_tensor(GradCheckLaunch& L, void* grad, int64_t numel, size_t /*elem_bytes: 16-byte rule for all*/) {
   GradCheckTensor& d = L.tensors[L.num_tensors++];
   d.grad = grad;
   d.numel = numel;
   d.chunk_begin = L.num_chunks;
-  d.vector_ok = vector_aligned(grad, elem_bytes);
+  // Chunks start at multiples of kMultiTensorChunk elements: aligned when the tensor is.
+  d.vector_ok = reinterpret_cast<uintptr_t>(grad) % kGradCheckVectorBytes == 0;
   L.num_chunks += chunks_of(numel);
 }
 
@@ -316,8 +321,14 @@ CK_HD float inv_loss_scale(const float* scale) {
 
 // Read-only unless unscale_inplace: finds inf/NaN in the (scaled) gradients and
 // sums the squares of the unscaled ones (N running sums, added in order at the
-// end, so that the CPU loop vectorizes; deterministic for a given N).
-template <typename T, int N = kMultiTensorILP>
+// end, so that the CPU loop vectorizes; deterministic for a given N, LOADS and
+// lane count). N: elements per load (the CUDA kernel: 16 bytes, the CPU
+// backend: a SIMD register's worth); LOADS: loads a lane issues before it uses
+// any (the CUDA kernel keeps several in flight), at lane offsets nlanes * N apart
+// so that every load of a warp stays coalesced. Running sum k adds its elements
+// in index order. Missing elements (the chunk's tail) count as zeros, which
+// leave the sums as they are.
+template <typename T, int N = kMultiTensorILP, int LOADS = 1>
 struct GradCheckChunk {
   CK_HD GradCheckPartial operator()(const GradCheckLaunch& L, int t, int64_t chunk, int lane, int nlanes) const {
     const GradCheckTensor& d = L.tensors[t];
@@ -327,26 +338,43 @@ struct GradCheckChunk {
     const int64_t begin = chunk * kMultiTensorChunk;
     const int64_t end = begin + kMultiTensorChunk < d.numel ? begin + kMultiTensorChunk : d.numel;
     const T zero = from_acc<T>(0.0f);
+    const int64_t load_stride = int64_t(nlanes) * N;  // between a lane's loads
     float sumsq[N];
     uint32_t nonfinite = 0;
 #pragma unroll
     for (int k = 0; k < N; ++k) sumsq[k] = 0.0f;
-    for (int64_t i = begin + int64_t(lane) * N; i < end; i += int64_t(nlanes) * N) {
-      const int64_t n = end - i < N ? end - i : N;
-      T g_raw[N];
-      mt_load<T, N>(grad + i, n, vec, g_raw, zero);
-      float u[N];
+    for (int64_t i0 = begin + int64_t(lane) * N; i0 < end; i0 += load_stride * LOADS) {
+      T g_raw[LOADS][N];
+      int64_t n[LOADS];
+      if (vec && i0 + (LOADS - 1) * load_stride + N <= end) {  // every trip but a chunk's last: straight vector loads
 #pragma unroll
-      for (int k = 0; k < N; ++k) {
-        const float g = to_acc<float>(g_raw[k]);
-        nonfinite |= uint32_t(!is_finite_acc(g));
-        u[k] = mul_rn(g, inv_scale);
-        sumsq[k] = add_rn(sumsq[k], mul_rn(u[k], u[k]));
+        for (int j = 0; j < LOADS; ++j) {
+          n[j] = N;
+          mt_load<T, N>(grad + i0 + j * load_stride, N, true, g_raw[j], zero);
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < LOADS; ++j) {
+          const int64_t i = i0 + j * load_stride;
+          n[j] = end - i < N ? (end > i ? end - i : 0) : N;
+          mt_load<T, N>(grad + (n[j] > 0 ? i : begin), n[j], vec, g_raw[j], zero);
+        }
       }
-      if (L.unscale_inplace) {  // a separate pass keeps the loop above branch-free
 #pragma unroll
-        for (int k = 0; k < N; ++k) g_raw[k] = from_acc<T>(u[k]);
-        mt_store<T, N>(grad + i, n, vec, g_raw);
+      for (int j = 0; j < LOADS; ++j) {
+        float u[N];
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+          const float g = to_acc<float>(g_raw[j][k]);
+          nonfinite |= uint32_t(!is_finite_acc(g));
+          u[k] = mul_rn(g, inv_scale);
+          sumsq[k] = add_rn(sumsq[k], mul_rn(u[k], u[k]));
+        }
+        if (L.unscale_inplace) {  // a separate pass keeps the loop above branch-free
+#pragma unroll
+          for (int k = 0; k < N; ++k) g_raw[j][k] = from_acc<T>(u[k]);
+          mt_store<T, N>(grad + (n[j] > 0 ? i0 + j * load_stride : begin), n[j], vec, g_raw[j]);
+        }
       }
     }
     GradCheckPartial r;

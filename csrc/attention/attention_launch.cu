@@ -30,10 +30,24 @@ bool rows_aligned(const void* ptr, int64_t sb, int64_t ss, int64_t sh, int64_t e
          sh % elems == 0;
 }
 
+// The row kernels move 16 bytes per lane: every row they read or write must be 16-byte aligned
+// (the op glue passes a contiguous copy of an input that is not, attention_op_cuda.cpp).
+template <typename Tensor>
+bool row_vectors_ok(const Tensor& t, int64_t elem_bytes) {
+  return rows_aligned(t.ptr, t.stride_b, t.stride_s, t.stride_h, elem_bytes, 16);
+}
+
+// The row kernels index a block's rows (up to kTokens tokens x batch x heads) in 32 bits.
+bool rows_per_block_fit(const AttentionParams& P) {
+  return (P.seq < kTokens ? P.seq : kTokens) * P.batch * P.heads <= int64_t(UINT32_MAX);
+}
+
 template <typename T, int D>
 cudaError_t forward_typed(const AttentionParams& P, const AttentionScratch& s, cudaStream_t stream) {
   if (!rows_aligned(P.out.ptr, P.out.stride_b, P.out.stride_s, P.out.stride_h, sizeof(T), 4))
     return cudaErrorMisalignedAddress;
+  if (!row_vectors_ok(P.q, sizeof(T)) || !row_vectors_ok(P.k, sizeof(T))) return cudaErrorMisalignedAddress;
+  if (!rows_per_block_fit(P)) return cudaErrorInvalidValue;
   const unsigned blocks = unsigned(ceil_div(P.seq, kTokens));
   const bool table_in_dtype = P.has_rope && P.rope.mode == RopeMode::kTable && P.rope_table_dtype != DType::kFloat;
   const cudaError_t err =
@@ -48,6 +62,11 @@ cudaError_t backward_typed(const AttentionParams& P, const AttentionScratch& s, 
                            cudaStream_t stream) {
   if (!rows_aligned(P.grad_v.ptr, P.grad_v.stride_b, P.grad_v.stride_s, P.grad_v.stride_h, sizeof(T), 4))
     return cudaErrorMisalignedAddress;
+  if (!row_vectors_ok(P.q, sizeof(T)) || !row_vectors_ok(P.k, sizeof(T)) || !row_vectors_ok(P.out_saved, sizeof(T)) ||
+      !row_vectors_ok(P.grad_out, sizeof(T)) || !row_vectors_ok(P.grad_q, sizeof(T)) ||
+      !row_vectors_ok(P.grad_k, sizeof(T)))
+    return cudaErrorMisalignedAddress;
+  if (!rows_per_block_fit(P)) return cudaErrorInvalidValue;
   const int64_t n_blocks = ceil_div(P.seq, kTokens);
   const bool table_in_dtype = P.has_rope && P.rope.mode == RopeMode::kTable && P.rope_table_dtype != DType::kFloat;
   const unsigned blocks = unsigned(n_blocks);

@@ -30,11 +30,15 @@ int64_t attention_norm_partial_blocks(const AttentionParams& P);
 // caller passes a contiguous copy.
 bool attention_rows_loadable(const BshdTensor& t, const AttentionParams& P);
 
-// Forward: writes P.out and P.lse (float). P.v must satisfy attention_rows_loadable.
+// Forward: writes P.out and P.lse (float). P.v must satisfy attention_rows_loadable,
+// and the rows of P.q, P.k start on 16-byte boundaries (the row kernels'
+// vector loads); else cudaErrorMisalignedAddress, before any launch.
 cudaError_t launch_attention_forward(const AttentionParams& P, const AttentionScratch& scratch, cudaStream_t stream);
 
 // Backward: writes P.grad_q, grad_k, grad_v and the norm parameter grads
-// (float, overwritten). P.v and P.grad_out must satisfy attention_rows_loadable.
+// (float, overwritten). P.v and P.grad_out must satisfy attention_rows_loadable,
+// and the rows of P.q, P.k, P.out_saved, P.grad_q, P.grad_k start on 16-byte
+// boundaries; else cudaErrorMisalignedAddress, before any launch.
 // deterministic: bitwise reproducible (dq^ without atomics, at the cost of
 // recomputing the scores in a second kernel).
 cudaError_t launch_attention_backward(const AttentionParams& P, const AttentionScratch& scratch, bool deterministic,

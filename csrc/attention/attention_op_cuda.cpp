@@ -44,13 +44,18 @@ struct CudaBackend {
                       ": q's head_dim must be ", attention_head_dims_text(), " on CUDA, got ", P.head_dim);
     // The kernels index tokens with 32-bit integers (and TMA coordinates are 32-bit).
     TORCH_CHECK_VALUE(P.seq < (int64_t(1) << 30), op, ": q's seq must be below 2**30 on CUDA, got ", P.seq);
+    // The row kernels index a block's rows (16 tokens x batch x heads) in 32 bits.
+    TORCH_CHECK_VALUE(P.batch * P.heads < (int64_t(1) << 28), op,
+                      ": q's batch * heads must be below 2**28 on CUDA, got ", P.batch * P.heads);
   }
 
   static void forward(const AttentionParams& params, const at::Tensor& q) {
     check_supported("fused_attention", params);  // again: forward() must never launch on unsupported input
     const c10::cuda::CUDAGuard guard(q.device());
     AttentionParams P = params;
-    at::Tensor v_copy;
+    at::Tensor q_copy, k_copy, v_copy;
+    P.q = loadable_rows(P.q, P, q, q_copy);  // the row kernels' 16-byte loads
+    P.k = loadable_rows(P.k, P, q, k_copy);
     P.v = loadable_rows(P.v, P, q, v_copy);
 
     const auto shape = {P.batch, P.heads, P.seq, P.head_dim};
@@ -65,9 +70,12 @@ struct CudaBackend {
     check_supported("fused_attention_bwd", params);
     const c10::cuda::CUDAGuard guard(q.device());
     AttentionParams P = params;
-    at::Tensor v_copy, grad_out_copy;
+    at::Tensor q_copy, k_copy, v_copy, grad_out_copy, out_copy;
+    P.q = loadable_rows(P.q, P, q, q_copy);  // the row kernels' 16-byte loads
+    P.k = loadable_rows(P.k, P, q, k_copy);
     P.v = loadable_rows(P.v, P, q, v_copy);
     P.grad_out = loadable_rows(P.grad_out, P, q, grad_out_copy);
+    P.out_saved = loadable_rows(P.out_saved, P, q, out_copy);
 
     const auto shape = {P.batch, P.heads, P.seq, P.head_dim};
     const auto f32 = q.options().dtype(at::kFloat);

@@ -149,6 +149,12 @@ MUTATIONS = [
     M("launcher: the atomic-dq backward on a GPU whose shared memory it does not fit", "attention/attention_launch.cu",
       (delete("atomic-dq-fits"),),
       ("--only", "device"), r"cudaFuncSetAttribute refused \(cudaErrorInvalidValue\): 107008 bytes"),
+    # The online softmax's NaN path: its max (fmaxf) drops a NaN score, so the score's own
+    # exponential must carry it; the NaN-in-one-k-row check catches P = 0 for a NaN score.
+    M("online softmax: a NaN score's exponential dropped (P = 0)", "attention/flash/flash_common.cuh",
+      (replace("softmax-nan-exp", "return fast_exp2(fmaf(s, c, -shift));",
+               "return s == s ? fast_exp2(fmaf(s, c, -shift)) : 0.f;"),),
+      ("--only", "nan"), r"(?m)^FAIL .*NaN in one k row"),
     # The optimizer's and the RoPE op's kernels.
     M("optimizer: block reduction reads the other warps' partials before they are written",
       "adamw/adamw_kernels.cuh", (delete("optim-reduce-barrier"),),

@@ -343,12 +343,13 @@ def probe_suite(lib):
 
 
 def optim_state(dtype, master, sizes, g):
-    """Params (one a misaligned view), grads, moments mid-training, steps: a fresh copy each call."""
+    """Params and grads (one of each a misaligned view), moments mid-training, steps: a fresh copy each call."""
     state = []
     for i, n in enumerate(sizes):
         base = torch.randn(n + 1, generator=g).to(dtype)
         p = base[1:] if i == 2 else base[:n]  # tensor 2 starts one element in: no vector access
-        grad = (torch.randn(n, generator=g) * 3).to(dtype)
+        grad = (torch.randn(n + 1, generator=g) * 3).to(dtype)
+        grad = grad[1:] if i == 5 else grad[:n]  # grad 5 starts one element in: the grad check's element path
         m = torch.randn(n, generator=g) * 0.1
         v = torch.rand(n, generator=g) * 0.01
         mw = p.float() + torch.randn(n, generator=g) * 1e-4 if master else None
@@ -650,6 +651,22 @@ def main():
         nan_ok = bool(torch.isnan(out[0, 7, 1]).all()) and int(torch.isnan(out).sum()) == 64
         print(f"{'ok  ' if nan_ok else 'FAIL'} {label}NaN in one q row -> NaN in exactly that output row "
               f"({int(torch.isnan(out).sum())} NaNs)", flush=True)
+        fails += not nan_ok
+    # NaN in one k row: one NaN score among finite ones in every row of that head. The
+    # kernels' max (fmaxf) drops it, so only its exponential carries it into l, lse and O
+    # (online_softmax_row in flash_common.cuh): every output row and lse of head 0 NaN, head 1 clean.
+    c = make_case(1, 40, 2, 64, 0, "layer_norm", "none")
+    c["k"][0, 23, 0, 5] = float("nan")
+    for mode, label in nan_modes:
+        lib.emu_set_sm90_forward(mode)
+        try:
+            out, lse = emu_run(lib, c, torch.float16, False, False)[:2]
+        finally:
+            lib.emu_set_sm90_forward(0)
+        nan_ok = (bool(torch.isnan(out[0, :, 0]).all()) and not bool(torch.isnan(out[0, :, 1]).any())
+                  and bool(torch.isnan(lse[0, 0]).all()) and not bool(torch.isnan(lse[0, 1]).any()))
+        print(f"{'ok  ' if nan_ok else 'FAIL'} {label}NaN in one k row -> NaN in every output row and lse of "
+              f"that head, none in the other ({int(torch.isnan(out).sum())} NaNs)", flush=True)
         fails += not nan_ok
     if "device" in only:
         fails += device_suite(lib)

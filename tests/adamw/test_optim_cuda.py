@@ -366,3 +366,35 @@ def test_cuda_bad_input_is_refused_before_launch():
         torch.ops.cogkern.fused_adamw_([p], [torch.randn(8, device="cuda")], [torch.zeros(8)], [m], [],
                                        [torch.zeros((), device="cuda")], [0], [0], [1e-3], [None], [0.9], [0.999],
                                        [1e-8], [0.0], None, 0, False)
+
+
+# ----------------------------------------------------------------------------- the grad check's loads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_grad_check_of_misaligned_and_odd_sized_grads(dtype):
+    """The grad check loads 16 bytes per lane, several in flight, when a grad starts on a 16-byte
+    boundary, and element by element otherwise: grads starting 0..7 elements past a boundary, sizes
+    that leave tails (and one past a chunk), give the float64 norm within float32 rounding, bitwise
+    the same on a rerun, and an inf or NaN is found wherever it sits."""
+    g = torch.Generator().manual_seed(5)
+    sizes = (1, 7, 37, 32768 + 3, 1000, 9, 70001, 15)
+    grads = [(torch.randn(n + off, generator=g) * 3).to(dtype).cuda()[off:] for off, n in enumerate(sizes)]
+    scale = torch.tensor([4.0], device="cuda")
+
+    def check(gs):
+        out = torch.zeros(4, device="cuda")
+        torch.ops.cogkern.amp_grad_check_(gs, scale, None, 0.0, True, False, out)
+        return out.cpu()
+
+    ref = math.sqrt(sum(float(((t.double() / 4.0) ** 2).sum()) for t in grads))
+    first, again = check(grads), check(grads)
+    assert torch.equal(first, again), "the norm's summation order must not change run to run"
+    assert first[0].item() == 0.0
+    assert first[3].item() == pytest.approx(ref, rel=1e-5)
+    for i, where in ((5, 8), (6, 70000), (1, 0), (3, 32768 + 2)):  # tails, misaligned starts, chunk tail
+        for bad in (math.inf, math.nan):
+            gs = [t.clone() if j == i else t for j, t in enumerate(grads)]
+            gs[i] = torch.cat([torch.zeros(1 + i % 7, dtype=dtype, device="cuda"), gs[i]])[1 + i % 7:]
+            gs[i][where] = bad
+            assert check(gs)[0].item() == 1.0, (i, where, bad)

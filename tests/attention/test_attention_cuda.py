@@ -238,6 +238,42 @@ def test_nan_in_one_query_row_stays_in_that_row():
     assert int(torch.isnan(out).sum()) == 64
 
 
+@needs_kernel
+@pytest.mark.parametrize("forward, backward", KERNEL_PAIRS)
+def test_nan_in_one_key_row_makes_every_row_of_its_head_nan(monkeypatch, forward, backward):
+    """One NaN score among finite ones in every query row of head 0: the kernels' row max (fmaxf)
+    drops it, so only its exponential carries it into l, lse and O (flash_common.cuh)."""
+    _use_kernels(monkeypatch, forward, backward)
+    q, k, v = (torch.randn(1, 300, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    k[0, 123, 0, 5] = float("nan")
+    out, lse = cogkern.fused_attention(q, k, v, return_lse=True)
+    assert torch.isnan(out[0, :, 0]).all() and not torch.isnan(out[0, :, 1]).any()
+    assert torch.isnan(lse[0, 0]).all() and not torch.isnan(lse[0, 1]).any()
+
+
+@needs_kernel
+@pytest.mark.parametrize("head_dim", CUDA_HEAD_DIMS)
+def test_rows_not_16_byte_aligned_give_their_contiguous_copies_results(deterministic_algorithms, head_dim):
+    """The row kernels load and store 16 bytes per lane: q, k and grad_out views whose rows start
+    2 bytes past a 16-byte boundary go through contiguous copies, bit for bit their results."""
+    def offset_view(shape):
+        return torch.randn(*shape[:3], shape[3] + 1, device="cuda", dtype=torch.float16)[..., 1:]
+
+    shape = (2, 77, 3, head_dim)
+    q, k, v, grad_out = (offset_view(shape) for _ in range(4))
+    w = [torch.randn(head_dim, device="cuda") for _ in range(2)]
+    results = []
+    for tensors in ((q, k, v, grad_out), tuple(t.contiguous() for t in (q, k, v, grad_out))):
+        leaves = [t.detach().clone() if t.is_contiguous() else t.detach() for t in tensors[:3]]
+        leaves = [t.requires_grad_() for t in leaves]
+        weights = [t.clone().requires_grad_() for t in w]
+        out = cogkern.fused_attention(*leaves, qk_norm="rms_norm", q_norm_weight=weights[0], k_norm_weight=weights[1])
+        out.backward(tensors[3])
+        results.append([out] + [t.grad for t in leaves + weights])
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dqw", "dkw"), *results):
+        assert torch.equal(a, b), name
+
+
 # ----------------------------------------------------------------------------- Hopper (wgmma) forward
 
 

@@ -192,16 +192,63 @@ __device__ __forceinline__ QueryTileBlock<T, D> query_tile_block(const FlashArgs
 }
 
 // Reductions over the 4 lanes of a quad (the lanes holding one C row).
+// fmaxf drops a NaN; online_softmax_row says why the NaN reaches the output anyway.
 __device__ __forceinline__ float quad_max(float x) {
-  // NaN-propagating like softmax_max: fmaxf would drop a NaN.
-  x = softmax_max<float>(x, __shfl_xor_sync(0xffffffffu, x, 1));
-  x = softmax_max<float>(x, __shfl_xor_sync(0xffffffffu, x, 2));
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
   return x;
 }
 __device__ __forceinline__ float quad_sum(float x) {
   x += __shfl_xor_sync(0xffffffffu, x, 1);
   x += __shfl_xor_sync(0xffffffffu, x, 2);
   return x;
+}
+
+// The online-softmax step of one C-fragment row over a key tile, shared by the
+// mma.sync forward and the Hopper forwards (Sm90RowSoftmax). score(i, j) is a
+// reference to the thread's element j (0, 1) of n8 block i of the row (masked
+// already); it is overwritten with P = exp2(s c - m' c). Updates the running
+// max; returns the tile's partial sum (this thread's share) and sets alpha,
+// the factor by which the old sum and O must shrink.
+//
+// The max is fmaxf (one FMNMX) over four independent partial maxima instead
+// of softmax_max's NaN-propagating compare-and-select chain (three dependent
+// instructions per element). fmaxf drops a NaN score, so m' is never NaN (the
+// running max starts at -inf; a tile of only NaN and -inf scores leaves it as
+// it was), but the NaN still reaches the output through the sum: its own
+// P = exp2(NaN * c - m' c) is NaN (FFMA and MUFU.EX2 propagate it), hence the
+// row sum l, lse = ln(l) + scale m and, through P V (NaN times any v, also 0),
+// every O element of the row are NaN, and later tiles keep them NaN
+// (NaN * alpha, also for alpha = 0). Emulator section `nan` pins this with one
+// NaN score among finite ones (a NaN in one k row), and mutations.py checks
+// that it fails when a NaN score's P is dropped.
+template <int NT, typename Score>
+__device__ __forceinline__ float online_softmax_row(Score score, float& row_max, float c, float& alpha) {
+  static_assert(NT % 2 == 0, "pairs of n8 blocks feed the partial maxima");
+  float part[4] = {score(0, 0), score(0, 1), score(1, 0), score(1, 1)};
+#pragma unroll
+  for (int i = 2; i < NT; i += 2) {
+    part[0] = fmaxf(part[0], score(i, 0));
+    part[1] = fmaxf(part[1], score(i, 1));
+    part[2] = fmaxf(part[2], score(i + 1, 0));
+    part[3] = fmaxf(part[3], score(i + 1, 1));
+  }
+  const float tile_max = quad_max(fmaxf(fmaxf(part[0], part[1]), fmaxf(part[2], part[3])));
+  const float new_max = fmaxf(row_max, tile_max);
+  alpha = softmax_rescale<float>(row_max, new_max, c);
+  const float shift = softmax_shift<float>(new_max, c);
+  const auto p_of = [&](float s) { return fast_exp2(fmaf(s, c, -shift)); };  // [mut:softmax-nan-exp]
+  float sum = 0.f;
+#pragma unroll
+  for (int i = 0; i < NT; ++i) {
+    float& s0 = score(i, 0);
+    float& s1 = score(i, 1);
+    s0 = p_of(s0);
+    s1 = p_of(s1);
+    sum += s0 + s1;
+  }
+  row_max = new_max;
+  return sum;
 }
 
 // Stores two adjacent elements (2 x 16 bits) with one 32-bit store.

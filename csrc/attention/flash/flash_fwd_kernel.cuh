@@ -13,8 +13,8 @@
 // layout note in flash_common.cuh). At the end O / l is stored in the input
 // dtype and lse = ln(l) + scale * m in fp32. The running max is over the raw
 // scores, so scaling happens inside exp2 and fp16 inputs of any magnitude
-// cannot overflow (all accumulation is fp32). A NaN score makes its row's max
-// NaN (softmax_max propagates it) and so the row's output NaN.
+// cannot overflow (all accumulation is fp32). A NaN score makes its row's sum,
+// lse and output NaN (through its exponential: see online_softmax_row).
 #pragma once
 
 #include "attention/flash/flash_common.cuh"
@@ -131,25 +131,10 @@ __global__ void __launch_bounds__(WARPS * kWarpSize) flash_fwd_kernel(const Flas
       // Online softmax update of the tile's two rows.
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        float tile_max = -INFINITY;
-#pragma unroll
-        for (int i = 0; i < kNT; ++i) {
-          tile_max = softmax_max<float>(tile_max, s[mt][i][2 * r]);
-          tile_max = softmax_max<float>(tile_max, s[mt][i][2 * r + 1]);
-        }
-        tile_max = quad_max(tile_max);
-        const float new_max = softmax_max<float>(row_max[mt][r], tile_max);
-        const float alpha = softmax_rescale<float>(row_max[mt][r], new_max, c);
-        const float shift = softmax_shift<float>(new_max, c);
-        float sum = 0.f;
-#pragma unroll
-        for (int i = 0; i < kNT; ++i) {
-          s[mt][i][2 * r] = fast_exp2(fmaf(s[mt][i][2 * r], c, -shift));
-          s[mt][i][2 * r + 1] = fast_exp2(fmaf(s[mt][i][2 * r + 1], c, -shift));
-          sum += s[mt][i][2 * r] + s[mt][i][2 * r + 1];
-        }
+        float alpha;
+        const float sum = online_softmax_row<kNT>([&](int i, int e) -> float& { return s[mt][i][2 * r + e]; },
+                                                  row_max[mt][r], c, alpha);
         row_sum[mt][r] = row_sum[mt][r] * alpha + sum;
-        row_max[mt][r] = new_max;
 #pragma unroll
         for (int i = 0; i < kDT; ++i) {
           acc_o[mt][i][2 * r] *= alpha;

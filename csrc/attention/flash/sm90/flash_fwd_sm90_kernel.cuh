@@ -104,25 +104,8 @@ struct Sm90RowSoftmax {
     }
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      float tile_max = -INFINITY;
-#pragma unroll
-      for (int i = 0; i < kNT; ++i) {
-        tile_max = softmax_max<float>(tile_max, s[4 * i + 2 * r]);
-        tile_max = softmax_max<float>(tile_max, s[4 * i + 2 * r + 1]);
-      }
-      tile_max = quad_max(tile_max);
-      const float new_max = softmax_max<float>(row_max[r], tile_max);
-      alpha[r] = softmax_rescale<float>(row_max[r], new_max, c);
-      const float shift = softmax_shift<float>(new_max, c);
-      float sum = 0.f;
-#pragma unroll
-      for (int i = 0; i < kNT; ++i) {
-        s[4 * i + 2 * r] = fast_exp2(fmaf(s[4 * i + 2 * r], c, -shift));
-        s[4 * i + 2 * r + 1] = fast_exp2(fmaf(s[4 * i + 2 * r + 1], c, -shift));
-        sum += s[4 * i + 2 * r] + s[4 * i + 2 * r + 1];
-      }
-      tile_sum[r] = sum;
-      row_max[r] = new_max;
+      tile_sum[r] = online_softmax_row<kNT>([&](int i, int e) -> float& { return s[4 * i + 2 * r + e]; }, row_max[r],
+                                            c, alpha[r]);
     }
   }
   __device__ __forceinline__ void rescale() {
