@@ -93,6 +93,17 @@ cudaError_t attention_kernel_modes(DType dtype, int64_t head_dim, int* forward, 
   });
 }
 
+cudaError_t retire_attention_kernel_mode(DType dtype, int64_t head_dim, bool backward, int mode) {
+  return switch_attention_config(dtype, head_dim, cudaErrorInvalidValue, [&]<typename T, int D>() {
+    if (backward) {
+      flash::retire_sm90_backward_mode<T, D>(mode);
+    } else {
+      flash::retire_sm90_forward_mode<T, D>(mode);
+    }
+    return cudaSuccess;
+  });
+}
+
 cudaError_t launch_attention_forward(const AttentionParams& P, const AttentionScratch& scratch, cudaStream_t stream) {
   if (!attention_cuda_supported(P.dtype, P.head_dim)) return cudaErrorInvalidValue;
   if (empty_problem(P)) return cudaSuccess;

@@ -47,4 +47,9 @@ cudaError_t launch_attention_backward(const AttentionParams& P, const AttentionS
 // 2 wgmma (one). cudaErrorInvalidValue for an unsupported dtype / head dim.
 cudaError_t attention_kernel_modes(DType dtype, int64_t head_dim, int* forward, int* backward);
 
+// Retires a Hopper kernel mode (1.. as above) of one direction for this dtype
+// and head dim on the current device, after it failed the first-use guard's
+// check: attention_kernel_modes and the launches then use mma.sync instead.
+cudaError_t retire_attention_kernel_mode(DType dtype, int64_t head_dim, bool backward, int mode);
+
 }  // namespace cogkern

@@ -93,28 +93,47 @@ using CudaAttention = AttentionOps<CudaBackend>;
 
 // [forward, backward]: the kernels fused_attention picks for q's dtype and head dim on q's device
 // (attention_kernel_modes). For tests and benchmarks that must know which kernel they measured.
-std::vector<int64_t> attention_cuda_kernels(const at::Tensor& q) {
-  TORCH_CHECK_VALUE(q.is_cuda() && q.dim() == 4, "_attention_cuda_kernels: q must be a 4-d CUDA tensor");
+// The dtype of a q whose kernels are asked about (by `op`): float16 or bfloat16, a listed head dim.
+DType kernel_query_dtype(const at::Tensor& q, const char* op) {
+  TORCH_CHECK_VALUE(q.is_cuda() && q.dim() == 4, op, ": q must be a 4-d CUDA tensor");
   TORCH_CHECK_VALUE(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
-                    "_attention_cuda_kernels: q must be float16 or bfloat16 on CUDA, got ", dtype_name(q.scalar_type()));
-  const DType dtype = q.scalar_type() == at::kHalf ? DType::kHalf
-                      : q.scalar_type() == at::kBFloat16 ? DType::kBFloat16 : DType::kFloat;
+                    op, ": q must be float16 or bfloat16 on CUDA, got ", dtype_name(q.scalar_type()));
+  const DType dtype = q.scalar_type() == at::kHalf ? DType::kHalf : DType::kBFloat16;
   TORCH_CHECK_VALUE(attention_cuda_supported(dtype, q.size(3)),
-                    "_attention_cuda_kernels: q's head_dim must be ", attention_head_dims_text(), ", got ", q.size(3));
+                    op, ": q's head_dim must be ", attention_head_dims_text(), ", got ", q.size(3));
+  return dtype;
+}
+
+std::vector<int64_t> attention_cuda_kernels(const at::Tensor& q) {
+  const DType dtype = kernel_query_dtype(q, "_attention_cuda_kernels");
   const c10::cuda::CUDAGuard guard(q.device());
   int forward = 0, backward = 0;
   check_launch(attention_kernel_modes(dtype, q.size(3), &forward, &backward), "kernel query");
   return {forward, backward};
 }
 
+// The first-use guard's verdict on a Hopper kernel mode (python/cogkern/_guard.py):
+// retired for q's dtype and head dim on q's device (retire_attention_kernel_mode).
+void attention_cuda_retire_kernel(const at::Tensor& q, bool backward, int64_t mode) {
+  const DType dtype = kernel_query_dtype(q, "_attention_cuda_retire_kernel");
+  TORCH_CHECK_VALUE(mode >= 1 && mode <= 4, "_attention_cuda_retire_kernel: mode must be a Hopper mode 1..4, got ",
+                    mode);
+  const c10::cuda::CUDAGuard guard(q.device());
+  check_launch(retire_attention_kernel_mode(dtype, q.size(3), backward, static_cast<int>(mode)), "kernel retire");
+}
+
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(cogkern, m) { m.def("_attention_cuda_kernels(Tensor q) -> int[]"); }
+TORCH_LIBRARY_FRAGMENT(cogkern, m) {
+  m.def("_attention_cuda_kernels(Tensor q) -> int[]");
+  m.def("_attention_cuda_retire_kernel(Tensor q, bool backward, int mode) -> ()");
+}
 
 TORCH_LIBRARY_IMPL(cogkern, CUDA, m) {
   m.impl("fused_attention_fwd", &CudaAttention::fwd);
   m.impl("fused_attention_bwd", &CudaAttention::bwd);
   m.impl("_attention_cuda_kernels", &attention_cuda_kernels);
+  m.impl("_attention_cuda_retire_kernel", &attention_cuda_retire_kernel);
 }
 
 }  // namespace cogkern::ops

@@ -118,19 +118,35 @@ class RoPE3D:
         """
         if not self.interleaved:
             raise ValueError("cos_sin: diffusers' tables describe interleaved pairs; this RoPE3D is half-split")
+        pair_angle, first, second = self.pair_angles()
+        angle = torch.zeros(self.num_video_tokens, self.head_dim, dtype=torch.float64)  # pass-through: angle 0
+        angle[:, first] = pair_angle
+        angle[:, second] = pair_angle
+        return angle.cos().to(device=device, dtype=dtype), angle.sin().to(device=device, dtype=dtype)
+
+    def pair_angles(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(angle, first, second)`` on the CPU: ``angle[n, j]`` (float64, ``(T*H*W, sum(axes_dims)/2)``)
+        turns channels ``first[j]`` and ``second[j]`` of video token n (t-major, then h, then w):
+        ``(x_first, x_second) -> (x_first cos - x_second sin, x_second cos + x_first sin)``.
+        The composite (eager) path rotates by these; the kernels compute the same angles themselves."""
         t, h, w = self.grid
         pos = self._positions if self._positions is not None else torch.cat([torch.arange(n) for n in self.grid])
         pos = pos.to(device="cpu", dtype=torch.float64)
         tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
         idx = (tt.flatten(), t + hh.flatten(), t + h + ww.flatten())
-        angles = []
+        angles, first, second = [], [], []
+        offset = 0
         for axis_pos, d in zip(idx, self.axes_dims):
-            inv_freq = self.theta ** (-2.0 * torch.arange(d // 2, dtype=torch.float64) / d)
-            angles.append(torch.outer(pos[axis_pos], inv_freq).repeat_interleave(2, dim=1))
-        passthrough = self.head_dim - sum(self.axes_dims)
-        angles.append(torch.zeros(self.num_video_tokens, passthrough, dtype=torch.float64))
-        angle = torch.cat(angles, dim=1)
-        return angle.cos().to(device=device, dtype=dtype), angle.sin().to(device=device, dtype=dtype)
+            j = torch.arange(d // 2)
+            angles.append(torch.outer(pos[axis_pos], self.theta ** (-2.0 * j.to(torch.float64) / d)))
+            if self.interleaved:
+                first.append(offset + 2 * j)
+                second.append(offset + 2 * j + 1)
+            else:
+                first.append(offset + j)
+                second.append(offset + j + d // 2)
+            offset += d
+        return torch.cat(angles, dim=1), torch.cat(first), torch.cat(second)
 
     def __repr__(self) -> str:
         pos = "integer" if self._positions is None else "given"
@@ -222,6 +238,35 @@ def apply_rope3d(
         return _RopeTableInplace.apply(x, cos, sin, text_len)
     _ops.rope_table_(x, cos, sin, text_len, False)
     return x
+
+
+def _rotate_half_pairs(x: torch.Tensor) -> torch.Tensor:
+    """(x_{2j}, x_{2j+1}) -> (-x_{2j+1}, x_{2j}): what diffusers' interleaved tables multiply by sin."""
+    even, odd = x.unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack((-odd, even), dim=-1).flatten(-2)
+
+
+def rotate_composite(x: torch.Tensor, rope, text_len: int, inverse: bool = False) -> torch.Tensor:
+    """apply_rope3d as plain PyTorch ops, differentiable by autograd: the path the first-use guard
+    (_guard.py) takes when the RoPE kernel failed its check. Rotates the video tokens of x
+    ``(batch, seq, heads, head_dim)`` (those after text_len) by a RoPE3D or a diffusers ``(cos, sin)``
+    table; math in fp32 (float64 for float64 x), cast back."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    video = x[:, text_len:].to(acc)
+    sign = -1.0 if inverse else 1.0
+    if isinstance(rope, RoPE3D):
+        angle, first, second = rope.pair_angles()
+        first, second = first.to(x.device), second.to(x.device)
+        angle = angle.to(device=x.device)[None, :, None, :]
+        cos, sin = angle.cos().to(acc), (sign * angle.sin()).to(acc)
+        x0, x1 = video[..., first], video[..., second]
+        rotated = video.clone()
+        rotated[..., first] = x0 * cos - x1 * sin
+        rotated[..., second] = x1 * cos + x0 * sin
+    else:
+        cos, sin = (t.to(device=x.device, dtype=acc)[None, :, None, :] for t in rope)
+        rotated = video * cos + _rotate_half_pairs(video) * (sign * sin)
+    return torch.cat((x[:, :text_len], rotated.to(x.dtype)), dim=1)
 
 
 def _contiguous_last(t: torch.Tensor) -> torch.Tensor:

@@ -120,4 +120,14 @@ constexpr bool kBuildHasSm90a = COGKERN_BUILD_HAS_SM90A != 0;
 // sm90_forward_mode and sm90_backward_mode.
 int sm90_opt_in_mode(const char* env_name, int max_mode, int default_mode, const void* kernel);
 
+// The first-use guard (python/cogkern/_guard.py) retires a Hopper mode that
+// failed its check on a device: from then on sm90_opt_in_mode answers 0
+// (mma.sync) where it would have answered that mode, for that kernel family
+// (`kernel`, as passed to sm90_opt_in_mode) on that device. Process-wide; never undone.
+void retire_sm90_mode(const void* kernel, int device, int mode);
+template <typename T, int D>
+void retire_sm90_forward_mode(int mode);  // on the current device
+template <typename T, int D>
+void retire_sm90_backward_mode(int mode);
+
 }  // namespace cogkern::flash

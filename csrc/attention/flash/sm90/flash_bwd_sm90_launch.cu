@@ -58,6 +58,13 @@ int sm90_backward_mode() {
 }
 
 template <typename T, int D>
+void retire_sm90_backward_mode(int mode) {
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return;
+  retire_sm90_mode(reinterpret_cast<const void*>(flash_bwd_sm90_kernel<T, D, 2, true>), device, mode);
+}
+
+template <typename T, int D>
 cudaError_t run_flash_bwd_kv_sm90(const FlashArgs& a, int mode, bool atomic_dq, cudaStream_t stream) {
   if (a.seq <= 0 || a.batch * a.heads <= 0) return cudaSuccess;
   switch (mode) {
@@ -70,6 +77,7 @@ cudaError_t run_flash_bwd_kv_sm90(const FlashArgs& a, int mode, bool atomic_dq, 
 
 #define COGKERN_SM90_BWD_INSTANTIATE(T, D) \
   template int sm90_backward_mode<T, D>();  \
+  template void retire_sm90_backward_mode<T, D>(int); \
   template cudaError_t run_flash_bwd_kv_sm90<T, D>(const FlashArgs&, int, bool, cudaStream_t);
 COGKERN_ATTENTION_CONFIGS(COGKERN_SM90_BWD_INSTANTIATE)
 #undef COGKERN_SM90_BWD_INSTANTIATE

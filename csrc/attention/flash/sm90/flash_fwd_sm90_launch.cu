@@ -5,7 +5,11 @@
 // (warp-specialized, TMA) or 4 (that with ping-pong between the consumer
 // warpgroups) and the GPU and the build allow it; until they have
 // been validated on a GPU they are opt-in.
+#include <atomic>
 #include <cstdlib>
+#include <mutex>
+#include <set>
+#include <tuple>
 
 #include "attention/flash/sm90/flash_fwd_sm90_ws_kernel.cuh"
 #include "attention/flash/flash_launch_kernel.cuh"
@@ -52,6 +56,26 @@ cudaError_t launch_ws(const FlashArgs& a, cudaStream_t stream) {
 
 }  // namespace
 
+namespace {
+// The (kernel, device, mode) triples the guard retired. Read on every attention
+// call: the flag keeps the common case (nothing retired) to one relaxed load.
+std::atomic<bool> g_any_retired{false};
+std::mutex g_retired_mutex;
+std::set<std::tuple<const void*, int, int>> g_retired;
+
+bool sm90_mode_retired(const void* kernel, int device, int mode) {
+  if (!g_any_retired.load(std::memory_order_acquire)) return false;
+  const std::lock_guard<std::mutex> lock(g_retired_mutex);
+  return g_retired.count({kernel, device, mode}) != 0;
+}
+}  // namespace
+
+void retire_sm90_mode(const void* kernel, int device, int mode) {
+  const std::lock_guard<std::mutex> lock(g_retired_mutex);
+  g_retired.insert({kernel, device, mode});
+  g_any_retired.store(true, std::memory_order_release);
+}
+
 int sm90_opt_in_mode(const char* env_name, int max_mode, int default_mode, const void* kernel) {
   const char* env = std::getenv(env_name);
   const bool valid = env != nullptr && env[0] >= '0' && env[0] <= char('0' + max_mode) && env[1] == '\0';
@@ -65,6 +89,7 @@ int sm90_opt_in_mode(const char* env_name, int max_mode, int default_mode, const
   // The device code must come from sm_90a: PTX of an older target, JIT-compiled
   // for this GPU, holds only the trap (and so does sm_90 code, which
   // kBuildHasSm90a rules out).
+  if (sm90_mode_retired(kernel, device, mode)) return 0;
   cudaFuncAttributes attr;
   return cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.ptxVersion >= 90 ? mode : 0;
 }
@@ -73,6 +98,13 @@ template <typename T, int D>
 int sm90_forward_mode() {
   return sm90_opt_in_mode("COGKERN_ATTENTION_SM90", 4, kSm90DefaultForwardMode,
                           reinterpret_cast<const void*>(flash_fwd_sm90_kernel<T, D, false>));
+}
+
+template <typename T, int D>
+void retire_sm90_forward_mode(int mode) {
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return;
+  retire_sm90_mode(reinterpret_cast<const void*>(flash_fwd_sm90_kernel<T, D, false>), device, mode);
 }
 
 template <typename T, int D>
@@ -89,6 +121,7 @@ cudaError_t run_flash_fwd_sm90(const FlashArgs& a, int mode, cudaStream_t stream
 
 #define COGKERN_SM90_FWD_INSTANTIATE(T, D) \
   template int sm90_forward_mode<T, D>();  \
+  template void retire_sm90_forward_mode<T, D>(int); \
   template cudaError_t run_flash_fwd_sm90<T, D>(const FlashArgs&, int, cudaStream_t);
 COGKERN_ATTENTION_CONFIGS(COGKERN_SM90_FWD_INSTANTIATE)
 #undef COGKERN_SM90_FWD_INSTANTIATE
