@@ -4,9 +4,13 @@
         exit 0 and one line of why, if a warp-specialized kernel hung; exit 1 if none did
     python scripts/device_check_select.py fastest --json selftest.json --direction forward|backward [--skip-ws]
         'KERNEL MODE TFLOPS' of the fastest Hopper kernel whose every check passed; exit 1 if none
+    python scripts/device_check_select.py summary --json selftest.json
+        one line: how many checks passed and failed, and the first failures' names
     python scripts/device_check_select.py failed-groups [--json selftest.json] [--junit a.xml ...] [--probe-log LOG]
+                                                         [--test-log pytest.log ...]
         the scripts/sanitize_cases.py groups (rope, optimizer, attention, wgmma) of every kernel
         that failed, comma-separated on the first line, then one line per failure; empty if none
+        (--test-log: the 'TIMEOUT: nodeid' line of a test that hung, whose process wrote no JUnit XML)
 
 selftest.json is what `python -m cogkern.selftest --json` writes: {"checks": [{"name",
 "family", "kernel", "direction", "dtype", "head_dim", "passed", "error", "figures": {"tflops",
@@ -108,7 +112,8 @@ def group_of(*texts) -> str | None:
     return None
 
 
-def failures(checks: list[dict], junit_paths: list[str], probe_log: str | None) -> list[tuple[str | None, str]]:
+def failures(checks: list[dict], junit_paths: list[str], probe_log: str | None,
+             test_logs: list[str] = ()) -> list[tuple[str | None, str]]:
     found = []
     for c in checks:
         if c.get("passed") is False:
@@ -131,6 +136,14 @@ def failures(checks: list[dict], junit_paths: list[str], probe_log: str | None) 
                         found.append(("wgmma", f"wgmma_probe {line[5:].strip()}"))
         except OSError:
             pass
+    for path in test_logs:
+        # tests/conftest.py's watchdog: 'TIMEOUT: tests/x.py::test_y[id] ran past ...'.
+        try:
+            with open(path, errors="replace") as f:
+                hung = [line.split()[1] for line in f if line.startswith("TIMEOUT: ") and len(line.split()) > 1]
+        except OSError:
+            continue
+        found += [(group_of(*nodeid.replace("/", " ").split("::")), f"test {nodeid} hung") for nodeid in hung]
     return found
 
 
@@ -144,10 +157,13 @@ def main(argv=None) -> int:
     p.add_argument("--json")
     p.add_argument("--direction", choices=("forward", "backward"), required=True)
     p.add_argument("--skip-ws", action="store_true")
+    p = sub.add_parser("summary")
+    p.add_argument("--json")
     p = sub.add_parser("failed-groups")
     p.add_argument("--json")
     p.add_argument("--junit", nargs="*", default=[])
     p.add_argument("--probe-log")
+    p.add_argument("--test-log", nargs="*", default=[])
     args = ap.parse_args(argv)
     checks = load_checks(args.json)
     if args.what == "ws-hung":
@@ -161,7 +177,12 @@ def main(argv=None) -> int:
             return 1
         print(f"{best[0]} {best[1]} {best[2]:.1f}")
         return 0
-    found = failures(checks, args.junit, args.probe_log)
+    if args.what == "summary":
+        failed = [str(c.get("name") or c.get("family")) for c in checks if not c.get("passed")]
+        print(f"{len(checks)} checks, {len(checks) - len(failed)} passed, {len(failed)} failed"
+              + (f": {'; '.join(failed[:3])}" + (" ..." if len(failed) > 3 else "") if failed else ""))
+        return 0 if checks and not failed else 1
+    found = failures(checks, args.junit, args.probe_log, args.test_log)
     groups = [g for g in SANITIZE_GROUPS if any(fg == g for fg, _ in found)]
     print(",".join(groups))
     for group, what in found:
