@@ -37,6 +37,8 @@
 #   DEVICE_CHECK_WORK=DIR         logs and state between steps (default build/device_check; kept for reruns)
 #   DEVICE_CHECK_SELFTEST_JSON=F  an earlier run's selftest.json, to decide from when the selftest is not rerun
 #   DEVICE_CHECK_SELFTEST_ARGS=.. more arguments for the selftest, e.g. "--only attention"
+#   DEVICE_CHECK_TESTS=PATHS      the test files or folders of the CUDA test steps (default tests)
+#   DEVICE_CHECK_TEST_TIMEOUT=S   each test's limit (COGKERN_TEST_TIMEOUT; default 30)
 #   DEVICE_CHECK_SKIP_WS=1        skip the warp-specialized kernels from the start (else: once one hangs)
 #   DEVICE_CHECK_DRY_RUN=1        on a machine without a GPU: every step's logic, with the CPU backend
 #                                 (selftest --device cpu, COGKERN_CUDA_TESTS_DEVICE=cpu, wgmma_probe
@@ -157,8 +159,10 @@ run_pytest() {  # run_pytest NAME PYTEST-ARGS...: one CUDA test suite, each test
   local name=$1; shift
   export COGKERN_TEST_TIMEOUT=${DEVICE_CHECK_TEST_TIMEOUT:-30}
   if dry_run; then export COGKERN_CUDA_TESTS_DEVICE=cpu PYTHONPATH=python; fi
-  python3 -m pytest tests -q -p no:cacheprovider --junitxml="$DEVICE_CHECK_WORK/$name.xml" "$@"
+  # shellcheck disable=SC2086  # DEVICE_CHECK_TESTS is a list of paths
+  python3 -m pytest ${DEVICE_CHECK_TESTS:-tests} -q -p no:cacheprovider --junitxml="$DEVICE_CHECK_WORK/$name.xml" "$@"
   local rc=$?
+  if [ $rc = 5 ]; then echo "result: SKIPPED: no test selected"; return $SKIP; fi  # pytest's "no tests collected"
   local hung
   hung=$(grep -h "^TIMEOUT: " "$DEVICE_CHECK_WORK/$name.log" | head -n 1)
   echo "result: ${hung:-$(grep -E "(passed|failed|skipped|error|no tests ran)" "$DEVICE_CHECK_WORK/$name.log" | tail -n 1)}"
@@ -243,40 +247,15 @@ if [ "${1:-}" = "--body" ]; then
 fi
 
 # ---------------------------------------------------------------- the runner
-out="${OUT:-device_out}"
-if [ "${1:-}" = "--out" ]; then out="$2"; fi
-mkdir -p "$out"
-export DEVICE_CHECK_OUT=$(readlink -f "$out")
-export DEVICE_CHECK_WORK=$(mkdir -p "${DEVICE_CHECK_WORK:-build/device_check}" && readlink -f "${DEVICE_CHECK_WORK:-build/device_check}")
-work=$DEVICE_CHECK_WORK
-# A full run starts clean; a rerun of some steps keeps the others' logs and the state they left.
-[ -z "${DEVICE_CHECK_STEPS:-}" ] && find "$work" -mindepth 1 -delete
-budget=${DEVICE_CHECK_BUDGET:-510}
-t_start=$(date +%s)
-export PYTHONUNBUFFERED=1 CUBLAS_WORKSPACE_CONFIG=:4096:8  # the latter for the deterministic attention backward
-for d in "${CUDA_HOME:-}" /usr/local/cuda; do
-  if [ -n "$d" ] && [ -x "$d/bin/nvcc" ]; then export PATH="$d/bin:$PATH"; break; fi
-done
-if ! command -v compute-sanitizer >/dev/null; then
-  for d in "${CUDA_HOME:-/usr/local/cuda}/compute-sanitizer" /usr/local/cuda/compute-sanitizer; do
-    [ -x "$d/compute-sanitizer" ] && export PATH="$PATH:$d" && break
-  done
-fi
-if [ -n "${DEVICE_CHECK_SELFTEST_JSON:-}" ]; then cp "$DEVICE_CHECK_SELFTEST_JSON" "$work/selftest.json"; fi
-[ "${DEVICE_CHECK_SKIP_WS:-0}" = 1 ] && ! ws_hung && echo "DEVICE_CHECK_SKIP_WS=1" >"$work/ws_hung.txt"
-
-{
-  echo "==== device_check $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)" \
-       "budget ${budget}s${DEVICE_CHECK_STEPS:+ steps $DEVICE_CHECK_STEPS}$(dry_run && echo ' DRY RUN (no GPU)')"
-  printf '%-16s %-12s %6s  %s\n' step status time result
-} >>"$work/summary.txt"
-
+# (all in functions, called on the last line: bash has read the whole file before it runs any of it)
 pack() {  # the logs, whole or not at all: a reader never sees a half-written archive
   tar czf "$out/.logs.tgz.tmp" -C "$work" --exclude=./logs.tgz . 2>/dev/null && mv -f "$out/.logs.tgz.tmp" "$out/logs.tgz"
 }
 publish() {  # publish [RUNNING-LINE]: summary.txt (+ the step under way) and the logs into $out
-  { cat "$work/summary.txt"; [ -n "${1:-}" ] && echo "$1"; } >"$out/.summary.tmp" && mv -f "$out/.summary.tmp" "$out/summary.txt"
-  [ -f "$work/selftest.json" ] && [ ! -f "$out/selftest.json" ] && cp "$work/selftest.json" "$out/selftest.json"
+  cp "$work/summary.txt" "$out/.summary.tmp"
+  if [ -n "${1:-}" ]; then echo "$1" >>"$out/.summary.tmp"; fi
+  mv -f "$out/.summary.tmp" "$out/summary.txt"
+  if [ -f "$work/selftest.json" ] && [ ! -f "$out/selftest.json" ]; then cp "$work/selftest.json" "$out/selftest.json"; fi
   pack
 }
 record() {  # record NAME STATUS SECONDS RESULT
@@ -321,26 +300,58 @@ step() {  # step NAME DEFAULT-LIMIT-S
   LAST_RC=$rc
 }
 
-step preflight 30
-step build 240
-step selftest 180
-why=$(python3 scripts/device_check_select.py ws-hung --json "$work/selftest.json") && note_ws_hang "$why"
-step wgmma_probe 60
-why=$(python3 scripts/device_check_select.py ws-hung --probe-log "$work/wgmma_probe.log") && note_ws_hang "$why"
-step cuda_tests 90
-step sm90_tests 60
-LAST_RC=0
-step sm90_ws_tests 45
-case $LAST_RC in
-  124|137) note_ws_hang "sm90_ws_tests ran past its step limit" ;;
-esac
-grep -qs "^TIMEOUT: " "$work/sm90_ws_tests.log" && note_ws_hang "$(grep -h "^TIMEOUT: " "$work/sm90_ws_tests.log" | head -n 1)"
-step memcheck 60
-step ncu 75
-step bench_optimizer 90
+main() {
+  out="${OUT:-device_out}"
+  if [ "${1:-}" = "--out" ]; then out="$2"; fi
+  mkdir -p "$out"
+  export DEVICE_CHECK_OUT=$(readlink -f "$out")
+  export DEVICE_CHECK_WORK=$(mkdir -p "${DEVICE_CHECK_WORK:-build/device_check}" && readlink -f "${DEVICE_CHECK_WORK:-build/device_check}")
+  work=$DEVICE_CHECK_WORK
+  # A full run starts clean; a rerun of some steps keeps the others' logs and the state they left.
+  [ -z "${DEVICE_CHECK_STEPS:-}" ] && find "$work" -mindepth 1 -delete
+  budget=${DEVICE_CHECK_BUDGET:-510}
+  t_start=$(date +%s)
+  export PYTHONUNBUFFERED=1 CUBLAS_WORKSPACE_CONFIG=:4096:8  # the latter for the deterministic attention backward
+  for d in "${CUDA_HOME:-}" /usr/local/cuda; do
+    if [ -n "$d" ] && [ -x "$d/bin/nvcc" ]; then export PATH="$d/bin:$PATH"; break; fi
+  done
+  if ! command -v compute-sanitizer >/dev/null; then
+    for d in "${CUDA_HOME:-/usr/local/cuda}/compute-sanitizer" /usr/local/cuda/compute-sanitizer; do
+      [ -x "$d/compute-sanitizer" ] && export PATH="$PATH:$d" && break
+    done
+  fi
+  if [ -n "${DEVICE_CHECK_SELFTEST_JSON:-}" ]; then cp "$DEVICE_CHECK_SELFTEST_JSON" "$work/selftest.json"; fi
+  [ "${DEVICE_CHECK_SKIP_WS:-0}" = 1 ] && ! ws_hung && echo "DEVICE_CHECK_SKIP_WS=1" >"$work/ws_hung.txt"
 
-echo "---- total $(( $(date +%s) - t_start ))s of ${budget}s" >>"$work/summary.txt"
-[ -s "$work/spills.txt" ] && { echo "---- non-zero spills and ptxas warnings (count x line)"; cat "$work/spills.txt"; } >>"$work/summary.txt"
-ws_hung && echo "---- warp-specialized kernels skipped: $(cat "$work/ws_hung.txt")" >>"$work/summary.txt"
-publish
-cat "$out/summary.txt"
+  {
+    echo "==== device_check $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)" \
+         "budget ${budget}s${DEVICE_CHECK_STEPS:+ steps $DEVICE_CHECK_STEPS}$(dry_run && echo ' DRY RUN (no GPU)')"
+    printf '%-16s %-12s %6s  %s\n' step status time result
+  } >>"$work/summary.txt"
+
+  step preflight 30
+  step build 240
+  step selftest 180
+  why=$(python3 scripts/device_check_select.py ws-hung --json "$work/selftest.json") && note_ws_hang "$why"
+  step wgmma_probe 60
+  why=$(python3 scripts/device_check_select.py ws-hung --probe-log "$work/wgmma_probe.log") && note_ws_hang "$why"
+  step cuda_tests 90
+  step sm90_tests 60
+  LAST_RC=0
+  step sm90_ws_tests 45
+  case $LAST_RC in
+    124|137) note_ws_hang "sm90_ws_tests ran past its step limit" ;;
+  esac
+  grep -qs "^TIMEOUT: " "$work/sm90_ws_tests.log" && note_ws_hang "$(grep -h "^TIMEOUT: " "$work/sm90_ws_tests.log" | head -n 1)"
+  step memcheck 60
+  step ncu 75
+  step bench_optimizer 90
+
+  echo "---- total $(( $(date +%s) - t_start ))s of ${budget}s" >>"$work/summary.txt"
+  [ -s "$work/spills.txt" ] && { echo "---- non-zero spills and ptxas warnings (count x line)"; cat "$work/spills.txt"; } >>"$work/summary.txt"
+  ws_hung && echo "---- warp-specialized kernels skipped: $(cat "$work/ws_hung.txt")" >>"$work/summary.txt"
+  publish
+  cat "$out/summary.txt"
+}
+
+main "$@"

@@ -43,4 +43,10 @@ target="$dest/$version/include/python$version"
 rm -rf "$target"
 mkdir -p "$target"
 cp -R "$from/." "$target/"
+# Debian's pyconfig.h only includes <TRIPLET/pythonX.Y/pyconfig.h> from /usr/include: carry the real one.
+real_pyconfig="/usr/include/x86_64-linux-gnu/python$version/pyconfig.h"
+if grep -q "include <x86_64-linux-gnu/python$version/pyconfig.h>" "$target/pyconfig.h" 2>/dev/null; then
+  [ -f "$real_pyconfig" ] || { echo "stage_python_headers: $from/pyconfig.h includes $real_pyconfig, which is missing" >&2; exit 1; }
+  cp "$real_pyconfig" "$target/pyconfig.h"
+fi
 echo "staged $(sed -n 's/^#define PY_VERSION[[:space:]]*"\(.*\)"/\1/p' "$from/patchlevel.h") headers from $from in $target ($(du -sh "$target" | cut -f1))"
