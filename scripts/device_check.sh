@@ -339,9 +339,15 @@ main() {
   step sm90_tests 60
   LAST_RC=0
   step sm90_ws_tests 45
-  case $LAST_RC in
-    124|137) note_ws_hang "sm90_ws_tests ran past its step limit" ;;
-  esac
+  if [ "$LAST_RC" = 124 ] || [ "$LAST_RC" = 137 ]; then
+    # -v writes a test's id when it starts and its verdict when it ends: an id with no verdict
+    # is the test it was in when stopped (stopped while collecting is no hang).
+    local last_test
+    last_test=$(grep "::" "$work/sm90_ws_tests.log" | tail -n 1)
+    if [ -n "$last_test" ] && ! grep -qE "(PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)" <<<"$last_test"; then
+      note_ws_hang "sm90_ws_tests stopped at its limit inside ${last_test%% *}"
+    fi
+  fi
   grep -qs "^TIMEOUT: " "$work/sm90_ws_tests.log" && note_ws_hang "$(grep -h "^TIMEOUT: " "$work/sm90_ws_tests.log" | head -n 1)"
   step memcheck 60
   step ncu 75
