@@ -39,7 +39,8 @@
 #   DEVICE_CHECK_SELFTEST_ARGS=.. more arguments for the selftest, e.g. "--only attention"
 #   DEVICE_CHECK_TESTS=PATHS      the test files or folders of the CUDA test steps (default tests)
 #   DEVICE_CHECK_TEST_TIMEOUT=S   each test's limit (COGKERN_TEST_TIMEOUT; default 30)
-#   DEVICE_CHECK_SKIP_WS=1        skip the warp-specialized kernels from the start (else: once one hangs)
+#   DEVICE_CHECK_SKIP_WS=1        skip the warp-specialized kernels from the start (else: once one hangs);
+#                                 =0 in a rerun: try them again although an earlier step saw one hang
 #   DEVICE_CHECK_DRY_RUN=1        on a machine without a GPU: every step's logic, with the CPU backend
 #                                 (selftest --device cpu, COGKERN_CUDA_TESTS_DEVICE=cpu, wgmma_probe
 #                                 --cpu-dry-run); the build, compute-sanitizer and ncu are not run and say so
@@ -321,7 +322,10 @@ main() {
     done
   fi
   if [ -n "${DEVICE_CHECK_SELFTEST_JSON:-}" ]; then cp "$DEVICE_CHECK_SELFTEST_JSON" "$work/selftest.json"; fi
-  [ "${DEVICE_CHECK_SKIP_WS:-0}" = 1 ] && ! ws_hung && echo "DEVICE_CHECK_SKIP_WS=1" >"$work/ws_hung.txt"
+  case ${DEVICE_CHECK_SKIP_WS:-} in
+    1) ws_hung || echo "DEVICE_CHECK_SKIP_WS=1" >"$work/ws_hung.txt" ;;
+    0) rm -f "$work/ws_hung.txt" ;;  # a rerun after a fix: try them again
+  esac
 
   {
     echo "==== device_check $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)" \
