@@ -236,7 +236,8 @@ import json, sys
 d = json.load(open(sys.argv[1]))
 modes = ", ".join(f"{m} {r['ms_plain']:.3g} ms ({r['pct_copy_plain']:.0f}% of copy, {r['speedup_vs_torch']:.2f}x torch)"
                   for m, r in d["modes"].items())
-print(f"{d['params'] / 1e9:.3g} B params: {modes}")
+n = d["params"]
+print((f"{n / 1e9:.3g} B" if n >= 1e8 else f"{n / 1e6:.3g} M") + f" params: {modes}")
 EOF_PY
 )
   echo "result: ${line:-see the table in bench_optimizer.log}"

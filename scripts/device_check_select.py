@@ -81,9 +81,13 @@ def fastest(checks: list[dict], direction: str, skip_ws: bool = False) -> tuple[
     for c in checks:
         if c.get("kernel") in modes and str(c.get("direction", "")).startswith(direction):
             by_kernel.setdefault(c["kernel"], []).append(c)
+    # A family with any failed row (its subprocess timed out or crashed, say) rules out its kernel.
+    failed_families = {c.get("family") for c in checks if not c.get("passed")}
     best = None
     for kernel, recs in by_kernel.items():
         if (skip_ws and kernel.startswith("wgmma-ws")) or not all(r.get("passed") for r in recs):
+            continue
+        if any(r.get("family") in failed_families for r in recs):
             continue
         rated = [r for r in recs if isinstance((r.get("figures") or {}).get("tflops"), (int, float))]
         profiled = [r for r in rated if str(r.get("dtype")) in PROFILED_DTYPES and r.get("head_dim") == PROFILED_HEAD_DIM]

@@ -21,6 +21,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "device_check.sh"
 SELECT = ROOT / "scripts" / "device_check_select.py"
+STEPS = ("preflight", "build", "selftest", "wgmma_probe", "cuda_tests", "sm90_tests", "sm90_ws_tests", "memcheck",
+         "ncu", "bench_optimizer")
 
 
 def dry_run_env(tmp_path: Path, **extra: str) -> dict:
@@ -91,7 +93,7 @@ def test_a_spent_budget_skips_every_step_and_still_publishes(tmp_path):
     proc, out = run_check(tmp_path, timeout=120, DEVICE_CHECK_BUDGET="1")
     assert proc.returncode == 0, proc.stderr
     rows = summary_rows(out)
-    for step in ("preflight", "build", "selftest", "wgmma_probe", "cuda_tests", "memcheck", "ncu", "bench_optimizer"):
+    for step in STEPS:
         assert rows[step][0] == "SKIPPED" and "budget" in " ".join(rows[step]), (step, rows.get(step))
     assert "summary.txt" in logs_in(out)
 
@@ -184,8 +186,11 @@ def test_failed_groups_names_a_test_that_hung(tmp_path):
 def test_the_whole_dry_run(tmp_path):
     """Every step, in order, on the CPU: the CUDA tests against the CPU backend (the module
     that supports it), the selftest's RoPE family, the probe's dry run, the benchmark small."""
-    proc, out = run_check(tmp_path, timeout=900, DEVICE_CHECK_TESTS="tests/rope3d/test_rope3d_cuda.py",
-                          DEVICE_CHECK_SELFTEST_ARGS="--only rope", DEVICE_CHECK_BUDGET="900")
+    # The steps' limits are the GPU machine's; a shared 2-core box needs more.
+    limits = {f"DEVICE_CHECK_LIMIT_{step}": "600" for step in STEPS}
+    proc, out = run_check(tmp_path, timeout=2400, DEVICE_CHECK_TESTS="tests/rope3d/test_rope3d_cuda.py",
+                          DEVICE_CHECK_SELFTEST_ARGS="--only rope", DEVICE_CHECK_BUDGET="2400",
+                          DEVICE_CHECK_TEST_TIMEOUT="300", **limits)
     assert proc.returncode == 0, proc.stderr
     rows = summary_rows(out)
     expected = {"preflight": "PASS", "build": "DRY-RUN", "wgmma_probe": "PASS", "cuda_tests": "PASS",
@@ -198,3 +203,51 @@ def test_the_whole_dry_run(tmp_path):
         assert rows[step][0] == status, (step, rows[step])
     assert "no Hopper kernel passed" in " ".join(rows["ncu"]) or "no GPU" in " ".join(rows["ncu"])
     assert {f"{step}.log" for step in expected} | {"summary.txt"} <= logs_in(out)
+
+
+def test_the_per_test_timeout_fails_a_slow_test_and_ends_a_hung_process(tmp_path):
+    """tests/conftest.py's COGKERN_TEST_TIMEOUT, which the CUDA test steps set: a test still in
+    Python fails with a TimeoutError and the next one runs; a test whose main thread never
+    comes back (here: SIGALRM blocked, as in a CUDA call that never returns) ends the process
+    with exit status 124 after a line naming it, the later tests not run."""
+    (tmp_path / "conftest.py").write_text((ROOT / "tests" / "conftest.py").read_text())
+    (tmp_path / "test_slow.py").write_text(
+        "import signal, time\n"
+        "def test_a_sleeper():\n    time.sleep(30)\n"
+        "def test_quick():\n    assert 1 + 1 == 2\n"
+        "def test_b_stuck():\n    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGALRM])\n    time.sleep(60)\n"
+        "def test_c_never_reached():\n    pass\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COGKERN_")}
+    env.update(COGKERN_TEST_TIMEOUT="1", PYTHONPATH=str(ROOT / "python"))
+
+    def pytest_run(*args):
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "test_slow.py", *args],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        return proc.returncode, proc.stdout + proc.stderr
+
+    start = time.monotonic()
+    rc, output = pytest_run("-k", "not stuck")
+    assert rc == 1, output
+    assert "test_a_sleeper FAILED" in output and "ran past COGKERN_TEST_TIMEOUT=1 s" in output, output
+    assert "test_quick PASSED" in output and "test_c_never_reached PASSED" in output, output
+    rc, output = pytest_run()
+    assert rc == 124, output
+    assert "TIMEOUT: test_slow.py::test_b_stuck ran past 1 s" in output, output
+    assert "test_c_never_reached" not in output.split("TIMEOUT: ")[1], output
+    assert time.monotonic() - start < 90
+
+
+def test_fastest_leaves_out_a_kernel_whose_family_did_not_finish(tmp_path):
+    path = selftest_json(tmp_path, ws_forward_timed_out=False)
+    doc = json.loads(path.read_text())
+    fast = dict(doc["checks"][0], kernel="wgmma-pipelined", family="attention.forward:wgmma-pipelined",
+                figures={"tflops": 450.0, "ms": 1.0})
+    fastest = [sys.executable, str(SELECT), "fastest", "--json", str(path), "--direction", "forward", "--skip-ws"]
+    path.write_text(json.dumps(dict(doc, checks=doc["checks"] + [fast])))
+    assert subprocess.run(fastest, capture_output=True, text=True, check=True).stdout.split() == \
+        ["wgmma-pipelined", "2", "450.0"]
+    # The same speed row, but the family's subprocess was killed after it (a later probe hung).
+    crashed = {"name": "attention.forward:wgmma-pipelined (subprocess)", "family": "attention.forward:wgmma-pipelined",
+               "kind": "process", "passed": False, "error": "exit code -11 (SIGSEGV)", "figures": {}}
+    path.write_text(json.dumps(dict(doc, checks=doc["checks"] + [fast, crashed])))
+    assert subprocess.run(fastest, capture_output=True, text=True, check=True).stdout.split() == ["wgmma", "1", "310.0"]
