@@ -18,8 +18,13 @@
 # build dir and this script's work dir survive there, so the build is incremental):
 #   run(command="DEVICE_CHECK_STEPS=build,sm90_tests scripts/device_check.sh", timeout_s=300,
 #       carry=["build/python-headers/3.12"])
+# On a fresh machine instead (the warm one went back), rebuild and carry what the selection
+# needs: copy the returned selftest.json to build/device_prev/, add it to carry, and set
+# DEVICE_CHECK_SELFTEST_JSON=build/device_prev/selftest.json.
 # Device time: about 1.5 min to start the machine + at most DEVICE_CHECK_BUDGET (510 s) +
-# the transfers: about 11 of the 15 minutes, which leaves room for one such rerun.
+# the transfers: about 11 of the 15 minutes, which leaves room for one such rerun. The
+# steps' limits add up to more than the budget (a hang costs a step its whole limit); the
+# steps' real times on the H200 are not measured yet: read them off the first summary.txt.
 #
 #   scripts/device_check.sh [--out DIR]     (default: $OUT, else ./device_out)
 #
@@ -280,7 +285,7 @@ step() {  # step NAME DEFAULT-LIMIT-S
   local t0
   t0=$(date +%s)
   publish "$(printf '%-16s %-12s %5ss  %s' "$name" RUNNING "-" "since $(date -u +%T), limit ${limit}s")"
-  ( while sleep 20; do pack; done ) &
+  ( while sleep 20; do pack; done ) </dev/null >/dev/null 2>&1 &  # off our stdout: a caller reading it to EOF
   local packer=$!
   # timeout signals the whole process group, so the pytest/python under the body go too.
   timeout -k 10 "$limit" bash "$self" --body "$name" >"$work/$name.log" 2>&1
