@@ -55,7 +55,7 @@
 # warp-specialized kernels out (--skip-ws, -k "not warp", the fastest non-ws kernel for ncu).
 set -uo pipefail
 self=$(readlink -f "$0")
-cd "$(dirname "$self")/.."
+cd "$(dirname "$self")/.." || exit 1
 
 dry_run() { [ "${DEVICE_CHECK_DRY_RUN:-0}" = 1 ]; }
 ws_hung() { [ -s "$DEVICE_CHECK_WORK/ws_hung.txt" ]; }
@@ -311,9 +311,12 @@ main() {
   out="${OUT:-device_out}"
   if [ "${1:-}" = "--out" ]; then out="$2"; fi
   mkdir -p "$out"
-  export DEVICE_CHECK_OUT=$(readlink -f "$out")
-  export DEVICE_CHECK_WORK=$(mkdir -p "${DEVICE_CHECK_WORK:-build/device_check}" && readlink -f "${DEVICE_CHECK_WORK:-build/device_check}")
+  work=${DEVICE_CHECK_WORK:-build/device_check}
+  mkdir -p "$work" || exit 1
+  DEVICE_CHECK_OUT=$(readlink -f "$out")
+  DEVICE_CHECK_WORK=$(readlink -f "$work")
   work=$DEVICE_CHECK_WORK
+  export DEVICE_CHECK_OUT DEVICE_CHECK_WORK
   # A full run starts clean; a rerun of some steps keeps the others' logs and the state they left.
   [ -z "${DEVICE_CHECK_STEPS:-}" ] && find "$work" -mindepth 1 -delete
   budget=${DEVICE_CHECK_BUDGET:-510}
