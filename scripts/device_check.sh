@@ -33,7 +33,8 @@
 #   logs.tgz       every log, JUnit XML, JSON, spill report, ncu report (also re-packed every 20 s)
 #   selftest.txt   the selftest's rows as it prints them;  selftest.json  its records, after each family
 # (the device tool brings back at most 8 files). Statuses: PASS, FAIL(rc=N), TIMEOUT, SKIPPED (why),
-# DRY-RUN. A failing step never stops the others; a step past the budget is skipped.
+# DRY-RUN. A failing step never stops the others; a step past the budget is skipped. The script
+# exits 0 once the summary is out: the verdict is summary.txt's statuses.
 #
 # Knobs (environment):
 #   DEVICE_CHECK_STEPS=a,b        only these steps (the others keep their earlier logs in the work dir)
