@@ -128,7 +128,12 @@ body_build() {
   "${cmd[@]}" || { echo "result: the build failed (the error is above the pip traceback)"; return 1; }
   grep -E "Found Python|Python_INCLUDE_DIR" "$DEVICE_CHECK_WORK/build.log" | sort -u | head -5
   local spills="$DEVICE_CHECK_WORK/spills.txt"
-  { grep -E "spill (stores|loads)" "$DEVICE_CHECK_WORK/build.log" | grep -v " 0 bytes spill stores, 0 bytes spill loads" | sort | uniq -c
+  # Each non-zero spill line with the kernel it belongs to (ptxas names it on the line before).
+  local demangle=cat
+  command -v c++filt >/dev/null && demangle=c++filt
+  { awk '/Function properties for/ {fn = $NF}
+         /spill stores/ && !/ 0 bytes spill stores, 0 bytes spill loads/ {sub(/^ +/, ""); print $0 "  <- " fn}' \
+      "$DEVICE_CHECK_WORK/build.log" | "$demangle" | sed -E 's/cogkern::flash::\(anonymous namespace\)::/cogkern::flash::/' | sort | uniq -c
     grep -E "ptxas warning|Potential Performance Loss" "$DEVICE_CHECK_WORK/build.log" | sort | uniq -c
     grep -q "ptxas info" "$DEVICE_CHECK_WORK/build.log" || echo "(no kernel was compiled in this run: an incremental build reports only what it recompiles)"
   } >"$spills"
