@@ -97,9 +97,9 @@ def attention_cases(quick: bool = True):
                f"{'layer' if layer else 'rms'}_norm rope={'table' if (i // 4) % 2 else 'angles'}")
 
 
-def wgmma_cases():
+def wgmma_cases(skip_ws: bool = False):
     """The Hopper wgmma conformance tile (tests/attention/test_sm90_wgmma_cuda.py) and the opt-in wgmma
-    attention kernels; nothing on other GPUs."""
+    attention kernels; nothing on other GPUs. skip_ws: without the warp-specialized ones (they hung)."""
     if torch.cuda.get_device_capability() != (9, 0):
         return
     for dtype in (torch.bfloat16, torch.float16):
@@ -112,7 +112,8 @@ def wgmma_cases():
     from cogkern import fused_attention
 
     try:
-        for mode in ("1", "2", "3", "4"):  # plain, pipelined, warp-specialized (TMA), with ping-pong
+        # plain, pipelined, warp-specialized (TMA), warp-specialized with ping-pong
+        for mode in ("1", "2") if skip_ws else ("1", "2", "3", "4"):
             os.environ["COGKERN_ATTENTION_SM90"] = mode
             for dtype, d, causal in ((torch.bfloat16, 64, False), (torch.float16, 128, True)):
                 q, k, v = (torch.randn(1, 300, 2, d, device="cuda", dtype=dtype) for _ in range(3))
@@ -125,6 +126,8 @@ def wgmma_cases():
         for mode, dtype, d, causal, det in (("1", torch.bfloat16, 64, False, False), ("1", torch.float16, 128, True, True),
                                             ("2", torch.float16, 64, True, False), ("2", torch.bfloat16, 128, False, True),
                                             ("3", torch.bfloat16, 64, True, False), ("3", torch.float16, 128, False, True)):
+            if skip_ws and mode == "3":
+                continue
             os.environ["COGKERN_ATTENTION_SM90_BWD"] = mode
             q, k, v = (torch.randn(1, 300, 2, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
             torch.use_deterministic_algorithms(det)
@@ -147,6 +150,7 @@ CASES = {"rope": rope_cases, "optimizer": optimizer_cases, "attention": attentio
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default="", help="comma-separated case groups: " + ",".join(CASES))
+    p.add_argument("--skip-ws", action="store_true", help="leave out the warp-specialized wgmma kernels (they hung)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("sanitize_cases: no CUDA GPU", file=sys.stderr)
@@ -157,7 +161,7 @@ def main(argv=None) -> int:
         p.error(f"unknown case group(s) {unknown}; choose from {list(CASES)}")
     n = 0
     for group in wanted:
-        for label in CASES[group]():
+        for label in (CASES[group](args.skip_ws) if group == "wgmma" else CASES[group]()):
             torch.cuda.synchronize()
             n += 1
             print("ok", label, flush=True)
