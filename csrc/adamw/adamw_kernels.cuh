@@ -21,11 +21,11 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kFinalizeThreads = 1024;
 
-template <typename T, AdamWMode MODE>
+template <typename T, AdamWMode MODE, MomentStore MS>
 __global__ void __launch_bounds__(kThreads, 4) adamw_kernel(const __grid_constant__ AdamWLaunch L) {
   for (int64_t c = blockIdx.x; c < L.num_chunks; c += gridDim.x) {
     const int t = find_chunk_owner(L.num_tensors, c, [&](int i) { return L.tensors[i].chunk_begin; });
-    AdamWChunk<T, MODE>{}(L, t, c - L.tensors[t].chunk_begin, threadIdx.x, blockDim.x);
+    AdamWChunk<T, MODE, MS>{}(L, t, c - L.tensors[t].chunk_begin, threadIdx.x, blockDim.x);
   }
 }
 

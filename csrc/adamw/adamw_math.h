@@ -35,7 +35,44 @@ enum class AdamWMode : int {
   kPlain = 0,       // update the params in their own dtype (round to nearest)
   kMaster = 1,      // fp32 master weights; params := round_to_nearest(master)
   kStochastic = 2,  // bf16 params, no master: stochastic rounding of the fp32 result
+  kRemainder = 3,   // bf16 params + int16 remainders: together exactly the fp32 master
 };
+
+// How exp_avg / exp_avg_sq are stored.
+enum class MomentStore : int {
+  kF32 = 0,   // fp32
+  kBF16 = 1,  // bf16, written back with stochastic rounding
+  kInt8 = 2,  // 8-bit codes, kMomentBlock per fp32 scale (adamw_int8 below)
+};
+
+// Elements per int8 moment block (one fp32 scale each). Chunks hold whole blocks.
+constexpr int kMomentBlock = 256;
+static_assert(kMultiTensorChunk % kMomentBlock == 0, "a chunk must hold whole moment blocks");
+
+// Every (param dtype, mode, moment storage) the backends compile: X(name, DType, T, mode, moments), with
+// the backend's 16-bit types as F16 / BF16. Compressed moments come with every param precision but
+// 16-bit params without masters (few instantiations; FusedAdamW refuses that combination).
+#define COGKERN_ADAMW_VARIANTS(X, F16, BF16)                                               \
+  X(f32_plain_f32, kFloat, float, kPlain, kF32)                                            \
+  X(f16_plain_f32, kHalf, F16, kPlain, kF32)                                               \
+  X(f16_master_f32, kHalf, F16, kMaster, kF32)                                             \
+  X(bf16_plain_f32, kBFloat16, BF16, kPlain, kF32)                                         \
+  X(bf16_master_f32, kBFloat16, BF16, kMaster, kF32)                                       \
+  X(bf16_stochastic_f32, kBFloat16, BF16, kStochastic, kF32)                               \
+  X(bf16_remainder_f32, kBFloat16, BF16, kRemainder, kF32)                                 \
+  X(f32_plain_bf16, kFloat, float, kPlain, kBF16)                                          \
+  X(f16_master_bf16, kHalf, F16, kMaster, kBF16)                                           \
+  X(bf16_master_bf16, kBFloat16, BF16, kMaster, kBF16)                                     \
+  X(bf16_stochastic_bf16, kBFloat16, BF16, kStochastic, kBF16)                             \
+  X(bf16_remainder_bf16, kBFloat16, BF16, kRemainder, kBF16)
+
+CK_HD bool adamw_variant_compiled(DType dtype, AdamWMode mode, MomentStore moments) {
+#define COGKERN_ADAMW_MATCH(NAME, DT, T, MODE, MS) \
+  if (dtype == DType::DT && mode == AdamWMode::MODE && moments == MomentStore::MS) return true;
+  COGKERN_ADAMW_VARIANTS(COGKERN_ADAMW_MATCH, void, void)
+#undef COGKERN_ADAMW_MATCH
+  return false;
+}
 
 struct AdamWGroup {
   double lr = 0;
@@ -46,9 +83,11 @@ struct AdamWGroup {
 struct AdamWTensor {
   void* param = nullptr;
   const void* grad = nullptr;
-  float* exp_avg = nullptr;
-  float* exp_avg_sq = nullptr;
-  float* master = nullptr;  // kMaster only
+  void* exp_avg = nullptr;      // float, bf16 bits or int8 codes (MomentStore)
+  void* exp_avg_sq = nullptr;   // float, bf16 bits or uint8 codes
+  float* exp_avg_scale = nullptr;     // kInt8: one per block of kMomentBlock elements
+  float* exp_avg_sq_scale = nullptr;  // kInt8
+  void* master = nullptr;  // kMaster: float; kRemainder: int16 remainders
   float* step = nullptr;    // the tensor's step count (float32, like torch's state['step'])
   int64_t numel = 0;
   int64_t chunk_begin = 0;  // first global chunk of this tensor in its launch
@@ -86,14 +125,20 @@ struct GradCheckLaunch {
 // (scripts/cuda_emu/emu_optim.cpp): appends a tensor to a launch that has room
 // for it (the caller flushes full launches), at the launch's next chunk, with
 // vector access where every pointer allows it. elem_bytes: the size of one
-// param / grad element (the moments and the master are fp32).
+// param / grad element; moment_bytes: of one exp_avg / exp_avg_sq element (4, 2
+// or 1); master_bytes: of one master (4) or remainder (2) element.
+// A tensor starts a chunk, and a chunk is a whole number of int8 moment blocks,
+// so a block never straddles two tensors: block b of a tensor is its elements
+// [b * kMomentBlock, (b + 1) * kMomentBlock), the last one cut short.
 inline bool vector_aligned(const void* p, size_t elem_bytes) {
   return p == nullptr || reinterpret_cast<uintptr_t>(p) % (size_t(kMultiTensorILP) * elem_bytes) == 0;
 }
-inline void append_tensor(AdamWLaunch& L, AdamWTensor t, size_t elem_bytes) {
+inline void append_tensor(AdamWLaunch& L, AdamWTensor t, size_t elem_bytes, size_t moment_bytes = 4,
+                          size_t master_bytes = 4) {
   t.chunk_begin = L.num_chunks;
   t.vector_ok = vector_aligned(t.param, elem_bytes) && vector_aligned(t.grad, elem_bytes) &&
-                vector_aligned(t.exp_avg, 4) && vector_aligned(t.exp_avg_sq, 4) && vector_aligned(t.master, 4);
+                vector_aligned(t.exp_avg, moment_bytes) && vector_aligned(t.exp_avg_sq, moment_bytes) &&
+                vector_aligned(t.master, master_bytes);
   L.tensors[L.num_tensors++] = t;
   L.num_chunks += chunks_of(t.numel);
 }
@@ -243,8 +288,45 @@ CK_HD float bf16_bits_to_float(uint16_t h) { return bits_float(uint32_t(h) << 16
 // arithmetic is the same whatever N is.
 // ---------------------------------------------------------------------------
 
-template <typename T, AdamWMode MODE, int N = kMultiTensorILP>
+// bf16 param + int16 remainder == the fp32 master (TransformerEngine's
+// store_param_remainders): 2 bytes per param less than a fp32 master, with the
+// same master values bit for bit. The param is the master rounded to nearest,
+// ties away from zero (the magnitude bits are rounded up when the dropped half
+// is >= 0x8000; ties-to-even could not be undone from 16 bits, as both
+// neighbours of a tie then have an even top half), and the remainder is the
+// master's low 16 bits, as an int16 that is negative exactly when the param was
+// rounded up. NaN keeps its top half (quiet) and a non-negative remainder.
+CK_HD float master_from_remainder(uint16_t param_bits, int16_t remainder) {
+  const uint32_t top = uint32_t(param_bits) - uint32_t(remainder < 0);
+  return bits_float((top << 16) | uint32_t(uint16_t(remainder)));
+}
+CK_HD void split_master(float master, uint16_t& param_bits, int16_t& remainder) {
+  const uint32_t b = float_bits(master);
+  const uint32_t low = b & 0xFFFFu;
+  const bool nan = (b & 0x7FFFFFFFu) > 0x7F800000u;
+  const uint32_t up = nan ? 0u : low >> 15;
+  param_bits = uint16_t(nan ? ((b >> 16) | 0x0040u) : (b >> 16) + up);
+  remainder = int16_t(uint16_t(nan ? (low & 0x7FFFu) : low));
+}
+
+// Separate random streams for the param and the two bf16 moments of a tensor.
+constexpr uint64_t kExpAvgStream = 0xA5A5F00DC0FFEE01ull;
+constexpr uint64_t kExpAvgSqStream = 0x5A5AB16B00B5E002ull;
+
+// ---------------------------------------------------------------------------
+// The per-chunk body (multi_tensor.h): one (tensor, chunk), lanes striding.
+// T is the param/grad storage type (float, or a 16-bit type of the backend);
+// MODE how the fp32 value of the param is kept, MS how the moments are.
+// N: elements per lane and iteration; the CUDA kernels use kMultiTensorILP
+// (one 16-byte load), the CPU backend a SIMD register's worth. Every element's
+// arithmetic is the same whatever N is.
+// ---------------------------------------------------------------------------
+
+template <typename T, AdamWMode MODE, MomentStore MS, int N = kMultiTensorILP>
 struct AdamWChunk {
+  static_assert(MODE != AdamWMode::kStochastic || sizeof(T) == 2, "stochastic rounding writes bf16 bits");
+  static_assert(MODE != AdamWMode::kRemainder || sizeof(T) == 2, "remainders complete bf16 params");
+
   CK_HD void operator()(const AdamWLaunch& L, int t, int64_t chunk, int lane, int nlanes) const {
     const float* scalars = L.step_scalars;
     if (scalars != nullptr && scalars[kFoundInf] != 0.0f) return;  // skipped step: touch nothing
@@ -253,8 +335,12 @@ struct AdamWChunk {
     const AdamWCoeffs c = adamw_coeffs(L.groups[d.group], step);
     const float inv_scale = scalars != nullptr ? scalars[kInvScale] : 1.0f;
     const float clip = scalars != nullptr ? scalars[kClipCoef] : 1.0f;
-    uint64_t key = 0;
+    uint64_t key = 0, key_m = 0, key_v = 0;
     if constexpr (MODE == AdamWMode::kStochastic) key = sr_stream_key(L.seed, d.rng_id, uint32_t(step));
+    if constexpr (MS == MomentStore::kBF16) {
+      key_m = sr_stream_key(L.seed ^ kExpAvgStream, d.rng_id, uint32_t(step));
+      key_v = sr_stream_key(L.seed ^ kExpAvgSqStream, d.rng_id, uint32_t(step));
+    }
 
     T* param = static_cast<T*>(d.param);
     const T* grad = static_cast<const T*>(d.grad);
@@ -267,15 +353,22 @@ struct AdamWChunk {
       const int64_t n = end - i < N ? end - i : N;
       T g_raw[N], p_raw[N];
       float m[N], v[N], p[N];
+      int16_t rem[N];
       mt_load<T, N>(grad + i, n, vec, g_raw, zero);
-      mt_load<float, N>(d.exp_avg + i, n, vec, m, 0.0f);
-      mt_load<float, N>(d.exp_avg_sq + i, n, vec, v, 0.0f);
+      load_moments(d.exp_avg, i, n, vec, m);
+      load_moments(d.exp_avg_sq, i, n, vec, v);
       if constexpr (MODE == AdamWMode::kMaster) {
-        mt_load<float, N>(d.master + i, n, vec, p, 0.0f);
+        mt_load<float, N>(static_cast<float*>(d.master) + i, n, vec, p, 0.0f);
       } else {
         mt_load<T, N>(param + i, n, vec, p_raw, zero);
+        if constexpr (MODE == AdamWMode::kRemainder) {
+          mt_load<int16_t, N>(static_cast<int16_t*>(d.master) + i, n, vec, rem, int16_t(0));
 #pragma unroll
-        for (int k = 0; k < N; ++k) p[k] = to_acc<float>(p_raw[k]);
+          for (int k = 0; k < N; ++k) p[k] = master_from_remainder(bits16(p_raw[k]), rem[k]);
+        } else {
+#pragma unroll
+          for (int k = 0; k < N; ++k) p[k] = to_acc<float>(p_raw[k]);
+        }
       }
 #pragma unroll
       for (int k = 0; k < N; ++k) {
@@ -283,17 +376,56 @@ struct AdamWChunk {
         const float g = mul_rn(mul_rn(to_acc<float>(g_raw[k]), inv_scale), clip);
         adamw_element(p[k], m[k], v[k], g, c);
         if constexpr (MODE == AdamWMode::kStochastic) {
-          static_assert(sizeof(T) == 2, "stochastic rounding writes bf16 bits");
-          const uint16_t bits = bf16_bits_stochastic(p[k], sr_bits(key, i + k));
-          memcpy(&p_raw[k], &bits, sizeof(bits));
+          p_raw[k] = from_bits16<T>(bf16_bits_stochastic(p[k], sr_bits(key, i + k)));
+        } else if constexpr (MODE == AdamWMode::kRemainder) {
+          uint16_t bits;
+          split_master(p[k], bits, rem[k]);
+          p_raw[k] = from_bits16<T>(bits);
         } else {
           p_raw[k] = from_acc<T>(p[k]);
         }
       }
-      mt_store<float, N>(d.exp_avg + i, n, vec, m);
-      mt_store<float, N>(d.exp_avg_sq + i, n, vec, v);
-      if constexpr (MODE == AdamWMode::kMaster) mt_store<float, N>(d.master + i, n, vec, p);
+      store_moments(d.exp_avg, i, n, vec, m, key_m);
+      store_moments(d.exp_avg_sq, i, n, vec, v, key_v);
+      if constexpr (MODE == AdamWMode::kMaster) mt_store<float, N>(static_cast<float*>(d.master) + i, n, vec, p);
+      if constexpr (MODE == AdamWMode::kRemainder) mt_store<int16_t, N>(static_cast<int16_t*>(d.master) + i, n, vec, rem);
       mt_store<T, N>(param + i, n, vec, p_raw);
+    }
+  }
+
+ private:
+  template <typename U>
+  CK_HD static uint16_t bits16(U x) {
+    uint16_t b;
+    memcpy(&b, &x, sizeof(b));
+    return b;
+  }
+  template <typename U>
+  CK_HD static U from_bits16(uint16_t b) {
+    U x;
+    memcpy(&x, &b, sizeof(b));
+    return x;
+  }
+
+  // fp32 or bf16 moments, elements [i, i + n) (the rest of the group is 0).
+  CK_HD static void load_moments(const void* base, int64_t i, int64_t n, bool vec, float (&out)[N]) {
+    if constexpr (MS == MomentStore::kF32) {
+      mt_load<float, N>(static_cast<const float*>(base) + i, n, vec, out, 0.0f);
+    } else {
+      uint16_t raw[N];
+      mt_load<uint16_t, N>(static_cast<const uint16_t*>(base) + i, n, vec, raw, uint16_t(0));
+#pragma unroll
+      for (int k = 0; k < N; ++k) out[k] = bf16_bits_to_float(raw[k]);
+    }
+  }
+  CK_HD static void store_moments(void* base, int64_t i, int64_t n, bool vec, const float (&in)[N], uint64_t key) {
+    if constexpr (MS == MomentStore::kF32) {
+      mt_store<float, N>(static_cast<float*>(base) + i, n, vec, in);
+    } else {
+      uint16_t raw[N];
+#pragma unroll
+      for (int k = 0; k < N; ++k) raw[k] = bf16_bits_stochastic(in[k], sr_bits(key, i + k));
+      mt_store<uint16_t, N>(static_cast<uint16_t*>(base) + i, n, vec, raw);
     }
   }
 };

@@ -365,4 +365,4 @@ def test_cuda_bad_input_is_refused_before_launch():
     with pytest.raises(ValueError, match=r"exp_avgs\[0\] is on cpu"):
         torch.ops.cogkern.fused_adamw_([p], [torch.randn(8, device="cuda")], [torch.zeros(8)], [m], [],
                                        [torch.zeros((), device="cuda")], [0], [0], [1e-3], [None], [0.9], [0.999],
-                                       [1e-8], [0.0], None, 0, False)
+                                       [1e-8], [0.0], None, 0, False, [], [])
