@@ -72,11 +72,13 @@ def _state_bytes_of(opt, n: int) -> float:
     total = 0
     for st in opt.state.values():
         for k, t in st.items():
-            if torch.is_tensor(t) and k != "step" and t.numel() > 1:
-                total += t.numel() * t.element_size()
-            elif hasattr(t, "__tensor_flatten__"):  # torchao's quantized state tensors
+            if not torch.is_tensor(t) or k == "step" or t.numel() <= 1:
+                continue
+            if hasattr(t, "__tensor_flatten__"):  # torchao's quantized state: count its inner tensors
                 names, _ = t.__tensor_flatten__()
                 total += sum(getattr(t, a).numel() * getattr(t, a).element_size() for a in names)
+            else:
+                total += t.numel() * t.element_size()
     return total / n
 
 
