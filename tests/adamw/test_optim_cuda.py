@@ -323,6 +323,7 @@ def test_save_load_exact_continuation_cuda(dtype, kw):
     assert sc_b.state_dict() == sc_full.state_dict()
 
 
+@needs_gpu  # torch's CPU GradScaler takes another path (the CPU file tests its interop: test_optim.py)
 def test_torch_grad_scaler_matches_our_scaler_on_cuda():
     # Both unscale inside the update kernel (fp32 math): bit-identical.
     shapes = SHAPES[:5]
@@ -356,7 +357,7 @@ def test_unscale_fp16_grads_then_clip_on_cuda():
     scaler.scale(torch.ones((), device=DEV))
     gs = grads_for(0, shapes, torch.float16, DEV, scale=256.0)
     for p, g in zip(params, gs):
-        p.grad = g
+        p.grad = g.clone()  # unscaled in place: keep the scaled ones to compare with
     scaler.unscale_(opt)
     for p, g in zip(params, gs):
         assert torch.equal(p.grad, (g.float() / 256).half())
