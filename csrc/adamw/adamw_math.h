@@ -269,18 +269,23 @@ CK_HD uint32_t sr_bits(uint64_t key, int64_t i) {
   return uint32_t(h >> (16 * (i & 3))) & 0xFFFFu;
 }
 
+// Straight-line (mask selects, no branches), so the CPU loop vectorizes.
+CK_HD uint32_t select_u32(bool c, uint32_t a, uint32_t b) {
+  const uint32_t mask = 0u - uint32_t(c);
+  return (a & mask) | (b & ~mask);
+}
+
 // Round-to-nearest-even fp32 -> bf16 bits (NaN stays a quiet NaN).
 CK_HD uint16_t bf16_bits_rn(float x) {
   const uint32_t b = float_bits(x);
-  if ((b & 0x7FFFFFFFu) > 0x7F800000u) return uint16_t((b >> 16) | 0x0040u);
-  return uint16_t((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+  return uint16_t(select_u32((b & 0x7FFFFFFFu) > 0x7F800000u, (b >> 16) | 0x0040u, (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16));
 }
 
 // Unbiased: rounds up with probability (distance to the lower bf16 neighbour) / ulp.
 CK_HD uint16_t bf16_bits_stochastic(float x, uint32_t random16) {
   const uint32_t b = float_bits(x);
-  if ((b & 0x7F800000u) == 0x7F800000u) return bf16_bits_rn(x);  // inf / NaN stay as they are
-  return uint16_t((b + random16) >> 16);
+  // inf / NaN stay as they are (selected, not branched: the CPU loop vectorizes)
+  return uint16_t(select_u32((b & 0x7F800000u) == 0x7F800000u, bf16_bits_rn(x), (b + random16) >> 16));
 }
 
 CK_HD float bf16_bits_to_float(uint16_t h) { return bits_float(uint32_t(h) << 16); }
@@ -309,9 +314,8 @@ CK_HD void split_master(float master, uint16_t& param_bits, int16_t& remainder) 
   const uint32_t b = float_bits(master);
   const uint32_t low = b & 0xFFFFu;
   const bool nan = (b & 0x7FFFFFFFu) > 0x7F800000u;
-  const uint32_t up = nan ? 0u : low >> 15;
-  param_bits = uint16_t(nan ? ((b >> 16) | 0x0040u) : (b >> 16) + up);
-  remainder = int16_t(uint16_t(nan ? (low & 0x7FFFu) : low));
+  param_bits = uint16_t(select_u32(nan, (b >> 16) | 0x0040u, (b >> 16) + (low >> 15)));
+  remainder = int16_t(uint16_t(select_u32(nan, low & 0x7FFFu, low)));
 }
 
 // int8 moments. Per block, the fp32 scale is the block's absmax A (exact: a
@@ -332,12 +336,6 @@ struct MomentCode {
   static constexpr uint32_t kMaxCode = uint32_t(kRange) * 8u + 1u;  // codes 1.0 exactly
   static constexpr float kLinear = SIGNED ? 2147483648.0f : 140737488355328.0f;  // 2^(R + 16)
 };
-
-// Straight-line (mask selects, no branches), so the CPU loop vectorizes.
-CK_HD uint32_t select_u32(bool c, uint32_t a, uint32_t b) {
-  const uint32_t mask = 0u - uint32_t(c);
-  return (a & mask) | (b & ~mask);
-}
 
 template <bool SIGNED>
 CK_HD float decode_moment_magnitude(uint32_t q) {
