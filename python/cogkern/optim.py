@@ -16,11 +16,13 @@ param_remainders    remainder == the fp32 master, bit for bit),
                     fp32 m, v
 ==================  ===========================================  ==============
 
-``moments="bf16"`` keeps m and v in bf16 (stochastically rounded, seeded like
-the params' rounding): 4 bytes less per param than each row above (12, 12, 8,
-10). ``moments="int8"`` keeps them as 8-bit codes, 256 per block with one fp32
-scale per block and moment: 1 + 1 + 8/256 bytes instead of 8, so 10.03, 10.03,
-6.03 and 8.03. :func:`state_bytes_per_param` gives the optimizer-state part of
+``moments="bf16"`` keeps m and v in bf16 (stochastically rounded: counter-based
+random bits seeded by ``seed``, a stream of their own, so CPU and CUDA agree bit
+for bit): 4 bytes less per param than each row above (12, 12, 8, 10).
+``moments="int8"`` keeps them as 8-bit codes, 256 per block with one fp32 scale
+(the block's absmax) per block and moment, coded as small floats relative to it
+and rounded stochastically in the update kernel: 1 + 1 + 8/256 bytes instead of
+8, so 10.03, 10.03, 6.03 and 8.03. :func:`state_bytes_per_param` gives the optimizer-state part of
 these numbers (params and grads excluded); ``opt.state_bytes()`` counts the
 state actually allocated.
 
@@ -29,7 +31,9 @@ State keys (``opt.state[p]``, stored as they are by ``state_dict``): ``step``
 with int8 moments ``exp_avg_scale`` / ``exp_avg_sq_scale`` (fp32, one per block
 of 256 elements in memory order; blocks never straddle tensors); with master
 weights ``master_param`` (fp32), or with param remainders ``master_remainder``
-(int16, the param's shape: the fp32 master's low 16 bits).
+(int16, the param's shape: the fp32 master's low 16 bits). ``load_state_dict``
+converts between storages (fp32 <-> bf16 <-> int8 moments, master <-> remainder;
+see ``FusedAdamW._loaded_state``); the same storage loads exactly.
 
 With a loss scaler (``scaler.step(opt)``: :class:`cogkern.amp.DynamicLossScaler`,
 or ``torch.amp.GradScaler``, which passes ``grad_scale``/``found_inf`` as to
