@@ -6,8 +6,8 @@
 
 namespace cogkern::cpu {
 
-// param_dtype / mode: the combinations launch_adamw accepts (adamw/adamw_launch.h).
-void adamw(const AdamWLaunch& L, DType param_dtype, AdamWMode mode);
+// param_dtype / mode / moments: the combinations of COGKERN_ADAMW_VARIANTS (adamw/adamw_math.h).
+void adamw(const AdamWLaunch& L, DType param_dtype, AdamWMode mode, MomentStore moments);
 void grad_check(const GradCheckLaunch& L, DType grad_dtype);
 void grad_check_finalize(const float* partials, int64_t num_chunks, const float* scale, const float* found_inf_in,
                          double max_norm, float* out);

@@ -38,11 +38,11 @@ unsigned grid_for(int64_t num_chunks) {
   return unsigned(std::max<int64_t>(1, std::min<int64_t>(num_chunks, full)));
 }
 
-template <typename T, AdamWMode MODE>
+template <typename T, AdamWMode MODE, MomentStore MS>
 cudaError_t launch_update(const AdamWLaunch& L, cudaStream_t stream) {
   if (L.num_chunks > 0) {
-    const cudaError_t err =
-        launch_kernel(adamw_kernel<T, MODE>, grid_for<adamw_kernel<T, MODE>>(L.num_chunks), kThreads, 0, stream, L);
+    const cudaError_t err = launch_kernel(adamw_kernel<T, MODE, MS>, grid_for<adamw_kernel<T, MODE, MS>>(L.num_chunks),
+                                          kThreads, 0, stream, L);
     if (err != cudaSuccess) return err;
   }
   StepAdvance A;
@@ -59,24 +59,14 @@ cudaError_t launch_check(const GradCheckLaunch& L, cudaStream_t stream) {
 
 }  // namespace
 
-cudaError_t launch_adamw(const AdamWLaunch& L, DType param_dtype, AdamWMode mode, cudaStream_t stream) {
+cudaError_t launch_adamw(const AdamWLaunch& L, DType param_dtype, AdamWMode mode, MomentStore moments,
+                         cudaStream_t stream) {
   if (L.num_tensors == 0) return cudaSuccess;
-  switch (param_dtype) {
-    case DType::kFloat:
-      if (mode == AdamWMode::kPlain) return launch_update<float, AdamWMode::kPlain>(L, stream);
-      break;
-    case DType::kHalf:
-      if (mode == AdamWMode::kPlain) return launch_update<__half, AdamWMode::kPlain>(L, stream);
-      if (mode == AdamWMode::kMaster) return launch_update<__half, AdamWMode::kMaster>(L, stream);
-      break;
-    case DType::kBFloat16:
-      if (mode == AdamWMode::kPlain) return launch_update<__nv_bfloat16, AdamWMode::kPlain>(L, stream);
-      if (mode == AdamWMode::kMaster) return launch_update<__nv_bfloat16, AdamWMode::kMaster>(L, stream);
-      if (mode == AdamWMode::kStochastic) return launch_update<__nv_bfloat16, AdamWMode::kStochastic>(L, stream);
-      break;
-    default:
-      break;
-  }
+#define COGKERN_ADAMW_CASE(NAME, DT, T, MODE, MS)                                          \
+  if (param_dtype == DType::DT && mode == AdamWMode::MODE && moments == MomentStore::MS) \
+    return launch_update<T, AdamWMode::MODE, MomentStore::MS>(L, stream);
+  COGKERN_ADAMW_VARIANTS(COGKERN_ADAMW_CASE, __half, __nv_bfloat16)
+#undef COGKERN_ADAMW_CASE
   return cudaErrorInvalidValue;
 }
 

@@ -10,8 +10,9 @@
 namespace cogkern {
 
 // The update of every (tensor, chunk) of L, then the step-count advance.
-// param_dtype: kFloat (kPlain only), kHalf (kPlain, kMaster), kBFloat16 (any mode).
-cudaError_t launch_adamw(const AdamWLaunch& L, DType param_dtype, AdamWMode mode, cudaStream_t stream);
+// (param_dtype, mode, moments): one of COGKERN_ADAMW_VARIANTS (adamw_math.h); else cudaErrorInvalidValue.
+cudaError_t launch_adamw(const AdamWLaunch& L, DType param_dtype, AdamWMode mode, MomentStore moments,
+                         cudaStream_t stream);
 
 // Per-chunk (sum of squares, non-finite) partials of L's gradients.
 cudaError_t launch_grad_check(const GradCheckLaunch& L, DType grad_dtype, cudaStream_t stream);

@@ -39,7 +39,49 @@ enum class AdamWMode : int {
   kPlain = 0,       // update the params in their own dtype (round to nearest)
   kMaster = 1,      // fp32 master weights; params := round_to_nearest(master)
   kStochastic = 2,  // bf16 params, no master: stochastic rounding of the fp32 result
+  kRemainder = 3,   // bf16 params + int16 remainders: together exactly the fp32 master
 };
+
+// How exp_avg / exp_avg_sq are stored.
+enum class MomentStore : int {
+  kF32 = 0,   // fp32
+  kBF16 = 1,  // bf16, written back with stochastic rounding
+  kInt8 = 2,  // 8-bit codes, kMomentBlock per fp32 scale (adamw_int8 below)
+};
+
+// Elements per int8 moment block (one fp32 scale each). Chunks hold whole blocks.
+constexpr int kMomentBlock = 256;
+static_assert(kMultiTensorChunk % kMomentBlock == 0, "a chunk must hold whole moment blocks");
+
+// Every (param dtype, mode, moment storage) the backends compile: X(name, DType, T, mode, moments), with
+// the backend's 16-bit types as F16 / BF16. Compressed moments come with every param precision but
+// 16-bit params without masters (few instantiations; FusedAdamW refuses that combination).
+#define COGKERN_ADAMW_VARIANTS(X, F16, BF16)                                               \
+  X(f32_plain_f32, kFloat, float, kPlain, kF32)                                            \
+  X(f16_plain_f32, kHalf, F16, kPlain, kF32)                                               \
+  X(f16_master_f32, kHalf, F16, kMaster, kF32)                                             \
+  X(bf16_plain_f32, kBFloat16, BF16, kPlain, kF32)                                         \
+  X(bf16_master_f32, kBFloat16, BF16, kMaster, kF32)                                       \
+  X(bf16_stochastic_f32, kBFloat16, BF16, kStochastic, kF32)                               \
+  X(bf16_remainder_f32, kBFloat16, BF16, kRemainder, kF32)                                 \
+  X(f32_plain_bf16, kFloat, float, kPlain, kBF16)                                          \
+  X(f16_master_bf16, kHalf, F16, kMaster, kBF16)                                           \
+  X(bf16_master_bf16, kBFloat16, BF16, kMaster, kBF16)                                     \
+  X(bf16_stochastic_bf16, kBFloat16, BF16, kStochastic, kBF16)                             \
+  X(bf16_remainder_bf16, kBFloat16, BF16, kRemainder, kBF16)                             \
+  X(f32_plain_int8, kFloat, float, kPlain, kInt8)                                          \
+  X(f16_master_int8, kHalf, F16, kMaster, kInt8)                                           \
+  X(bf16_master_int8, kBFloat16, BF16, kMaster, kInt8)                                     \
+  X(bf16_stochastic_int8, kBFloat16, BF16, kStochastic, kInt8)                             \
+  X(bf16_remainder_int8, kBFloat16, BF16, kRemainder, kInt8)
+
+CK_HD bool adamw_variant_compiled(DType dtype, AdamWMode mode, MomentStore moments) {
+#define COGKERN_ADAMW_MATCH(NAME, DT, T, MODE, MS) \
+  if (dtype == DType::DT && mode == AdamWMode::MODE && moments == MomentStore::MS) return true;
+  COGKERN_ADAMW_VARIANTS(COGKERN_ADAMW_MATCH, void, void)
+#undef COGKERN_ADAMW_MATCH
+  return false;
+}
 
 struct AdamWGroup {
   double lr = 0;
@@ -50,9 +92,11 @@ struct AdamWGroup {
 struct AdamWTensor {
   void* param = nullptr;
   const void* grad = nullptr;
-  float* exp_avg = nullptr;
-  float* exp_avg_sq = nullptr;
-  float* master = nullptr;  // kMaster only
+  void* exp_avg = nullptr;      // float, bf16 bits or int8 codes (MomentStore)
+  void* exp_avg_sq = nullptr;   // float, bf16 bits or uint8 codes
+  float* exp_avg_scale = nullptr;     // kInt8: one per block of kMomentBlock elements
+  float* exp_avg_sq_scale = nullptr;  // kInt8
+  void* master = nullptr;  // kMaster: float; kRemainder: int16 remainders
   float* step = nullptr;    // the tensor's step count (float32, like torch's state['step'])
   int64_t numel = 0;
   int64_t chunk_begin = 0;  // first global chunk of this tensor in its launch
@@ -90,14 +134,20 @@ struct GradCheckLaunch {
 // (scripts/cuda_emu/emu_optim.cpp): appends a tensor to a launch that has room
 // for it (the caller flushes full launches), at the launch's next chunk, with
 // vector access where every pointer allows it. elem_bytes: the size of one
-// param / grad element (the moments and the master are fp32).
+// param / grad element; moment_bytes: of one exp_avg / exp_avg_sq element (4, 2
+// or 1); master_bytes: of one master (4) or remainder (2) element.
+// A tensor starts a chunk, and a chunk is a whole number of int8 moment blocks,
+// so a block never straddles two tensors: block b of a tensor is its elements
+// [b * kMomentBlock, (b + 1) * kMomentBlock), the last one cut short.
 inline bool vector_aligned(const void* p, size_t elem_bytes) {
   return p == nullptr || reinterpret_cast<uintptr_t>(p) % (size_t(kMultiTensorILP) * elem_bytes) == 0;
 }
-inline void append_tensor(AdamWLaunch& L, AdamWTensor t, size_t elem_bytes) {
+inline void append_tensor(AdamWLaunch& L, AdamWTensor t, size_t elem_bytes, size_t moment_bytes = 4,
+                          size_t master_bytes = 4) {
   t.chunk_begin = L.num_chunks;
   t.vector_ok = vector_aligned(t.param, elem_bytes) && vector_aligned(t.grad, elem_bytes) &&
-                vector_aligned(t.exp_avg, 4) && vector_aligned(t.exp_avg_sq, 4) && vector_aligned(t.master, 4);
+                vector_aligned(t.exp_avg, moment_bytes) && vector_aligned(t.exp_avg_sq, moment_bytes) &&
+                vector_aligned(t.master, master_bytes);
   L.tensors[L.num_tensors++] = t;
   L.num_chunks += chunks_of(t.numel);
 }
@@ -224,18 +274,23 @@ CK_HD uint32_t sr_bits(uint64_t key, int64_t i) {
   return uint32_t(h >> (16 * (i & 3))) & 0xFFFFu;
 }
 
+// Straight-line (mask selects, no branches), so the CPU loop vectorizes.
+CK_HD uint32_t select_u32(bool c, uint32_t a, uint32_t b) {
+  const uint32_t mask = 0u - uint32_t(c);
+  return (a & mask) | (b & ~mask);
+}
+
 // Round-to-nearest-even fp32 -> bf16 bits (NaN stays a quiet NaN).
 CK_HD uint16_t bf16_bits_rn(float x) {
   const uint32_t b = float_bits(x);
-  if ((b & 0x7FFFFFFFu) > 0x7F800000u) return uint16_t((b >> 16) | 0x0040u);
-  return uint16_t((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+  return uint16_t(select_u32((b & 0x7FFFFFFFu) > 0x7F800000u, (b >> 16) | 0x0040u, (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16));
 }
 
 // Unbiased: rounds up with probability (distance to the lower bf16 neighbour) / ulp.
 CK_HD uint16_t bf16_bits_stochastic(float x, uint32_t random16) {
   const uint32_t b = float_bits(x);
-  if ((b & 0x7F800000u) == 0x7F800000u) return bf16_bits_rn(x);  // inf / NaN stay as they are
-  return uint16_t((b + random16) >> 16);
+  // inf / NaN stay as they are (selected, not branched: the CPU loop vectorizes)
+  return uint16_t(select_u32((b & 0x7F800000u) == 0x7F800000u, bf16_bits_rn(x), (b + random16) >> 16));
 }
 
 CK_HD float bf16_bits_to_float(uint16_t h) { return bits_float(uint32_t(h) << 16); }
@@ -248,8 +303,125 @@ CK_HD float bf16_bits_to_float(uint16_t h) { return bits_float(uint32_t(h) << 16
 // arithmetic is the same whatever N is.
 // ---------------------------------------------------------------------------
 
-template <typename T, AdamWMode MODE, int N = kMultiTensorILP>
+// bf16 param + int16 remainder == the fp32 master (TransformerEngine's
+// store_param_remainders): 2 bytes per param less than a fp32 master, with the
+// same master values bit for bit. The param is the master rounded to nearest,
+// ties away from zero (the magnitude bits are rounded up when the dropped half
+// is >= 0x8000; ties-to-even could not be undone from 16 bits, as both
+// neighbours of a tie then have an even top half), and the remainder is the
+// master's low 16 bits, as an int16 that is negative exactly when the param was
+// rounded up. NaN keeps its top half (quiet) and a non-negative remainder.
+CK_HD float master_from_remainder(uint16_t param_bits, int16_t remainder) {
+  const uint32_t top = uint32_t(param_bits) - uint32_t(remainder < 0);
+  return bits_float((top << 16) | uint32_t(uint16_t(remainder)));
+}
+CK_HD void split_master(float master, uint16_t& param_bits, int16_t& remainder) {
+  const uint32_t b = float_bits(master);
+  const uint32_t low = b & 0xFFFFu;
+  const bool nan = (b & 0x7FFFFFFFu) > 0x7F800000u;
+  param_bits = uint16_t(select_u32(nan, (b >> 16) | 0x0040u, (b >> 16) + (low >> 15)));
+  remainder = int16_t(uint16_t(select_u32(nan, low & 0x7FFFu, low)));
+}
+
+// int8 moments. Per block, the fp32 scale is the block's absmax A (exact: a
+// max is the same in any order, so CPU and CUDA agree), and r = |x| / A in
+// [0, 1] is coded as a small float of R binades and 3 mantissa bits: code 0
+// is 0, code q >= 1 is 2^-R * (1 + (q - 1) / 8), i.e. the fp32 bit pattern
+// base + ((q - 1) << 20); below 2^-R the code is 0 or 1 (linear). Coding
+// rounds stochastically (16 random bits, counter-based as above), so the EMAs
+// stay unbiased and never stall on a code (round to nearest would freeze v,
+// whose relative step per update, 1 - beta2, is far below the code spacing).
+// exp_avg: int8, sign and magnitude code, R = 15 (4.5 decades below the block
+// max); exp_avg_sq: uint8, R = 31 (9 decades, v spans twice m's), and a v > 0
+// never codes to 0 (that would make the update m / eps).
+template <bool SIGNED>
+struct MomentCode {
+  static constexpr int kRange = SIGNED ? 15 : 31;
+  static constexpr uint32_t kBase = uint32_t(127 - kRange) << 23;  // bits of 2^-R
+  static constexpr uint32_t kMaxCode = uint32_t(kRange) * 8u + 1u;  // codes 1.0 exactly
+  static constexpr float kLinear = SIGNED ? 2147483648.0f : 140737488355328.0f;  // 2^(R + 16)
+};
+
+template <bool SIGNED>
+CK_HD float decode_moment_magnitude(uint32_t q) {
+  return bits_float(select_u32(q != 0, MomentCode<SIGNED>::kBase + ((q - 1u) << 20), 0u));
+}
+
+// q for r = |x| / A in [0, 1] (a NaN r saturates; the block is NaN through A anyway).
+template <bool SIGNED>
+CK_HD uint32_t encode_moment_magnitude(float r, uint32_t random16) {
+  using C = MomentCode<SIGNED>;
+  const uint32_t b = float_bits(r);
+  const uint32_t normal = ((b - C::kBase + (random16 << 4)) >> 20) + 1u;
+  const uint32_t linear = uint32_t(uint32_t(r * C::kLinear) > random16);
+  const uint32_t q = select_u32(b >= C::kBase, normal, linear);
+  return select_u32(q < C::kMaxCode, q, C::kMaxCode);
+}
+
+// The int8 exp_avg code: sign and magnitude (two's complement of the magnitude code).
+CK_HD float decode_exp_avg(int32_t c, float scale) {
+  const int32_t sign = c >> 31;
+  const float mag = mul_rn(decode_moment_magnitude<true>(uint32_t((c ^ sign) - sign)), scale);
+  return bits_float(float_bits(mag) | (uint32_t(sign) << 31));
+}
+CK_HD int32_t encode_exp_avg(float m, float inv_scale, uint32_t random16) {
+  const int32_t mag = int32_t(encode_moment_magnitude<true>(mul_rn(bits_float(float_bits(m) & 0x7FFFFFFFu), inv_scale),
+                                                            random16));
+  const int32_t sign = -int32_t(float_bits(m) >> 31);
+  return (mag ^ sign) - sign;  // in [-121, 121]
+}
+// The uint8 exp_avg_sq code; a v > 0 never codes to 0.
+CK_HD float decode_exp_avg_sq(uint32_t code, float scale) {
+  return mul_rn(decode_moment_magnitude<false>(code), scale);
+}
+CK_HD uint32_t encode_exp_avg_sq(float v, float inv_scale, uint32_t random16) {
+  const uint32_t q = encode_moment_magnitude<false>(mul_rn(v, inv_scale), random16);
+  return q | (uint32_t(q == 0) & uint32_t(v > 0.0f));  // in [0, 249]
+}
+
+// Absolute value's bits: unsigned compare orders them as the values (NaN above inf).
+CK_HD uint32_t abs_bits(float x) { return float_bits(x) & 0x7FFFFFFFu; }
+
+// One lane per int8 block (the CPU backend); the CUDA kernels let a warp share a block.
+struct OneLanePerBlock {
+  static constexpr int kLanes = 1;
+  CK_HD static uint32_t max(uint32_t x) { return x; }
+};
+
+// The moments' random bits (bf16 and int8 storage): one 32-bit hash per element,
+// 16 bits for exp_avg and 16 for exp_avg_sq, from a stream of its own (not the
+// params'). 32-bit multiplies only (two rounds of Wellons' lowbias32), so the
+// CPU loop stays vectorized where 64-bit multiplies are not (AVX-512F, AVX2).
+constexpr uint64_t kMomentStream = 0xA5A5F00DC0FFEE01ull;
+
+CK_HD uint32_t lowbias32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  return x ^ (x >> 16);
+}
+
+CK_HD uint32_t moment_bits(uint64_t key, int64_t i) {
+  const uint32_t x = (uint32_t(i) * 0x9E3779B9u) ^ (uint32_t(uint64_t(i) >> 32) * 0x85EBCA6Bu) ^ uint32_t(key);
+  return lowbias32(lowbias32(x) ^ uint32_t(key >> 32));
+}
+
+// ---------------------------------------------------------------------------
+// The per-chunk body (multi_tensor.h): one (tensor, chunk), lanes striding.
+// T is the param/grad storage type (float, or a 16-bit type of the backend);
+// MODE how the fp32 value of the param is kept, MS how the moments are.
+// N: elements per lane and iteration; the CUDA kernels use kMultiTensorILP
+// (one 16-byte load), the CPU backend a SIMD register's worth. Every element's
+// arithmetic is the same whatever N is.
+// ---------------------------------------------------------------------------
+
+// LANES (int8 moments only): how many lanes share a block and the max over them.
+template <typename T, AdamWMode MODE, MomentStore MS, int N = kMultiTensorILP, typename LANES = OneLanePerBlock>
 struct AdamWChunk {
+  static_assert(MODE != AdamWMode::kStochastic || sizeof(T) == 2, "stochastic rounding writes bf16 bits");
+  static_assert(MODE != AdamWMode::kRemainder || sizeof(T) == 2, "remainders complete bf16 params");
+
   CK_HD void operator()(const AdamWLaunch& L, int t, int64_t chunk, int lane, int nlanes) const {
     const float* scalars = L.step_scalars;
     if (scalars != nullptr && scalars[kFoundInf] != 0.0f) return;  // skipped step: touch nothing
@@ -258,47 +430,211 @@ struct AdamWChunk {
     const AdamWCoeffs c = adamw_coeffs(L.groups[d.group], step);
     const float inv_scale = scalars != nullptr ? scalars[kInvScale] : 1.0f;
     const float clip = scalars != nullptr ? scalars[kClipCoef] : 1.0f;
-    uint64_t key = 0;
+    uint64_t key = 0, key_mv = 0;
     if constexpr (MODE == AdamWMode::kStochastic) key = sr_stream_key(L.seed, d.rng_id, uint32_t(step));
+    if constexpr (MS != MomentStore::kF32) key_mv = sr_stream_key(L.seed ^ kMomentStream, d.rng_id, uint32_t(step));
 
-    T* param = static_cast<T*>(d.param);
-    const T* grad = static_cast<const T*>(d.grad);
-    const bool vec = d.vector_ok != 0;
     const int64_t begin = chunk * kMultiTensorChunk;
     const int64_t end = begin + kMultiTensorChunk < d.numel ? begin + kMultiTensorChunk : d.numel;
-    const T zero = from_acc<T>(0.0f);
+    if constexpr (MS == MomentStore::kInt8) {
+      int8_chunk(d, c, inv_scale, clip, key, key_mv, begin, end, lane, nlanes);
+    } else {
+      T* param = static_cast<T*>(d.param);
+      const T* grad = static_cast<const T*>(d.grad);
+      const bool vec = d.vector_ok != 0;
+      const T zero = from_acc<T>(0.0f);
+      for (int64_t i = begin + int64_t(lane) * N; i < end; i += int64_t(nlanes) * N) {
+        const int64_t n = end - i < N ? end - i : N;
+        T g_raw[N], p_raw[N];
+        float m[N], v[N], p[N];
+        int16_t rem[N];
+        mt_load<T, N>(grad + i, n, vec, g_raw, zero);
+        load_moments(d.exp_avg, i, n, vec, m);
+        load_moments(d.exp_avg_sq, i, n, vec, v);
+        load_param(d, param, i, n, vec, p, p_raw, rem);
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+          // Unscale, then clip: two roundings, as GradScaler.unscale_ + clip_grad_norm_ would.
+          const float g = mul_rn(mul_rn(to_acc<float>(g_raw[k]), inv_scale), clip);
+          adamw_element(p[k], m[k], v[k], g, c);
+          round_param(p[k], p_raw[k], rem[k], key, i + k);
+        }
+        store_moments(d.exp_avg, d.exp_avg_sq, i, n, vec, m, v, key_mv);
+        store_param(d, param, i, n, vec, p, p_raw, rem);
+      }
+    }
+  }
 
-    for (int64_t i = begin + int64_t(lane) * N; i < end; i += int64_t(nlanes) * N) {
-      const int64_t n = end - i < N ? end - i : N;
-      T g_raw[N], p_raw[N];
-      float m[N], v[N], p[N];
-      mt_load<T, N>(grad + i, n, vec, g_raw, zero);
-      mt_load<float, N>(d.exp_avg + i, n, vec, m, 0.0f);
-      mt_load<float, N>(d.exp_avg_sq + i, n, vec, v, 0.0f);
-      if constexpr (MODE == AdamWMode::kMaster) {
-        mt_load<float, N>(d.master + i, n, vec, p, 0.0f);
+ private:
+  // int8 moments: LANES::kLanes lanes share each block of kMomentBlock elements,
+  // each holding kPerLane of them (in N-wide groups, the group's lanes side by
+  // side: coalesced) from the update to the requantize. Pass 1 dequantizes,
+  // updates and writes the param; the block's absmax of the new moments is
+  // reduced over the lanes; pass 2 codes them. The codes and scales of a block
+  // are only read before the reduction and written after it.
+  static constexpr int kPerLane = kMomentBlock / LANES::kLanes;
+  static constexpr int kGroups = kPerLane / N;
+  static_assert(kPerLane % N == 0, "a lane's share of a block must be whole N-groups");
+
+  CK_HD static void int8_chunk(const AdamWTensor& d, const AdamWCoeffs& c, float inv_scale, float clip, uint64_t key,
+                               uint64_t key_mv, int64_t begin, int64_t end, int lane, int nlanes) {
+    T* param = static_cast<T*>(d.param);
+    const T* grad = static_cast<const T*>(d.grad);
+    int8_t* m_codes = static_cast<int8_t*>(d.exp_avg);
+    uint8_t* v_codes = static_cast<uint8_t*>(d.exp_avg_sq);
+    const bool vec = d.vector_ok != 0;
+    const T zero = from_acc<T>(0.0f);
+    const int sub = lane % LANES::kLanes;
+    const int block_lanes = nlanes / LANES::kLanes;
+    const int64_t first_block = begin / kMomentBlock;
+    const int64_t num_blocks = ceil_div(end - begin, kMomentBlock);
+    // Every lane of a group runs the same blocks (the lane reduction needs all of them).
+    for (int64_t b = first_block + lane / LANES::kLanes; b < first_block + num_blocks; b += block_lanes) {
+      const int64_t block_begin = b * kMomentBlock;
+      const int64_t block_end = block_begin + kMomentBlock < end ? block_begin + kMomentBlock : end;
+      const float m_scale = d.exp_avg_scale[b], v_scale = d.exp_avg_sq_scale[b];
+      float m[kGroups][N], v[kGroups][N];
+      uint32_t m_max = 0, v_max = 0;
+#pragma unroll
+      for (int j = 0; j < kGroups; ++j) {
+        const int64_t i = block_begin + int64_t(j) * LANES::kLanes * N + int64_t(sub) * N;
+        const int64_t n = block_end - i < N ? block_end - i : N;  // <= 0: this lane has nothing here
+        T g_raw[N], p_raw[N];
+        float p[N];
+        int16_t rem[N];
+        int8_t mq[N];
+        uint8_t vq[N];
+        mt_load<T, N>(grad + i, n, vec, g_raw, zero);
+        mt_load<int8_t, N>(m_codes + i, n, vec, mq, int8_t(0));
+        mt_load<uint8_t, N>(v_codes + i, n, vec, vq, uint8_t(0));
+        load_param(d, param, i, n, vec, p, p_raw, rem);
+        // Decode, update and code in separate loops of one element width each: they vectorize.
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+          m[j][k] = decode_exp_avg(mq[k], m_scale);
+          v[j][k] = decode_exp_avg_sq(vq[k], v_scale);
+        }
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+          const float g = mul_rn(mul_rn(to_acc<float>(g_raw[k]), inv_scale), clip);
+          adamw_element(p[k], m[j][k], v[j][k], g, c);
+          round_param(p[k], p_raw[k], rem[k], key, i + k);
+          // Padding (k >= n) is 0 in and 0 out, so it never raises the max.
+          m_max = m_max > abs_bits(m[j][k]) ? m_max : abs_bits(m[j][k]);
+          v_max = v_max > abs_bits(v[j][k]) ? v_max : abs_bits(v[j][k]);
+        }
+        store_param(d, param, i, n, vec, p, p_raw, rem);
+      }
+      m_max = LANES::max(m_max);
+      v_max = LANES::max(v_max);
+      const float m_abs = bits_float(m_max), v_abs = bits_float(v_max);
+      // Zero blocks keep zero codes; 1 / A is exact enough: r may exceed 1 by an ulp, which saturates.
+      const float m_inv = m_max == 0 ? 0.0f : div_rn(1.0f, m_abs);
+      const float v_inv = v_max == 0 ? 0.0f : div_rn(1.0f, v_abs);
+#pragma unroll
+      for (int j = 0; j < kGroups; ++j) {
+        const int64_t i = block_begin + int64_t(j) * LANES::kLanes * N + int64_t(sub) * N;
+        const int64_t n = block_end - i < N ? block_end - i : N;
+        int32_t m_code[N];
+        uint32_t v_code[N];
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+          const uint32_t random = moment_bits(key_mv, i + k);
+          m_code[k] = encode_exp_avg(m[j][k], m_inv, random & 0xFFFFu);
+          v_code[k] = encode_exp_avg_sq(v[j][k], v_inv, random >> 16);
+        }
+        int8_t mq[N];
+        uint8_t vq[N];
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+          mq[k] = int8_t(m_code[k]);
+          vq[k] = uint8_t(v_code[k]);
+        }
+        mt_store<int8_t, N>(m_codes + i, n, vec, mq);
+        mt_store<uint8_t, N>(v_codes + i, n, vec, vq);
+      }
+      if (sub == 0) {
+        d.exp_avg_scale[b] = m_abs;
+        d.exp_avg_sq_scale[b] = v_abs;
+      }
+    }
+  }
+
+  // The fp32 value of N params at i (and their stored form), as MODE keeps it.
+  CK_HD static void load_param(const AdamWTensor& d, const T* param, int64_t i, int64_t n, bool vec, float (&p)[N],
+                               T (&p_raw)[N], int16_t (&rem)[N]) {
+    const T zero = from_acc<T>(0.0f);
+    if constexpr (MODE == AdamWMode::kMaster) {
+      mt_load<float, N>(static_cast<const float*>(d.master) + i, n, vec, p, 0.0f);
+    } else {
+      mt_load<T, N>(param + i, n, vec, p_raw, zero);
+      if constexpr (MODE == AdamWMode::kRemainder) {
+        mt_load<int16_t, N>(static_cast<const int16_t*>(d.master) + i, n, vec, rem, int16_t(0));
+#pragma unroll
+        for (int k = 0; k < N; ++k) p[k] = master_from_remainder(bits16(p_raw[k]), rem[k]);
       } else {
-        mt_load<T, N>(param + i, n, vec, p_raw, zero);
 #pragma unroll
         for (int k = 0; k < N; ++k) p[k] = to_acc<float>(p_raw[k]);
       }
+    }
+  }
+  CK_HD static void round_param(float p, T& p_raw, int16_t& rem, uint64_t key, int64_t i) {
+    if constexpr (MODE == AdamWMode::kStochastic) {
+      p_raw = from_bits16<T>(bf16_bits_stochastic(p, sr_bits(key, i)));
+    } else if constexpr (MODE == AdamWMode::kRemainder) {
+      uint16_t b;
+      split_master(p, b, rem);
+      p_raw = from_bits16<T>(b);
+    } else {
+      p_raw = from_acc<T>(p);
+    }
+  }
+  CK_HD static void store_param(const AdamWTensor& d, T* param, int64_t i, int64_t n, bool vec, const float (&p)[N],
+                                const T (&p_raw)[N], const int16_t (&rem)[N]) {
+    if constexpr (MODE == AdamWMode::kMaster) mt_store<float, N>(static_cast<float*>(d.master) + i, n, vec, p);
+    if constexpr (MODE == AdamWMode::kRemainder) mt_store<int16_t, N>(static_cast<int16_t*>(d.master) + i, n, vec, rem);
+    mt_store<T, N>(param + i, n, vec, p_raw);
+  }
+
+  template <typename U>
+  CK_HD static uint16_t bits16(U x) {
+    uint16_t b;
+    memcpy(&b, &x, sizeof(b));
+    return b;
+  }
+  template <typename U>
+  CK_HD static U from_bits16(uint16_t b) {
+    U x;
+    memcpy(&x, &b, sizeof(b));
+    return x;
+  }
+
+  // fp32 or bf16 moments, elements [i, i + n) (the rest of the group is 0).
+  CK_HD static void load_moments(const void* base, int64_t i, int64_t n, bool vec, float (&out)[N]) {
+    if constexpr (MS == MomentStore::kF32) {
+      mt_load<float, N>(static_cast<const float*>(base) + i, n, vec, out, 0.0f);
+    } else {
+      uint16_t raw[N];
+      mt_load<uint16_t, N>(static_cast<const uint16_t*>(base) + i, n, vec, raw, uint16_t(0));
+#pragma unroll
+      for (int k = 0; k < N; ++k) out[k] = bf16_bits_to_float(raw[k]);
+    }
+  }
+  CK_HD static void store_moments(void* m_base, void* v_base, int64_t i, int64_t n, bool vec, const float (&m)[N],
+                                  const float (&v)[N], uint64_t key) {
+    if constexpr (MS == MomentStore::kF32) {
+      mt_store<float, N>(static_cast<float*>(m_base) + i, n, vec, m);
+      mt_store<float, N>(static_cast<float*>(v_base) + i, n, vec, v);
+    } else {
+      uint16_t m_raw[N], v_raw[N];
 #pragma unroll
       for (int k = 0; k < N; ++k) {
-        // Unscale, then clip: two roundings, as GradScaler.unscale_ + clip_grad_norm_ would.
-        const float g = mul_rn(mul_rn(to_acc<float>(g_raw[k]), inv_scale), clip);
-        adamw_element(p[k], m[k], v[k], g, c);
-        if constexpr (MODE == AdamWMode::kStochastic) {
-          static_assert(sizeof(T) == 2, "stochastic rounding writes bf16 bits");
-          const uint16_t bits = bf16_bits_stochastic(p[k], sr_bits(key, i + k));
-          memcpy(&p_raw[k], &bits, sizeof(bits));
-        } else {
-          p_raw[k] = from_acc<T>(p[k]);
-        }
+        const uint32_t random = moment_bits(key, i + k);
+        m_raw[k] = bf16_bits_stochastic(m[k], random & 0xFFFFu);
+        v_raw[k] = bf16_bits_stochastic(v[k], random >> 16);
       }
-      mt_store<float, N>(d.exp_avg + i, n, vec, m);
-      mt_store<float, N>(d.exp_avg_sq + i, n, vec, v);
-      if constexpr (MODE == AdamWMode::kMaster) mt_store<float, N>(d.master + i, n, vec, p);
-      mt_store<T, N>(param + i, n, vec, p_raw);
+      mt_store<uint16_t, N>(static_cast<uint16_t*>(m_base) + i, n, vec, m_raw);
+      mt_store<uint16_t, N>(static_cast<uint16_t*>(v_base) + i, n, vec, v_raw);
     }
   }
 };

@@ -9,8 +9,8 @@ namespace cogkern::ops {
 namespace {
 
 struct CpuBackend {
-  static void adamw(const AdamWLaunch& L, DType dtype, AdamWMode mode, const at::Tensor&) {
-    cpu::adamw(L, dtype, mode);
+  static void adamw(const AdamWLaunch& L, DType dtype, AdamWMode mode, MomentStore moments, const at::Tensor&) {
+    cpu::adamw(L, dtype, mode, moments);
   }
   static void grad_check(const GradCheckLaunch& L, DType dtype, const at::Tensor&) { cpu::grad_check(L, dtype); }
   static void grad_check_finalize(const float* partials, int64_t chunks, const float* scale,
@@ -27,11 +27,12 @@ using CpuAdamW = AdamWOps<CpuBackend>;
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(cogkern, m) {
-  // One call per (dtype, precision mode); tensor_groups[i] indexes the per-group lists.
+  // One call per (dtype, precision mode, moment storage); tensor_groups[i] indexes the per-group lists.
   m.def("fused_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
         "Tensor(d!)[] masters, Tensor(e!)[] steps, int[] tensor_groups, int[] tensor_ids, float[] lrs, "
         "Tensor?[] lr_tensors, float[] beta1s, float[] beta2s, float[] epss, float[] weight_decays, "
-        "Tensor? step_scalars, int seed, bool stochastic_rounding) -> ()");
+        "Tensor? step_scalars, int seed, bool stochastic_rounding, Tensor(f!)[] exp_avg_scales, "
+        "Tensor(g!)[] exp_avg_sq_scales) -> ()");
   // out = [found_inf, inv_scale, clip_coef, grad_norm]; max_norm 0: no clipping.
   m.def("amp_grad_check_(Tensor(a!)[] grads, Tensor? scale, Tensor? found_inf, float max_norm, bool scan, "
         "bool unscale_inplace, Tensor(b!) out) -> ()");

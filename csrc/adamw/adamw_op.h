@@ -70,13 +70,18 @@ inline void check_hyper(const char* op, const char* name, size_t g, double v, do
 template <typename Backend>
 struct AdamWOps {
   // One precision mode per call: all params share a dtype; masters empty (no
-  // master weights) or one per param.
+  // master weights) or one per param: float32 masters, or int16 remainders of
+  // bfloat16 params. The moments' dtype picks their storage: float32, bfloat16
+  // (stochastic rounding), or int8 exp_avg / uint8 exp_avg_sq codes with one
+  // float32 scale per kMomentBlock elements in exp_avg_scales / exp_avg_sq_scales
+  // (empty for the other storages).
   static void fused_adamw_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                            at::TensorList exp_avg_sqs, at::TensorList masters, at::TensorList steps,
                            at::IntArrayRef tensor_groups, at::IntArrayRef tensor_ids, at::ArrayRef<double> lrs,
                            const c10::List<std::optional<at::Tensor>>& lr_tensors, at::ArrayRef<double> beta1s,
                            at::ArrayRef<double> beta2s, at::ArrayRef<double> epss, at::ArrayRef<double> weight_decays,
-                           const std::optional<at::Tensor>& step_scalars, int64_t seed, bool stochastic_rounding) {
+                           const std::optional<at::Tensor>& step_scalars, int64_t seed, bool stochastic_rounding,
+                           at::TensorList exp_avg_scales, at::TensorList exp_avg_sq_scales) {
     const char* op = "fused_adamw_";
     const size_t n = params.size();
     const auto same_n = [&](size_t m, const char* name) {
@@ -103,14 +108,35 @@ struct AdamWOps {
     TORCH_CHECK_VALUE(device.is_cpu() || device.is_cuda(), op, ": params must be on the CPU or a CUDA device, got ",
                       device);
     AdamWMode mode = AdamWMode::kPlain;
+    at::ScalarType master_dtype = at::kFloat;
     if (stochastic_rounding) {
       TORCH_CHECK_VALUE(dtype == at::kBFloat16, op, ": stochastic_rounding needs bfloat16 params, got ", dtype);
       TORCH_CHECK_VALUE(masters.empty(), op, ": stochastic_rounding replaces master weights; masters must be empty");
       mode = AdamWMode::kStochastic;
     } else if (!masters.empty()) {
       TORCH_CHECK_VALUE(dtype != at::kFloat, op, ": master weights are for float16/bfloat16 params, got float32");
-      mode = AdamWMode::kMaster;
+      master_dtype = masters[0].scalar_type();
+      TORCH_CHECK_VALUE(master_dtype == at::kFloat || master_dtype == at::kShort, op,
+                        ": masters must be float32 (master weights) or int16 (param remainders), got ", master_dtype);
+      TORCH_CHECK_VALUE(master_dtype == at::kFloat || dtype == at::kBFloat16, op,
+                        ": int16 masters are param remainders, for bfloat16 params only; got ", dtype, " params");
+      mode = master_dtype == at::kFloat ? AdamWMode::kMaster : AdamWMode::kRemainder;
     }
+    const at::ScalarType moment_dtype = exp_avgs[0].scalar_type();
+    TORCH_CHECK_VALUE(moment_dtype == at::kFloat || moment_dtype == at::kBFloat16 || moment_dtype == at::kChar, op,
+                      ": exp_avgs must be float32, bfloat16 or int8 (codes), got ", moment_dtype);
+    const MomentStore moments = moment_dtype == at::kFloat      ? MomentStore::kF32
+                                : moment_dtype == at::kBFloat16 ? MomentStore::kBF16
+                                                                : MomentStore::kInt8;
+    const at::ScalarType moment_sq_dtype = moments == MomentStore::kInt8 ? at::kByte : moment_dtype;
+    const bool quantized = moments == MomentStore::kInt8;
+    TORCH_CHECK_VALUE(exp_avg_scales.size() == (quantized ? n : 0) && exp_avg_sq_scales.size() == (quantized ? n : 0),
+                      op, ": exp_avg_scales and exp_avg_sq_scales must ",
+                      quantized ? "have one entry per param with int8 moments" : "be empty unless the moments are int8",
+                      ", got ", exp_avg_scales.size(), " and ", exp_avg_sq_scales.size());
+    TORCH_CHECK_VALUE(adamw_variant_compiled(to_dtype(dtype), mode, moments), op, ": ", moment_dtype,
+                      " moments are not available for ", dtype, " params",
+                      mode == AdamWMode::kPlain && dtype != at::kFloat ? " without master weights" : "");
 
     for (size_t g = 0; g < G; ++g) {
       check_hyper(op, "lrs", g, lrs[g], 0.0, false, INFINITY, true);
@@ -138,9 +164,15 @@ struct AdamWOps {
       TORCH_CHECK_VALUE(p.device() == device, op, ": params[", i, "] is on ", p.device(), " but params[0] is on ",
                         device);
       check_like_param(op, "grads", i, grads[i], p, dtype);
-      check_like_param(op, "exp_avgs", i, exp_avgs[i], p, at::kFloat);
-      check_like_param(op, "exp_avg_sqs", i, exp_avg_sqs[i], p, at::kFloat);
-      if (!masters.empty()) check_like_param(op, "masters", i, masters[i], p, at::kFloat);
+      check_like_param(op, "exp_avgs", i, exp_avgs[i], p, moment_dtype);
+      check_like_param(op, "exp_avg_sqs", i, exp_avg_sqs[i], p, moment_sq_dtype);
+      if (!masters.empty()) check_like_param(op, "masters", i, masters[i], p, master_dtype);
+      if (quantized) {
+        const int64_t blocks = ceil_div(p.numel(), kMomentBlock);
+        const std::string idx = "[" + std::to_string(i) + "]";
+        check_device_scalar(op, "exp_avg_scales" + idx, exp_avg_scales[i], at::kFloat, device, blocks);
+        check_device_scalar(op, "exp_avg_sq_scales" + idx, exp_avg_sq_scales[i], at::kFloat, device, blocks);
+      }
       check_device_scalar(op, "steps[" + std::to_string(i) + "]", steps[i], at::kFloat, device);
       TORCH_CHECK_VALUE(tensor_groups[i] >= 0 && size_t(tensor_groups[i]) < G, op, ": tensor_groups[", i,
                         "] must be in [0, ", G, "), got ", tensor_groups[i]);
@@ -160,7 +192,7 @@ struct AdamWOps {
       nslots = 0;
     };
     const auto flush = [&] {
-      if (L->num_tensors > 0) Backend::adamw(*L, to_dtype(dtype), mode, p0);
+      if (L->num_tensors > 0) Backend::adamw(*L, to_dtype(dtype), mode, moments, p0);
       reset();
     };
     reset();
@@ -181,14 +213,17 @@ struct AdamWOps {
       AdamWTensor d;
       d.param = params[i].data_ptr();
       d.grad = grads[i].const_data_ptr();
-      d.exp_avg = exp_avgs[i].data_ptr<float>();
-      d.exp_avg_sq = exp_avg_sqs[i].data_ptr<float>();
-      d.master = masters.empty() ? nullptr : masters[i].data_ptr<float>();
+      d.exp_avg = exp_avgs[i].data_ptr();
+      d.exp_avg_sq = exp_avg_sqs[i].data_ptr();
+      d.exp_avg_scale = quantized ? exp_avg_scales[i].data_ptr<float>() : nullptr;
+      d.exp_avg_sq_scale = quantized ? exp_avg_sq_scales[i].data_ptr<float>() : nullptr;
+      d.master = masters.empty() ? nullptr : masters[i].data_ptr();
       d.step = steps[i].data_ptr<float>();
       d.numel = params[i].numel();
       d.group = slot[g];
       d.rng_id = uint32_t(tensor_ids[i]);
-      append_tensor(*L, d, params[i].element_size());
+      append_tensor(*L, d, params[i].element_size(), exp_avgs[i].element_size(),
+                    masters.empty() ? 4 : masters[i].element_size());
     }
     flush();
   }

@@ -16,9 +16,9 @@ void check_launch(cudaError_t err, const char* what) {
 }
 
 struct CudaBackend {
-  static void adamw(const AdamWLaunch& L, DType dtype, AdamWMode mode, const at::Tensor& ref) {
+  static void adamw(const AdamWLaunch& L, DType dtype, AdamWMode mode, MomentStore moments, const at::Tensor& ref) {
     const c10::cuda::CUDAGuard guard(ref.device());
-    check_launch(launch_adamw(L, dtype, mode, c10::cuda::getCurrentCUDAStream()), "fused_adamw_");
+    check_launch(launch_adamw(L, dtype, mode, moments, c10::cuda::getCurrentCUDAStream()), "fused_adamw_");
   }
   static void grad_check(const GradCheckLaunch& L, DType dtype, const at::Tensor& ref) {
     const c10::cuda::CUDAGuard guard(ref.device());

@@ -4,14 +4,36 @@
 weight decay, bias correction, fp32 math) with one kernel launch per dtype
 group over all tensors. The precision follows each param's dtype:
 
-=================  ===========================================  ==============
-params             kept per param                               bytes / param
-=================  ===========================================  ==============
-float32            fp32 param, grad, exp_avg, exp_avg_sq        16
-float16/bfloat16   16-bit param, grad + fp32 master, m, v       16
-bfloat16 + SR      bf16 param, grad + fp32 m, v; stochastic      12
-                   rounding of the update (no master)
-=================  ===========================================  ==============
+==================  ===========================================  ==============
+params              kept per param                               bytes / param
+==================  ===========================================  ==============
+float32             fp32 param, grad, exp_avg, exp_avg_sq        16
+float16/bfloat16    16-bit param, grad + fp32 master, m, v       16
+bfloat16 + SR       bf16 param, grad + fp32 m, v; stochastic      12
+                    rounding of the update (no master)
+bfloat16 +          bf16 param, grad + int16 remainder (param +   14
+param_remainders    remainder == the fp32 master, bit for bit),
+                    fp32 m, v
+==================  ===========================================  ==============
+
+``moments="bf16"`` keeps m and v in bf16 (stochastically rounded: counter-based
+random bits seeded by ``seed``, a stream of their own, so CPU and CUDA agree bit
+for bit): 4 bytes less per param than each row above (12, 12, 8, 10).
+``moments="int8"`` keeps them as 8-bit codes, 256 per block with one fp32 scale
+(the block's absmax) per block and moment, coded as small floats relative to it
+and rounded stochastically in the update kernel: 1 + 1 + 8/256 bytes instead of
+8, so 10.03, 10.03, 6.03 and 8.03. :func:`state_bytes_per_param` gives the optimizer-state part of
+these numbers (params and grads excluded); ``opt.state_bytes()`` counts the
+state actually allocated.
+
+State keys (``opt.state[p]``, stored as they are by ``state_dict``): ``step``
+(fp32 scalar); ``exp_avg`` / ``exp_avg_sq`` (fp32, bf16, or int8 / uint8 codes);
+with int8 moments ``exp_avg_scale`` / ``exp_avg_sq_scale`` (fp32, one per block
+of 256 elements in memory order; blocks never straddle tensors); with master
+weights ``master_param`` (fp32), or with param remainders ``master_remainder``
+(int16, the param's shape: the fp32 master's low 16 bits). ``load_state_dict``
+converts between storages (fp32 <-> bf16 <-> int8 moments, master <-> remainder;
+see ``FusedAdamW._loaded_state``); the same storage loads exactly.
 
 With a loss scaler (``scaler.step(opt)``: :class:`cogkern.amp.DynamicLossScaler`,
 or ``torch.amp.GradScaler``, which passes ``grad_scale``/``found_inf`` as to
@@ -35,7 +57,142 @@ from ._distributed import reduce_found_inf_
 
 _ops = torch.ops.cogkern
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_PLAIN, _MASTER, _SR = "plain", "master", "stochastic_rounding"
+_PLAIN, _MASTER, _SR, _REMAINDER = "plain", "master", "stochastic_rounding", "remainder"
+_MOMENTS = ("fp32", "bf16", "int8")
+MOMENT_BLOCK = 256  # elements per int8 moment block (csrc/adamw/adamw_math.h: kMomentBlock)
+# Storage of (exp_avg, exp_avg_sq) per moments mode.
+_MOMENT_DTYPES = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch.bfloat16),
+                  "int8": (torch.int8, torch.uint8)}
+_PARAM_SHAPED = ("exp_avg", "exp_avg_sq", "master_param", "master_remainder")
+_STATE_BYTES_KEYS = ("masters", "remainders", "exp_avg", "exp_avg_sq", "scales", "total")
+
+
+def _check_precision_args(moments: Any, master_weights: Any, stochastic_rounding: Any, param_remainders: Any) -> None:
+    """The checks shared by FusedAdamW and state_bytes_per_param (on the arguments alone, no params)."""
+    if master_weights is not None and not isinstance(master_weights, bool):
+        raise TypeError(f"master_weights must be None or a bool, got {type(master_weights).__name__}")
+    if not isinstance(stochastic_rounding, bool):
+        raise TypeError(f"stochastic_rounding must be a bool, got {type(stochastic_rounding).__name__}")
+    if not isinstance(param_remainders, bool):
+        raise TypeError(f"param_remainders must be a bool, got {type(param_remainders).__name__}")
+    if moments not in _MOMENTS:
+        raise ValueError(f"moments must be one of {', '.join(map(repr, _MOMENTS))}, got {moments!r}")
+    if stochastic_rounding and master_weights:
+        raise ValueError("stochastic_rounding replaces master weights; do not combine it with master_weights=True")
+    if param_remainders and master_weights is False:
+        raise ValueError("param_remainders stand in for fp32 master weights; they need master weights, "
+                         "not master_weights=False")
+    if param_remainders and stochastic_rounding:
+        raise ValueError("param_remainders keep an exact master; do not combine them with stochastic_rounding")
+
+
+def _check_param_dtype(dtype: torch.dtype, moments: str, master_weights: bool | None, stochastic_rounding: bool,
+                       param_remainders: bool, where: str) -> None:
+    if dtype not in _DTYPES:
+        raise ValueError(f"{where}: params must be float32, float16 or bfloat16, got {dtype}")
+    if stochastic_rounding and dtype != torch.bfloat16:
+        raise ValueError(f"{where}: stochastic_rounding needs bfloat16 params, got a {dtype} param")
+    if param_remainders and dtype != torch.bfloat16:
+        raise ValueError(f"{where}: param_remainders complete bfloat16 params to their fp32 master; "
+                         f"got a {dtype} param")
+    if moments != "fp32" and dtype != torch.float32 and master_weights is False and not stochastic_rounding:
+        raise ValueError(f"{where}: moments={moments!r} needs float32 params, master weights, param_remainders or "
+                         f"stochastic_rounding; got {dtype} params with master_weights=False")
+
+
+# ---- int8 moment codes (csrc/adamw/adamw_math.h: encode_moment / decode_moment). Per block of
+# MOMENT_BLOCK elements (in memory order) the scale is the block's absmax A; |x| / A is coded as a
+# small float: code 0 is 0, code q >= 1 is 2^-R * (1 + (q - 1) / 8) across R binades (3 mantissa
+# bits: at most 1/16 relative error when rounded to nearest), below 2^-R linear (0 or 2^-R).
+# exp_avg: int8, sign and magnitude, R = 15; exp_avg_sq: uint8, R = 31 (v is >= 0 and spans twice
+# the decades of m; a v > 0 never codes to 0, which would leave m / eps as the update).
+_CODE_RANGE = {True: 15, False: 31}
+
+
+def _memory_flat(t: torch.Tensor) -> torch.Tensor:
+    return t.as_strided((t.numel(),), (1,), t.storage_offset())
+
+
+def _dequantize_moment(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """fp32 moments of int8 (exp_avg) or uint8 (exp_avg_sq) codes, as the kernel decodes them."""
+    signed = codes.dtype == torch.int8
+    R = _CODE_RANGE[signed]
+    flat = _memory_flat(codes).to(torch.int32)
+    q = flat.abs()
+    rel = (((127 - R) << 23) + ((q - 1).clamp(min=0) << 20)).view(torch.float32)
+    rel = torch.where(q == 0, torch.zeros_like(rel), rel)
+    value = rel * scales.repeat_interleave(MOMENT_BLOCK)[: flat.numel()]
+    if signed:
+        value = torch.where(flat < 0, -value, value)
+    out = torch.empty_like(codes, dtype=torch.float32, memory_format=torch.preserve_format)
+    _memory_flat(out).copy_(value)
+    return out
+
+
+def _quantize_moment(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, scales) of fp32 moments in a dense layout (the codes get it), rounded to nearest
+    (for loading a state_dict; the kernel's own coding rounds stochastically)."""
+    R = _CODE_RANGE[signed]
+    flat = _memory_flat(x).float()
+    n = flat.numel()
+    blocks = -(-n // MOMENT_BLOCK)
+    padded = torch.zeros(blocks * MOMENT_BLOCK, dtype=torch.float32, device=x.device)
+    padded[:n] = flat.abs()
+    scales = padded.view(blocks, MOMENT_BLOCK).amax(dim=1)
+    inv = torch.where(scales > 0, 1.0 / scales, torch.zeros_like(scales))
+    rel = (padded.view(blocks, MOMENT_BLOCK) * inv[:, None]).reshape(-1)[:n]
+    bits = rel.view(torch.int32).to(torch.int64)
+    base = (127 - R) << 23
+    normal = (((bits - base + (1 << 19)) >> 20) + 1).clamp(max=R * 8 + 1)
+    tiny = (rel * 2.0**R >= 0.5).to(torch.int64)
+    q = torch.where(bits >= base, normal, tiny)
+    if not signed:
+        q = torch.where(flat > 0, q.clamp(min=1), q)
+    else:
+        q = torch.where(flat < 0, -q, q)
+    codes = torch.empty_like(x, dtype=torch.int8 if signed else torch.uint8, memory_format=torch.preserve_format)
+    _memory_flat(codes).copy_(q.to(codes.dtype))
+    return codes, scales
+
+
+def state_bytes_per_param(param_dtype: torch.dtype, *, moments: str = "fp32", master_weights: bool | None = None,
+                          stochastic_rounding: bool = False, param_remainders: bool = False) -> float:
+    """Optimizer-state bytes per parameter of a large tensor (params, grads and the
+    step counter excluded), for FusedAdamW built with these arguments: master or
+    remainder, m, v, and with int8 moments their per-block scales (2 * 4 / 256)."""
+    _check_precision_args(moments, master_weights, stochastic_rounding, param_remainders)
+    _check_param_dtype(param_dtype, moments, master_weights, stochastic_rounding, param_remainders, "param_dtype")
+    m_dtype, v_dtype = _MOMENT_DTYPES[moments]
+    total = float(m_dtype.itemsize + v_dtype.itemsize)
+    if moments == "int8":
+        total += 2 * 4 / MOMENT_BLOCK
+    if param_dtype != torch.float32 and not stochastic_rounding and master_weights is not False:
+        total += 2 if param_remainders else 4
+    return total
+
+
+# ---- fp32 master <-> (bf16 param, int16 remainder), as the kernel splits them (adamw_math.h: split_master).
+def _join_master(param: torch.Tensor, remainder: torch.Tensor) -> torch.Tensor:
+    """The exact fp32 master of a bf16 param and its int16 remainder."""
+    top = param.view(torch.int16).to(torch.int64) & 0xFFFF
+    top = top - (remainder < 0).to(torch.int64)
+    bits = (top << 16) | (remainder.to(torch.int64) & 0xFFFF)
+    bits = bits - (bits >= 2**31).to(torch.int64) * 2**32
+    return bits.to(torch.int32).view(torch.float32)
+
+
+def _split_master(master: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(bf16 param, int16 remainder) of a fp32 master: the param rounded to nearest, ties away from zero."""
+    bits = master.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    low = bits & 0xFFFF
+    nan = torch.isnan(master.contiguous())
+    top = torch.where(nan, (bits >> 16) | 0x40, (bits >> 16) + (low >> 15)) & 0xFFFF
+    rem = torch.where(nan, low & 0x7FFF, low)
+
+    def as_int16(x: torch.Tensor) -> torch.Tensor:
+        return (x - (x >= 2**15).to(torch.int64) * 2**16).to(torch.int16)
+
+    return as_int16(top).view(torch.bfloat16), as_int16(rem)
 
 
 def _check_lr(lr: Any, where: str) -> None:
@@ -83,6 +240,18 @@ class FusedAdamW(torch.optim.Optimizer):
             16-bit params directly (round to nearest).
         stochastic_rounding: bfloat16 params without master weights, updated in
             fp32 and stochastically rounded back (unbiased; seeded by ``seed``).
+        moments: storage of exp_avg / exp_avg_sq: ``"fp32"`` (default),
+            ``"bf16"`` (stochastically rounded, seeded by ``seed``), or ``"int8"``
+            (8-bit codes in blocks of 256 with one fp32 scale each; dequantized,
+            updated in fp32 and requantized inside the update kernel). With every
+            param precision but 16-bit params with ``master_weights=False``.
+        param_remainders: bfloat16 params with master weights: instead of a fp32
+            master keep its low 16 bits (int16 ``master_remainder``) beside the
+            param; param + remainder is the fp32 master bit for bit, so masters
+            and moments equal the fp32-master mode's exactly, at 2 bytes/param
+            less. The param is the master rounded to nearest with ties away from
+            zero (the fp32-master mode rounds ties to even: params can differ by
+            one bf16 ulp where the master lies exactly halfway).
         max_grad_norm: clip the global norm of the (unscaled) gradients to this,
             like ``torch.nn.utils.clip_grad_norm_``, inside the update. A step
             whose gradients contain inf/NaN is then skipped. The norm is over
@@ -117,17 +286,14 @@ class FusedAdamW(torch.optim.Optimizer):
         *,
         master_weights: bool | None = None,
         stochastic_rounding: bool = False,
+        moments: str = "fp32",
+        param_remainders: bool = False,
         max_grad_norm: float | None = None,
         capturable: bool = False,
         seed: int | None = None,
         process_group=None,
     ) -> None:
-        if master_weights is not None and not isinstance(master_weights, bool):
-            raise TypeError(f"master_weights must be None or a bool, got {type(master_weights).__name__}")
-        if not isinstance(stochastic_rounding, bool):
-            raise TypeError(f"stochastic_rounding must be a bool, got {type(stochastic_rounding).__name__}")
-        if stochastic_rounding and master_weights:
-            raise ValueError("stochastic_rounding replaces master weights; do not combine it with master_weights=True")
+        _check_precision_args(moments, master_weights, stochastic_rounding, param_remainders)
         if max_grad_norm is not None:
             if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float)):
                 raise TypeError(f"max_grad_norm must be None or a float, got {type(max_grad_norm).__name__}")
@@ -142,6 +308,8 @@ class FusedAdamW(torch.optim.Optimizer):
             raise ValueError(f"seed must be an int in [0, 2^63), got {seed!r}")
         self.master_weights = master_weights
         self.stochastic_rounding = stochastic_rounding
+        self.moments = moments
+        self.param_remainders = param_remainders
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.capturable = capturable
         self.seed = seed
@@ -166,10 +334,8 @@ class FusedAdamW(torch.optim.Optimizer):
                 raise ValueError(f"{where}: params are on several devices {sorted(map(str, devices))}; "
                                  "a param group must be on one device")
             for p in group["params"]:
-                if p.dtype not in _DTYPES:
-                    raise ValueError(f"{where}: params must be float32, float16 or bfloat16, got {p.dtype}")
-                if self.stochastic_rounding and p.dtype != torch.bfloat16:
-                    raise ValueError(f"{where}: stochastic_rounding needs bfloat16 params, got a {p.dtype} param")
+                _check_param_dtype(p.dtype, self.moments, self.master_weights, self.stochastic_rounding,
+                                   self.param_remainders, where)
                 if p.device.type not in ("cpu", "cuda"):
                     raise ValueError(f"{where}: params must be on the CPU or a CUDA device, got {p.device}")
             if devices:
@@ -200,7 +366,9 @@ class FusedAdamW(torch.optim.Optimizer):
             return _PLAIN
         if self.stochastic_rounding:
             return _SR
-        return _PLAIN if self.master_weights is False else _MASTER
+        if self.master_weights is False:
+            return _PLAIN
+        return _REMAINDER if self.param_remainders else _MASTER
 
     # ------------------------------------------------------------------ flags
     @property
@@ -229,12 +397,38 @@ class FusedAdamW(torch.optim.Optimizer):
     def _init_state(self, p: torch.Tensor, mode: str) -> dict:
         state = self.state[p]
         if "step" not in state:
+            m_dtype, v_dtype = _MOMENT_DTYPES[self.moments]
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+            # Zero codes with zero scales are zero moments.
+            state["exp_avg"] = torch.zeros_like(p, dtype=m_dtype, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=v_dtype, memory_format=torch.preserve_format)
+            if self.moments == "int8":
+                blocks = -(-p.numel() // MOMENT_BLOCK)
+                state["exp_avg_scale"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
+                state["exp_avg_sq_scale"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
         if mode == _MASTER and "master_param" not in state:
             state["master_param"] = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
+        if mode == _REMAINDER and "master_remainder" not in state:
+            # The master starts as the param itself: a zero remainder.
+            state["master_remainder"] = torch.zeros_like(p, dtype=torch.int16, memory_format=torch.preserve_format)
         return state
+
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes of the optimizer state tensors allocated so far (state exists after a
+        param's first step or a load), by kind: ``masters`` (fp32 master_param),
+        ``remainders`` (int16 master_remainder), ``exp_avg``, ``exp_avg_sq``,
+        ``scales`` (int8 moments' block scales, both moments) and their ``total``.
+        The 4-byte step counters are not counted."""
+        kinds = {"master_param": "masters", "master_remainder": "remainders", "exp_avg": "exp_avg",
+                 "exp_avg_sq": "exp_avg_sq", "exp_avg_scale": "scales", "exp_avg_sq_scale": "scales"}
+        out = dict.fromkeys(_STATE_BYTES_KEYS, 0)
+        for state in self.state.values():
+            for name, kind in kinds.items():
+                t = state.get(name)
+                if torch.is_tensor(t):
+                    out[kind] += t.numel() * t.element_size()
+        out["total"] = sum(v for k, v in out.items() if k != "total")
+        return out
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -350,6 +544,7 @@ class FusedAdamW(torch.optim.Optimizer):
             buckets[(e[2].dtype, self._mode(e[2].dtype))].append(e)
         for (dtype, mode), items in buckets.items():
             params, grads, ms, vs, masters, steps, gids, ids = [], [], [], [], [], [], [], []
+            m_scales, v_scales = [], []
             for index, gi, p, g in items:
                 state = self._init_state(p, mode)
                 params.append(p)
@@ -359,11 +554,16 @@ class FusedAdamW(torch.optim.Optimizer):
                 steps.append(state["step"])
                 if mode == _MASTER:
                     masters.append(state["master_param"])
+                elif mode == _REMAINDER:
+                    masters.append(state["master_remainder"])  # int16 masters: remainders, to the op
+                if self.moments == "int8":
+                    m_scales.append(state["exp_avg_scale"])
+                    v_scales.append(state["exp_avg_sq_scale"])
                 gids.append(gi)
                 ids.append(index)
             _ops.fused_adamw_(
                 params, grads, ms, vs, masters, steps, gids, ids, lrs, lr_tensors,
-                beta1s, beta2s, epss, wds, scalars, self.seed, mode == _SR,
+                beta1s, beta2s, epss, wds, scalars, self.seed, mode == _SR, m_scales, v_scales,
             )
 
     # ------------------------------------------------------------------ checkpoints
@@ -375,6 +575,8 @@ class FusedAdamW(torch.optim.Optimizer):
             "seed": self.seed,
             "master_weights": self.master_weights,
             "stochastic_rounding": self.stochastic_rounding,
+            "moments": self.moments,
+            "param_remainders": self.param_remainders,
             "max_grad_norm": self.max_grad_norm,
         }
         return sd
@@ -383,7 +585,8 @@ class FusedAdamW(torch.optim.Optimizer):
         """Loads a state_dict of this class (or of torch.optim.AdamW: moments and steps).
 
         State tensors are copied into existing ones where they exist (so a
-        captured CUDA graph stays valid), keeping fp32 for moments and masters.
+        captured CUDA graph stays valid), in this optimizer's storage (see
+        ``_loaded_state`` for the conversions between moment and master storages).
         """
         if not isinstance(state_dict, dict) or "param_groups" not in state_dict or "state" not in state_dict:
             raise ValueError("state_dict must be an optimizer state_dict with 'state' and 'param_groups'")
@@ -418,33 +621,90 @@ class FusedAdamW(torch.optim.Optimizer):
             if p is None:
                 continue
             state = self.state[p]
-            for name, value in saved_state.items():
+            for name, value in self._loaded_state(p, saved_state).items():
                 if not torch.is_tensor(value):
                     state[name] = value
                     continue
-                if name == "step":
-                    value = value.detach().reshape(())
-                elif name in ("exp_avg", "exp_avg_sq", "master_param"):
-                    if tuple(value.shape) != tuple(p.shape):
-                        raise ValueError(f"state '{name}' has shape {tuple(value.shape)} but its param has "
-                                         f"shape {tuple(p.shape)}")
                 current = state.get(name)
                 if (current is not None and torch.is_tensor(current) and current.shape == value.shape
-                        and current.dtype == torch.float32):
-                    current.copy_(value)
-                elif name in ("step", "exp_avg", "exp_avg_sq", "master_param"):
-                    like = torch.empty_like(p, dtype=torch.float32, memory_format=torch.preserve_format) \
-                        if name != "step" else torch.empty((), dtype=torch.float32, device=p.device)
+                        and current.dtype == value.dtype):
+                    current.copy_(value)  # in place: a captured graph keeps its pointers
+                elif name in _PARAM_SHAPED:
+                    like = torch.empty_like(p, dtype=value.dtype, memory_format=torch.preserve_format)
                     like.copy_(value)
                     state[name] = like
                 else:
                     state[name] = value.detach().to(p.device).clone()
 
+    def _loaded_state(self, p: torch.Tensor, saved: dict) -> dict:
+        """A saved per-param state in this optimizer's storage. The same storage loads
+        as it is (exact). Otherwise: fp32 <-> bf16 moments convert (bf16 rounds to
+        nearest), int8 codes dequantize and fp32 / bf16 moments quantize (round to
+        nearest; the kernel's own requantization rounds stochastically), a fp32
+        master becomes a remainder and the param is set from it, and a remainder with
+        the current param (load the model first) becomes a fp32 master."""
+        out = {}
+        for name, value in saved.items():
+            if not torch.is_tensor(value):
+                out[name] = value
+            elif name == "step":
+                out[name] = value.detach().reshape(()).to(device=p.device, dtype=torch.float32)
+            elif name in _PARAM_SHAPED:
+                if tuple(value.shape) != tuple(p.shape):
+                    raise ValueError(f"state '{name}' has shape {tuple(value.shape)} but its param has "
+                                     f"shape {tuple(p.shape)}")
+                out[name] = value.detach().to(p.device)
+            elif name not in ("exp_avg_scale", "exp_avg_sq_scale"):
+                out[name] = value.detach().to(p.device)
+        # Moments.
+        if "exp_avg" in out and "exp_avg_sq" in out:
+            m, v = out["exp_avg"], out["exp_avg_sq"]
+            saved_int8 = m.dtype == torch.int8
+            if saved_int8:
+                if "exp_avg_scale" not in saved or "exp_avg_sq_scale" not in saved:
+                    raise ValueError("state_dict has int8 moments without exp_avg_scale / exp_avg_sq_scale")
+                blocks = -(-p.numel() // MOMENT_BLOCK)
+                m_scale = saved["exp_avg_scale"].detach().to(device=p.device, dtype=torch.float32)
+                v_scale = saved["exp_avg_sq_scale"].detach().to(device=p.device, dtype=torch.float32)
+                if m_scale.numel() != blocks or v_scale.numel() != blocks or v.dtype != torch.uint8:
+                    raise ValueError(f"state_dict's int8 moments need uint8 exp_avg_sq and {blocks} scales per "
+                                     f"moment for a param of {p.numel()} elements")
+            same_layout = p.numel() <= 1 or (m.stride() == p.stride() and v.stride() == p.stride())
+            if self.moments == "int8" and saved_int8 and same_layout:
+                out["exp_avg_scale"], out["exp_avg_sq_scale"] = m_scale, v_scale  # as saved: exact
+            elif self.moments == "int8":
+                if saved_int8:  # blocks follow memory order: re-block in this param's layout
+                    m, v = _dequantize_moment(m, m_scale), _dequantize_moment(v, v_scale)
+                m = torch.empty_like(p, dtype=torch.float32, memory_format=torch.preserve_format).copy_(m)
+                v = torch.empty_like(p, dtype=torch.float32, memory_format=torch.preserve_format).copy_(v)
+                out["exp_avg"], out["exp_avg_scale"] = _quantize_moment(m, signed=True)
+                out["exp_avg_sq"], out["exp_avg_sq_scale"] = _quantize_moment(v, signed=False)
+            else:
+                if saved_int8:
+                    m, v = _dequantize_moment(m, m_scale), _dequantize_moment(v, v_scale)
+                dtype = _MOMENT_DTYPES[self.moments][0]
+                out["exp_avg"], out["exp_avg_sq"] = m.to(dtype), v.to(dtype)
+        # Masters.
+        mode = self._mode(p.dtype)
+        if mode == _REMAINDER and "master_param" in out:
+            param, out["master_remainder"] = _split_master(out.pop("master_param").float())
+            p.detach().copy_(param)
+        elif mode == _MASTER and "master_remainder" in out:
+            if p.dtype != torch.bfloat16 or out["master_remainder"].dtype != torch.int16:
+                raise ValueError("state 'master_remainder' must be int16, for a bfloat16 param")
+            out["master_param"] = _join_master(p.detach(), out.pop("master_remainder"))
+        elif mode == _MASTER and "master_param" in out:
+            out["master_param"] = out["master_param"].float()
+        elif mode == _REMAINDER and "master_remainder" in out and out["master_remainder"].dtype != torch.int16:
+            raise ValueError(f"state 'master_remainder' must be int16, got {out['master_remainder'].dtype}")
+        return out
+
 
 # Fake (meta) kernels, so torch.compile can trace code that calls the ops.
 @torch.library.register_fake("cogkern::fused_adamw_")
 def _fused_adamw_fake(params, grads, exp_avgs, exp_avg_sqs, masters, steps, tensor_groups, tensor_ids, lrs,
-                      lr_tensors, beta1s, beta2s, epss, weight_decays, step_scalars, seed, stochastic_rounding):
+                      lr_tensors, beta1s, beta2s, epss, weight_decays, step_scalars, seed, stochastic_rounding,
+                      exp_avg_scales, exp_avg_sq_scales):
     return None
 
 
@@ -459,4 +719,4 @@ def _loss_scale_update_fake(scale, growth_tracker, hysteresis_tracker, found_inf
     return None
 
 
-__all__ = ["FusedAdamW"]
+__all__ = ["FusedAdamW", "state_bytes_per_param"]

@@ -207,7 +207,10 @@ def _copies(dtype, **kw):
 
 
 @pytest.mark.parametrize("dtype,kw", [(torch.float32, {}), (torch.float16, {}), (torch.bfloat16, {}),
-                                      (torch.bfloat16, {"stochastic_rounding": True, "seed": 5})])
+                                      (torch.bfloat16, {"stochastic_rounding": True, "seed": 5}),
+                                      (torch.bfloat16, {"param_remainders": True}),
+                                      (torch.float32, {"moments": "int8"}),
+                                      (torch.bfloat16, {"moments": "bf16", "stochastic_rounding": True})])
 def test_scaled_step_equals_unscaled_step_and_grads_untouched(dtype, kw):
     a, opt_a, b, opt_b = _copies(dtype, **kw)
     scaler = DynamicLossScaler(init_scale=1024.0)
@@ -227,7 +230,10 @@ def test_scaled_step_equals_unscaled_step_and_grads_untouched(dtype, kw):
 
 
 @pytest.mark.parametrize("dtype,kw", [(torch.float32, {"max_grad_norm": 0.5}), (torch.float16, {"max_grad_norm": 0.5}),
-                                      (torch.bfloat16, {"stochastic_rounding": True, "seed": 5})])
+                                      (torch.bfloat16, {"stochastic_rounding": True, "seed": 5}),
+                                      (torch.bfloat16, {"param_remainders": True, "max_grad_norm": 0.5}),
+                                      (torch.float32, {"moments": "int8", "max_grad_norm": 0.5}),
+                                      (torch.float16, {"moments": "bf16"})])
 def test_steps_do_not_depend_on_thread_count(dtype, kw):
     """Chunks run in parallel; the grad norm is summed per chunk, then in chunk order."""
     shapes = [(70000,), (33, 1000), (5,)]  # several chunks, so several threads get work
@@ -251,7 +257,13 @@ def test_steps_do_not_depend_on_thread_count(dtype, kw):
 @pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
 @pytest.mark.parametrize("dtype,kw", [(torch.float32, {}), (torch.float16, {}), (torch.bfloat16, {}),
                                       (torch.bfloat16, {"stochastic_rounding": True}),
-                                      (torch.float32, {"max_grad_norm": 1.0})])
+                                      (torch.float32, {"max_grad_norm": 1.0}),
+                                      (torch.bfloat16, {"param_remainders": True}),
+                                      (torch.float32, {"moments": "int8"}), (torch.float16, {"moments": "int8"}),
+                                      (torch.bfloat16, {"moments": "int8", "param_remainders": True}),
+                                      (torch.bfloat16, {"moments": "int8", "stochastic_rounding": True}),
+                                      (torch.float32, {"moments": "bf16"}),
+                                      (torch.bfloat16, {"moments": "bf16", "param_remainders": True})])
 def test_overflow_leaves_state_bit_identical(bad, dtype, kw):
     params = make_params(SHAPES[:6], dtype, seed=4)
     opt = FusedAdamW(params, lr=1e-2, **kw)
@@ -480,7 +492,11 @@ def test_stochastic_rounding_is_reproducible_and_seeded():
 
 
 @pytest.mark.parametrize("dtype,kw", [(torch.float32, {"max_grad_norm": 1.0}), (torch.float16, {}),
-                                      (torch.bfloat16, {}), (torch.bfloat16, {"stochastic_rounding": True})])
+                                      (torch.bfloat16, {}), (torch.bfloat16, {"stochastic_rounding": True}),
+                                      (torch.bfloat16, {"param_remainders": True}),
+                                      (torch.float32, {"moments": "int8"}), (torch.bfloat16, {"moments": "int8"}),
+                                      (torch.bfloat16, {"moments": "bf16", "stochastic_rounding": True}),
+                                      (torch.float16, {"moments": "bf16"})])
 def test_save_load_continues_bit_for_bit(dtype, kw, tmp_path):
     def grads(step, params):
         gen = torch.Generator().manual_seed(100 + step)
@@ -689,7 +705,7 @@ def test_op_checks_name_the_argument_before_any_kernel_runs():
     p, g = torch.randn(8), torch.randn(8)
     m, v, s = torch.zeros(8), torch.zeros(8), torch.zeros(())
     op = torch.ops.cogkern.fused_adamw_
-    args = ([p], [g], [m], [v], [], [s], [0], [0], [1e-3], [None], [0.9], [0.999], [1e-8], [0.0], None, 0, False)
+    args = ([p], [g], [m], [v], [], [s], [0], [0], [1e-3], [None], [0.9], [0.999], [1e-8], [0.0], None, 0, False, [], [])
     with pytest.raises(ValueError, match="exp_avgs must have one entry per param"):
         op(args[0], args[1], [], *args[3:])
     with pytest.raises(ValueError, match=r"grads\[0\] has shape"):
@@ -701,7 +717,7 @@ def test_op_checks_name_the_argument_before_any_kernel_runs():
     with pytest.raises(ValueError, match=r"tensor_groups\[0\]"):
         op(*args[:6], [3], *args[7:])
     with pytest.raises(ValueError, match="stochastic_rounding needs bfloat16"):
-        op(*args[:16], True)
+        op(*args[:16], True, [], [])
     assert torch.equal(m, torch.zeros(8)) and s.item() == 0  # nothing ran
     with pytest.raises(ValueError, match="out must have 4"):
         torch.ops.cogkern.amp_grad_check_([g], None, None, 0.0, True, False, torch.zeros(3))

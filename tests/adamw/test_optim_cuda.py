@@ -13,8 +13,12 @@ import torch
 
 from cogkern.amp import DynamicLossScaler
 from cogkern.optim import FusedAdamW
+from conftest import GPU_TEST_DEVICE as DEV
 
 pytestmark = pytest.mark.cuda
+CPU_DRY_RUN = True  # COGKERN_CUDA_TESTS_DEVICE=cpu runs these against the CPU backend (conftest.py)
+# Tests of what only a GPU has (streams, graphs, sync counting, two devices) skip in the dry run.
+needs_gpu = pytest.mark.skipif(DEV != "cuda", reason="needs a real CUDA device (CPU dry run)")
 
 SHAPES = [(3, 5), (7,), (32768,), (32769,), (129, 257), (1,), (2, 3, 4), (65541,), (3072, 48)]
 MODES = [
@@ -24,8 +28,17 @@ MODES = [
     (torch.float16, {"master_weights": False}),
     (torch.bfloat16, {"master_weights": False}),
     (torch.bfloat16, {"stochastic_rounding": True}),
+    (torch.bfloat16, {"param_remainders": True}),
+    (torch.float32, {"moments": "int8"}),
+    (torch.float16, {"moments": "int8"}),
+    (torch.bfloat16, {"moments": "int8", "param_remainders": True}),
+    (torch.bfloat16, {"moments": "int8", "stochastic_rounding": True}),
+    (torch.float32, {"moments": "bf16"}),
+    (torch.bfloat16, {"moments": "bf16", "param_remainders": True}),
 ]
-MODE_IDS = ["fp32", "fp16-master", "bf16-master", "fp16-plain", "bf16-plain", "bf16-sr"]
+MODE_IDS = ["fp32", "fp16-master", "bf16-master", "fp16-plain", "bf16-plain", "bf16-sr", "bf16-remainders",
+            "fp32-int8", "fp16-master-int8", "bf16-remainders-int8", "bf16-sr-int8", "fp32-bf16m",
+            "bf16-remainders-bf16m"]
 
 
 def make_params(shapes, dtype, device, seed=0):
@@ -89,7 +102,7 @@ def train(device, dtype, kw, steps, scaler_kw=None, bad_steps=None, seed=0, shap
 def test_cuda_matches_cpu_backend_bit_for_bit(dtype, kw):
     bad = {3: (4, 77, math.inf), 4: (2, 5, math.nan)}  # two skipped steps in the run
     cpu = train("cpu", dtype, kw, 7, bad_steps=bad)
-    gpu = train("cuda", dtype, kw, 7, bad_steps=bad)
+    gpu = train(DEV, dtype, kw, 7, bad_steps=bad)
     assert_same_bits(snapshot(gpu[1], gpu[0]), snapshot(cpu[1], cpu[0]), "state")
     assert gpu[2].state_dict() == cpu[2].state_dict()
 
@@ -106,14 +119,14 @@ def test_many_tensors_and_groups_cuda_matches_cpu():
             opt.step()
         return snapshot(opt, params)
 
-    assert_same_bits(run("cuda"), run("cpu"), "state")
+    assert_same_bits(run(DEV), run("cpu"), "state")
 
 
 # ----------------------------------------------------------------------------- torch parity
 
 
 def test_fp32_matches_torch_adamw_100_steps():
-    params = make_params(SHAPES, torch.float32, "cuda")
+    params = make_params(SHAPES, torch.float32, DEV)
     ref = [p.clone() for p in params]
     hyper = [dict(lr=3e-3, betas=(0.9, 0.999), weight_decay=1e-2), dict(lr=1e-2, betas=(0.3, 0.95), weight_decay=0.0),
              dict(lr=5e-4, betas=(0.5, 0.9), eps=1e-10, weight_decay=0.1)]
@@ -121,7 +134,7 @@ def test_fp32_matches_torch_adamw_100_steps():
     opt = FusedAdamW([dict(params=[params[i] for i in s], **h) for s, h in zip(split, hyper)])
     ropt = torch.optim.AdamW([dict(params=[ref[i] for i in s], **h) for s, h in zip(split, hyper)], foreach=True)
     for step in range(100):
-        for p, r, g in zip(params, ref, grads_for(step, SHAPES, torch.float32, "cuda", scale=10)):
+        for p, r, g in zip(params, ref, grads_for(step, SHAPES, torch.float32, DEV, scale=10)):
             p.grad, r.grad = g, g.clone()
         opt.step()
         ropt.step()
@@ -131,12 +144,12 @@ def test_fp32_matches_torch_adamw_100_steps():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_master_matches_fp32_adamw_on_master(dtype):
-    params = make_params(SHAPES, dtype, "cuda")
+    params = make_params(SHAPES, dtype, DEV)
     masters = [p.float() for p in params]
     opt = FusedAdamW(params, lr=1e-3)
     ropt = torch.optim.AdamW(masters, lr=1e-3, foreach=True)
     for step in range(20):
-        for p, m, g in zip(params, masters, grads_for(step, SHAPES, dtype, "cuda")):
+        for p, m, g in zip(params, masters, grads_for(step, SHAPES, dtype, DEV)):
             p.grad, m.grad = g, g.float()
         opt.step()
         ropt.step()
@@ -147,12 +160,12 @@ def test_master_matches_fp32_adamw_on_master(dtype):
 
 
 def test_clipping_matches_torch_clip_grad_norm():
-    params = make_params(SHAPES, torch.float32, "cuda")
+    params = make_params(SHAPES, torch.float32, DEV)
     ref = [p.clone() for p in params]
     opt = FusedAdamW(params, lr=1e-2, max_grad_norm=0.3)
     ropt = torch.optim.AdamW(ref, lr=1e-2, foreach=True)
     for step in range(5):
-        for p, r, g in zip(params, ref, grads_for(step, SHAPES, torch.float32, "cuda")):
+        for p, r, g in zip(params, ref, grads_for(step, SHAPES, torch.float32, DEV)):
             p.grad, r.grad = g, g.clone()
         norm = torch.nn.utils.clip_grad_norm_(ref, 0.3)
         opt.step()
@@ -169,30 +182,31 @@ def test_clipping_matches_torch_clip_grad_norm():
 @pytest.mark.parametrize("dtype,kw", MODES + [(torch.bfloat16, {"max_grad_norm": 1.0})],
                          ids=MODE_IDS + ["bf16-master-clip"])
 def test_overflow_leaves_state_bit_identical_on_cuda(bad, dtype, kw):
-    params, opt, scaler = train("cuda", dtype, kw, 2)
+    params, opt, scaler = train(DEV, dtype, kw, 2)
     before = snapshot(opt, params)
     scale = scaler.get_scale()
-    scaler.scale(torch.ones((), device="cuda"))
-    gs = grads_for(9, SHAPES, dtype, "cuda", bad=(8, 3072 * 48 - 1, bad))  # last element of the last tensor
+    scaler.scale(torch.ones((), device=DEV))
+    gs = grads_for(9, SHAPES, dtype, DEV, bad=(8, 3072 * 48 - 1, bad))  # last element of the last tensor
     for p, g in zip(params, gs):
         p.grad = g
     scaler.step(opt)
     scaler.update()
     assert_same_bits(snapshot(opt, params), before, "state")
     assert opt.last_step_skipped and scaler.get_scale() == scale  # hysteresis 2 absorbs the first
-    for p, g in zip(params, gs):
-        assert torch.equal(p.grad, g)  # gradients are never written back
+    # Gradients are never written back (bits: the injected NaN is not equal to itself).
+    assert_same_bits([p.grad.cpu() for p in params], [g.cpu() for g in gs], "grads")
 
 
+@needs_gpu
 def test_whole_scaler_step_never_synchronizes():
-    params, opt, scaler = train("cuda", torch.bfloat16, {"max_grad_norm": 1.0}, 1)
-    gs = [grads_for(s, SHAPES, torch.bfloat16, "cuda", scale=2.0**10, bad=(1, 0, math.inf) if s == 1 else None)
+    params, opt, scaler = train(DEV, torch.bfloat16, {"max_grad_norm": 1.0}, 1)
+    gs = [grads_for(s, SHAPES, torch.bfloat16, DEV, scale=2.0**10, bad=(1, 0, math.inf) if s == 1 else None)
           for s in range(3)]
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for step_grads in gs:
-            loss = scaler.scale(torch.ones((), device="cuda"))
+            loss = scaler.scale(torch.ones((), device=DEV))
             for p, g in zip(params, step_grads):
                 p.grad = g
             scaler.step(opt)
@@ -206,16 +220,20 @@ def test_whole_scaler_step_never_synchronizes():
 # ----------------------------------------------------------------------------- CUDA graphs
 
 
+@needs_gpu
 @pytest.mark.parametrize("dtype,kw", [(torch.bfloat16, {}), (torch.bfloat16, {"stochastic_rounding": True}),
-                                      (torch.float32, {"max_grad_norm": 0.5})], ids=["bf16-master", "bf16-sr", "fp32-clip"])
+                                      (torch.float32, {"max_grad_norm": 0.5}),
+                                      (torch.bfloat16, {"moments": "int8", "param_remainders": True}),
+                                      (torch.float32, {"moments": "bf16", "max_grad_norm": 0.5})],
+                         ids=["bf16-master", "bf16-sr", "fp32-clip", "bf16-remainders-int8", "fp32-bf16m-clip"])
 def test_cuda_graph_capture_of_a_whole_step_replays_correctly(dtype, kw):
     shapes = SHAPES[:6]
     scaler_kw = dict(init_scale=2.0**8, growth_interval=2, hysteresis=1)
     schedule = [None, None, (2, 1, math.inf), None, None, (0, 3, math.nan), None]
 
     def setup():
-        params = make_params(shapes, dtype, "cuda")
-        lr = torch.tensor(1e-3, device="cuda")
+        params = make_params(shapes, dtype, DEV)
+        lr = torch.tensor(1e-3, device=DEV)
         opt = FusedAdamW(params, lr=lr, capturable=True, seed=7, **kw)
         scaler = DynamicLossScaler(**scaler_kw)
         for p in params:
@@ -223,26 +241,26 @@ def test_cuda_graph_capture_of_a_whole_step_replays_correctly(dtype, kw):
         return params, lr, opt, scaler
 
     def fill(params, step, scale):
-        for p, g in zip(params, grads_for(step, shapes, dtype, "cuda", scale=scale, bad=schedule[step - 1])):
+        for p, g in zip(params, grads_for(step, shapes, dtype, DEV, scale=scale, bad=schedule[step - 1])):
             p.grad.copy_(g)
 
     # Eager reference.
     ref_params, ref_lr, ref_opt, ref_scaler = setup()
-    ref_scaler.scale(torch.ones((), device="cuda"))
+    ref_scaler.scale(torch.ones((), device=DEV))
     fill(ref_params, 0, ref_scaler.get_scale())
     ref_scaler.step(ref_opt)
     ref_scaler.update()
     for step in range(1, len(schedule) + 1):
         if step == 4:
             ref_lr.fill_(5e-4)
-        ref_scaler.scale(torch.ones((), device="cuda"))
+        ref_scaler.scale(torch.ones((), device=DEV))
         fill(ref_params, step, ref_scaler.get_scale())
         ref_scaler.step(ref_opt)
         ref_scaler.update()
 
     # Captured: one eager warm-up step (creates the state), then capture step+update once.
     params, lr, opt, scaler = setup()
-    scaler.scale(torch.ones((), device="cuda"))
+    scaler.scale(torch.ones((), device=DEV))
     fill(params, 0, scaler.get_scale())
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -270,9 +288,9 @@ def test_cuda_graph_capture_of_a_whole_step_replays_correctly(dtype, kw):
 
 def test_stochastic_rounding_unbiased_on_cuda():
     n = 1 << 20
-    p = torch.ones(n, dtype=torch.bfloat16, device="cuda")
+    p = torch.ones(n, dtype=torch.bfloat16, device=DEV)
     opt = FusedAdamW([p], lr=3e-3, weight_decay=0.0, stochastic_rounding=True, seed=99)
-    p.grad = torch.full((n,), 0.25, dtype=torch.bfloat16, device="cuda")
+    p.grad = torch.full((n,), 0.25, dtype=torch.bfloat16, device=DEV)
     opt.step()
     lo, hi, exact = 1.0 - 2**-8, 1.0, 1.0 - 3e-3
     vals = p.float()
@@ -285,8 +303,8 @@ def test_stochastic_rounding_unbiased_on_cuda():
 @pytest.mark.parametrize("dtype,kw", MODES[:3] + MODES[5:], ids=MODE_IDS[:3] + MODE_IDS[5:])
 def test_save_load_exact_continuation_cuda(dtype, kw):
     bad = {2: (1, 0, math.inf)}
-    p_full, opt_full, sc_full = train("cuda", dtype, kw, 6, bad_steps=bad)
-    p_a, opt_a, sc_a = train("cuda", dtype, kw, 3, bad_steps=bad)
+    p_full, opt_full, sc_full = train(DEV, dtype, kw, 6, bad_steps=bad)
+    p_a, opt_a, sc_a = train(DEV, dtype, kw, 3, bad_steps=bad)
     ck = copy.deepcopy({"params": [p.detach() for p in p_a], "opt": opt_a.state_dict(), "scaler": sc_a.state_dict()})
     p_b = [p.clone() for p in ck["params"]]
     half = len(p_b) // 2
@@ -296,8 +314,8 @@ def test_save_load_exact_continuation_cuda(dtype, kw):
     opt_b.load_state_dict(ck["opt"])
     sc_b.load_state_dict(ck["scaler"])
     for step in range(3, 6):
-        sc_b.scale(torch.ones((), device="cuda"))
-        for p, g in zip(p_b, grads_for(step, SHAPES, dtype, "cuda", scale=sc_b.get_scale(), bad=bad.get(step))):
+        sc_b.scale(torch.ones((), device=DEV))
+        for p, g in zip(p_b, grads_for(step, SHAPES, dtype, DEV, scale=sc_b.get_scale(), bad=bad.get(step))):
             p.grad = g
         sc_b.step(opt_b)
         sc_b.update()
@@ -305,18 +323,19 @@ def test_save_load_exact_continuation_cuda(dtype, kw):
     assert sc_b.state_dict() == sc_full.state_dict()
 
 
+@needs_gpu  # torch's CPU GradScaler takes another path (the CPU file tests its interop: test_optim.py)
 def test_torch_grad_scaler_matches_our_scaler_on_cuda():
     # Both unscale inside the update kernel (fp32 math): bit-identical.
     shapes = SHAPES[:5]
-    a = make_params(shapes, torch.float16, "cuda")
+    a = make_params(shapes, torch.float16, DEV)
     b = [p.clone() for p in a]
     opt_a, opt_b = FusedAdamW(a, lr=1e-3), FusedAdamW(b, lr=1e-3)
-    theirs = torch.amp.GradScaler("cuda", init_scale=2.0**8)
+    theirs = torch.amp.GradScaler(DEV, init_scale=2.0**8)
     ours = DynamicLossScaler(init_scale=2.0**8)
     for step in range(3):
-        theirs.scale(torch.ones((), device="cuda"))
-        ours.scale(torch.ones((), device="cuda"))
-        gs = grads_for(step, shapes, torch.float16, "cuda", scale=256.0, bad=(1, 2, math.inf) if step == 1 else None)
+        theirs.scale(torch.ones((), device=DEV))
+        ours.scale(torch.ones((), device=DEV))
+        gs = grads_for(step, shapes, torch.float16, DEV, scale=256.0, bad=(1, 2, math.inf) if step == 1 else None)
         for p, q, g in zip(a, b, gs):
             p.grad, q.grad = g, g.clone()
         theirs.step(opt_a)
@@ -330,15 +349,15 @@ def test_torch_grad_scaler_matches_our_scaler_on_cuda():
 def test_unscale_fp16_grads_then_clip_on_cuda():
     # torch's GradScaler refuses to unscale float16 gradients; ours unscales them in place.
     shapes = SHAPES[:5]
-    params = make_params(shapes, torch.float16, "cuda")
+    params = make_params(shapes, torch.float16, DEV)
     masters = [p.float() for p in params]
     opt = FusedAdamW(params, lr=1e-3)
     ropt = torch.optim.AdamW(masters, lr=1e-3, foreach=True)
     scaler = DynamicLossScaler(init_scale=2.0**8)
-    scaler.scale(torch.ones((), device="cuda"))
-    gs = grads_for(0, shapes, torch.float16, "cuda", scale=256.0)
+    scaler.scale(torch.ones((), device=DEV))
+    gs = grads_for(0, shapes, torch.float16, DEV, scale=256.0)
     for p, g in zip(params, gs):
-        p.grad = g
+        p.grad = g.clone()  # unscaled in place: keep the scaled ones to compare with
     scaler.unscale_(opt)
     for p, g in zip(params, gs):
         assert torch.equal(p.grad, (g.float() / 256).half())
@@ -353,19 +372,21 @@ def test_unscale_fp16_grads_then_clip_on_cuda():
         assert (master - m).abs().max().item() <= 1e-6 * m.abs().max().item()
 
 
+@needs_gpu
 def test_cuda_bad_input_is_refused_before_launch():
-    p = torch.randn(8, device="cuda")
+    p = torch.randn(8, device=DEV)
     opt = FusedAdamW([p])
-    p.grad = torch.randn(8, device="cuda").to_sparse()
+    p.grad = torch.randn(8, device=DEV).to_sparse()
     with pytest.raises(ValueError, match="sparse"):
         opt.step()
     with pytest.raises(ValueError, match="several devices"):
-        FusedAdamW([torch.randn(2, device="cuda"), torch.randn(2)])
-    m = torch.zeros(8, device="cuda")
+        FusedAdamW([torch.randn(2, device=DEV), torch.randn(2)])
+    m = torch.zeros(8, device=DEV)
     with pytest.raises(ValueError, match=r"exp_avgs\[0\] is on cpu"):
-        torch.ops.cogkern.fused_adamw_([p], [torch.randn(8, device="cuda")], [torch.zeros(8)], [m], [],
-                                       [torch.zeros((), device="cuda")], [0], [0], [1e-3], [None], [0.9], [0.999],
-                                       [1e-8], [0.0], None, 0, False)
+        torch.ops.cogkern.fused_adamw_([p], [torch.randn(8, device=DEV)], [torch.zeros(8)], [m], [],
+                                       [torch.zeros((), device=DEV)], [0], [0], [1e-3], [None], [0.9], [0.999],
+                                       [1e-8], [0.0], None, 0, False, [], [])
+
 
 
 # ----------------------------------------------------------------------------- the grad check's loads
@@ -379,11 +400,11 @@ def test_grad_check_of_misaligned_and_odd_sized_grads(dtype):
     the same on a rerun, and an inf or NaN is found wherever it sits."""
     g = torch.Generator().manual_seed(5)
     sizes = (1, 7, 37, 32768 + 3, 1000, 9, 70001, 15)
-    grads = [(torch.randn(n + off, generator=g) * 3).to(dtype).cuda()[off:] for off, n in enumerate(sizes)]
-    scale = torch.tensor([4.0], device="cuda")
+    grads = [(torch.randn(n + off, generator=g) * 3).to(dtype).to(DEV)[off:] for off, n in enumerate(sizes)]
+    scale = torch.tensor([4.0], device=DEV)
 
     def check(gs):
-        out = torch.zeros(4, device="cuda")
+        out = torch.zeros(4, device=DEV)
         torch.ops.cogkern.amp_grad_check_(gs, scale, None, 0.0, True, False, out)
         return out.cpu()
 
@@ -395,6 +416,6 @@ def test_grad_check_of_misaligned_and_odd_sized_grads(dtype):
     for i, where in ((5, 8), (6, 70000), (1, 0), (3, 32768 + 2)):  # tails, misaligned starts, chunk tail
         for bad in (math.inf, math.nan):
             gs = [t.clone() if j == i else t for j, t in enumerate(grads)]
-            gs[i] = torch.cat([torch.zeros(1 + i % 7, dtype=dtype, device="cuda"), gs[i]])[1 + i % 7:]
+            gs[i] = torch.cat([torch.zeros(1 + i % 7, dtype=dtype, device=DEV), gs[i]])[1 + i % 7:]
             gs[i][where] = bad
             assert check(gs)[0].item() == 1.0, (i, where, bad)
