@@ -57,8 +57,6 @@ class PublishedModel:
     name: str
     repo: str  # Hugging Face repo whose transformer/config.json `config` copies
     config: dict
-    reference_params: float  # REFERENCE.md's rounded figure ("about 1.7 B")
-    reference_tolerance: float  # half a unit of that figure's last digit
 
     @property
     def config_source(self) -> str:
@@ -68,16 +66,16 @@ class PublishedModel:
 MODELS: dict[str, PublishedModel] = {m.key: m for m in (
     PublishedModel("2b", "CogVideoX-2B", "THUDM/CogVideoX-2b", dict(
         _COMMON, num_attention_heads=30, num_layers=30, sample_frames=49, sample_height=60, sample_width=90,
-        use_rotary_positional_embeddings=False), 1.7e9, 0.05e9),
+        use_rotary_positional_embeddings=False)),
     PublishedModel("5b", "CogVideoX-5B", "THUDM/CogVideoX-5b", dict(
         _COMMON, num_attention_heads=48, num_layers=42, sample_frames=49, sample_height=60, sample_width=90,
-        use_learned_positional_embeddings=False, use_rotary_positional_embeddings=True), 5.6e9, 0.05e9),
+        use_learned_positional_embeddings=False, use_rotary_positional_embeddings=True)),
     # 1.5: temporal patches of 2 (patch_size_t) and a patch embedding without bias; the
     # text-to-video model has no ofs embedding (ofs_embed_dim stays None; the I2V model sets 512).
     PublishedModel("1.5-5b", "CogVideoX1.5-5B", "THUDM/CogVideoX1.5-5B", dict(
         _COMMON, num_attention_heads=48, num_layers=42, patch_size_t=2, patch_bias=False, sample_frames=81,
         sample_height=300, sample_width=300, use_learned_positional_embeddings=False,
-        use_rotary_positional_embeddings=True), 5.6e9, 0.05e9),
+        use_rotary_positional_embeddings=True)),
 )}
 
 
@@ -123,6 +121,9 @@ class Recipe:
     grad_bytes: float  # per param
     state_bytes: Callable[[int], float]  # optimizer-state bytes of one tensor of n elements
     source: str
+    # cogkern rows: the param dtype and FusedAdamW arguments the row stands for
+    param_dtype: torch.dtype | None = None
+    optimizer_kwargs: dict | None = None
 
 
 def _int8_scale_correction(n: int) -> float:
@@ -143,6 +144,8 @@ def _cogkern_recipe(label: str, param_dtype: torch.dtype, moments: str, **kwargs
         state_bytes=lambda n: n * per_param + (_int8_scale_correction(n) if int8 else 0.0),
         source=f"cogkern.optim.state_bytes_per_param({param_dtype}, {args})"
                + (f", scales per tensor: ceil(n / {MOMENT_BLOCK}) * 2 * 4 B" if int8 else ""),
+        param_dtype=param_dtype,
+        optimizer_kwargs=dict(moments=moments, **kwargs),
     )
 
 
