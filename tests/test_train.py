@@ -9,6 +9,8 @@ import torch.nn as nn
 
 from cogkern import train as train_mod
 from cogkern.precision import FP16_MAX, audit
+from cogkern.precision_study import main as study_main
+from cogkern.precision_study import moments_available
 from cogkern.train import TrainingError, main, train
 
 FAST = ["--device", "cpu", "--quiet", "--no-plot", "--log-every", "5"]
@@ -119,21 +121,6 @@ def test_bf16_sr_needs_cogkern_optimizer():
         train(FAST + ["--precision", "bf16-sr", "--optimizer", "torch", "--steps", "1"])
 
 
-def _int8_moments_compiled() -> bool:
-    """Whether this build's optimizer kernels can step int8 moments (the op says so by name)."""
-    from cogkern.optim import FusedAdamW
-
-    p = nn.Parameter(torch.randn(300, dtype=torch.bfloat16))
-    p.grad = torch.randn_like(p)
-    try:
-        FusedAdamW([p], moments="int8").step()
-    except ValueError as exc:
-        if "moments are not available" in str(exc):
-            return False
-        raise
-    return True
-
-
 def _tiny_param_count():
     torch.manual_seed(0)
     return sum(p.numel() for p in train_mod.VideoTransformer(train_mod.CONFIGS["tiny"]).parameters()
@@ -143,7 +130,7 @@ def _tiny_param_count():
 @pytest.mark.parametrize("precision,moments", [("fp32", "bf16"), ("bf16", "bf16"), ("bf16-sr", "int8"),
                                                ("bf16", "int8")])
 def test_lean_moments_run_and_report_their_state_bytes(tmp_path, precision, moments):
-    if moments == "int8" and not _int8_moments_compiled():
+    if not moments_available(moments):
         pytest.xfail("int8 moments are not compiled into this build of the optimizer kernels")
     summary = train(FAST + ["--precision", precision, "--moments", moments, "--steps", "12", "--out", str(tmp_path)])
     rows = summary["rows"]
@@ -204,6 +191,29 @@ def test_resume_refuses_other_optimizer_memory_flags(tmp_path):
 def test_optimizer_memory_flags_refuse_what_they_cannot_do(argv, message):
     with pytest.raises(SystemExit, match=message):
         train(FAST + argv + ["--steps", "1"])
+
+
+@pytest.mark.slow
+def test_precision_study_measures_the_lean_modes(tmp_path):
+    out = tmp_path / "study"
+    assert study_main(["--out", str(out), "--steps", "10", "--device", "cpu",
+                       "--lean", "bf16+remainders", "bf16-sr+int8-moments"]) == 0
+    report = (out / "report.md").read_text()
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in report.splitlines() if line.startswith("| ")}
+    for name in ("fp32", "fp16", "bf16", "bf16-sr", "bf16+remainders"):
+        assert name in rows and (out / name / "metrics.csv").exists()
+    cells = lambda name: [c.strip() for c in rows[name].strip("|").split("|")]  # noqa: E731
+    # measured optimizer state per param: fp32 m, v; + fp32 master; int16 remainder instead
+    assert cells("fp32")[-2:] == ["8.00", "16.00"]
+    assert cells("bf16")[-2:] == ["12.00", "16.00"]
+    assert cells("bf16+remainders")[-2:] == ["10.00", "14.00"]
+    if moments_available("int8"):
+        state, kept = map(float, cells("bf16-sr+int8-moments")[-2:])
+        assert 2 < state < 2.1 and kept == pytest.approx(state + 4, abs=0.01)
+    else:
+        assert "not run: int8 moments are not compiled" in rows["bf16-sr+int8-moments"]
+    assert "bf16+bf16-moments" not in rows  # only the lean modes asked for
+    assert (out / "precision_study.png").stat().st_size > 1000
 
 
 def _free_port():
