@@ -21,11 +21,25 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kFinalizeThreads = 1024;
 
+// int8 moments: a warp shares each block; the block's absmax is a max over the warp.
+struct WarpPerBlock {
+  static constexpr int kLanes = 32;
+  CK_HD static uint32_t max(uint32_t x) {
+#if defined(__CUDA_ARCH__) || defined(COGKERN_CUDA_EMULATION)
+    for (int o = 16; o > 0; o >>= 1) {
+      const uint32_t y = __shfl_xor_sync(0xFFFFFFFFu, x, o);
+      x = x > y ? x : y;
+    }
+#endif
+    return x;
+  }
+};
+
 template <typename T, AdamWMode MODE, MomentStore MS>
 __global__ void __launch_bounds__(kThreads, 4) adamw_kernel(const __grid_constant__ AdamWLaunch L) {
   for (int64_t c = blockIdx.x; c < L.num_chunks; c += gridDim.x) {
     const int t = find_chunk_owner(L.num_tensors, c, [&](int i) { return L.tensors[i].chunk_begin; });
-    AdamWChunk<T, MODE, MS>{}(L, t, c - L.tensors[t].chunk_begin, threadIdx.x, blockDim.x);
+    AdamWChunk<T, MODE, MS, kMultiTensorILP, WarpPerBlock>{}(L, t, c - L.tensors[t].chunk_begin, threadIdx.x, blockDim.x);
   }
 }
 

@@ -64,7 +64,12 @@ static_assert(kMultiTensorChunk % kMomentBlock == 0, "a chunk must hold whole mo
   X(f16_master_bf16, kHalf, F16, kMaster, kBF16)                                           \
   X(bf16_master_bf16, kBFloat16, BF16, kMaster, kBF16)                                     \
   X(bf16_stochastic_bf16, kBFloat16, BF16, kStochastic, kBF16)                             \
-  X(bf16_remainder_bf16, kBFloat16, BF16, kRemainder, kBF16)
+  X(bf16_remainder_bf16, kBFloat16, BF16, kRemainder, kBF16)                             \
+  X(f32_plain_int8, kFloat, float, kPlain, kInt8)                                          \
+  X(f16_master_int8, kHalf, F16, kMaster, kInt8)                                           \
+  X(bf16_master_int8, kBFloat16, BF16, kMaster, kInt8)                                     \
+  X(bf16_stochastic_int8, kBFloat16, BF16, kStochastic, kInt8)                             \
+  X(bf16_remainder_int8, kBFloat16, BF16, kRemainder, kInt8)
 
 CK_HD bool adamw_variant_compiled(DType dtype, AdamWMode mode, MomentStore moments) {
 #define COGKERN_ADAMW_MATCH(NAME, DT, T, MODE, MS) \
@@ -309,9 +314,95 @@ CK_HD void split_master(float master, uint16_t& param_bits, int16_t& remainder) 
   remainder = int16_t(uint16_t(nan ? (low & 0x7FFFu) : low));
 }
 
-// Separate random streams for the param and the two bf16 moments of a tensor.
-constexpr uint64_t kExpAvgStream = 0xA5A5F00DC0FFEE01ull;
-constexpr uint64_t kExpAvgSqStream = 0x5A5AB16B00B5E002ull;
+// int8 moments. Per block, the fp32 scale is the block's absmax A (exact: a
+// max is the same in any order, so CPU and CUDA agree), and r = |x| / A in
+// [0, 1] is coded as a small float of R binades and 3 mantissa bits: code 0
+// is 0, code q >= 1 is 2^-R * (1 + (q - 1) / 8), i.e. the fp32 bit pattern
+// base + ((q - 1) << 20); below 2^-R the code is 0 or 1 (linear). Coding
+// rounds stochastically (16 random bits, counter-based as above), so the EMAs
+// stay unbiased and never stall on a code (round to nearest would freeze v,
+// whose relative step per update, 1 - beta2, is far below the code spacing).
+// exp_avg: int8, sign and magnitude code, R = 15 (4.5 decades below the block
+// max); exp_avg_sq: uint8, R = 31 (9 decades, v spans twice m's), and a v > 0
+// never codes to 0 (that would make the update m / eps).
+template <bool SIGNED>
+struct MomentCode {
+  static constexpr int kRange = SIGNED ? 15 : 31;
+  static constexpr uint32_t kBase = uint32_t(127 - kRange) << 23;  // bits of 2^-R
+  static constexpr uint32_t kMaxCode = uint32_t(kRange) * 8u + 1u;  // codes 1.0 exactly
+  static constexpr float kLinear = SIGNED ? 2147483648.0f : 140737488355328.0f;  // 2^(R + 16)
+};
+
+// Straight-line (mask selects, no branches), so the CPU loop vectorizes.
+CK_HD uint32_t select_u32(bool c, uint32_t a, uint32_t b) {
+  const uint32_t mask = 0u - uint32_t(c);
+  return (a & mask) | (b & ~mask);
+}
+
+template <bool SIGNED>
+CK_HD float decode_moment_magnitude(uint32_t q) {
+  return bits_float(select_u32(q != 0, MomentCode<SIGNED>::kBase + ((q - 1u) << 20), 0u));
+}
+
+// q for r = |x| / A in [0, 1] (a NaN r saturates; the block is NaN through A anyway).
+template <bool SIGNED>
+CK_HD uint32_t encode_moment_magnitude(float r, uint32_t random16) {
+  using C = MomentCode<SIGNED>;
+  const uint32_t b = float_bits(r);
+  const uint32_t normal = ((b - C::kBase + (random16 << 4)) >> 20) + 1u;
+  const uint32_t linear = uint32_t(uint32_t(r * C::kLinear) > random16);
+  const uint32_t q = select_u32(b >= C::kBase, normal, linear);
+  return select_u32(q < C::kMaxCode, q, C::kMaxCode);
+}
+
+// The int8 exp_avg code: sign and magnitude (two's complement of the magnitude code).
+CK_HD float decode_exp_avg(int32_t c, float scale) {
+  const int32_t sign = c >> 31;
+  const float mag = mul_rn(decode_moment_magnitude<true>(uint32_t((c ^ sign) - sign)), scale);
+  return bits_float(float_bits(mag) | (uint32_t(sign) << 31));
+}
+CK_HD int32_t encode_exp_avg(float m, float inv_scale, uint32_t random16) {
+  const int32_t mag = int32_t(encode_moment_magnitude<true>(mul_rn(bits_float(float_bits(m) & 0x7FFFFFFFu), inv_scale),
+                                                            random16));
+  const int32_t sign = -int32_t(float_bits(m) >> 31);
+  return (mag ^ sign) - sign;  // in [-121, 121]
+}
+// The uint8 exp_avg_sq code; a v > 0 never codes to 0.
+CK_HD float decode_exp_avg_sq(uint32_t code, float scale) {
+  return mul_rn(decode_moment_magnitude<false>(code), scale);
+}
+CK_HD uint32_t encode_exp_avg_sq(float v, float inv_scale, uint32_t random16) {
+  const uint32_t q = encode_moment_magnitude<false>(mul_rn(v, inv_scale), random16);
+  return q | (uint32_t(q == 0) & uint32_t(v > 0.0f));  // in [0, 249]
+}
+
+// Absolute value's bits: unsigned compare orders them as the values (NaN above inf).
+CK_HD uint32_t abs_bits(float x) { return float_bits(x) & 0x7FFFFFFFu; }
+
+// One lane per int8 block (the CPU backend); the CUDA kernels let a warp share a block.
+struct OneLanePerBlock {
+  static constexpr int kLanes = 1;
+  CK_HD static uint32_t max(uint32_t x) { return x; }
+};
+
+// The moments' random bits (bf16 and int8 storage): one 32-bit hash per element,
+// 16 bits for exp_avg and 16 for exp_avg_sq, from a stream of its own (not the
+// params'). 32-bit multiplies only (two rounds of Wellons' lowbias32), so the
+// CPU loop stays vectorized where 64-bit multiplies are not (AVX-512F, AVX2).
+constexpr uint64_t kMomentStream = 0xA5A5F00DC0FFEE01ull;
+
+CK_HD uint32_t lowbias32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  return x ^ (x >> 16);
+}
+
+CK_HD uint32_t moment_bits(uint64_t key, int64_t i) {
+  const uint32_t x = (uint32_t(i) * 0x9E3779B9u) ^ (uint32_t(uint64_t(i) >> 32) * 0x85EBCA6Bu) ^ uint32_t(key);
+  return lowbias32(lowbias32(x) ^ uint32_t(key >> 32));
+}
 
 // ---------------------------------------------------------------------------
 // The per-chunk body (multi_tensor.h): one (tensor, chunk), lanes striding.
@@ -322,7 +413,8 @@ constexpr uint64_t kExpAvgSqStream = 0x5A5AB16B00B5E002ull;
 // arithmetic is the same whatever N is.
 // ---------------------------------------------------------------------------
 
-template <typename T, AdamWMode MODE, MomentStore MS, int N = kMultiTensorILP>
+// LANES (int8 moments only): how many lanes share a block and the max over them.
+template <typename T, AdamWMode MODE, MomentStore MS, int N = kMultiTensorILP, typename LANES = OneLanePerBlock>
 struct AdamWChunk {
   static_assert(MODE != AdamWMode::kStochastic || sizeof(T) == 2, "stochastic rounding writes bf16 bits");
   static_assert(MODE != AdamWMode::kRemainder || sizeof(T) == 2, "remainders complete bf16 params");
@@ -335,65 +427,172 @@ struct AdamWChunk {
     const AdamWCoeffs c = adamw_coeffs(L.groups[d.group], step);
     const float inv_scale = scalars != nullptr ? scalars[kInvScale] : 1.0f;
     const float clip = scalars != nullptr ? scalars[kClipCoef] : 1.0f;
-    uint64_t key = 0, key_m = 0, key_v = 0;
+    uint64_t key = 0, key_mv = 0;
     if constexpr (MODE == AdamWMode::kStochastic) key = sr_stream_key(L.seed, d.rng_id, uint32_t(step));
-    if constexpr (MS == MomentStore::kBF16) {
-      key_m = sr_stream_key(L.seed ^ kExpAvgStream, d.rng_id, uint32_t(step));
-      key_v = sr_stream_key(L.seed ^ kExpAvgSqStream, d.rng_id, uint32_t(step));
-    }
+    if constexpr (MS != MomentStore::kF32) key_mv = sr_stream_key(L.seed ^ kMomentStream, d.rng_id, uint32_t(step));
 
-    T* param = static_cast<T*>(d.param);
-    const T* grad = static_cast<const T*>(d.grad);
-    const bool vec = d.vector_ok != 0;
     const int64_t begin = chunk * kMultiTensorChunk;
     const int64_t end = begin + kMultiTensorChunk < d.numel ? begin + kMultiTensorChunk : d.numel;
-    const T zero = from_acc<T>(0.0f);
-
-    for (int64_t i = begin + int64_t(lane) * N; i < end; i += int64_t(nlanes) * N) {
-      const int64_t n = end - i < N ? end - i : N;
-      T g_raw[N], p_raw[N];
-      float m[N], v[N], p[N];
-      int16_t rem[N];
-      mt_load<T, N>(grad + i, n, vec, g_raw, zero);
-      load_moments(d.exp_avg, i, n, vec, m);
-      load_moments(d.exp_avg_sq, i, n, vec, v);
-      if constexpr (MODE == AdamWMode::kMaster) {
-        mt_load<float, N>(static_cast<float*>(d.master) + i, n, vec, p, 0.0f);
-      } else {
-        mt_load<T, N>(param + i, n, vec, p_raw, zero);
-        if constexpr (MODE == AdamWMode::kRemainder) {
-          mt_load<int16_t, N>(static_cast<int16_t*>(d.master) + i, n, vec, rem, int16_t(0));
+    if constexpr (MS == MomentStore::kInt8) {
+      int8_chunk(d, c, inv_scale, clip, key, key_mv, begin, end, lane, nlanes);
+    } else {
+      T* param = static_cast<T*>(d.param);
+      const T* grad = static_cast<const T*>(d.grad);
+      const bool vec = d.vector_ok != 0;
+      const T zero = from_acc<T>(0.0f);
+      for (int64_t i = begin + int64_t(lane) * N; i < end; i += int64_t(nlanes) * N) {
+        const int64_t n = end - i < N ? end - i : N;
+        T g_raw[N], p_raw[N];
+        float m[N], v[N], p[N];
+        int16_t rem[N];
+        mt_load<T, N>(grad + i, n, vec, g_raw, zero);
+        load_moments(d.exp_avg, i, n, vec, m);
+        load_moments(d.exp_avg_sq, i, n, vec, v);
+        load_param(d, param, i, n, vec, p, p_raw, rem);
 #pragma unroll
-          for (int k = 0; k < N; ++k) p[k] = master_from_remainder(bits16(p_raw[k]), rem[k]);
-        } else {
-#pragma unroll
-          for (int k = 0; k < N; ++k) p[k] = to_acc<float>(p_raw[k]);
+        for (int k = 0; k < N; ++k) {
+          // Unscale, then clip: two roundings, as GradScaler.unscale_ + clip_grad_norm_ would.
+          const float g = mul_rn(mul_rn(to_acc<float>(g_raw[k]), inv_scale), clip);
+          adamw_element(p[k], m[k], v[k], g, c);
+          round_param(p[k], p_raw[k], rem[k], key, i + k);
         }
+        store_moments(d.exp_avg, d.exp_avg_sq, i, n, vec, m, v, key_mv);
+        store_param(d, param, i, n, vec, p, p_raw, rem);
       }
-#pragma unroll
-      for (int k = 0; k < N; ++k) {
-        // Unscale, then clip: two roundings, as GradScaler.unscale_ + clip_grad_norm_ would.
-        const float g = mul_rn(mul_rn(to_acc<float>(g_raw[k]), inv_scale), clip);
-        adamw_element(p[k], m[k], v[k], g, c);
-        if constexpr (MODE == AdamWMode::kStochastic) {
-          p_raw[k] = from_bits16<T>(bf16_bits_stochastic(p[k], sr_bits(key, i + k)));
-        } else if constexpr (MODE == AdamWMode::kRemainder) {
-          uint16_t bits;
-          split_master(p[k], bits, rem[k]);
-          p_raw[k] = from_bits16<T>(bits);
-        } else {
-          p_raw[k] = from_acc<T>(p[k]);
-        }
-      }
-      store_moments(d.exp_avg, i, n, vec, m, key_m);
-      store_moments(d.exp_avg_sq, i, n, vec, v, key_v);
-      if constexpr (MODE == AdamWMode::kMaster) mt_store<float, N>(static_cast<float*>(d.master) + i, n, vec, p);
-      if constexpr (MODE == AdamWMode::kRemainder) mt_store<int16_t, N>(static_cast<int16_t*>(d.master) + i, n, vec, rem);
-      mt_store<T, N>(param + i, n, vec, p_raw);
     }
   }
 
  private:
+  // int8 moments: LANES::kLanes lanes share each block of kMomentBlock elements,
+  // each holding kPerLane of them (in N-wide groups, the group's lanes side by
+  // side: coalesced) from the update to the requantize. Pass 1 dequantizes,
+  // updates and writes the param; the block's absmax of the new moments is
+  // reduced over the lanes; pass 2 codes them. The codes and scales of a block
+  // are only read before the reduction and written after it.
+  static constexpr int kPerLane = kMomentBlock / LANES::kLanes;
+  static constexpr int kGroups = kPerLane / N;
+  static_assert(kPerLane % N == 0, "a lane's share of a block must be whole N-groups");
+
+  CK_HD static void int8_chunk(const AdamWTensor& d, const AdamWCoeffs& c, float inv_scale, float clip, uint64_t key,
+                               uint64_t key_mv, int64_t begin, int64_t end, int lane, int nlanes) {
+    T* param = static_cast<T*>(d.param);
+    const T* grad = static_cast<const T*>(d.grad);
+    int8_t* m_codes = static_cast<int8_t*>(d.exp_avg);
+    uint8_t* v_codes = static_cast<uint8_t*>(d.exp_avg_sq);
+    const bool vec = d.vector_ok != 0;
+    const T zero = from_acc<T>(0.0f);
+    const int sub = lane % LANES::kLanes;
+    const int block_lanes = nlanes / LANES::kLanes;
+    const int64_t first_block = begin / kMomentBlock;
+    const int64_t num_blocks = ceil_div(end - begin, kMomentBlock);
+    // Every lane of a group runs the same blocks (the lane reduction needs all of them).
+    for (int64_t b = first_block + lane / LANES::kLanes; b < first_block + num_blocks; b += block_lanes) {
+      const int64_t block_begin = b * kMomentBlock;
+      const int64_t block_end = block_begin + kMomentBlock < end ? block_begin + kMomentBlock : end;
+      const float m_scale = d.exp_avg_scale[b], v_scale = d.exp_avg_sq_scale[b];
+      float m[kGroups][N], v[kGroups][N];
+      uint32_t m_max = 0, v_max = 0;
+#pragma unroll
+      for (int j = 0; j < kGroups; ++j) {
+        const int64_t i = block_begin + int64_t(j) * LANES::kLanes * N + int64_t(sub) * N;
+        const int64_t n = block_end - i < N ? block_end - i : N;  // <= 0: this lane has nothing here
+        T g_raw[N], p_raw[N];
+        float p[N];
+        int16_t rem[N];
+        int8_t mq[N];
+        uint8_t vq[N];
+        mt_load<T, N>(grad + i, n, vec, g_raw, zero);
+        mt_load<int8_t, N>(m_codes + i, n, vec, mq, int8_t(0));
+        mt_load<uint8_t, N>(v_codes + i, n, vec, vq, uint8_t(0));
+        load_param(d, param, i, n, vec, p, p_raw, rem);
+        // Decode, update and code in separate loops of one element width each: they vectorize.
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+          m[j][k] = decode_exp_avg(mq[k], m_scale);
+          v[j][k] = decode_exp_avg_sq(vq[k], v_scale);
+        }
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+          const float g = mul_rn(mul_rn(to_acc<float>(g_raw[k]), inv_scale), clip);
+          adamw_element(p[k], m[j][k], v[j][k], g, c);
+          round_param(p[k], p_raw[k], rem[k], key, i + k);
+          // Padding (k >= n) is 0 in and 0 out, so it never raises the max.
+          m_max = m_max > abs_bits(m[j][k]) ? m_max : abs_bits(m[j][k]);
+          v_max = v_max > abs_bits(v[j][k]) ? v_max : abs_bits(v[j][k]);
+        }
+        store_param(d, param, i, n, vec, p, p_raw, rem);
+      }
+      m_max = LANES::max(m_max);
+      v_max = LANES::max(v_max);
+      const float m_abs = bits_float(m_max), v_abs = bits_float(v_max);
+      // Zero blocks keep zero codes; 1 / A is exact enough: r may exceed 1 by an ulp, which saturates.
+      const float m_inv = m_max == 0 ? 0.0f : div_rn(1.0f, m_abs);
+      const float v_inv = v_max == 0 ? 0.0f : div_rn(1.0f, v_abs);
+#pragma unroll
+      for (int j = 0; j < kGroups; ++j) {
+        const int64_t i = block_begin + int64_t(j) * LANES::kLanes * N + int64_t(sub) * N;
+        const int64_t n = block_end - i < N ? block_end - i : N;
+        int32_t m_code[N];
+        uint32_t v_code[N];
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+          const uint32_t random = moment_bits(key_mv, i + k);
+          m_code[k] = encode_exp_avg(m[j][k], m_inv, random & 0xFFFFu);
+          v_code[k] = encode_exp_avg_sq(v[j][k], v_inv, random >> 16);
+        }
+        int8_t mq[N];
+        uint8_t vq[N];
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+          mq[k] = int8_t(m_code[k]);
+          vq[k] = uint8_t(v_code[k]);
+        }
+        mt_store<int8_t, N>(m_codes + i, n, vec, mq);
+        mt_store<uint8_t, N>(v_codes + i, n, vec, vq);
+      }
+      if (sub == 0) {
+        d.exp_avg_scale[b] = m_abs;
+        d.exp_avg_sq_scale[b] = v_abs;
+      }
+    }
+  }
+
+  // The fp32 value of N params at i (and their stored form), as MODE keeps it.
+  CK_HD static void load_param(const AdamWTensor& d, const T* param, int64_t i, int64_t n, bool vec, float (&p)[N],
+                               T (&p_raw)[N], int16_t (&rem)[N]) {
+    const T zero = from_acc<T>(0.0f);
+    if constexpr (MODE == AdamWMode::kMaster) {
+      mt_load<float, N>(static_cast<const float*>(d.master) + i, n, vec, p, 0.0f);
+    } else {
+      mt_load<T, N>(param + i, n, vec, p_raw, zero);
+      if constexpr (MODE == AdamWMode::kRemainder) {
+        mt_load<int16_t, N>(static_cast<const int16_t*>(d.master) + i, n, vec, rem, int16_t(0));
+#pragma unroll
+        for (int k = 0; k < N; ++k) p[k] = master_from_remainder(bits16(p_raw[k]), rem[k]);
+      } else {
+#pragma unroll
+        for (int k = 0; k < N; ++k) p[k] = to_acc<float>(p_raw[k]);
+      }
+    }
+  }
+  CK_HD static void round_param(float p, T& p_raw, int16_t& rem, uint64_t key, int64_t i) {
+    if constexpr (MODE == AdamWMode::kStochastic) {
+      p_raw = from_bits16<T>(bf16_bits_stochastic(p, sr_bits(key, i)));
+    } else if constexpr (MODE == AdamWMode::kRemainder) {
+      uint16_t b;
+      split_master(p, b, rem);
+      p_raw = from_bits16<T>(b);
+    } else {
+      p_raw = from_acc<T>(p);
+    }
+  }
+  CK_HD static void store_param(const AdamWTensor& d, T* param, int64_t i, int64_t n, bool vec, const float (&p)[N],
+                                const T (&p_raw)[N], const int16_t (&rem)[N]) {
+    if constexpr (MODE == AdamWMode::kMaster) mt_store<float, N>(static_cast<float*>(d.master) + i, n, vec, p);
+    if constexpr (MODE == AdamWMode::kRemainder) mt_store<int16_t, N>(static_cast<int16_t*>(d.master) + i, n, vec, rem);
+    mt_store<T, N>(param + i, n, vec, p_raw);
+  }
+
   template <typename U>
   CK_HD static uint16_t bits16(U x) {
     uint16_t b;
@@ -418,14 +617,21 @@ struct AdamWChunk {
       for (int k = 0; k < N; ++k) out[k] = bf16_bits_to_float(raw[k]);
     }
   }
-  CK_HD static void store_moments(void* base, int64_t i, int64_t n, bool vec, const float (&in)[N], uint64_t key) {
+  CK_HD static void store_moments(void* m_base, void* v_base, int64_t i, int64_t n, bool vec, const float (&m)[N],
+                                  const float (&v)[N], uint64_t key) {
     if constexpr (MS == MomentStore::kF32) {
-      mt_store<float, N>(static_cast<float*>(base) + i, n, vec, in);
+      mt_store<float, N>(static_cast<float*>(m_base) + i, n, vec, m);
+      mt_store<float, N>(static_cast<float*>(v_base) + i, n, vec, v);
     } else {
-      uint16_t raw[N];
+      uint16_t m_raw[N], v_raw[N];
 #pragma unroll
-      for (int k = 0; k < N; ++k) raw[k] = bf16_bits_stochastic(in[k], sr_bits(key, i + k));
-      mt_store<uint16_t, N>(static_cast<uint16_t*>(base) + i, n, vec, raw);
+      for (int k = 0; k < N; ++k) {
+        const uint32_t random = moment_bits(key, i + k);
+        m_raw[k] = bf16_bits_stochastic(m[k], random & 0xFFFFu);
+        v_raw[k] = bf16_bits_stochastic(v[k], random >> 16);
+      }
+      mt_store<uint16_t, N>(static_cast<uint16_t*>(m_base) + i, n, vec, m_raw);
+      mt_store<uint16_t, N>(static_cast<uint16_t*>(v_base) + i, n, vec, v_raw);
     }
   }
 };

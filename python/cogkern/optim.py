@@ -126,9 +126,10 @@ def _dequantize_moment(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tenso
 
 
 def _quantize_moment(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes, scales) of fp32 moments, rounded to nearest (for loading a state_dict)."""
+    """(codes, scales) of fp32 moments in a dense layout (the codes get it), rounded to nearest
+    (for loading a state_dict; the kernel's own coding rounds stochastically)."""
     R = _CODE_RANGE[signed]
-    flat = _memory_flat(x.contiguous() if not x.is_non_overlapping_and_dense() else x).float()
+    flat = _memory_flat(x).float()
     n = flat.numel()
     blocks = -(-n // MOMENT_BLOCK)
     padded = torch.zeros(blocks * MOMENT_BLOCK, dtype=torch.float32, device=x.device)
@@ -650,12 +651,16 @@ class FusedAdamW(torch.optim.Optimizer):
                 if m_scale.numel() != blocks or v_scale.numel() != blocks or v.dtype != torch.uint8:
                     raise ValueError(f"state_dict's int8 moments need uint8 exp_avg_sq and {blocks} scales per "
                                      f"moment for a param of {p.numel()} elements")
-            if self.moments == "int8":
-                if saved_int8:
-                    out["exp_avg_scale"], out["exp_avg_sq_scale"] = m_scale, v_scale
-                else:
-                    out["exp_avg"], out["exp_avg_scale"] = _quantize_moment(m.float(), signed=True)
-                    out["exp_avg_sq"], out["exp_avg_sq_scale"] = _quantize_moment(v.float(), signed=False)
+            same_layout = p.numel() <= 1 or (m.stride() == p.stride() and v.stride() == p.stride())
+            if self.moments == "int8" and saved_int8 and same_layout:
+                out["exp_avg_scale"], out["exp_avg_sq_scale"] = m_scale, v_scale  # as saved: exact
+            elif self.moments == "int8":
+                if saved_int8:  # blocks follow memory order: re-block in this param's layout
+                    m, v = _dequantize_moment(m, m_scale), _dequantize_moment(v, v_scale)
+                m = torch.empty_like(p, dtype=torch.float32, memory_format=torch.preserve_format).copy_(m)
+                v = torch.empty_like(p, dtype=torch.float32, memory_format=torch.preserve_format).copy_(v)
+                out["exp_avg"], out["exp_avg_scale"] = _quantize_moment(m, signed=True)
+                out["exp_avg_sq"], out["exp_avg_sq_scale"] = _quantize_moment(v, signed=False)
             else:
                 if saved_int8:
                     m, v = _dequantize_moment(m, m_scale), _dequantize_moment(v, v_scale)

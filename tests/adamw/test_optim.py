@@ -208,7 +208,9 @@ def _copies(dtype, **kw):
 
 @pytest.mark.parametrize("dtype,kw", [(torch.float32, {}), (torch.float16, {}), (torch.bfloat16, {}),
                                       (torch.bfloat16, {"stochastic_rounding": True, "seed": 5}),
-                                      (torch.bfloat16, {"param_remainders": True})])
+                                      (torch.bfloat16, {"param_remainders": True}),
+                                      (torch.float32, {"moments": "int8"}),
+                                      (torch.bfloat16, {"moments": "bf16", "stochastic_rounding": True})])
 def test_scaled_step_equals_unscaled_step_and_grads_untouched(dtype, kw):
     a, opt_a, b, opt_b = _copies(dtype, **kw)
     scaler = DynamicLossScaler(init_scale=1024.0)
@@ -229,7 +231,9 @@ def test_scaled_step_equals_unscaled_step_and_grads_untouched(dtype, kw):
 
 @pytest.mark.parametrize("dtype,kw", [(torch.float32, {"max_grad_norm": 0.5}), (torch.float16, {"max_grad_norm": 0.5}),
                                       (torch.bfloat16, {"stochastic_rounding": True, "seed": 5}),
-                                      (torch.bfloat16, {"param_remainders": True, "max_grad_norm": 0.5})])
+                                      (torch.bfloat16, {"param_remainders": True, "max_grad_norm": 0.5}),
+                                      (torch.float32, {"moments": "int8", "max_grad_norm": 0.5}),
+                                      (torch.float16, {"moments": "bf16"})])
 def test_steps_do_not_depend_on_thread_count(dtype, kw):
     """Chunks run in parallel; the grad norm is summed per chunk, then in chunk order."""
     shapes = [(70000,), (33, 1000), (5,)]  # several chunks, so several threads get work
@@ -254,7 +258,12 @@ def test_steps_do_not_depend_on_thread_count(dtype, kw):
 @pytest.mark.parametrize("dtype,kw", [(torch.float32, {}), (torch.float16, {}), (torch.bfloat16, {}),
                                       (torch.bfloat16, {"stochastic_rounding": True}),
                                       (torch.float32, {"max_grad_norm": 1.0}),
-                                      (torch.bfloat16, {"param_remainders": True})])
+                                      (torch.bfloat16, {"param_remainders": True}),
+                                      (torch.float32, {"moments": "int8"}), (torch.float16, {"moments": "int8"}),
+                                      (torch.bfloat16, {"moments": "int8", "param_remainders": True}),
+                                      (torch.bfloat16, {"moments": "int8", "stochastic_rounding": True}),
+                                      (torch.float32, {"moments": "bf16"}),
+                                      (torch.bfloat16, {"moments": "bf16", "param_remainders": True})])
 def test_overflow_leaves_state_bit_identical(bad, dtype, kw):
     params = make_params(SHAPES[:6], dtype, seed=4)
     opt = FusedAdamW(params, lr=1e-2, **kw)
@@ -484,7 +493,10 @@ def test_stochastic_rounding_is_reproducible_and_seeded():
 
 @pytest.mark.parametrize("dtype,kw", [(torch.float32, {"max_grad_norm": 1.0}), (torch.float16, {}),
                                       (torch.bfloat16, {}), (torch.bfloat16, {"stochastic_rounding": True}),
-                                      (torch.bfloat16, {"param_remainders": True})])
+                                      (torch.bfloat16, {"param_remainders": True}),
+                                      (torch.float32, {"moments": "int8"}), (torch.bfloat16, {"moments": "int8"}),
+                                      (torch.bfloat16, {"moments": "bf16", "stochastic_rounding": True}),
+                                      (torch.float16, {"moments": "bf16"})])
 def test_save_load_continues_bit_for_bit(dtype, kw, tmp_path):
     def grads(step, params):
         gen = torch.Generator().manual_seed(100 + step)
