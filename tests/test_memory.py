@@ -118,6 +118,57 @@ def test_exact_state_bytes_match_fused_adamw():
         pytest.xfail("int8 moments are not compiled into this build: their state was not cross-checked")
 
 
+ODD_SIZES = (1000, 4095, 4096, 4097, 5000, 256 * 40 + 3, 256 * 41)  # around both libraries' thresholds
+
+
+def _recipe(name):
+    (r,) = [r for r in memory.peer_recipes() if r.name == name]
+    return r
+
+
+@pytest.mark.parametrize("name,dtype", [("torch AdamW + AMP (fp32 params)", torch.float32),
+                                        ("torch AdamW, bf16 params", torch.bfloat16)])
+def test_torch_recipes_match_what_adamw_allocates(name, dtype):
+    params = [torch.nn.Parameter(torch.randn(n).to(dtype)) for n in ODD_SIZES[:3]]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    recipe = _recipe(name)
+    assert recipe.param_bytes == recipe.grad_bytes == dtype.itemsize
+    opt = torch.optim.AdamW(params, foreach=False)
+    opt.step()
+    for p in params:
+        got = sum(opt.state[p][k].numel() * opt.state[p][k].element_size() for k in ("exp_avg", "exp_avg_sq"))
+        assert got == recipe.state_bytes(p.numel())
+
+
+def test_bitsandbytes_recipe_matches_what_it_allocates():
+    bnb = pytest.importorskip("bitsandbytes")
+    params = [torch.nn.Parameter(torch.randn(n, dtype=torch.bfloat16)) for n in ODD_SIZES]
+    opt = bnb.optim.AdamW8bit(params)
+    recipe = _recipe("bitsandbytes AdamW8bit, bf16")
+    for i, p in enumerate(params):
+        opt.init_state(opt.param_groups[0], p, 0, i)
+        # qmap1/qmap2 are the optimizer's two shared 256-entry maps, not per-param state
+        got = sum(t.numel() * t.element_size() for k, t in opt.state[p].items()
+                  if torch.is_tensor(t) and not k.startswith("qmap"))
+        assert got == recipe.state_bytes(p.numel()), p.numel()
+
+
+def test_torchao_recipe_matches_what_it_allocates():
+    ao = pytest.importorskip("torchao.optim")
+    params = [torch.nn.Parameter(torch.randn(n, dtype=torch.bfloat16)) for n in ODD_SIZES]
+    opt = ao.AdamW8bit(params)
+    recipe = _recipe("torchao AdamW8bit, bf16")
+
+    def nbytes(buf):
+        parts = [buf.codes, buf.scale, buf.qmap] if hasattr(buf, "codes") else [buf]
+        return sum(t.numel() * t.element_size() for t in parts)
+
+    for p in params:
+        got = nbytes(opt._new_buffer(p, True)) + nbytes(opt._new_buffer(p, False))  # exp_avg, exp_avg_sq
+        assert got == recipe.state_bytes(p.numel()), p.numel()
+
+
 def test_model_selection_and_json_in_process(tmp_path, capsys):
     path = tmp_path / "m.json"
     assert memory.main(["--models", "5b", "--capacities", "40", "100", "--json", str(path)]) == 0

@@ -173,15 +173,17 @@ def cogkern_recipes() -> list[Recipe]:
     return out
 
 
-# The peers, counted from what they allocate (torch.zeros_like(p) keeps the param's dtype).
-_BNB_BLOCK, _BNB_MIN_8BIT = 2048, 4096
+# The peers, counted from what they allocate (torch.zeros_like(p) keeps the param's dtype);
+# tests/test_memory.py checks these against the installed libraries when they are present.
+_BNB_BLOCK, _BNB_MIN_8BIT = 256, 4096  # bitsandbytes 0.50 (older releases used blocks of 2048)
 _TORCHAO_BLOCK, _TORCHAO_MIN_QUANT, _TORCHAO_QMAP = 256, 4096, 256
 
 
 def _bnb_8bit_state(n: int) -> float:
     if n < _BNB_MIN_8BIT:
         return 8.0 * n  # fp32 state1/state2 for small tensors
-    return 2.0 * n + 2 * 4 * math.ceil(n / _BNB_BLOCK)  # uint8 codes + fp32 absmax per block, both moments
+    # uint8 codes + fp32 absmax per block, both moments (the 256-entry qmaps are shared by all params)
+    return 2.0 * n + 2 * 4 * math.ceil(n / _BNB_BLOCK)
 
 
 def _torchao_8bit_state(n: int, param_bytes: int = 2) -> float:
@@ -200,10 +202,11 @@ def peer_recipes() -> list[Recipe]:
                "torch.optim.AdamW: zeros_like(p) makes m, v bf16 for bf16 params; no master weights, updates "
                "rounded to nearest"),
         Recipe("bitsandbytes AdamW8bit, bf16", "bitsandbytes", 2, 2, _bnb_8bit_state,
-               f"bitsandbytes/optim/optimizer.py Optimizer2State.init_state: uint8 state1/state2 with fp32 absmax "
-               f"per {_BNB_BLOCK}-block, fp32 state below min_8bit_size={_BNB_MIN_8BIT}; no master weights"),
+               f"bitsandbytes 0.50 bitsandbytes/optim/optimizer.py Optimizer2State.init_state: uint8 state1/state2 "
+               f"with fp32 absmax per {_BNB_BLOCK}-block, fp32 state below min_8bit_size={_BNB_MIN_8BIT}; no master "
+               "weights"),
         Recipe("torchao AdamW8bit, bf16", "torchao", 2, 2, _torchao_8bit_state,
-               f"torchao/optim/adam.py _new_buffer + subclass_8bit.py OptimState8bit.zeros: uint8 codes, fp32 "
+               f"torchao 0.18 torchao/optim/adam.py _new_buffer + subclass_8bit.py OptimState8bit.zeros: uint8 codes, fp32 "
                f"scale per {_TORCHAO_BLOCK}-block, 256-entry fp32 qmap, for tensors of >= {_TORCHAO_MIN_QUANT} "
                f"elements divisible by {_TORCHAO_BLOCK}; else zeros_like(p) (bf16); no master weights"),
         Recipe("DeepSpeed-style bf16 + fp32 master", "DeepSpeed", 2, 2, lambda n: 12.0 * n,
