@@ -1,12 +1,16 @@
 """Optimizer-step benchmark: cogkern.optim.FusedAdamW (+ DynamicLossScaler) against torch.
 
-For each precision mode it reports, all measured in this run:
+For each precision mode (param precision x moment storage) it reports, all measured in this run:
   * ms per step: ours without a scaler, ours with scaler.step + update, ours
     replaying a CUDA graph of that step (GPU), torch's equivalent step, apex if importable;
   * bytes moved per parameter by our step, as counted from what the kernels read
     and write, the bandwidth that implies, and its share of the copy bandwidth
     measured in the same run;
-  * host synchronizations per step (GPU: counted with torch's sync debug mode).
+  * host synchronizations per step (GPU: counted with torch's sync debug mode);
+  * optimizer-state bytes per param as allocated (opt.state_bytes());
+  * peers, where importable, in the same process: bitsandbytes AdamW8bit, torchao
+    AdamW8bit and _AdamW(bf16_stochastic_round=True), torch-optimi AdamW(kahan_sum=True),
+    with their state bytes per param and their time as a ratio of ours.
 
 torch's step: GradScaler + AdamW (fused=True on the GPU, foreach=True on the
 CPU) on fp32 params; for 16-bit modes the AMP-style fp32 master copy (grads
@@ -39,13 +43,89 @@ def time_ms(fn, device, warmup, iters) -> float:
 #   update  fp32:        read p, g, m, v (16)  write p, m, v (12)            = 28
 #   update  16b+master:  read g(2), master, m, v (14)  write p(2), master, m, v (14) = 28
 #   update  bf16 + SR:   read p(2), g(2), m, v (12)  write p(2), m, v (10)   = 22
+#   update  bf16 + remainders: read p(2), g(2), rem(2), m, v (14)  write p, rem, m, v (12) = 26
+#   moments="bf16": m and v 2 bytes each instead of 4 (read and written): 8 less;
+#   moments="int8": 1 byte each plus 2 fp32 scales per 256 (read and written): 12 - 4 * 8 / 256 less
 #   check (with a scaler or clipping): read g once = 4 (fp32) or 2 (16-bit)
+INT8_SAVES = 12 - 4 * 8 / 256
 MODES = {
     "fp32": dict(dtype=torch.float32, kw={}, update_bytes=28, check_bytes=4),
     "fp16-master": dict(dtype=torch.float16, kw={}, update_bytes=28, check_bytes=2),
     "bf16-master": dict(dtype=torch.bfloat16, kw={}, update_bytes=28, check_bytes=2),
     "bf16-sr": dict(dtype=torch.bfloat16, kw={"stochastic_rounding": True}, update_bytes=22, check_bytes=2),
+    "bf16-remainders": dict(dtype=torch.bfloat16, kw={"param_remainders": True}, update_bytes=26, check_bytes=2),
+    "fp32-bf16m": dict(dtype=torch.float32, kw={"moments": "bf16"}, update_bytes=20, check_bytes=4),
+    "bf16-sr-bf16m": dict(dtype=torch.bfloat16, kw={"stochastic_rounding": True, "moments": "bf16"},
+                          update_bytes=14, check_bytes=2),
+    "fp32-int8": dict(dtype=torch.float32, kw={"moments": "int8"}, update_bytes=28 - INT8_SAVES, check_bytes=4),
+    "bf16-master-int8": dict(dtype=torch.bfloat16, kw={"moments": "int8"}, update_bytes=28 - INT8_SAVES,
+                             check_bytes=2),
+    "bf16-remainders-int8": dict(dtype=torch.bfloat16, kw={"moments": "int8", "param_remainders": True},
+                                 update_bytes=26 - INT8_SAVES, check_bytes=2),
+    "bf16-sr-int8": dict(dtype=torch.bfloat16, kw={"stochastic_rounding": True, "moments": "int8"},
+                         update_bytes=22 - INT8_SAVES, check_bytes=2),
 }
+
+
+def _state_bytes_of(opt, n: int) -> float:
+    """Optimizer-state bytes per param of any torch optimizer (its state tensors but step counters)."""
+    total = 0
+    for st in opt.state.values():
+        for k, t in st.items():
+            if torch.is_tensor(t) and k != "step" and t.numel() > 1:
+                total += t.numel() * t.element_size()
+            elif hasattr(t, "__tensor_flatten__"):  # torchao's quantized state tensors
+                names, _ = t.__tensor_flatten__()
+                total += sum(getattr(t, a).numel() * getattr(t, a).element_size() for a in names)
+    return total / n
+
+
+# Peers (run in this process where importable): the bytes-per-param class each is compared in.
+def _peer_factories():
+    out = {}
+    try:
+        import bitsandbytes as bnb  # type: ignore
+        out["bitsandbytes AdamW8bit"] = ("int8", torch.float32, lambda ps: bnb.optim.AdamW8bit(ps, lr=1e-4))
+    except Exception as exc:
+        out["bitsandbytes AdamW8bit"] = ("int8", None, f"not importable ({type(exc).__name__})")
+    try:
+        from torchao.optim import AdamW8bit as AoAdamW8bit  # type: ignore
+        from torchao.optim import _AdamW as AoAdamW  # type: ignore
+        out["torchao AdamW8bit"] = ("int8", torch.float32, lambda ps: AoAdamW8bit(ps, lr=1e-4))
+        out["torchao _AdamW(bf16_stochastic_round)"] = (
+            "bf16-sr", torch.bfloat16, lambda ps: AoAdamW(ps, lr=1e-4, bf16_stochastic_round=True))
+    except Exception as exc:
+        out["torchao AdamW8bit"] = ("int8", None, f"not importable ({type(exc).__name__})")
+        out["torchao _AdamW(bf16_stochastic_round)"] = ("bf16-sr", None, f"not importable ({type(exc).__name__})")
+    try:
+        import optimi  # type: ignore
+        out["torch-optimi AdamW(kahan_sum)"] = (
+            "bf16-sr", torch.bfloat16, lambda ps: optimi.AdamW(ps, lr=1e-4, kahan_sum=True))
+    except Exception as exc:
+        out["torch-optimi AdamW(kahan_sum)"] = ("bf16-sr", None, f"not importable ({type(exc).__name__})")
+    return out
+
+
+def bench_peers(shapes, device, warmup, iters):
+    n = sum(_numel(s) for s in shapes)
+    out = {}
+    for name, (klass, dtype, make) in _peer_factories().items():
+        if dtype is None:
+            out[name] = {"class": klass, "skipped": make}
+            continue
+        try:
+            params = make_tensors(shapes, dtype, device)
+            for p in params:
+                p.grad = (torch.randn(p.shape, device=device) * 1e-3).to(dtype)
+            opt = make(params)
+            opt.step()  # creates the state
+            out[name] = {"class": klass, "ms": time_ms(opt.step, device, warmup, iters),
+                         "state_bytes_per_param": _state_bytes_of(opt, n), "param_dtype": str(dtype)}
+            del params, opt
+        except Exception as exc:  # report, do not hide
+            out[name] = {"class": klass, "skipped": f"failed: {type(exc).__name__}: {str(exc)[:200]}"}
+        gc.collect()
+    return out
 
 
 def cogvideox_shapes(target: int, hidden: int = 3072, ff_mult: int = 4, time_dim: int = 512, head_dim: int = 64):
@@ -110,6 +190,7 @@ def bench_ours(mode, shapes, device, warmup, iters):
         "ms_plain": time_ms(opt.step, device, warmup, iters),
         "ms_scaled": time_ms(scaled_step, device, warmup, iters),
         "syncs_per_step": count_syncs(scaled_step, device),
+        "state_bytes_per_param": opt.state_bytes()["total"] / sum(p.numel() for p in params),
     }
     if device.type == "cuda":
         try:
@@ -214,13 +295,17 @@ def run(args):
     }
     print(f"# {info['device']}, torch {torch.__version__}: {n / 1e6:.1f} M params in {len(shapes)} tensors "
           f"(CogVideoX blocks, hidden {hidden}); copy bandwidth {copy_gbps:.1f} GB/s (read + write)")
+    torch_results = {}
     for mode in args.modes:
         spec = MODES[mode]
         ours = bench_ours(mode, shapes, device, warmup, iters)
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        theirs = bench_torch(mode, shapes, device, warmup, iters)
+        torch_mode = {torch.float32: "fp32", torch.float16: "fp16-master"}.get(spec["dtype"], "bf16-master")
+        theirs = torch_results.get(torch_mode)
+        if theirs is None:  # torch's step depends on the param dtype only: once per dtype
+            theirs = torch_results[torch_mode] = bench_torch(torch_mode, shapes, device, warmup, iters)
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -244,9 +329,10 @@ def run(args):
         graph = f", graph {ours['ms_graph']:.2f} ms" if "ms_graph" in ours else ""
         syncs = "" if ours["syncs_per_step"] is None else \
             f"; host syncs/step: ours {ours['syncs_per_step']:g}, torch {theirs['syncs_per_step']:g}"
-        print(f"{mode:12s} ours: {ours['ms_plain']:.2f} ms plain ({bytes_plain} B/param, {res['gbps_plain']:.0f} GB/s, "
+        print(f"{mode:12s} ours: {ours['ms_plain']:.2f} ms plain ({bytes_plain:.2f} B/param moved, "
+              f"{ours['state_bytes_per_param']:.2f} B/param of state, {res['gbps_plain']:.0f} GB/s, "
               f"{res['pct_copy_plain']:.0f}% of copy) | with scaler {ours['ms_scaled']:.2f} ms{graph} "
-              f"({bytes_scaled} B/param, {res['gbps_scaled']:.0f} GB/s, {res['pct_copy_scaled']:.0f}% of copy) | "
+              f"({bytes_scaled:.2f} B/param, {res['gbps_scaled']:.0f} GB/s, {res['pct_copy_scaled']:.0f}% of copy) | "
               f"torch {theirs['impl']} + GradScaler {theirs['ms']:.2f} ms -> {res['speedup_vs_torch']:.2f}x{syncs}")
         if "ms" in apex:
             print(f"{'':12s} apex FusedAdam: {apex['ms']:.2f} ms ({apex['note']})")
@@ -254,9 +340,22 @@ def run(args):
             print(f"{'':12s} apex: {apex['skipped']}")
         if "graph_capture" in ours and ours["graph_capture"] != "ok":
             print(f"{'':12s} CUDA graph capture {ours['graph_capture']}")
+    if not args.no_peers:
+        info["peers"] = bench_peers(shapes, device, warmup, iters)
+        base = info["modes"].get("fp32", {}).get("ms_plain")
+        for name, r in info["peers"].items():
+            if "ms" not in r:
+                print(f"peer {name}: {r['skipped']}")
+                continue
+            ours_mode = {"int8": "fp32-int8", "bf16-sr": "bf16-sr-int8"}[r["class"]]
+            ours_ms = info["modes"].get(ours_mode, {}).get("ms_plain")
+            ratio = f", {r['ms'] / ours_ms:.1f}x our {ours_mode}" if ours_ms else ""
+            vs_fp32 = f", {r['ms'] / base:.1f}x our fp32 step" if base else ""
+            print(f"peer {name} ({r['param_dtype']} params): {r['ms']:.2f} ms, "
+                  f"{r['state_bytes_per_param']:.2f} B/param of state{ratio}{vs_fp32}")
     info["rows"] = rows_of(info)
     print_table(f"Optimizer step on {info['device']}: {n / 1e6:.1f} M params, torch {torch.__version__}",
-                info["rows"], ["mode", "impl", "ms", "bytes_per_param", "GBps", "pct_copy", "speedup_vs_torch",
+                info["rows"], ["mode", "impl", "ms", "bytes_per_param", "state_bytes_per_param", "GBps", "pct_copy", "speedup_vs_torch",
                                "syncs_per_step", "status"])
     if args.json:
         with open(args.json, "w") as f:
@@ -270,6 +369,7 @@ def rows_of(info: dict) -> list[dict]:
     for mode, r in info["modes"].items():
         torch_ms = r["torch"]["ms"]
         rows.append(dict(mode=mode, impl="cogkern FusedAdamW", ms=r["ms_plain"], bytes_per_param=r["bytes_per_param_plain"],
+                         state_bytes_per_param=r["state_bytes_per_param"],
                          GBps=r["gbps_plain"], pct_copy=r["pct_copy_plain"], speedup_vs_torch=torch_ms / r["ms_plain"],
                          syncs_per_step=r.get("syncs_per_step"), status="ok"))
         rows.append(dict(mode=mode, impl="cogkern FusedAdamW + DynamicLossScaler", ms=r["ms_scaled"],
@@ -284,6 +384,9 @@ def rows_of(info: dict) -> list[dict]:
         apex = r["apex"]
         rows.append(dict(mode=mode, impl="apex FusedAdam", ms=apex.get("ms"),
                          status="ok" if "ms" in apex else f"absent: {apex.get('skipped', '')}"))
+    for name, r in info.get("peers", {}).items():
+        rows.append(dict(mode=r["class"], impl=name, ms=r.get("ms"), state_bytes_per_param=r.get("state_bytes_per_param"),
+                         status="ok" if "ms" in r else f"absent: {r['skipped']}"))
     for row in rows:
         row["pct_copy"] = row.get("pct_copy") if row.get("GBps") is None else 100 * row["GBps"] / info["copy_gbps"]
     return rows
@@ -296,6 +399,7 @@ def main(argv=None):
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     ap.add_argument("--quick", action="store_true", help="small sizes, few iterations")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--no-peers", action="store_true", help="skip bitsandbytes / torchao / torch-optimi")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (on a shared, oversubscribed box 1 gives steadier numbers)")
     run(ap.parse_args(argv))

@@ -35,8 +35,10 @@ struct WarpPerBlock {
   }
 };
 
+// int8 moments hold a block's new moments in registers until the warp's absmax is known (16 floats
+// per lane): 3 blocks per SM leave them 80 registers, where 4 (64) spill.
 template <typename T, AdamWMode MODE, MomentStore MS>
-__global__ void __launch_bounds__(kThreads, 4) adamw_kernel(const __grid_constant__ AdamWLaunch L) {
+__global__ void __launch_bounds__(kThreads, MS == MomentStore::kInt8 ? 3 : 4) adamw_kernel(const __grid_constant__ AdamWLaunch L) {
   for (int64_t c = blockIdx.x; c < L.num_chunks; c += gridDim.x) {
     const int t = find_chunk_owner(L.num_tensors, c, [&](int i) { return L.tensors[i].chunk_begin; });
     AdamWChunk<T, MODE, MS, kMultiTensorILP, WarpPerBlock>{}(L, t, c - L.tensors[t].chunk_begin, threadIdx.x, blockDim.x);

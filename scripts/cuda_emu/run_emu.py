@@ -133,7 +133,7 @@ def declare_api(lib):
         "emu_rope3d": (I32, [P, I32, I32]),
         # emu_optim.cpp
         "emu_adamw_step": (I32, [I32, P, P, P, P, P, P, P, P, P, I32, P, P, P, P, P, I32, I32, P, F64, I32,
-                                 ctypes.c_uint64, P]),
+                                 ctypes.c_uint64, P, I32, P, P]),
         # emu_wgmma.cpp
         "emu_wgmma_selftest": (I32, [P, P, P, P, P, P, I32, I32, I32]),
     }
@@ -342,17 +342,30 @@ def probe_suite(lib):
     return fails
 
 
-def optim_state(dtype, master, sizes, g):
-    """Params (one a misaligned view), grads, moments mid-training, steps: a fresh copy each call."""
+def optim_state(dtype, mode, moments, sizes, g):
+    """Params (one a misaligned view), grads, moments mid-training (in their storage), masters or
+    remainders, steps: a fresh copy each call."""
+    from cogkern.optim import _quantize_moment
+
     state = []
     for i, n in enumerate(sizes):
         base = torch.randn(n + 1, generator=g).to(dtype)
         p = base[1:] if i == 2 else base[:n]  # tensor 2 starts one element in: no vector access
         grad = (torch.randn(n, generator=g) * 3).to(dtype)
         m = torch.randn(n, generator=g) * 0.1
-        v = torch.rand(n, generator=g) * 0.01
-        mw = p.float() + torch.randn(n, generator=g) * 1e-4 if master else None
-        state.append(dict(p=p, g=grad, m=m, v=v, master=mw, step=torch.tensor([4.0])))
+        v = torch.rand(n, generator=g) * 0.01 * 10.0 ** (-4 * torch.rand(n, generator=g))  # many decades
+        ms = vs = None
+        if moments == 1:
+            m, v = m.bfloat16(), v.bfloat16()
+        elif moments == 2:
+            m, ms = _quantize_moment(m, signed=True)
+            v, vs = _quantize_moment(v, signed=False)
+        mw = None
+        if mode == 1:
+            mw = p.float() + torch.randn(n, generator=g) * 1e-4
+        elif mode == 3:
+            mw = torch.randint(-2**15, 2**15, (n,), generator=g, dtype=torch.int16)
+        state.append(dict(p=p, g=grad, m=m, v=v, master=mw, step=torch.tensor([4.0]), ms=ms, vs=vs))
     return state
 
 
@@ -362,25 +375,38 @@ def clone_state(state):
 
 def optim_suite(lib):
     """The optimizer's CUDA kernels (csrc/adamw/adamw_kernels.cuh: grad check with its block
-    reduction, finalize, multi-tensor update, step advance) against the CPU backend's ops on the same
-    data: params, moments, master weights and steps bit for bit (within an ulp where the clip
-    coefficient enters, since the grad norm's summation order differs), skipped steps untouched."""
+    reduction, finalize, multi-tensor update in every param precision and moment storage, int8 blocks
+    shared by a warp with a shuffle max, step advance) against the CPU backend's ops on the same data:
+    params, moments (codes and scales), master weights or remainders and steps bit for bit (within an
+    ulp where the clip coefficient enters, since the grad norm's summation order differs; int8 codes
+    there within one code), skipped steps untouched."""
     import cogkern  # noqa: F401  (registers the ops)
 
     fails = 0
     sizes = [1, 37, 32768 + 5, 70001, 4, 1000]
-    configs = [  # name, dtype, mode (0 plain, 1 master, 2 stochastic), scale, max_norm, inf in a grad
-        ("fp32", torch.float32, 0, None, 0.0, False),
-        ("fp16 + master, loss scale", torch.float16, 1, 1024.0, 0.0, False),
-        ("bf16 + master, clip", torch.bfloat16, 1, None, 1.0, False),
-        ("bf16 stochastic rounding, loss scale", torch.bfloat16, 2, 256.0, 0.0, False),
-        ("fp16 plain", torch.float16, 0, None, 0.0, False),
-        ("fp16 + master, overflow", torch.float16, 1, 1024.0, 0.0, True),
+    # name, dtype, mode (0 plain, 1 master, 2 stochastic, 3 remainders), moments (0 fp32, 1 bf16, 2 int8),
+    # scale, max_norm, inf in a grad
+    configs = [
+        ("fp32", torch.float32, 0, 0, None, 0.0, False),
+        ("fp16 + master, loss scale", torch.float16, 1, 0, 1024.0, 0.0, False),
+        ("bf16 + master, clip", torch.bfloat16, 1, 0, None, 1.0, False),
+        ("bf16 stochastic rounding, loss scale", torch.bfloat16, 2, 0, 256.0, 0.0, False),
+        ("fp16 plain", torch.float16, 0, 0, None, 0.0, False),
+        ("fp16 + master, overflow", torch.float16, 1, 0, 1024.0, 0.0, True),
+        ("bf16 + remainders, loss scale", torch.bfloat16, 3, 0, 512.0, 0.0, False),
+        ("fp32, bf16 moments", torch.float32, 0, 1, None, 0.0, False),
+        ("bf16 stochastic rounding, bf16 moments", torch.bfloat16, 2, 1, None, 0.0, False),
+        ("fp32, int8 moments", torch.float32, 0, 2, None, 0.0, False),
+        ("fp16 + master, int8 moments, loss scale", torch.float16, 1, 2, 1024.0, 0.0, False),
+        ("bf16 + master, int8 moments, clip", torch.bfloat16, 1, 2, None, 1.0, False),
+        ("bf16 stochastic rounding, int8 moments", torch.bfloat16, 2, 2, None, 0.0, False),
+        ("bf16 + remainders, int8 moments", torch.bfloat16, 3, 2, None, 0.0, False),
+        ("bf16 + remainders, int8 moments, overflow", torch.bfloat16, 3, 2, 64.0, 0.0, True),
     ]
     dtype_code = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
-    for name, dtype, mode, scale, max_norm, inject in configs:
+    for name, dtype, mode, moments, scale, max_norm, inject in configs:
         g = torch.Generator().manual_seed(7)
-        state = optim_state(dtype, mode == 1, sizes, g)
+        state = optim_state(dtype, mode, moments, sizes, g)
         if inject:
             state[3]["g"][12345] = float("inf")
         groups = [0, 1, 0, 1, 1, 0]
@@ -388,6 +414,7 @@ def optim_suite(lib):
         check = scale is not None or max_norm > 0
         scale_t = None if scale is None else torch.tensor([scale])
         orig = clone_state(state)
+        quantized = moments == 2
 
         # The CPU backend.
         cpu = clone_state(state)
@@ -396,39 +423,49 @@ def optim_suite(lib):
             torch.ops.cogkern.amp_grad_check_([d["g"] for d in cpu], scale_t, None, max_norm, True, False, scalars_cpu)
         torch.ops.cogkern.fused_adamw_(
             [d["p"] for d in cpu], [d["g"] for d in cpu], [d["m"] for d in cpu], [d["v"] for d in cpu],
-            [d["master"] for d in cpu] if mode == 1 else [], [d["step"] for d in cpu], groups, list(range(len(sizes))),
-            hyper["lr"], [None, None], hyper["beta1"], hyper["beta2"], hyper["eps"], hyper["weight_decay"],
-            scalars_cpu if check else None, 1234, mode == 2)
+            [d["master"] for d in cpu] if mode in (1, 3) else [], [d["step"] for d in cpu], groups,
+            list(range(len(sizes))), hyper["lr"], [None, None], hyper["beta1"], hyper["beta2"], hyper["eps"],
+            hyper["weight_decay"], scalars_cpu if check else None, 1234, mode == 2,
+            [d["ms"] for d in cpu] if quantized else [], [d["vs"] for d in cpu] if quantized else [])
 
         # The CUDA kernels, emulated.
         emu = clone_state(state)
         scalars_emu = torch.zeros(4)
         lists = [i64s(d[k] for d in emu) for k in ("p", "g", "m", "v", "master", "step")]  # data pointers
-        lists[4] = lists[4] if mode == 1 else None  # no masters
+        lists[4] = lists[4] if mode in (1, 3) else None  # no masters
+        scale_lists = [i64s(d[k] for d in emu) if quantized else None for k in ("ms", "vs")]
         sizes_t, groups_t, ids_t = i64s(d["p"].numel() for d in emu), i64s(groups), i64s(range(len(sizes)))
         hyper_t = {k: torch.tensor(v, dtype=torch.float64) for k, v in hyper.items()}
         rc = lib.emu_adamw_step(len(sizes), *(ptr(t) for t in lists), ptr(sizes_t), ptr(groups_t), ptr(ids_t), 2,
                                 *(ptr(hyper_t[k]) for k in ("lr", "beta1", "beta2", "eps", "weight_decay")),
-                                dtype_code[dtype], mode, ptr(scale_t), max_norm, int(check), 1234, ptr(scalars_emu))
+                                dtype_code[dtype], mode, ptr(scale_t), max_norm, int(check), 1234, ptr(scalars_emu),
+                                moments, *(ptr(t) for t in scale_lists))
 
         bad = [] if rc == 0 else [f"rc {rc}"]
         if check and not torch.allclose(scalars_emu, scalars_cpu, rtol=1e-5, atol=0):
             bad.append(f"step scalars {scalars_emu.tolist()} vs {scalars_cpu.tolist()}")
         exact = max_norm == 0
         for i, (a, b, o) in enumerate(zip(emu, cpu, orig)):
-            for k in ("p", "m", "v", "master", "step"):
+            for k in ("p", "m", "v", "master", "step", "ms", "vs"):
                 if a[k] is None:
                     continue
                 if inject and not torch.equal(a[k], o[k]):
                     bad.append(f"tensor {i} {k} changed on a skipped step")
                 elif exact and not torch.equal(a[k], b[k]):
                     bad.append(f"tensor {i} {k}: {int((a[k] != b[k]).sum())} elements differ from the CPU backend")
+                elif not exact and a[k].dtype in (torch.int8, torch.uint8, torch.int16):
+                    # Codes: within one code step (the clip shifts a value by an ulp, across a code boundary
+                    # at most, or the random pick). Remainders are not used with clipping here.
+                    if (a[k].int() - b[k].int()).abs().max() > 1:
+                        bad.append(f"tensor {i} {k}: codes more than one step from the CPU backend's")
                 elif not exact:
                     tol = 1e-5 if a[k].dtype == torch.float32 else (1e-2 if a[k].dtype == torch.bfloat16 else 1e-3)
                     if not torch.allclose(a[k].float(), b[k].float(), rtol=tol, atol=1e-6):
                         bad.append(f"tensor {i} {k}: beyond an ulp of the CPU backend")
         if not inject and torch.equal(emu[3]["p"], orig[3]["p"]):
             bad.append("params did not change")
+        if not inject and quantized and torch.equal(emu[3]["m"], orig[3]["m"]):
+            bad.append("int8 codes did not change")
         verdict = ("skipped step: state untouched, as on the CPU" if inject else
                    "= CPU backend bit for bit" if exact else "= CPU backend, within an ulp where the clip enters")
         print(f"{'ok  ' if not bad else 'FAIL'} optimizer kernels, {name}: {'; '.join(bad[:4]) if bad else verdict}",

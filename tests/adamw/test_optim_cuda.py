@@ -24,8 +24,17 @@ MODES = [
     (torch.float16, {"master_weights": False}),
     (torch.bfloat16, {"master_weights": False}),
     (torch.bfloat16, {"stochastic_rounding": True}),
+    (torch.bfloat16, {"param_remainders": True}),
+    (torch.float32, {"moments": "int8"}),
+    (torch.float16, {"moments": "int8"}),
+    (torch.bfloat16, {"moments": "int8", "param_remainders": True}),
+    (torch.bfloat16, {"moments": "int8", "stochastic_rounding": True}),
+    (torch.float32, {"moments": "bf16"}),
+    (torch.bfloat16, {"moments": "bf16", "param_remainders": True}),
 ]
-MODE_IDS = ["fp32", "fp16-master", "bf16-master", "fp16-plain", "bf16-plain", "bf16-sr"]
+MODE_IDS = ["fp32", "fp16-master", "bf16-master", "fp16-plain", "bf16-plain", "bf16-sr", "bf16-remainders",
+            "fp32-int8", "fp16-master-int8", "bf16-remainders-int8", "bf16-sr-int8", "fp32-bf16m",
+            "bf16-remainders-bf16m"]
 
 
 def make_params(shapes, dtype, device, seed=0):
@@ -207,7 +216,10 @@ def test_whole_scaler_step_never_synchronizes():
 
 
 @pytest.mark.parametrize("dtype,kw", [(torch.bfloat16, {}), (torch.bfloat16, {"stochastic_rounding": True}),
-                                      (torch.float32, {"max_grad_norm": 0.5})], ids=["bf16-master", "bf16-sr", "fp32-clip"])
+                                      (torch.float32, {"max_grad_norm": 0.5}),
+                                      (torch.bfloat16, {"moments": "int8", "param_remainders": True}),
+                                      (torch.float32, {"moments": "bf16", "max_grad_norm": 0.5})],
+                         ids=["bf16-master", "bf16-sr", "fp32-clip", "bf16-remainders-int8", "fp32-bf16m-clip"])
 def test_cuda_graph_capture_of_a_whole_step_replays_correctly(dtype, kw):
     shapes = SHAPES[:6]
     scaler_kw = dict(init_scale=2.0**8, growth_interval=2, hysteresis=1)
