@@ -1,12 +1,16 @@
 """Same seed, four precisions: which one should this model train in?
 
     python -m cogkern.precision_study --out runs/study [--steps 200] [--device cpu|cuda] [--config tiny]
+    python -m cogkern.precision_study --out runs/study --lean          # the four precisions only
 
-Trains the demo model in fp32, fp16, bf16 and bf16-sr from the same seed and
-writes DIR/report.md and DIR/precision_study.png: final loss, distance from
-the fp32 curve, overflow (skipped step) counts, the loss-scale trajectory,
-speed and memory, plus `cogkern.precision.audit` on one batch, and a
-recommendation drawn from those measurements.
+Trains the demo model in fp32, fp16, bf16 and bf16-sr from the same seed, and
+the optimizer's memory-lean modes (int16 param remainders instead of fp32
+masters, bf16 or int8 moments; ``--lean NAME ...`` picks them), and writes
+DIR/report.md and DIR/precision_study.png: final loss, distance from the fp32
+curve, overflow (skipped step) counts, the loss-scale trajectory, speed and
+memory, the optimizer state each run allocated (measured, bytes per param),
+plus `cogkern.precision.audit` on one batch, and a recommendation drawn from
+those measurements.
 """
 from __future__ import annotations
 
@@ -21,16 +25,53 @@ from . import train as train_mod
 from .data import ShapesVideos
 from .diffusion import DDPMSchedule, v_loss
 from .model import CONFIGS, VideoTransformer
+from .optim import FusedAdamW
 from .precision import audit
 
 PRECISIONS = ("fp32", "fp16", "bf16", "bf16-sr")
+# The optimizer's memory-lean modes: name -> (--precision, extra demo flags).
+LEAN_VARIANTS = {
+    "bf16+remainders": ("bf16", ["--param-remainders"]),
+    "bf16+bf16-moments": ("bf16", ["--moments", "bf16"]),
+    "bf16+int8-moments": ("bf16", ["--moments", "int8"]),
+    "bf16+remainders+int8-moments": ("bf16", ["--param-remainders", "--moments", "int8"]),
+    "bf16-sr+int8-moments": ("bf16-sr", ["--moments", "int8"]),
+}
+VARIANTS = {**{p: (p, []) for p in PRECISIONS}, **LEAN_VARIANTS}
+_VARIANT_NOTES = {
+    "bf16+remainders": "bf16 params + int16 remainders (exactly the fp32 master), fp32 m, v",
+    "bf16+bf16-moments": "bf16 params + fp32 master, m and v in bf16 (stochastically rounded)",
+    "bf16+int8-moments": "bf16 params + fp32 master, m and v as int8 blocks of 256 with fp32 scales",
+    "bf16+remainders+int8-moments": "bf16 params + int16 remainders, int8 m, v",
+    "bf16-sr+int8-moments": "bf16 params, stochastic rounding, no master, int8 m, v",
+}
+
+
+def moments_available(moments: str, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether this build's optimizer kernels can step `moments` storage for `dtype` params
+    (a build may lack some; the op refuses them by name)."""
+    p = torch.nn.Parameter(torch.randn(300).to(dtype))
+    p.grad = torch.randn_like(p)
+    try:
+        FusedAdamW([p], moments=moments).step()
+    except ValueError as exc:
+        if "moments are not available" in str(exc):
+            return False
+        raise
+    return True
+
+
+def kept_bytes_per_param(precision: str) -> int:
+    """Param + gradient bytes per param in the demo's cogkern recipe for `precision`."""
+    return 8 if precision == "fp32" else 4
 
 
 def smooth(values: list[float], k: int = 10) -> list[float]:
     return [statistics.fmean(values[max(0, i - k + 1) : i + 1]) for i in range(len(values))]
 
 
-def summarize(rows: list[dict], ref: list[dict] | None) -> dict:
+def summarize(rows: list[dict], ref: list[dict] | None, state_bytes: int = 0, params: int = 1,
+              kept_bytes: int = 0) -> dict:
     losses = [r["loss"] for r in rows]
     scales = [r["loss_scale"] for r in rows]
     out = dict(
@@ -39,6 +80,8 @@ def summarize(rows: list[dict], ref: list[dict] | None) -> dict:
         scale_min=min(scales), scale_max=max(scales), scale_final=scales[-1],
         tokens_per_s=statistics.median(r["tokens_per_s"] for r in rows),
         peak_mem_mb=max(r["peak_mem_mb"] for r in rows),
+        state_bytes=state_bytes, state_per_param=state_bytes / params,
+        kept_per_param=kept_bytes + state_bytes / params,
     )
     if ref is not None:
         a, b = smooth(losses), smooth([r["loss"] for r in ref])
@@ -59,17 +102,21 @@ def audit_batch(config: str, seed: int):
     return audit(model, (xt, ids, t), loss_fn=lambda out: v_loss(out, v))
 
 
+def tracks_fp32(r: dict, fp32_final: float) -> bool:
+    return r["final_loss"] <= fp32_final * 1.10 and r.get("rel_dist_from_fp32", 0) <= 0.15
+
+
 def recommend(results: dict, report) -> tuple[str, list[str]]:
     why = []
     fp32 = results["fp32"]["final_loss"]
     ok = {}
-    for p in ("fp16", "bf16", "bf16-sr"):
-        r = results[p]
-        close = r["final_loss"] <= fp32 * 1.10 and r.get("rel_dist_from_fp32", 0) <= 0.15
-        ok[p] = close
+    for p, r in results.items():
+        if p == "fp32":
+            continue
+        ok[p] = tracks_fp32(r, fp32)
         why.append(f"{p}: final loss {r['final_loss']:.4f} vs fp32 {fp32:.4f}, mean distance from the fp32 curve "
-                   f"{r.get('rel_dist_from_fp32', 0):.1%}, {r['skipped']} skipped step(s) -> "
-                   + ("tracks fp32" if close else "does NOT track fp32"))
+                   f"{r.get('rel_dist_from_fp32', 0):.1%}, {r['skipped']} skipped step(s), "
+                   f"{r['kept_per_param']:.2f} B/param kept -> " + ("tracks fp32" if ok[p] else "does NOT track fp32"))
     if report.recommendation == "bf16" or not ok["fp16"]:
         choice = "bf16" if ok["bf16"] else "fp32"
         why.append("the audit or the fp16 run shows fp16's range is not enough: " + report.reasons[0])
@@ -79,6 +126,12 @@ def recommend(results: dict, report) -> tuple[str, list[str]]:
     if ok["bf16-sr"]:
         why.append("bf16 with stochastic rounding (no master weights, 12 instead of 16 bytes/param) also tracked "
                    "fp32: an option when optimizer memory is the limit")
+    lean = [p for p in results if (p in LEAN_VARIANTS or p == "bf16-sr") and ok[p]]
+    if lean:
+        best = min(lean, key=lambda p: results[p]["kept_per_param"])
+        why.append(f"when memory is the limit: {best} tracked fp32 at {results[best]['kept_per_param']:.2f} B/param "
+                   f"(params + grads + optimizer state, measured) against {results['bf16']['kept_per_param']:.2f} "
+                   "for bf16 with fp32 masters")
     return choice, why
 
 
@@ -93,9 +146,10 @@ def plot(path: str, runs: dict) -> bool:
         return False
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
     for p, rows in runs.items():
-        a1.plot([r["step"] for r in rows], smooth([r["loss"] for r in rows]), label=p, lw=1)
+        a1.plot([r["step"] for r in rows], smooth([r["loss"] for r in rows]), label=p, lw=1,
+                ls="--" if p in LEAN_VARIANTS else "-")
     a1.set(xlabel="step", ylabel="loss (10-step mean)", yscale="log", title="loss by precision")
-    a1.legend()
+    a1.legend(fontsize="small")
     rows = runs["fp16"]
     a2.plot([r["step"] for r in rows], [r["loss_scale"] for r in rows], color="tab:orange")
     a2.set(xlabel="step", ylabel="loss scale", yscale="log", title="fp16 dynamic loss scale")
@@ -113,36 +167,57 @@ def main(argv=None) -> int:
     p.add_argument("--config", choices=train_mod.TRAIN_CONFIGS, default="tiny")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lean", nargs="*", choices=list(LEAN_VARIANTS), default=list(LEAN_VARIANTS), metavar="NAME",
+                   help="memory-lean optimizer modes to run besides the four precisions (default: all of "
+                        f"{', '.join(LEAN_VARIANTS)}; --lean alone: none)")
     args = p.parse_args(argv)
     if args.steps < 10:
         p.error("--steps must be at least 10")
     os.makedirs(args.out, exist_ok=True)
-    runs, results = {}, {}
-    for prec in PRECISIONS:
-        print(f"== {prec}", file=sys.stderr)
+    runs, results, unavailable = {}, {}, {}
+    state_bytes = {}
+    torch.manual_seed(args.seed)
+    n_params = sum(q.numel() for q in VideoTransformer(CONFIGS[args.config]).parameters() if q.requires_grad)
+    for name in list(PRECISIONS) + list(dict.fromkeys(args.lean)):
+        prec, extra = VARIANTS[name]
+        moments = extra[extra.index("--moments") + 1] if "--moments" in extra else "fp32"
+        if moments != "fp32" and not moments_available(moments):
+            unavailable[name] = f"{moments} moments are not compiled into this build's optimizer kernels"
+            print(f"== {name}: skipped ({unavailable[name]})", file=sys.stderr)
+            continue
+        print(f"== {name}", file=sys.stderr)
         summary = train_mod.train([
-            "--precision", prec, "--steps", str(args.steps), "--config", args.config, "--device", args.device,
-            "--seed", str(args.seed), "--out", os.path.join(args.out, prec), "--ckpt-every", str(10**9),
-            "--no-plot", "--quiet"])
-        runs[prec] = summary["rows"]
-    for prec in PRECISIONS:
-        results[prec] = summarize(runs[prec], None if prec == "fp32" else runs["fp32"])
+            "--precision", prec, *extra, "--steps", str(args.steps), "--config", args.config,
+            "--device", args.device, "--seed", str(args.seed), "--out", os.path.join(args.out, name),
+            "--ckpt-every", str(10**9), "--no-plot", "--quiet"])
+        runs[name] = summary["rows"]
+        state_bytes[name] = summary["optimizer_state_bytes"]
+    for name in runs:
+        results[name] = summarize(runs[name], None if name == "fp32" else runs["fp32"], state_bytes[name], n_params,
+                                  kept_bytes_per_param(VARIANTS[name][0]))
     report = audit_batch(args.config, args.seed)
     choice, why = recommend(results, report)
     plotted = plot(os.path.join(args.out, "precision_study.png"), runs)
 
     lines = [f"# Precision study: config `{args.config}`, {args.steps} steps, seed {args.seed}", "",
-             f"torch {torch.__version__}, device {args.device}.", "", f"## Recommendation: **{choice}**", ""]
+             f"torch {torch.__version__}, device {args.device}, {n_params:,} parameters.", "",
+             f"## Recommendation: **{choice}**", ""]
     lines += [f"- {w}" for w in why]
     lines += ["", "## Runs", "",
-              "| precision | final loss | rel. distance from fp32 | skipped | loss scale min / max / final | "
-              "tokens/s | peak MB |", "|---|---|---|---|---|---|---|"]
-    for prec, r in results.items():
-        lines.append(f"| {prec} | {r['final_loss']:.4f} | {r.get('rel_dist_from_fp32', 0):.1%} | {r['skipped']} | "
+              "| run | final loss | rel. distance from fp32 | skipped | loss scale min / max / final | "
+              "tokens/s | peak MB | optimizer state B/param | kept B/param |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['final_loss']:.4f} | {r.get('rel_dist_from_fp32', 0):.1%} | {r['skipped']} | "
                      f"{r['scale_min']:.0f} / {r['scale_max']:.0f} / {r['scale_final']:.0f} | "
-                     f"{r['tokens_per_s']:,.0f} | {r['peak_mem_mb']:.0f} |")
+                     f"{r['tokens_per_s']:,.0f} | {r['peak_mem_mb']:.0f} | {r['state_per_param']:.2f} | "
+                     f"{r['kept_per_param']:.2f} |")
+    for name, reason in unavailable.items():
+        lines.append(f"| {name} | not run: {reason} | | | | | | | |")
     lines += ["", "fp32: fp32 params. fp16: fp16 params + fp32 master weights + dynamic loss scaling. bf16: bf16 "
-              "params + fp32 master weights. bf16-sr: bf16 params, stochastic rounding, no master weights.", ""]
+              "params + fp32 master weights. bf16-sr: bf16 params, stochastic rounding, no master weights."]
+    lines += [f"{name}: {_VARIANT_NOTES[name]}." for name in args.lean if name in results or name in unavailable]
+    lines += ["Optimizer state: the bytes FusedAdamW allocated (`state_bytes()['total']`, step counters "
+              "excluded) per parameter; kept: params + gradients + that state.", ""]
     if plotted:
         lines += ["![loss by precision](precision_study.png)", ""]
     lines += ["## Audit (one batch, fp32 model)", "", report.to_markdown(), ""]

@@ -11,6 +11,12 @@ no master weights, stochastic rounding). With ``--optimizer torch`` the
 16-bit modes are torch's AMP recipe instead: fp32 params under autocast, with
 ``torch.amp.GradScaler`` for fp16.
 
+Optimizer memory (``--optimizer cogkern``): ``--moments bf16|int8`` keeps Adam's
+m and v in bf16 or in 8-bit blocks instead of fp32; ``--param-remainders`` (with
+``--precision bf16``) keeps an int16 remainder beside each bf16 param instead of
+a fp32 master: the same updates, 2 bytes less per param. The bytes the
+optimizer state takes are in metrics.csv (opt_state_bytes) and the last line.
+
 Writes DIR/metrics.csv, DIR/loss.png and DIR/checkpoint.pt (atomically, every
 ``--ckpt-every`` steps and at the end); ``--resume`` continues a run so that its
 losses equal an uninterrupted run's.
@@ -38,10 +44,14 @@ from .model import ATTENTION_IMPLS, CONFIGS, ModelConfig, VideoTransformer
 PRECISIONS = ("fp32", "fp16", "bf16", "bf16-sr")
 TRAIN_CONFIGS = sorted(k for k, c in CONFIGS.items() if c.trainable_on_demo_data)
 CKPT_FORMAT = "cogkern-train-v1"
-METRIC_FIELDS = ("step", "loss", "loss_scale", "skipped", "grad_norm", "lr", "tokens_per_s", "peak_mem_mb")
+MOMENTS = ("fp32", "bf16", "int8")
+METRIC_FIELDS = ("step", "loss", "loss_scale", "skipped", "grad_norm", "lr", "tokens_per_s", "peak_mem_mb",
+                 "opt_state_bytes")
 # Everything that must match for --resume to continue the same run.
 RUN_KEYS = ("config", "precision", "optimizer", "attention", "batch_size", "seed", "lr", "warmup", "weight_decay",
-            "max_grad_norm", "world_size")
+            "max_grad_norm", "world_size", "moments", "param_remainders")
+# What a checkpoint written before a key existed ran with.
+RUN_KEY_DEFAULTS = {"moments": "fp32", "param_remainders": False}
 
 
 class TrainingError(RuntimeError):
@@ -58,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--attention", choices=ATTENTION_IMPLS, default="cogkern")
     p.add_argument("--optimizer", choices=("cogkern", "torch"), default="cogkern")
+    p.add_argument("--moments", choices=MOMENTS, default="fp32",
+                   help="storage of Adam's m and v (cogkern optimizer): fp32, bf16, or int8 blocks")
+    p.add_argument("--param-remainders", action="store_true",
+                   help="bf16 params + int16 remainders instead of fp32 master weights (needs --precision bf16)")
     p.add_argument("--lr", type=_positive_float, default=1e-3)
     p.add_argument("--warmup", type=_nonneg_int, default=20, help="linear warm-up steps (counting applied steps)")
     p.add_argument("--weight-decay", type=float, default=0.01)
@@ -132,7 +146,8 @@ class Stepper:
             from .optim import FusedAdamW
 
             self.opt = FusedAdamW(groups, lr=self.lr, max_grad_norm=args.max_grad_norm,
-                                  stochastic_rounding=args.precision == "bf16-sr", seed=args.seed + 1)
+                                  stochastic_rounding=args.precision == "bf16-sr", seed=args.seed + 1,
+                                  moments=args.moments, param_remainders=args.param_remainders)
             if args.precision == "fp16":
                 self.scaler = DynamicLossScaler()
         else:
@@ -142,6 +157,14 @@ class Stepper:
             self.autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.precision)
             if args.precision == "fp16":
                 self.scaler = torch.amp.GradScaler(device.type)
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state allocated (0 before the first step): FusedAdamW's own
+        count, or for torch's AdamW its exp_avg / exp_avg_sq (step counters excluded in both)."""
+        if self.args.optimizer == "cogkern":
+            return self.opt.state_bytes()["total"]
+        return sum(t.numel() * t.element_size() for st in self.opt.state.values()
+                   for k, t in st.items() if k in ("exp_avg", "exp_avg_sq"))
 
     def _set_lr(self) -> None:
         warm = self.args.warmup
@@ -228,6 +251,13 @@ def resolve_device(choice: str, local_rank: int) -> torch.device:
 def check_precision_supported(args, device: torch.device) -> None:
     if args.precision == "bf16-sr" and args.optimizer != "cogkern":
         raise SystemExit("--precision bf16-sr needs --optimizer cogkern (torch has no stochastic-rounding AdamW)")
+    if args.optimizer != "cogkern" and (args.moments != "fp32" or args.param_remainders):
+        flag = f"--moments {args.moments}" if args.moments != "fp32" else "--param-remainders"
+        raise SystemExit(f"{flag} needs --optimizer cogkern (they configure cogkern's FusedAdamW; torch's AdamW "
+                         "keeps its state in the params' dtype)")
+    if args.param_remainders and args.precision != "bf16":
+        raise SystemExit(f"--param-remainders needs --precision bf16, got {args.precision}: the remainders complete "
+                         "bf16 params to their fp32 master weights (fp32 params need none, bf16-sr keeps no master)")
     if args.precision in ("bf16", "bf16-sr") and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise SystemExit(f"--precision {args.precision}: this GPU ({torch.cuda.get_device_name(device)}) "
                          "has no bfloat16 support; use fp16 or fp32")
@@ -236,7 +266,8 @@ def check_precision_supported(args, device: torch.device) -> None:
 def run_key(args, world: int) -> dict:
     return dict(config=args.config, precision=args.precision, optimizer=args.optimizer, attention=args.attention,
                 batch_size=args.batch_size, seed=args.seed, lr=args.lr, warmup=args.warmup,
-                weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, world_size=world)
+                weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, world_size=world,
+                moments=args.moments, param_remainders=args.param_remainders)
 
 
 def save_checkpoint(path: str, payload: dict) -> None:
@@ -255,7 +286,8 @@ def load_checkpoint(path: str, key: dict) -> dict:
         raise TrainingError(f"--resume: {path} is not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise TrainingError(f"--resume: {path} is not a cogkern training checkpoint ({CKPT_FORMAT})")
-    diff = {k: (ckpt["run"].get(k), key[k]) for k in RUN_KEYS if ckpt["run"].get(k) != key[k]}
+    saved = {k: ckpt["run"].get(k, RUN_KEY_DEFAULTS.get(k)) for k in RUN_KEYS}
+    diff = {k: (saved[k], key[k]) for k in RUN_KEYS if saved[k] != key[k]}
     if diff:
         lines = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
         raise TrainingError(f"--resume: {path} belongs to a different run ({lines})")
@@ -281,7 +313,9 @@ def read_metrics(path: str) -> list[dict]:
     if not os.path.exists(path):
         return []
     with open(path, newline="") as f:
-        return [{k: float(v) if k != "step" else int(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        # a column a metrics.csv written before it existed lacks reads as NaN
+        return [{k: int(v) if k == "step" else float(v) if v not in ("", None) else math.nan
+                 for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def plot_losses(path: str, rows: list[dict], title: str) -> bool:
@@ -365,13 +399,14 @@ def train(argv=None) -> dict:
         tps = tokens_per_step * (step_now - last_log_step) / max(now - last_log_time, 1e-9)
         last_log_time, last_log_step = now, step_now
         mem = peak_memory_mb(device)
+        state_bytes = stepper.state_bytes()
         for (s, _), (loss, scale, skipped, gnorm, lr) in zip(pending, values):
             if not math.isfinite(loss) and args.precision != "fp16":
                 raise TrainingError(
                     f"loss became {loss} at step {s} in {args.precision}; stopping. The last good checkpoint "
                     f"(step {last_good_step}) is kept in {ckpt_path}")
             rows.append(dict(step=s, loss=loss, loss_scale=scale, skipped=int(skipped), grad_norm=gnorm,
-                             lr=lr, tokens_per_s=tps, peak_mem_mb=mem))
+                             lr=lr, tokens_per_s=tps, peak_mem_mb=mem, opt_state_bytes=state_bytes))
         pending.clear()
         if show:
             r = rows[-1]
@@ -407,10 +442,14 @@ def train(argv=None) -> dict:
             checkpoint(done)
 
     summary = dict(rows=rows, out=args.out, precision=args.precision, steps=args.steps, world=world, rank=rank,
+                   moments=args.moments, param_remainders=args.param_remainders,
+                   optimizer_state_bytes=stepper.state_bytes(),
                    params=[p.detach().float().cpu() for p in params] if world > 1 else None)
     if rank == 0 and not args.no_plot:
         plot_losses(os.path.join(args.out, "loss.png"), rows,
-                    f"{args.config}, {args.precision}, attention={args.attention}, optimizer={args.optimizer}")
+                    f"{args.config}, {args.precision}, attention={args.attention}, optimizer={args.optimizer}"
+                    + (f", m/v {args.moments}" if args.moments != "fp32" else "")
+                    + (", remainders" if args.param_remainders else ""))
     if world > 1:
         dist.barrier()
     return summary
@@ -427,7 +466,8 @@ def main(argv=None) -> int:
         first = sum(r["loss"] for r in rows[:10]) / len(rows[:10])
         last = sum(r["loss"] for r in rows[-10:]) / len(rows[-10:])
         print(f"done: {len(rows)} steps logged, loss {first:.4f} (first 10) -> {last:.4f} (last 10); "
-              f"skipped {sum(r['skipped'] for r in rows)}; wrote {summary['out']}")
+              f"skipped {sum(r['skipped'] for r in rows)}; optimizer state {summary['optimizer_state_bytes']:,} B; "
+              f"wrote {summary['out']}")
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0
