@@ -33,37 +33,22 @@ import torch
 
 from benchmarks.common import copy_bandwidth, print_table, time_fn
 from cogkern.amp import DynamicLossScaler
+from cogkern._counters import adamw_bytes_per_param, grad_check_bytes_per_param
+from cogkern._validate import OPTIMIZER_MODES
 from cogkern.optim import FusedAdamW
 
 
 def time_ms(fn, device, warmup, iters) -> float:
     return 1e3 * time_fn(fn, device, warmup=warmup, repeats=iters)
 
-# Bytes per parameter our step moves, counted per kernel:
-#   update  fp32:        read p, g, m, v (16)  write p, m, v (12)            = 28
-#   update  16b+master:  read g(2), master, m, v (14)  write p(2), master, m, v (14) = 28
-#   update  bf16 + SR:   read p(2), g(2), m, v (12)  write p(2), m, v (10)   = 22
-#   update  bf16 + remainders: read p(2), g(2), rem(2), m, v (14)  write p, rem, m, v (12) = 26
-#   moments="bf16": m and v 2 bytes each instead of 4 (read and written): 8 less;
-#   moments="int8": 1 byte each plus 2 fp32 scales per 256 (read and written): 12 - 4 * 8 / 256 less
-#   check (with a scaler or clipping): read g once = 4 (fp32) or 2 (16-bit)
-INT8_SAVES = 12 - 4 * 8 / 256
+# The modes benchmarked: a subset of cogkern._validate.OPTIMIZER_MODES (the one list of modes),
+# with the bytes each step moves per parameter from cogkern._counters (counted per kernel there:
+# the update, plus the grad check that a scaler or clipping adds, reading the grads once more).
+_BENCHED = ("fp32", "fp16-master", "bf16-master", "bf16-sr", "bf16-remainders", "fp32-bf16m", "bf16-sr-bf16m",
+            "fp32-int8m", "bf16-master-int8m", "bf16-remainders-int8m", "bf16-sr-int8m")
 MODES = {
-    "fp32": dict(dtype=torch.float32, kw={}, update_bytes=28, check_bytes=4),
-    "fp16-master": dict(dtype=torch.float16, kw={}, update_bytes=28, check_bytes=2),
-    "bf16-master": dict(dtype=torch.bfloat16, kw={}, update_bytes=28, check_bytes=2),
-    "bf16-sr": dict(dtype=torch.bfloat16, kw={"stochastic_rounding": True}, update_bytes=22, check_bytes=2),
-    "bf16-remainders": dict(dtype=torch.bfloat16, kw={"param_remainders": True}, update_bytes=26, check_bytes=2),
-    "fp32-bf16m": dict(dtype=torch.float32, kw={"moments": "bf16"}, update_bytes=20, check_bytes=4),
-    "bf16-sr-bf16m": dict(dtype=torch.bfloat16, kw={"stochastic_rounding": True, "moments": "bf16"},
-                          update_bytes=14, check_bytes=2),
-    "fp32-int8": dict(dtype=torch.float32, kw={"moments": "int8"}, update_bytes=28 - INT8_SAVES, check_bytes=4),
-    "bf16-master-int8": dict(dtype=torch.bfloat16, kw={"moments": "int8"}, update_bytes=28 - INT8_SAVES,
-                             check_bytes=2),
-    "bf16-remainders-int8": dict(dtype=torch.bfloat16, kw={"moments": "int8", "param_remainders": True},
-                                 update_bytes=26 - INT8_SAVES, check_bytes=2),
-    "bf16-sr-int8": dict(dtype=torch.bfloat16, kw={"stochastic_rounding": True, "moments": "int8"},
-                         update_bytes=22 - INT8_SAVES, check_bytes=2),
+    name: dict(dtype=dtype, kw=kw, update_bytes=adamw_bytes_per_param(name), check_bytes=grad_check_bytes_per_param(name))
+    for name, dtype, kw in OPTIMIZER_MODES if name in _BENCHED
 }
 
 
@@ -349,7 +334,7 @@ def run(args):
             if "ms" not in r:
                 print(f"peer {name}: {r['skipped']}")
                 continue
-            ours_mode = {"int8": "fp32-int8", "bf16-sr": "bf16-sr-int8"}[r["class"]]
+            ours_mode = {"int8": "fp32-int8m", "bf16-sr": "bf16-sr-int8m"}[r["class"]]
             ours_ms = info["modes"].get(ours_mode, {}).get("ms_plain")
             ratio = f", {r['ms'] / ours_ms:.1f}x our {ours_mode}" if ours_ms else ""
             vs_fp32 = f", {r['ms'] / base:.1f}x our fp32 step" if base else ""

@@ -29,6 +29,11 @@ def test_rope_and_adamw_bytes_by_hand():
     assert counters.adamw_bytes(10, "bf16-sr") == 220
     assert counters.adamw_bytes(10, "fp16-plain") == 220  # no masters, round to nearest: what SR moves
     assert counters.adamw_bytes(10, "bf16-plain") == 220
+    assert counters.adamw_bytes(10, "bf16-remainders") == 260  # r: g p rem m v, w: p rem m v
+    assert counters.adamw_bytes(10, "fp32-bf16m") == 200  # m, v 2 bytes each, read and written
+    # p, g: 12 B; m, v codes 1 B each read and written; one block: 2 fp32 scales read and written
+    assert counters.adamw_bytes(256, "fp32-int8m") == 256 * 12 + 256 * 4 + 2 * 8
+    assert counters.adamw_bytes(10, "fp32", with_overflow_check=True) == 320  # fp32 grads read again
     with pytest.raises(ValueError, match="mode"):
         counters.adamw_bytes(1, "fp8")
 

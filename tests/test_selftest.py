@@ -71,7 +71,7 @@ def test_quick_cpu_selftest_passes_with_every_row_and_a_well_formed_json(tmp_pat
             assert 0 < r["figures"]["pct_of_ceiling"], r
         if r["kind"] == "speed" and r["kernel"].startswith("adamw["):
             mode = r["kernel"][len("adamw["):-1]
-            assert r["figures"]["bytes_per_param"] == _counters.ADAMW_BYTES_PER_PARAM[mode]
+            assert r["figures"]["bytes_per_param"] == _counters.adamw_bytes_per_param(mode)
     print(f"CPU selftest --quick: {len(records)} rows in {seconds:.1f} s")
 
 

@@ -30,7 +30,8 @@ def rope_bytes(batch: int, seq: int, heads: int, head_dim: int, dtype: str, text
 
 # Bytes an AdamW step must move per parameter (shared/REFERENCE.md): read
 # param (or master), grad, m, v; write param (and master), m, v. Keyed by the
-# mode names of cogkern._validate.OPTIMIZER_MODES (the selftest's list).
+# mode names of cogkern._validate.OPTIMIZER_MODES (the selftest's list), with fp32
+# moments; a "-bf16m" / "-int8m" suffix changes the moments' part (MOMENT_BYTES_PER_PARAM).
 ADAMW_BYTES_PER_PARAM = {
     "fp32": 4 + 4 + 4 + 4 + 4 + 4 + 4,  # r: p g m v, w: p m v = 28
     "fp16-master": 2 + 4 + 4 + 4 + 4 + 4 + 4 + 2,  # r: g(2) master m v, w: master m v p(2) = 28
@@ -38,13 +39,29 @@ ADAMW_BYTES_PER_PARAM = {
     "fp16-plain": 2 + 2 + 4 + 4 + 2 + 4 + 4,  # no masters, round to nearest: r: g p m v, w: p m v = 22
     "bf16-plain": 2 + 2 + 4 + 4 + 2 + 4 + 4,  # = 22
     "bf16-sr": 2 + 2 + 4 + 4 + 2 + 4 + 4,  # as bf16-plain = 22 counted exactly (the sheet rounds to 20)
+    "bf16-remainders": 2 + 2 + 2 + 4 + 4 + 2 + 2 + 4 + 4,  # r: g p rem m v, w: p rem m v = 26
 }
-# The fp16 overflow check reads the grads once more (read only).
-FP16_CHECK_BYTES_PER_PARAM = 2
+# m and v together, each read and written: fp32 4+4 each; bf16 2+2; int8 codes 1+1 plus the
+# fp32 scale of its 256-value block, read (to dequantize) and written (requantized).
+MOMENT_BYTES_PER_PARAM = {"fp32": 16.0, "bf16": 8.0, "int8": 2 * (1 + 1 + (4 + 4) / 256)}
 
 
-def adamw_bytes(num_params: int, mode: str, with_overflow_check: bool = False) -> int:
-    if mode not in ADAMW_BYTES_PER_PARAM:
-        raise ValueError(f"mode must be one of {sorted(ADAMW_BYTES_PER_PARAM)}, got {mode!r}")
-    per = ADAMW_BYTES_PER_PARAM[mode] + (FP16_CHECK_BYTES_PER_PARAM if with_overflow_check else 0)
+def adamw_bytes_per_param(mode: str) -> float:
+    """Bytes one step moves per parameter in `mode` (an OPTIMIZER_MODES name), without the grad check."""
+    base, moments = mode, "fp32"
+    for m in ("bf16", "int8"):
+        if mode.endswith(f"-{m}m"):
+            base, moments = mode[: -len(m) - 2], m
+    if base not in ADAMW_BYTES_PER_PARAM:
+        raise ValueError(f"mode must be one of {sorted(ADAMW_BYTES_PER_PARAM)} (+ -bf16m / -int8m), got {mode!r}")
+    return ADAMW_BYTES_PER_PARAM[base] - MOMENT_BYTES_PER_PARAM["fp32"] + MOMENT_BYTES_PER_PARAM[moments]
+
+
+def grad_check_bytes_per_param(mode: str) -> int:
+    """The overflow / norm check reads the grads once more (read only): their dtype's size."""
+    return 4 if mode.startswith("fp32") else 2
+
+
+def adamw_bytes(num_params: int, mode: str, with_overflow_check: bool = False) -> float:
+    per = adamw_bytes_per_param(mode) + (grad_check_bytes_per_param(mode) if with_overflow_check else 0)
     return num_params * per

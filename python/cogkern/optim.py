@@ -357,9 +357,14 @@ class FusedAdamW(torch.optim.Optimizer):
     def _check_kwargs(self, dtype: torch.dtype) -> dict:
         """The FusedAdamW arguments of dtype's precision mode, for its first-use check."""
         mode = self._mode(dtype)
+        kwargs = {} if self.moments == "fp32" else {"moments": self.moments}
         if mode == _SR:
-            return {"stochastic_rounding": True}
-        return {} if dtype == torch.float32 else {"master_weights": mode == _MASTER}
+            kwargs["stochastic_rounding"] = True
+        elif mode == _REMAINDER:
+            kwargs["param_remainders"] = True
+        elif dtype != torch.float32:
+            kwargs["master_weights"] = mode == _MASTER
+        return kwargs
 
     def _mode(self, dtype: torch.dtype) -> str:
         if dtype == torch.float32:

@@ -67,9 +67,7 @@ CPU_DTYPES = (torch.float32, torch.float64)
 
 
 # The optimizer modes, (name, param dtype, FusedAdamW options), from the one list the checks
-# use; each has its bytes per param in cogkern._counters.ADAMW_BYTES_PER_PARAM. For the
-# integrator: moments="fp32"|"bf16"|"int8" and param_remainders=True, once FusedAdamW has them,
-# are new rows of that list (and of the byte table); the selftest follows it.
+# use; each has its bytes per param in cogkern._counters (adamw_bytes_per_param).
 OPTIMIZER_MODES = _validate.OPTIMIZER_MODES
 
 # The warp-specialized attention modes (COGKERN_ATTENTION_SM90 / _BWD values; attention.py's
@@ -364,7 +362,7 @@ def _probe_params(device: str, quick: bool) -> int:
 
 
 def _child_optimizer(family: Family, device: str, quick: bool, timing: _Timing) -> None:
-    from ._counters import ADAMW_BYTES_PER_PARAM, adamw_bytes
+    from ._counters import adamw_bytes, adamw_bytes_per_param
     from ._timing import time_fn
     from .optim import FusedAdamW
 
@@ -390,7 +388,7 @@ def _child_optimizer(family: Family, device: str, quick: bool, timing: _Timing) 
             t = time_fn(opt.step, device, **timing.kwargs())
             finite = all(bool(torch.isfinite(p).all()) for p in params)
             return ({"ms": t * 1e3, "gbps": adamw_bytes(n, name) / t / 1e9,
-                     "bytes_per_param": ADAMW_BYTES_PER_PARAM[name], "params": n}, finite)
+                     "bytes_per_param": adamw_bytes_per_param(name), "params": n}, finite)
         _emit(_probe(f"speed optimizer[{name}] {n / 2**20:g} Mi params", family, measure,
                      kernel=f"adamw[{name}]", direction="step", dtype=_dtype_name(param_dtype)))
         if device == "cuda":
