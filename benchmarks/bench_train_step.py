@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from types import SimpleNamespace
 
 import torch
 
 from benchmarks.common import device_name, report, time_fn
 from cogkern.diffusion import DDPMSchedule, v_loss
 from cogkern.model import CONFIGS, VideoTransformer
-from cogkern.train import Stepper, cast_model
+from cogkern.train import Stepper, build_parser, cast_model
 
 BASELINE = "diffusers way (sdpa + torch AdamW/AMP)"
 RECIPES = {
@@ -33,8 +32,11 @@ RECIPES = {
 
 def make_step(cfg, attention, optimizer, precision, batch, device):
     device = torch.device(device)
-    args = SimpleNamespace(precision=precision, optimizer=optimizer, lr=1e-4, warmup=0, weight_decay=0.01,
-                           max_grad_norm=1.0, seed=0)
+    # The demo's own defaults for every flag (a flag added there is not missing here), then ours.
+    args = build_parser().parse_args([])
+    for name, value in dict(precision=precision, optimizer=optimizer, lr=1e-4, warmup=0, weight_decay=0.01,
+                            max_grad_norm=1.0, seed=0).items():
+        setattr(args, name, value)
     torch.manual_seed(0)
     model = cast_model(VideoTransformer(cfg, attention=attention), args).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
