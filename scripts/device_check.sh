@@ -55,6 +55,9 @@
 # a ws test ran past its timeout) is written to WORK/ws_hung.txt, and every later step leaves the
 # warp-specialized kernels out (--skip-ws, -k "not warp", the fastest non-ws kernel for ncu).
 set -uo pipefail
+# The dry run imports cogkern from here (default: the checkout's python/, as scripts/dev_build.sh leaves it;
+# the tests pass the directory of the cogkern under test).
+DRY_PYTHONPATH=${DEVICE_CHECK_PYTHONPATH:-python}
 self=$(readlink -f "$0")
 cd "$(dirname "$self")/.." || exit 1
 
@@ -121,7 +124,7 @@ body_build() {
   echo "COGKERN_CUDA=$COGKERN_CUDA TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST ${cmd[*]}"
   if dry_run; then
     echo "not built (dry run): the later steps use the extension already in python/cogkern"
-    PYTHONPATH=python python3 -c "import cogkern; print(cogkern.build_info())" || return 1
+    PYTHONPATH="$DRY_PYTHONPATH" python3 -c "import cogkern; print(cogkern.build_info())" || return 1
     echo "result: DRY-RUN: not built; would run the command above"
     return $SKIP
   fi
@@ -148,7 +151,7 @@ body_selftest() {
   ws_hung && args+=(--skip-ws)
   # shellcheck disable=SC2206  # word splitting of the extra arguments is the point
   args+=(${DEVICE_CHECK_SELFTEST_ARGS:-})
-  dry_run && export PYTHONPATH=python
+  dry_run && export PYTHONPATH="$DRY_PYTHONPATH"
   echo "python3 -m cogkern.selftest ${args[*]}"
   python3 -m cogkern.selftest "${args[@]}" 2>&1 | tee "$DEVICE_CHECK_OUT/selftest.txt"
   local rc=$?
@@ -159,7 +162,7 @@ body_selftest() {
 body_wgmma_probe() {
   local args=()
   ws_hung && args+=(--skip-ws)
-  if dry_run; then args+=(--cpu-dry-run); export PYTHONPATH=python; fi
+  if dry_run; then args+=(--cpu-dry-run); export PYTHONPATH="$DRY_PYTHONPATH"; fi
   echo "python3 scripts/wgmma_probe.py ${args[*]}"
   python3 scripts/wgmma_probe.py ${args[@]+"${args[@]}"}
   local rc=$?
@@ -170,7 +173,7 @@ body_wgmma_probe() {
 run_pytest() {  # run_pytest NAME PYTEST-ARGS...: one CUDA test suite, each test under COGKERN_TEST_TIMEOUT
   local name=$1; shift
   export COGKERN_TEST_TIMEOUT=${DEVICE_CHECK_TEST_TIMEOUT:-30}
-  if dry_run; then export COGKERN_CUDA_TESTS_DEVICE=cpu PYTHONPATH=python; fi
+  if dry_run; then export COGKERN_CUDA_TESTS_DEVICE=cpu PYTHONPATH="$DRY_PYTHONPATH"; fi
   # shellcheck disable=SC2086  # DEVICE_CHECK_TESTS is a list of paths
   python3 -m pytest ${DEVICE_CHECK_TESTS:-tests} -q -p no:cacheprovider --junitxml="$DEVICE_CHECK_WORK/$name.xml" "$@"
   local rc=$?
@@ -242,7 +245,7 @@ gpu__time_duration.sum,launch__registers_per_thread,sm__warps_active.avg.pct_of_
 body_bench_optimizer() {
   local args=(--json "$DEVICE_CHECK_WORK/bench_optimizer.json")
   # On the GPU the full repeat count: at 1 B params a step takes milliseconds, the setup dominates.
-  if dry_run; then args+=(--quick --device cpu --params 2e6); export PYTHONPATH=python
+  if dry_run; then args+=(--quick --device cpu --params 2e6); export PYTHONPATH="$DRY_PYTHONPATH"
   else args+=(--params 1e9); fi
   echo "python3 -m benchmarks.bench_optimizer ${args[*]}"
   python3 -m benchmarks.bench_optimizer "${args[@]}" || { echo "result: the benchmark failed"; return 1; }

@@ -21,6 +21,12 @@ import pytest
 import torch
 
 GPU_TEST_DEVICE = os.environ.get("COGKERN_CUDA_TESTS_DEVICE", "cuda")
+
+# Where the cogkern under test lives (the installed package in CI, python/ in a dev tree):
+# subprocesses get it on PYTHONPATH so they import the same build.
+import cogkern as _cogkern  # noqa: E402
+
+COGKERN_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(_cogkern.__file__)))
 TEST_TIMEOUT_S = float(os.environ.get("COGKERN_TEST_TIMEOUT") or 0)
 TEST_TIMEOUT_EXIT = 124  # as timeout(1): the caller reads it as "timed out"
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import COGKERN_PARENT
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "device_check.sh"
 SELECT = ROOT / "scripts" / "device_check_select.py"
@@ -27,7 +29,8 @@ STEPS = ("preflight", "build", "selftest", "wgmma_probe", "cuda_tests", "sm90_te
 
 def dry_run_env(tmp_path: Path, **extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DEVICE_CHECK_", "COGKERN_"))}
-    env.update(DEVICE_CHECK_DRY_RUN="1", DEVICE_CHECK_WORK=str(tmp_path / "work"), PYTHONPATH=str(ROOT / "python"))
+    env.update(DEVICE_CHECK_DRY_RUN="1", DEVICE_CHECK_WORK=str(tmp_path / "work"),
+               PYTHONPATH=COGKERN_PARENT, DEVICE_CHECK_PYTHONPATH=COGKERN_PARENT)
     env.update(extra)
     return env
 
@@ -218,7 +221,7 @@ def test_the_per_test_timeout_fails_a_slow_test_and_ends_a_hung_process(tmp_path
         "def test_b_stuck():\n    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGALRM])\n    time.sleep(60)\n"
         "def test_c_never_reached():\n    pass\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("COGKERN_")}
-    env.update(COGKERN_TEST_TIMEOUT="1", PYTHONPATH=str(ROOT / "python"))
+    env.update(COGKERN_TEST_TIMEOUT="1", PYTHONPATH=COGKERN_PARENT)
 
     def pytest_run(*args):
         proc = subprocess.run([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "test_slow.py", *args],

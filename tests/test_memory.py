@@ -6,6 +6,8 @@ import subprocess
 import sys
 
 import pytest
+
+from conftest import COGKERN_PARENT
 import torch
 
 pytest.importorskip("diffusers")
@@ -13,7 +15,7 @@ pytest.importorskip("diffusers")
 from cogkern import memory  # noqa: E402
 from cogkern.optim import FusedAdamW  # noqa: E402
 
-PYTHON_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python")
+PYTHON_DIR = COGKERN_PARENT
 # REFERENCE.md: "2B ... (about 1.7 B params); 5B ... (about 5.6 B params); 1.5-5B: as 5B with
 # temporal patch 2". A figure rounded to 0.1 B allows half of that either way.
 REFERENCE_PARAMS = {"CogVideoX-2B": 1.7e9, "CogVideoX-5B": 5.6e9, "CogVideoX1.5-5B": 5.6e9}

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import COGKERN_PARENT
+
 from cogkern import _counters, _validate, selftest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _env():
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "python"), env.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (COGKERN_PARENT, env.get("PYTHONPATH")) if p)
     return env
 
 
