@@ -11,13 +11,7 @@ import cogkern
 from cogkern.amp import DynamicLossScaler
 from cogkern.optim import FusedAdamW
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # torch's single-tensor AdamW reference is pathologically slow with 2 threads on a busy 2-core box.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/adamw/conftest.py
 
 
 # Shapes around the chunk size (32768) and the vector width (4): tails, several chunks, scalars.

@@ -13,12 +13,7 @@ from cogkern.optim import (MOMENT_BLOCK, FusedAdamW, _dequantize_moment, _join_m
                            _split_master, state_bytes_per_param)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/adamw/conftest.py
 
 
 # Odd sizes: smaller than one int8 block, a block and a bit, a chunk and a bit, 2-D with a ragged tail.
