@@ -10,6 +10,9 @@ it; pytest-timeout is not everywhere): past S the test fails with a
 TimeoutError if Python still has control, and S + 10 s later, as when a kernel
 hangs and the main thread never returns from a CUDA call, the whole process
 ends with exit status 124 after a line naming the test and every thread's stack.
+
+This is the only conftest.py: test modules `from conftest import ...`, and a
+second conftest.py in a subfolder would shadow this one under that name.
 """
 import faulthandler
 import os
@@ -48,6 +51,15 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_thread():
+    # torch's single-tensor AdamW reference is pathologically slow with 2 threads on a busy 2-core box.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _raise_test_timeout(signum, frame):
