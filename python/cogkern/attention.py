@@ -279,7 +279,8 @@ class FusedAttention(nn.Module):
             divisible by the group size. The parameters' gradients are then this
             rank's share: all-reduce them over the group (as DDP or FSDP over the
             group does) for the full-sequence gradient. Copies of the module
-            (``copy.deepcopy``) share the group.
+            (``copy.deepcopy``) share the group; ``module.group = ...`` sets it
+            later.
     """
 
     def __init__(
@@ -323,17 +324,22 @@ class FusedAttention(nn.Module):
             self.norm_q = None
             self.norm_k = None
         self.to_out = nn.ModuleList([nn.Linear(inner, dim, bias=out_bias), nn.Dropout(0.0)])
+        self.group = group
+
+    @property
+    def group(self):
+        """The process group the sequence is split over, or None. Settable, e.g. on a model built
+        before ``init_process_group``; heads must be divisible by its size."""
+        return None if self._group is None else self._group.group
+
+    @group.setter
+    def group(self, group) -> None:
         self._group = None
         if group is not None:
             from .parallel import SharedGroup, check_group  # (parallel imports this module)
 
-            check_group(group, heads)
+            check_group(group, self.heads)
             self._group = SharedGroup(group)
-
-    @property
-    def group(self):
-        """The process group the sequence is split over, or None."""
-        return None if self._group is None else self._group.group
 
     def forward(
         self,

@@ -138,15 +138,20 @@ def _run_module(rank):
     full, x, grad, rope = _full_module()
     module = FusedAttention(dim, heads, qk_norm=qk_norm, group=dist.group.WORLD).double()
     module.load_state_dict(full.state_dict())
+    # A model built before its group is known gets it set afterwards.
+    late = FusedAttention(dim, heads, qk_norm=qk_norm).double()
+    late.load_state_dict(full.state_dict())
+    late.group = dist.group.WORLD
     start, n = _offsets(seq_lens)[rank], seq_lens[rank]
     x = x[:, start : start + n].clone().requires_grad_()
     out = module(x, rope=rope, text_len=text_len)
     (out * grad[:, start : start + n]).sum().backward()
     with torch.no_grad():
         again = module(x, rope=rope, text_len=text_len, seq_lens=list(seq_lens))  # no all_gather
+        late_out = late(x, rope=rope, text_len=text_len)
     twin = copy.deepcopy(module)  # EMA-style copies share the group
     return {
-        "out": out.detach(), "x_grad": x.grad, "again_equal": torch.equal(again, out),
+        "out": out.detach(), "x_grad": x.grad, "again_equal": torch.equal(again, out) and torch.equal(late_out, out),
         "param_grads": {name: p.grad for name, p in module.named_parameters()},
         "deepcopy_shares_group": twin.group is module.group and twin.to_q.weight is not module.to_q.weight,
     }  # fmt: skip
@@ -182,6 +187,7 @@ def _run_errors(rank):
         "rope-misfit": _raised(lambda: ulysses_attention(q, k, v, **{**kwargs, "rope": RoPE3D((1, 1, 3), 16)})),
         "module-heads": _raised(lambda: FusedAttention(24, 3, group=dist.group.WORLD)),
         "module-group-type": _raised(lambda: FusedAttention(32, 4, group="world")),
+        "module-heads-set-later": _raised(lambda: setattr(FusedAttention(24, 3), "group", dist.group.WORLD)),
     }
 
 
@@ -285,6 +291,7 @@ ERRORS = {
     "rope-misfit": ("ValueError", r"rope grid \[1, 1, 3\] has 3 video tokens but q has seq - text_len = 40 - 24", {"all_gather": 1, "all_to_all_single": 1}),
     "module-heads": ("ValueError", "heads=3 is not divisible by the group size 2", {}),
     "module-group-type": ("ValueError", "group must be None or a torch.distributed ProcessGroup", {}),
+    "module-heads-set-later": ("ValueError", "heads=3 is not divisible by the group size 2", {}),
 }
 
 
