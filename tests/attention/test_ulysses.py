@@ -18,20 +18,28 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from cogkern import FusedAttention, RoPE3D, fused_attention
-from cogkern.parallel import ulysses_attention
+from cogkern.parallel import ring_attention, ulysses_attention
 from test_attention import differentiable_inputs, make_case
 
 WORLD = 2
 NORM_PARAMS = ("q_norm_weight", "q_norm_bias", "k_norm_weight", "k_norm_bias")
 
-# name: (batch, seq_lens, heads, head_dim, text_len, qk_norm, rope kind, causal, return_lse, pass seq_lens)
+FUNCTIONS = {"ulysses": ulysses_attention, "ring": ring_attention}
+# name: (function, batch, seq_lens, heads, head_dim, text_len, qk_norm, rope kind, causal, return_lse,
+#        pass seq_lens)
 CASES = {
     # 24 text tokens: the text spans the rank boundary (rank 1 starts at token 20).
-    "ln-text-spans-ranks": (2, (20, 20), 4, 16, 24, "layer_norm", "angles", False, True, False),
+    "ln-text-spans-ranks": ("ulysses", 2, (20, 20), 4, 16, 24, "layer_norm", "angles", False, True, False),
     # 5 text tokens, shorter than rank 0's slice; an uneven split.
-    "rms-short-text-uneven": (1, (23, 18), 2, 16, 5, "rms_norm", "angles", False, True, True),
-    "ln-table-causal-uneven": (1, (9, 16), 4, 8, 3, "layer_norm", "table", True, False, False),
-    "rms-halfsplit-empty-rank": (2, (0, 19), 2, 8, 4, "rms_norm", "halfsplit", False, True, True),
+    "rms-short-text-uneven": ("ulysses", 1, (23, 18), 2, 16, 5, "rms_norm", "angles", False, True, True),
+    "ln-table-causal-uneven": ("ulysses", 1, (9, 16), 4, 8, 3, "layer_norm", "table", True, False, False),
+    "rms-halfsplit-empty-rank": ("ulysses", 2, (0, 19), 2, 8, 4, "rms_norm", "halfsplit", False, True, True),
+    # Ring attention: fewer heads than ranks, or heads not divisible by them.
+    "ring-one-head-uneven": ("ring", 1, (23, 18), 1, 16, 5, "layer_norm", "angles", False, True, True),
+    # Rank 0 has fewer tokens than rank 1 (its queries padded) and rank 1 more (in pieces).
+    "ring-three-heads-causal-table": ("ring", 2, (9, 16), 3, 8, 3, "rms_norm", "table", True, True, False),
+    "ring-text-spans-ranks-causal": ("ring", 1, (20, 20), 1, 16, 24, "layer_norm", "angles", True, True, True),
+    "ring-empty-rank": ("ring", 2, (0, 19), 1, 8, 4, "rms_norm", "angles", False, False, True),
 }
 # FusedAttention: (batch, seq_lens, dim, heads, qk_norm, text_len, grid)
 MODULE_CASE = (2, (14, 11), 64, 4, "layer_norm", 7, (2, 3, 3))
@@ -43,7 +51,7 @@ def _offsets(seq_lens):
 
 def _full_case(name):
     """The full-sequence inputs of a case (leaves) and the upstream gradients of out and lse."""
-    batch, seq_lens, heads, head_dim, text_len, norm, rope_kind, causal, return_lse, _ = CASES[name]
+    _, batch, seq_lens, heads, head_dim, text_len, norm, rope_kind, causal, return_lse, _ = CASES[name]
     seq = sum(seq_lens)
     q, k, v, kwargs = make_case(batch, seq, heads, head_dim, text_len, norm, rope_kind, seed=list(CASES).index(name))
     kwargs.update(causal=causal, return_lse=return_lse)
@@ -109,7 +117,7 @@ def _raised(fn):
 
 def _run_case(name, rank):
     (q, k, v), kwargs, grad_out, grad_lse = _full_case(name)
-    seq_lens = CASES[name][1]
+    function, seq_lens = FUNCTIONS[CASES[name][0]], CASES[name][2]
     start, n = _offsets(seq_lens)[rank], seq_lens[rank]
 
     def local(t):
@@ -119,10 +127,10 @@ def _run_case(name, rank):
     grad_lse = grad_lse[:, :, start : start + n]
     params = {p: kwargs[p].detach().clone().requires_grad_() for p in NORM_PARAMS if kwargs.get(p) is not None}
     kwargs.update(params)
-    passed = {"seq_lens": list(seq_lens)} if CASES[name][9] else {}
+    passed = {"seq_lens": list(seq_lens)} if CASES[name][10] else {}
     counts = {}
     with _counting_collectives(counts):
-        result = ulysses_attention(q, k, v, **passed, **kwargs)
+        result = function(q, k, v, **passed, **kwargs)
         _loss(result, grad_out, grad_lse).backward()
     out, lse = result if isinstance(result, tuple) else (result, None)
     return {
@@ -164,8 +172,8 @@ def _run_group_of_one(rank):
     want = fused_attention(q, k, v, **kwargs)
     counts = {}
     with _counting_collectives(counts):
-        got = ulysses_attention(q, k, v, group=own, **kwargs)
-    return all(torch.equal(a, b) for a, b in zip(got, want)) and not counts
+        got = [function(q, k, v, group=own, **kwargs) for function in FUNCTIONS.values()]
+    return all(torch.equal(a, b) for result in got for a, b in zip(result, want)) and not counts
 
 
 def _run_errors(rank):
@@ -185,6 +193,10 @@ def _run_errors(rank):
         "unknown-keyword": _raised(lambda: ulysses_attention(q, k, v, text_length=3)),
         # A RoPE that does not fit the full sequence: fused_attention's own check, on both ranks alike.
         "rope-misfit": _raised(lambda: ulysses_attention(q, k, v, **{**kwargs, "rope": RoPE3D((1, 1, 3), 16)})),
+        "ring-rope-misfit": _raised(lambda: ring_attention(q, k, v, seq_lens=[20, 20],
+                                                           **{**kwargs, "rope": RoPE3D((1, 1, 3), 16)})),
+        "ring-halfsplit": _raised(lambda: ring_attention(q, k, v, seq_lens=[20, 20], **{
+            **kwargs, "rope": RoPE3D((1, 4, 4), 16, interleaved=False)})),
         "module-heads": _raised(lambda: FusedAttention(24, 3, group=dist.group.WORLD)),
         "module-group-type": _raised(lambda: FusedAttention(32, 4, group="world")),
         "module-heads-set-later": _raised(lambda: setattr(FusedAttention(24, 3), "group", dist.group.WORLD)),
@@ -248,12 +260,12 @@ def test_gathered_output_and_gradients_equal_the_full_sequence(ranks, name):
     for p, want in want_norm.items():
         _assert_close(sum(r["norm_grads"][p] for r in local), want)
         assert not torch.allclose(local[0]["norm_grads"][p], want)  # a share, not the whole
-    # The q, k, v exchange and the output (and lse) exchange, forward and backward; one all_gather
-    # of the lengths unless they were passed.
-    passed = CASES[name][9]
-    lse_exchanges = 2 if kwargs["return_lse"] else 0
+    # One all_gather of the lengths unless they were passed; Ulysses: the q, k, v exchange and the
+    # output (and lse) exchange, forward and backward (the ring's send/recv is not counted).
+    gathers = {} if CASES[name][10] else {"all_gather": 1}
+    exchanges = 4 + (2 if kwargs["return_lse"] else 0) if CASES[name][0] == "ulysses" else 0
     for r in local:
-        assert r["collectives"] == {"all_to_all_single": 4 + lse_exchanges, **({} if passed else {"all_gather": 1})}
+        assert r["collectives"] == {**gathers, **({"all_to_all_single": exchanges} if exchanges else {})}
 
 
 @pytest.mark.slow
@@ -274,7 +286,7 @@ def test_module_with_a_group_equals_the_module_on_the_full_sequence(ranks):
 
 
 @pytest.mark.slow
-def test_group_of_one_is_plain_fused_attention(ranks):
+def test_group_of_one_is_plain_fused_attention(ranks):  # for both functions
     assert all(r["group-of-one"] for r in ranks)
 
 
@@ -288,7 +300,10 @@ ERRORS = {
                                   r"\(2, 20, 4, 16\)\)", {"all_gather": 1}),
     "k-shape": ("ValueError", "k must have q's shape", {}),
     "unknown-keyword": ("TypeError", "does not take: text_length", {}),
-    "rope-misfit": ("ValueError", r"rope grid \[1, 1, 3\] has 3 video tokens but q has seq - text_len = 40 - 24", {"all_gather": 1, "all_to_all_single": 1}),
+    "rope-misfit": ("ValueError", r"rope grid \[1, 1, 3\] has 3 video tokens but q has seq - text_len = 40 - 24",
+                    {"all_gather": 1}),
+    "ring-rope-misfit": ("ValueError", r"rope grid \[1, 1, 3\] has 3 video tokens", {}),
+    "ring-halfsplit": ("ValueError", "ring_attention takes an interleaved RoPE3D", {}),
     "module-heads": ("ValueError", "heads=3 is not divisible by the group size 2", {}),
     "module-group-type": ("ValueError", "group must be None or a torch.distributed ProcessGroup", {}),
     "module-heads-set-later": ("ValueError", "heads=3 is not divisible by the group size 2", {}),
