@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from . import _extension  # noqa: F401  (loads the ops)
-from ._distributed import reduce_found_inf_
+from ._distributed import check_dtensor_grad, local, reduce_found_inf_
 
 _ops = torch.ops.cogkern
 
@@ -223,6 +223,8 @@ class DynamicLossScaler:
                     continue
                 if g.is_sparse or g.layout != torch.strided:
                     raise ValueError(f"param_groups[{gi}] has a param with a sparse gradient; not supported")
+                check_dtensor_grad(p, g, f"param_groups[{gi}]")
+                g = local(g)  # DTensor (FSDP2): its local shard, unscaled in place
                 by_device.setdefault(g.device, []).append(g)
         return by_device
 
