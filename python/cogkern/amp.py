@@ -15,7 +15,10 @@ optimizer is a :class:`cogkern.optim.FusedAdamW` (or a torch optimizer that
 takes ``grad_scale``/``found_inf``, such as ``AdamW(fused=True)``): the
 overflow check, the skip and the scale update all happen on the device. Other
 optimizers need one host read per step to decide whether to step, as with
-torch's GradScaler. ``unscale_`` also works on float16 gradients.
+torch's GradScaler. ``unscale_`` also works on float16 gradients, and on DTensor
+(FSDP2) gradients: their local shards, with the overflow flag MAX-reduced over
+``process_group``. Its state is a dict of numbers, the same on every rank: it
+goes into a DCP checkpoint as it is.
 """
 from __future__ import annotations
 

@@ -43,6 +43,10 @@ then unscales and clips inside (gradients are never written back) and, on
 overflow, leaves params, master weights, moments and step counts bit-for-bit
 unchanged. The decision is made on the device: a step never synchronizes with
 the host, so it can be captured into a CUDA graph (``capturable=True``).
+
+Under FSDP2 (DTensor params) the update runs on the local shards, ``max_grad_norm``
+clips by the norm over all shards and ranks, and the state checkpoints with
+torch.distributed.checkpoint, also to another world size (see ``FusedAdamW``).
 """
 from __future__ import annotations
 
@@ -274,14 +278,44 @@ class FusedAdamW(torch.optim.Optimizer):
             one bf16 ulp where the master lies exactly halfway).
         max_grad_norm: clip the global norm of the (unscaled) gradients to this,
             like ``torch.nn.utils.clip_grad_norm_``, inside the update. A step
-            whose gradients contain inf/NaN is then skipped. The norm is over
-            this process's gradients (identical on every rank under DDP;
-            sharded gradients would need a sum across ranks, not done here).
+            whose gradients contain inf/NaN is then skipped. The norm is global
+            over ranks: DTensor (FSDP2/HSDP) gradients' local squared sums are
+            summed over their shard groups (one all-reduce of a 2-element device
+            tensor, which carries the overflow flag too when the shard group is
+            ``process_group``'s ranks), replicated gradients (plain tensors, as
+            under DDP, and Replicate placements) count once; the clip coefficient
+            is min(max_norm / (norm + 1e-6), 1) in fp32, as the kernel's. No sync.
         capturable: allow the step inside CUDA graph capture. (Steps never
             synchronize; this only enables the capture-time checks.)
         seed: stochastic-rounding seed (default: ``torch.initial_seed()``).
+            ``get_optimizer_state_dict`` does not carry it: for a bit-exact
+            resume of bf16 / int8 moments or stochastic rounding under DCP, build
+            the optimizer with the same seed.
         process_group: overflow flags are MAX-reduced over it under
             torch.distributed (default: the world).
+
+    DTensor params (``torch.distributed.fsdp.fully_shard``) are updated on their
+    local shards, in every precision and ``moments`` mode; plain and DTensor
+    params mix in one optimizer. Their state is sized from the local shard and
+    is a DTensor laid out as the param (``step`` is a plain scalar, as in torch's
+    AdamW), except the int8 block scales: plain tensors, one per 256 elements of
+    the local shard in memory order (blocks never straddle shards). DTensor
+    gradients with a Partial placement are refused (ValueError).
+
+    Checkpoints under torch.distributed.checkpoint: ``get_optimizer_state_dict`` /
+    ``set_optimizer_state_dict`` and ``dcp.save`` / ``dcp.load`` work; the same
+    world size resumes bit for bit. Another world size (or sharding) reshards
+    every param-shaped state elementwise (moments, masters, remainders: exact).
+    int8 moments reshard too: ``state_dict`` gives a sharded param's block scales
+    per element (``exp_avg_scale`` / ``exp_avg_sq_scale`` as fp32 DTensors of
+    the param's shape, 8 checkpoint bytes per element beside the 2 of the codes),
+    so that each code travels with its scale. On load, where an element's scales
+    are constant over each of the new local blocks (the same sharding), codes and
+    scales are taken as they are (exact); otherwise the moments are decoded
+    exactly and requantized on the new blocks, rounded to nearest (at most 1/16
+    relative, plus the tiny-code floor). A plain-tensor (unsharded) optimizer does
+    not load a sharded int8 checkpoint through DCP (its template's block scales
+    have another shape, which DCP refuses); load it into a 1-rank FSDP2 model.
 
     After a step, ``skipped_flag`` (device tensor, 1.0 if the step was skipped)
     and ``grad_norm`` (device tensor) are available without synchronizing;
@@ -602,7 +636,8 @@ class FusedAdamW(torch.optim.Optimizer):
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         """torch's optimizer state_dict (state holds step, exp_avg, exp_avg_sq and, with
-        master weights, master_param) plus this optimizer's settings under 'cogkern'."""
+        master weights, master_param) plus this optimizer's settings under 'cogkern'.
+        A DTensor param's int8 block scales go out per element (see the class docstring)."""
         sd = super().state_dict()
         if self.moments == "int8":
             # A sharded param's int8 block scales belong to blocks of its local shard (in memory

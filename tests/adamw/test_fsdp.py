@@ -14,8 +14,10 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 
+from cogkern.amp import DynamicLossScaler
 from cogkern.optim import FusedAdamW, _dequantize_moment
 
 pytestmark = pytest.mark.slow
@@ -144,6 +146,25 @@ def _dcp_set(model, opt, scaler, state):
     scaler.load_state_dict(state["scaler"])
 
 
+def _sharded(cfg, mesh, **opt_kwargs):
+    model = _shard(_model(cfg["dtype"]), mesh)
+    return model, FusedAdamW(model.parameters(), lr=LR, max_grad_norm=MAX_NORM, seed=7, **cfg["opt"], **opt_kwargs)
+
+
+def _resumed(cfg, mesh, path):
+    """A fresh model, optimizer and scaler loaded from the DCP checkpoint at path, and the
+    loaded snapshot."""
+    model, opt = _sharded(cfg, mesh)
+    torch.manual_seed(123)  # the resumed run must not depend on the fresh params
+    for p in model.parameters():
+        _local(p).detach().normal_()
+    scaler = DynamicLossScaler(init_scale=2.0**3)
+    state = _dcp_state(model, opt, scaler)
+    dcp.load(state, checkpoint_id=path)
+    _dcp_set(model, opt, scaler, state)
+    return model, opt, scaler, _snapshot(model, opt)
+
+
 def _init(rank, world, out_dir, name):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, name)}", rank=rank,
@@ -156,15 +177,10 @@ def _init(rank, world, out_dir, name):
 def _sharded_worker(rank, world, out_dir):
     mesh = _init(rank, world, out_dir, "rendezvous2")
     try:
-        import torch.distributed.checkpoint as dcp
-
-        from cogkern.amp import DynamicLossScaler
-
         out = {}
         # 1. fp32 and bf16 with masters, clipping: against one process (compared in the test).
         for name, cfg in PRECISION.items():
-            model = _shard(_model(cfg["dtype"]), mesh)
-            opt = FusedAdamW(model.parameters(), lr=LR, max_grad_norm=MAX_NORM, seed=7, **cfg["opt"])
+            model, opt = _sharded(cfg, mesh)
             norms = _train(model, opt, range(STEPS), rank, world)
             out[name] = dict(norms=norms, snapshot=_snapshot(model, opt),
                              state_is_dtensor=all(type(opt.state[p]["exp_avg"]).__name__ == "DTensor"
@@ -216,14 +232,12 @@ def _sharded_worker(rank, world, out_dir):
             out["overflow_" + name] = records
         # 4. bf16 and int8 moments track fp32 moments.
         for moments in ("fp32", "bf16", "int8"):
-            model = _shard(_model(torch.float32), mesh)
-            opt = FusedAdamW(model.parameters(), lr=LR, max_grad_norm=MAX_NORM, moments=moments, seed=7)
+            model, opt = _sharded(PRECISION["fp32"], mesh, moments=moments)
             _train(model, opt, range(STEPS), rank, world)
             out["moments_" + moments] = _snapshot(model, opt)
             out["moments_" + moments + "_bytes"] = opt.state_bytes()
         # 5. No host sync in a sharded step with clipping and a loss scaler.
-        model = _shard(_model(torch.bfloat16), mesh)
-        opt = FusedAdamW(model.parameters(), lr=LR, max_grad_norm=MAX_NORM, seed=7)
+        model, opt = _sharded(PRECISION["bf16_master"], mesh)
         scaler = DynamicLossScaler(init_scale=2.0**10)
         _train(model, opt, range(1), rank, world, scaler=scaler)  # first use: the kernels' checks
         x, t = _batch(1)
@@ -235,8 +249,7 @@ def _sharded_worker(rank, world, out_dir):
         # 6. DCP: save at RESUME_AT and go on; resume from the checkpoint; both must agree bit for bit.
         for name, cfg in RESUMED.items():
             path = os.path.join(out_dir, "ckpt_" + name)
-            model = _shard(_model(cfg["dtype"]), mesh)
-            opt = FusedAdamW(model.parameters(), lr=LR, max_grad_norm=MAX_NORM, seed=7, **cfg["opt"])
+            model, opt = _sharded(cfg, mesh)
             scaler = DynamicLossScaler(init_scale=2.0**10, growth_interval=1)
             _train(model, opt, range(RESUME_AT), rank, world, scaler=scaler)
             dcp.save(_dcp_state(model, opt, scaler), checkpoint_id=path)
@@ -244,16 +257,7 @@ def _sharded_worker(rank, world, out_dir):
             _train(model, opt, range(RESUME_AT, STEPS), rank, world, scaler=scaler)
             straight = (_snapshot(model, opt), scaler.state_dict())
 
-            model = _shard(_model(cfg["dtype"]), mesh)
-            torch.manual_seed(123)  # the resumed run must not depend on the fresh params
-            for p in model.parameters():
-                _local(p).detach().normal_()
-            opt = FusedAdamW(model.parameters(), lr=LR, max_grad_norm=MAX_NORM, seed=7, **cfg["opt"])
-            scaler = DynamicLossScaler(init_scale=2.0**3)
-            state = _dcp_state(model, opt, scaler)
-            dcp.load(state, checkpoint_id=path)
-            _dcp_set(model, opt, scaler, state)
-            loaded = _snapshot(model, opt)
+            model, opt, scaler, loaded = _resumed(cfg, mesh, path)
             _train(model, opt, range(RESUME_AT, STEPS), rank, world, scaler=scaler)
             out["resume_" + name] = dict(straight=straight, resumed=(_snapshot(model, opt), scaler.state_dict()),
                                          saved=saved, loaded=loaded)
@@ -267,19 +271,9 @@ def _one_rank_worker(rank, world, out_dir):
     """Loads the two-rank checkpoints into one rank (a 1-process FSDP2 mesh)."""
     mesh = _init(rank, world, out_dir, "rendezvous1")
     try:
-        import torch.distributed.checkpoint as dcp
-
-        from cogkern.amp import DynamicLossScaler
-
         out = {}
         for name, cfg in RESUMED.items():
-            model = _shard(_model(cfg["dtype"]), mesh)
-            opt = FusedAdamW(model.parameters(), lr=LR, max_grad_norm=MAX_NORM, seed=7, **cfg["opt"])
-            scaler = DynamicLossScaler(init_scale=2.0**3)
-            state = _dcp_state(model, opt, scaler)
-            dcp.load(state, checkpoint_id=os.path.join(out_dir, "ckpt_" + name))
-            _dcp_set(model, opt, scaler, state)
-            loaded = _snapshot(model, opt)
+            model, opt, scaler, loaded = _resumed(cfg, mesh, os.path.join(out_dir, "ckpt_" + name))
             _train(model, opt, range(RESUME_AT, STEPS), scaler=scaler)
             out[name] = dict(loaded=loaded, after=_snapshot(model, opt), scale=scaler.get_scale())
         torch.save(out, os.path.join(out_dir, "world1.pt"))
@@ -394,9 +388,9 @@ def test_lean_moments_track_fp32_moments(runs):
             moved = (ref - start).norm()
             assert (got - ref).norm() <= rtol * moved
         for rst, st in zip(fp32_state, state):
-            if moments == "bf16":  # bf16's relative step (2^-8) of the largest moment
-                m, ref_m = st["exp_avg"].float(), rst["exp_avg"]
-                torch.testing.assert_close(m, ref_m, rtol=0.02, atol=2.0**-8 * ref_m.abs().max().item())
+            if moments == "bf16":  # the moments too, as a whole (small ones drift with the params)
+                for key in ("exp_avg", "exp_avg_sq"):
+                    assert (st[key].float() - rst[key]).norm() <= 0.05 * rst[key].norm()
     # int8 state is sized from the local shards: 2 bytes per element + 2 fp32 scales per block.
     int8_bytes = r0["moments_int8_bytes"]
     assert int8_bytes["exp_avg"] == 10 * 37 + 10 + 2 * 19 + 2 + 1 * 3 + 1
@@ -434,12 +428,18 @@ def test_dcp_loads_at_another_world_size(runs, name):
             assert _bits_equal(st["exp_avg"], sst["exp_avg"]) and _bits_equal(st["exp_avg_sq"], sst["exp_avg_sq"])
     # The scaler's state is global.
     assert world1[name]["scale"] == r0["resume_" + name]["straight"][1]["scale"]
+    # One process goes on where the two left off: it follows their run (the gradients differ
+    # by summation order; int8 moments were requantized on the new blocks).
+    for p, q in zip(world1[name]["after"][0], r0["resume_" + name]["straight"][0][0]):
+        diff = (p.float() - q.float()).abs()
+        assert diff.max() <= BF16_MAX_ATOL and diff.flatten().quantile(0.99) <= BF16_Q99_ATOL
 
 
 def test_int8_moments_reblock_at_another_world_size(runs):
     """Rank 1's blocks of the 19 x 37 weight start at element 370, not a multiple of 256: the
     loader dequantizes them with their per-element scales and requantizes on its own blocks
-    (round to nearest: within half a code step, 1/32 of the block absmax relative...)."""
+    (round to nearest: 1/16 relative at most; 1/8 allowed for the blocks' new absmax, and an
+    absolute floor for the codes below the smallest binade)."""
     (r0, r1), world1 = runs
     for name in ("bf16_master_int8", "fp32_int8"):
         _, st1 = world1[name]["loaded"]
