@@ -438,7 +438,8 @@ class FusedAdamW(torch.optim.Optimizer):
     @property
     def grad_norm(self) -> torch.Tensor:
         """0-dim float32 device tensor: the global norm of the last step's unscaled gradients
-        (computed when ``max_grad_norm`` is set or a loss scaler checked the gradients)."""
+        (computed when ``max_grad_norm`` is set or a loss scaler checked the gradients), over
+        all shards and ranks for DTensor gradients."""
         return self._step_scalars()[3]
 
     @property
@@ -463,7 +464,8 @@ class FusedAdamW(torch.optim.Optimizer):
             m_dtype, v_dtype = _MOMENT_DTYPES[self.moments]
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
             # Zero codes with zero scales are zero moments.
-            state["exp_avg"] = like_param(owner, torch.zeros_like(p, dtype=m_dtype, memory_format=torch.preserve_format))
+            state["exp_avg"] = like_param(owner, torch.zeros_like(p, dtype=m_dtype,
+                                                                  memory_format=torch.preserve_format))
             state["exp_avg_sq"] = like_param(owner, torch.zeros_like(p, dtype=v_dtype,
                                                                      memory_format=torch.preserve_format))
             if self.moments == "int8":

@@ -195,7 +195,8 @@ def _sharded_worker(rank, world, out_dir):
         # rank (the squared sums and the flag are reduced apart; the replicas count once).
         from torch.distributed.device_mesh import init_device_mesh
 
-        model = _shard(_model(torch.float32), init_device_mesh("cpu", (world, 1), mesh_dim_names=("replicate", "shard")))
+        hsdp_mesh = init_device_mesh("cpu", (world, 1), mesh_dim_names=("replicate", "shard"))
+        model = _shard(_model(torch.float32), hsdp_mesh)
         opt = FusedAdamW(model.parameters(), lr=LR, max_grad_norm=MAX_NORM, seed=7)
         out["hsdp"] = dict(norms=_train(model, opt, range(STEPS), rank, world), snapshot=_snapshot(model, opt))
         # Partial gradients are refused before anything runs.
