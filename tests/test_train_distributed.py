@@ -128,7 +128,7 @@ def test_model_slices_follow_global_positions(monkeypatch):
     """The text/video split of each rank's slice follows the tokens' global positions."""
     cfg = CONFIGS["tiny"]  # 4 text + 64 video tokens
     model = VideoTransformer(cfg)
-    assert model.local_slices() == (slice(0, 4), slice(0, 64))
+    assert model.local_slices() == (slice(0, 4), slice(0, 64)) and model.cp_seq_lens() is None
     fake_rank = {"rank": 0, "size": 3}
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: fake_rank["size"])
     monkeypatch.setattr(dist, "get_rank", lambda group=None: fake_rank["rank"])
@@ -138,6 +138,7 @@ def test_model_slices_follow_global_positions(monkeypatch):
         fake_rank["rank"] = r
         got.append(model.local_slices())
     assert got == [(slice(0, 4), slice(0, 19)), (slice(4, 4), slice(19, 42)), (slice(4, 4), slice(42, 64))]
+    assert model.cp_seq_lens() == [23, 23, 22]  # what the attention is told, so it gathers nothing
     x = torch.randn(2, *cfg.latent_shape)
     assert torch.equal(model.local_video_tokens(x), model.patchify(x)[:, 42:64])
 

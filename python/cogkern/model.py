@@ -137,14 +137,16 @@ class Block(nn.Module):
             nn.Linear(cfg.mlp_ratio * cfg.dim, cfg.dim),
         )
 
-    def forward(self, video, text, temb, rope, rope_table, attention: str, global_text_len: int):
+    def forward(self, video, text, temb, rope, rope_table, attention: str, global_text_len: int, seq_lens=None):
         """video, text: this rank's video and text tokens (all of them without context parallelism);
-        the attention's text_len is the global one."""
+        the attention's text_len is the global one; seq_lens: every rank's slice length (context
+        parallelism: known in advance, so the attention need not gather them)."""
         text_len = text.shape[1]
         nv, nt, gate, t_gate = self.norm1(video, text, temb)
         joint = torch.cat([nt, nv], dim=1)
         if attention == "cogkern":
-            out = self.attn1(joint, rope=rope, text_len=global_text_len)
+            cp = {} if seq_lens is None else dict(seq_lens=seq_lens)
+            out = self.attn1(joint, rope=rope, text_len=global_text_len, **cp)
         else:
             out = cogvideox_attention(self.attn1, joint, rope_table, text_len, impl=attention)
         video = video + gate * out[:, text_len:]
@@ -198,6 +200,15 @@ class VideoTransformer(nn.Module):
         x = x.reshape(b, t, hp, wp, c, p, p).permute(0, 4, 1, 2, 5, 3, 6)
         return x.reshape(b, c, t, hp * p, wp * p)
 
+    def cp_seq_lens(self) -> list[int] | None:
+        """Every context-parallel rank's slice length, in rank order (None without a group)."""
+        if self.cp_group is None:
+            return None
+        import torch.distributed as dist
+
+        n = dist.get_world_size(self.cp_group)
+        return [end - start for start, end in (sequence_shard(self.cfg.seq_len, n, i) for i in range(n))]
+
     def local_slices(self) -> tuple[slice, slice]:
         """This rank's (text, video) token ranges, each counted within its own part of the sequence."""
         cfg = self.cfg
@@ -226,8 +237,9 @@ class VideoTransformer(nn.Module):
         text = self.text_embed(caption_ids[:, text_part])
         temb = self.time_proj(timestep_features(timesteps, self.cfg.dim).to(dtype))
         table = self.rope_table(latents.device) if self.attention != "cogkern" else None
+        seq_lens = self.cp_seq_lens()
         for block in self.blocks:
-            video, text = block(video, text, temb, self.rope, table, self.attention, self.cfg.text_len)
+            video, text = block(video, text, temb, self.rope, table, self.attention, self.cfg.text_len, seq_lens)
         shift, scale = self.norm_out(F.silu(temb)).chunk(2, dim=1)
         video = self.proj_out(self.norm_final(video) * (1 + scale[:, None]) + shift[:, None])
         return video if self.cp_group is not None else self.unpatchify(video)
