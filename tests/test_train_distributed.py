@@ -5,10 +5,12 @@ Each test starts its 2 ranks once (torch.multiprocessing, spawn) and runs severa
 them one after another; a run that hangs is killed after RUN_TIMEOUT_S, and every collective
 gives up after the process group's timeout.
 
-Tolerances (fp32): the runs differ from one process only in the order of the sums (the
+Tolerances: in fp32 the runs differ from one process only in the order of the sums (the
 gradient's reduce-scatter / all-reduce, the loss split into per-rank shares), which moved the
 losses by at most 6e-7 relative over these steps when measured; 1e-5 leaves room for other
-CPUs' summation orders. Resume is bit for bit.
+CPUs' summation orders. fp16 and bf16 params reduce 16-bit grads in another order, which
+rounds differently: measured 4e-6 (fp16) and 3e-5 (bf16, int8 moments) relative after 4 steps;
+the bounds are 1e-4 and 1e-3 (bf16's own step is 4e-3). Resume is bit for bit in every mode.
 """
 import datetime
 import os
@@ -21,12 +23,13 @@ import torch.multiprocessing as mp
 
 from cogkern import train as train_mod
 from cogkern.model import CONFIGS, VideoTransformer, sequence_shard
+from cogkern.precision_study import moments_available
 from cogkern.train import train
 
 FAST = ["--device", "cpu", "--quiet", "--no-plot", "--log-every", "1"]
 WORLD = 2
 RUN_TIMEOUT_S = 300
-LOSS_RTOL = 1e-5
+LOSS_RTOL = 1e-5  # fp32
 
 
 def _worker(rank: int, world: int, tmp: str, runs: list):
@@ -59,16 +62,23 @@ def run_two_ranks(tmp_path, runs: list) -> tuple[dict, dict]:
     return tuple(torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD))
 
 
-def assert_losses_close(got, want):
+def assert_losses_close(got, want, rtol=LOSS_RTOL):
     assert len(got) == len(want) > 0
     worst = max(abs(a - b) / abs(b) for a, b in zip(got, want))
-    assert worst <= LOSS_RTOL, (worst, got, want)
+    assert worst <= rtol, (worst, got, want)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("optimizer", ["torch", "cogkern"])
-def test_fsdp_matches_one_process_and_resumes_bitwise(tmp_path, optimizer):
-    common = FAST + ["--optimizer", optimizer, "--batch-size", "2", "--fsdp"]
+@pytest.mark.parametrize("recipe,rtol", [
+    (["--optimizer", "torch"], LOSS_RTOL),
+    (["--optimizer", "cogkern"], LOSS_RTOL),
+    (["--precision", "fp16"], 1e-4),  # FusedAdamW + DynamicLossScaler on DTensors
+    (["--precision", "bf16", "--moments", "int8"], 1e-3),  # fp32 masters, int8 blocks within each shard
+], ids=["torch-fp32", "cogkern-fp32", "cogkern-fp16", "cogkern-bf16-int8"])
+def test_fsdp_matches_one_process_and_resumes_bitwise(tmp_path, recipe, rtol):
+    if "int8" in recipe and not moments_available("int8"):
+        pytest.xfail("int8 moments are not compiled into this build of the optimizer kernels")
+    common = FAST + recipe + ["--batch-size", "2", "--fsdp"]
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     r0, r1 = run_two_ranks(tmp_path, [
         ("full", common + ["--steps", "4", "--out", a]),
@@ -76,13 +86,17 @@ def test_fsdp_matches_one_process_and_resumes_bitwise(tmp_path, optimizer):
         ("resumed", common + ["--steps", "4", "--out", b, "--resume"]),
     ])
     # the same global batch (2 ranks x 2 samples) in one process
-    single = train(FAST + ["--optimizer", optimizer, "--batch-size", "4", "--steps", "4",
-                           "--out", str(tmp_path / "single")])
-    assert_losses_close(r0["full"]["losses"], [r["loss"] for r in single["rows"]])
+    single = train(FAST + recipe + ["--batch-size", "4", "--steps", "4", "--out", str(tmp_path / "single")])
+    assert_losses_close(r0["full"]["losses"], [r["loss"] for r in single["rows"]], rtol)
     assert r0["full"]["losses"] == r1["full"]["losses"]  # the reported loss is the global mean
     # FSDP shards the state: each rank holds part of it, the parts adding up to one process's
+    # (int8: a little more, as each shard starts its own 256-blocks, each with its scales)
     assert 0 < r0["full"]["state_bytes"] < single["optimizer_state_bytes"]
-    assert r0["full"]["state_bytes"] + r1["full"]["state_bytes"] == single["optimizer_state_bytes"]
+    both = r0["full"]["state_bytes"] + r1["full"]["state_bytes"]
+    if "int8" in recipe:
+        assert single["optimizer_state_bytes"] <= both < 1.01 * single["optimizer_state_bytes"]
+    else:
+        assert both == single["optimizer_state_bytes"]
     assert r0["resumed"]["losses"] == r0["full"]["losses"]
     full, resumed = r0["full"]["params"], r0["resumed"]["params"]
     assert len(full) == len(resumed) > 0 and all(torch.equal(x, y) for x, y in zip(full, resumed))
@@ -102,11 +116,10 @@ def test_context_parallel_matches_one_process_and_resumes(tmp_path):
         ("cp", common + ["--steps", "3", "--out", cp]),
         ("cp_half", common + ["--steps", "2", "--out", cp_half]),
         ("cp_resumed", common + ["--steps", "3", "--out", cp_half, "--resume"]),
-        ("cp_fsdp", common + ["--steps", "3", "--fsdp", "--optimizer", "torch", "--out", str(tmp_path / "cp_fsdp")]),
+        ("cp_fsdp", common + ["--steps", "3", "--fsdp", "--out", str(tmp_path / "cp_fsdp")]),
     ])
-    for name, optimizer in (("cp", "cogkern"), ("cp_fsdp", "torch")):
-        single = train(FAST + ["--batch-size", "2", "--steps", "3", "--optimizer", optimizer,
-                               "--out", str(tmp_path / f"single_{optimizer}")])
+    single = train(FAST + ["--batch-size", "2", "--steps", "3", "--out", str(tmp_path / "single")])
+    for name in ("cp", "cp_fsdp"):
         assert_losses_close(r0[name]["losses"], [r["loss"] for r in single["rows"]])
         assert r0[name]["losses"] == r1[name]["losses"]
     assert r0["cp_resumed"]["losses"] == r0["cp"]["losses"]
