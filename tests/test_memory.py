@@ -188,12 +188,104 @@ def test_bad_flags(argv):
     assert exc.value.code == 2
 
 
-def test_sharded_footprints_are_refused_until_modelled():
-    census = memory.ParamCensus(memory.MODELS["2b"], (10, 20))
-    recipe = memory.cogkern_recipes()[0]
-    assert memory.footprint(census, recipe).total == 30 * (4 + 4 + 8)
-    with pytest.raises(ValueError, match="world_size=8"):
-        memory.footprint(census, recipe, world_size=8)
+def _recipe_named(name):
+    (r,) = [r for r in memory.all_recipes() if r.name == name]
+    return r
+
+
+def test_sharded_footprint_and_traffic_by_hand():
+    """FSDP2 cuts each tensor into ceil(rows / world)-row shards; rank 0 holds the largest.
+    World 4: a (10, 3) tensor -> 3 x 3 = 9 elements, (7,) -> 2, (5, 2) -> 2 x 2 = 4; 15 in all,
+    11 of them in a block (gathered again in backward), 4 in the root (gathered once)."""
+    census = memory.ParamCensus(memory.MODELS["5b"], (30, 7, 10), shapes=((10, 3), (7,), (5, 2)),
+                                names=("transformer_blocks.0.a", "transformer_blocks.0.b", "proj_out.weight"))
+    assert memory.shard_numels(census, 4) == (9, 2, 4)
+    master = _recipe_named("cogkern 16-bit + fp32 master, m/v fp32")
+    f = memory.footprint(census, master, world_size=4)
+    assert (f.params, f.grads, f.state) == (2 * 15, 2 * 15, 12 * 15)
+    t = memory.fsdp_traffic(census, master, 4)
+    # a ring all-gather / reduce-scatter moves (world - 1) shards through each GPU, here bf16
+    assert (t.all_gather_forward, t.all_gather_backward, t.reduce_scatter) == (3 * 15 * 2, 3 * 11 * 2, 3 * 15 * 2)
+    # int8 moments: 1 + 1 B codes and one fp32 scale per moment per started 256-block of each shard
+    int8 = memory.footprint(census, _recipe_named("cogkern bf16 + stochastic rounding, m/v int8"), world_size=4)
+    assert int8.state == 2 * 15 + 3 * 2 * 4
+    assert memory.footprint(census, master).total == 16 * 47  # one GPU: everything, unsharded
+    with pytest.raises(ValueError, match="world_size"):
+        memory.fsdp_traffic(census, master, 1)
+    with pytest.raises(ValueError, match="world_size"):
+        memory.footprint(census, master, world_size=0)
+
+
+def _5b_by_hand():
+    """CogVideoX-5B's parameters from its config: width 48 x 64 = 3072, time embedding 512, MLP
+    4 x 3072, text 4096, 16 latent channels in patches of 2 x 2. (block, root) element counts."""
+    d, te, ff, text, patch = 3072, 512, 4 * 3072, 4096, 16 * 2 * 2
+    ada = 6 * d * te + 6 * d + 2 * d  # norm1 / norm2: linear to 6 modulations + LayerNorm
+    attn = 4 * (d * d + d) + 4 * 64  # to_q, to_k, to_v, to_out.0; norm_q, norm_k (weight + bias)
+    block = 2 * ada + attn + ff * d + ff + d * ff + d
+    root = (d * patch + d + d * text + d  # patch_embed.proj (a conv over 2x2 patches), text_proj
+            + te * d + te + te * te + te  # time_embedding
+            + 2 * d + 2 * d * te + 2 * d + 2 * d  # norm_final, norm_out.linear, norm_out.norm
+            + patch * d + patch)  # proj_out
+    return block, root
+
+
+def test_5b_fsdp2_per_gpu_bytes_and_traffic_match_a_hand_computation(report):
+    """Every 5B dim-0 is divisible by 8 and by 64 (norm_q's 64 rows included), so each GPU holds
+    exactly 1/world of every tensor, and each all-gather moves (world - 1) / world of it."""
+    stdout, data = report
+    (model,) = [m for m in data["models"] if m["name"] == "CogVideoX-5B"]
+    block, root = _5b_by_hand()
+    n = model["params"]
+    assert n == 42 * block + root
+    rows = {(r["recipe"], r["world_size"]): r for r in model["sharded"]["fsdp2"]}
+    assert {w for _, w in rows} == {8, 64}
+    for world in (8, 64):
+        master = rows["cogkern 16-bit + fp32 master, m/v fp32", world]
+        assert master["bytes_per_gpu"] == dict(params=2 * n // world, grads=2 * n // world, state=12 * n // world,
+                                               total=16 * n // world)
+        moved = master["bytes_moved_per_gpu_per_step"]
+        assert moved["all_gather_forward"] == (world - 1) * n // world * 2
+        assert moved["all_gather_backward"] == (world - 1) * 42 * block // world * 2
+        assert moved["reduce_scatter"] == (world - 1) * n // world * 2
+        fp32 = rows["cogkern fp32, m/v fp32", world]["bytes_moved_per_gpu_per_step"]
+        assert fp32["all_gather_forward"] == 2 * moved["all_gather_forward"]  # fp32 params gather 4 B each
+        assert rows["cogkern bf16 + int16 remainders, m/v fp32", world]["bytes_per_gpu"]["total"] == 14 * n // world
+        lean = rows["cogkern bf16 + stochastic rounding, m/v int8", world]["bytes_per_gpu"]["total"]
+        assert 6 * n / world < lean < 6.04 * n / world  # 2 + 2 + 2 B, and a scale per 256 and moment
+    assert f"{16 * n / 8 / 1e9:.2f}" in stdout and "CogVideoX-5B under FSDP2" in stdout
+    # 16 B/param over 8 GPUs: 11.1 GB each, where one GPU needed 89 GB
+    assert 11.1e9 < 16 * n / 8 < 11.2e9
+
+
+def test_ulysses_all_to_all_bytes_match_a_hand_computation(report):
+    """Per attention layer 4 all-to-alls forward (q, k, v in; out back) and 4 backward; each sends
+    all but 1/cp of the rank's (seq / cp, 3072) bf16 slice."""
+    stdout, data = report
+    by_name = {m["name"]: m["sharded"]["ulysses"] for m in data["models"]}
+    five, one_five = by_name["CogVideoX-5B"], by_name["CogVideoX1.5-5B"]
+    assert five["seq_len"] == 17_776 == 226 + 13 * 30 * 45
+    assert one_five["seq_len"] == 45_106 == 226 + 11 * 48 * 85  # "about 45k"
+    for u in (five, one_five):
+        for row in u["degrees"]:
+            cp = row["cp"]
+            per = u["seq_len"] / cp * 3072 * 2 * (cp - 1) / cp
+            assert row["per_all_to_all"] == round(per)
+            assert row["per_step"] == 42 * 8 * round(per)
+    (cp8,) = [r for r in five["degrees"] if r["cp"] == 8]
+    assert cp8["per_step"] == pytest.approx(4.01e9, rel=1e-3)  # 17,776 / 8 x 3072 x 2 B x 7/8 x 8 x 42
+    assert "17,776 tokens" in stdout and "45,106 tokens" in stdout
+    with pytest.raises(ValueError, match="heads"):
+        memory.ulysses_traffic(memory.MODELS["5b"], 64)
+
+
+def test_gpus_flag(tmp_path, capsys):
+    path = tmp_path / "g.json"
+    assert memory.main(["--models", "5b", "--gpus", "16", "--json", str(path)]) == 0
+    data = json.loads(path.read_text())
+    assert {r["world_size"] for r in data["models"][0]["sharded"]["fsdp2"]} == {16}
+    with pytest.raises(SystemExit):
+        memory.main(["--gpus", "1"])
 
 
 def test_without_diffusers_the_message_says_how_to_install():

@@ -10,6 +10,12 @@ scale and gate for video and text). The model predicts v.
 ``attention="cogkern"`` uses the fused op; ``"sdpa"`` and ``"eager"`` compute
 the same attention from the same parameters the way diffusers writes it
 (cogkern.reference.diffusers_attention), for A/B runs.
+
+Context parallelism (``cp_group``): the ranks of the group share each sample,
+each holding a contiguous slice of the joint [text; video] sequence in rank
+order (:func:`sequence_shard`). Every token-wise layer runs on the slice; the
+adaptive norms pick text or video modulation by the tokens' global positions;
+the attention is ``cogkern.parallel.ulysses_attention`` over the group.
 """
 from __future__ import annotations
 
@@ -26,6 +32,14 @@ from .reference.diffusers_attention import cogvideox_attention
 from .rope import RoPE3D
 
 ATTENTION_IMPLS = ("cogkern", "sdpa", "eager")
+
+
+def sequence_shard(seq_len: int, parts: int, index: int) -> tuple[int, int]:
+    """[start, end) of part ``index`` when ``seq_len`` tokens are cut into ``parts`` contiguous
+    slices in order, the first ``seq_len % parts`` one token longer."""
+    base, extra = divmod(seq_len, parts)
+    start = index * base + min(index, extra)
+    return start, start + base + (index < extra)
 
 
 @dataclass(frozen=True)
@@ -111,22 +125,28 @@ class LayerNormZero(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, cp_group=None) -> None:
         super().__init__()
         self.norm1 = LayerNormZero(cfg.time_embed_dim, cfg.dim)
-        self.attn1 = FusedAttention(cfg.dim, cfg.heads, qk_norm="layer_norm", eps=1e-6)
+        # group: FusedAttention runs ulysses_attention over it (the joint sequence is sharded)
+        group = {} if cp_group is None else dict(group=cp_group)
+        self.attn1 = FusedAttention(cfg.dim, cfg.heads, qk_norm="layer_norm", eps=1e-6, **group)
         self.norm2 = LayerNormZero(cfg.time_embed_dim, cfg.dim)
         self.ff = nn.Sequential(
             nn.Linear(cfg.dim, cfg.mlp_ratio * cfg.dim), nn.GELU(approximate="tanh"),
             nn.Linear(cfg.mlp_ratio * cfg.dim, cfg.dim),
         )
 
-    def forward(self, video, text, temb, rope, rope_table, attention: str):
+    def forward(self, video, text, temb, rope, rope_table, attention: str, global_text_len: int, seq_lens=None):
+        """video, text: this rank's video and text tokens (all of them without context parallelism);
+        the attention's text_len is the global one; seq_lens: every rank's slice length (context
+        parallelism: known in advance, so the attention need not gather them)."""
         text_len = text.shape[1]
         nv, nt, gate, t_gate = self.norm1(video, text, temb)
         joint = torch.cat([nt, nv], dim=1)
         if attention == "cogkern":
-            out = self.attn1(joint, rope=rope, text_len=text_len)
+            cp = {} if seq_lens is None else dict(seq_lens=seq_lens)
+            out = self.attn1(joint, rope=rope, text_len=global_text_len, **cp)
         else:
             out = cogvideox_attention(self.attn1, joint, rope_table, text_len, impl=attention)
         video = video + gate * out[:, text_len:]
@@ -139,19 +159,23 @@ class Block(nn.Module):
 class VideoTransformer(nn.Module):
     """v-prediction transformer: (latents (B, C, T, H, W), caption ids (B, L), timesteps (B,)) -> v."""
 
-    def __init__(self, cfg: ModelConfig, attention: str = "cogkern") -> None:
+    def __init__(self, cfg: ModelConfig, attention: str = "cogkern", cp_group=None) -> None:
         super().__init__()
         if attention not in ATTENTION_IMPLS:
             raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {attention!r}")
+        if cp_group is not None and attention != "cogkern":
+            raise ValueError(f"cp_group (context parallelism) needs attention='cogkern' (ulysses_attention runs the "
+                             f"fused op), got attention={attention!r}")
         self.cfg = cfg
         self.attention = attention
+        self.cp_group = cp_group
         p, c = cfg.patch, cfg.latent_channels
         self.patch_embed = nn.Linear(c * p * p, cfg.dim)
         self.text_embed = nn.Embedding(cfg.vocab, cfg.dim)
         self.time_proj = nn.Sequential(
             nn.Linear(cfg.dim, cfg.time_embed_dim), nn.SiLU(), nn.Linear(cfg.time_embed_dim, cfg.time_embed_dim)
         )
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
+        self.blocks = nn.ModuleList(Block(cfg, cp_group) for _ in range(cfg.layers))
         self.norm_final = nn.LayerNorm(cfg.dim, eps=1e-5)
         self.norm_out = nn.Linear(cfg.time_embed_dim, 2 * cfg.dim)  # AdaLayerNorm's shift and scale
         self.proj_out = nn.Linear(cfg.dim, c * p * p)
@@ -176,17 +200,46 @@ class VideoTransformer(nn.Module):
         x = x.reshape(b, t, hp, wp, c, p, p).permute(0, 4, 1, 2, 5, 3, 6)
         return x.reshape(b, c, t, hp * p, wp * p)
 
+    def cp_seq_lens(self) -> list[int] | None:
+        """Every context-parallel rank's slice length, in rank order (None without a group)."""
+        if self.cp_group is None:
+            return None
+        import torch.distributed as dist
+
+        n = dist.get_world_size(self.cp_group)
+        return [end - start for start, end in (sequence_shard(self.cfg.seq_len, n, i) for i in range(n))]
+
+    def local_slices(self) -> tuple[slice, slice]:
+        """This rank's (text, video) token ranges, each counted within its own part of the sequence."""
+        cfg = self.cfg
+        if self.cp_group is None:
+            return slice(0, cfg.text_len), slice(0, cfg.seq_len - cfg.text_len)
+        import torch.distributed as dist
+
+        start, end = sequence_shard(cfg.seq_len, dist.get_world_size(self.cp_group), dist.get_rank(self.cp_group))
+        text_end = min(end, cfg.text_len)
+        return slice(min(start, text_end), text_end), slice(max(start - cfg.text_len, 0), max(end - cfg.text_len, 0))
+
+    def local_video_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, T, H, W) -> this rank's video tokens, (B, n, C * patch**2): the layout of the
+        output under context parallelism (a target is compared with it there)."""
+        return self.patchify(x)[:, self.local_slices()[1]]
+
     def forward(self, latents: torch.Tensor, caption_ids: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """v, shaped as latents; under context parallelism this rank's video tokens of it
+        (:meth:`local_video_tokens`), since the other ranks hold the rest."""
         expected = self.cfg.latent_shape
         if tuple(latents.shape[1:]) != expected:
             raise ValueError(f"latents must be (batch, *{expected}), got {tuple(latents.shape)}")
         dtype = self.patch_embed.weight.dtype
-        video = self.patch_embed(self.patchify(latents.to(dtype)))
-        text = self.text_embed(caption_ids)
+        text_part, video_part = self.local_slices()
+        video = self.patch_embed(self.local_video_tokens(latents.to(dtype)))
+        text = self.text_embed(caption_ids[:, text_part])
         temb = self.time_proj(timestep_features(timesteps, self.cfg.dim).to(dtype))
         table = self.rope_table(latents.device) if self.attention != "cogkern" else None
+        seq_lens = self.cp_seq_lens()
         for block in self.blocks:
-            video, text = block(video, text, temb, self.rope, table, self.attention)
+            video, text = block(video, text, temb, self.rope, table, self.attention, self.cfg.text_len, seq_lens)
         shift, scale = self.norm_out(F.silu(temb)).chunk(2, dim=1)
-        video = self.norm_final(video) * (1 + scale[:, None]) + shift[:, None]
-        return self.unpatchify(self.proj_out(video))
+        video = self.proj_out(self.norm_final(video) * (1 + scale[:, None]) + shift[:, None])
+        return video if self.cp_group is not None else self.unpatchify(video)

@@ -4,6 +4,17 @@
     python -m cogkern.train --precision fp16 --steps 500 --out runs/fp16
     python -m cogkern.train --attention sdpa --optimizer torch   # the same run, done the diffusers way
     torchrun --nproc_per_node 2 -m cogkern.train ...              # DistributedDataParallel
+    torchrun --nproc_per_node 2 -m cogkern.train --fsdp           # FSDP2: params, grads, state sharded
+    torchrun --nproc_per_node 2 -m cogkern.train --context-parallel 2   # 2 ranks share each sample
+
+Distributed (torchrun; gloo on the CPU, nccl on GPUs): ``--batch-size`` is per
+data-parallel rank. ``--fsdp`` shards each block and then the root with FSDP2's
+``fully_shard`` over all ranks; the checkpoint is then a
+torch.distributed.checkpoint directory, DIR/checkpoint.dcp. ``--context-parallel
+N``: each group of N consecutive ranks shares its samples, each rank holding a
+contiguous slice of the joint [text; video] sequence, with Ulysses attention
+over the group; the world is data parallel over the groups (world = dp * N),
+and combines with ``--fsdp`` (sharded over all ranks).
 
 Precisions: fp32 (reference); fp16 (fp16 params, fp32 master weights, dynamic
 loss scaling); bf16 (bf16 params, fp32 master weights); bf16-sr (bf16 params,
@@ -49,9 +60,12 @@ METRIC_FIELDS = ("step", "loss", "loss_scale", "skipped", "grad_norm", "lr", "to
                  "opt_state_bytes")
 # Everything that must match for --resume to continue the same run.
 RUN_KEYS = ("config", "precision", "optimizer", "attention", "batch_size", "seed", "lr", "warmup", "weight_decay",
-            "max_grad_norm", "world_size", "moments", "param_remainders")
+            "max_grad_norm", "world_size", "moments", "param_remainders", "fsdp", "context_parallel")
 # What a checkpoint written before a key existed ran with.
-RUN_KEY_DEFAULTS = {"moments": "fp32", "param_remainders": False}
+RUN_KEY_DEFAULTS = {"moments": "fp32", "param_remainders": False, "fsdp": False, "context_parallel": 1}
+DCP_DIR = "checkpoint.dcp"  # --fsdp: a torch.distributed.checkpoint directory instead of checkpoint.pt
+DCP_EXTRA = "run.pt"  # in it: the run key, step and the replicated stepper state, written by rank 0
+PROCESS_GROUP_TIMEOUT_S = 600
 
 
 class TrainingError(RuntimeError):
@@ -81,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt-every", type=_positive_int, default=100)
     p.add_argument("--log-every", type=_positive_int, default=10)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard) over all ranks instead of DDP")
+    p.add_argument("--context-parallel", type=_positive_int, default=1, metavar="N",
+                   help="N ranks share each sample, each holding a slice of the sequence (Ulysses attention)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     return p
@@ -159,12 +176,13 @@ class Stepper:
                 self.scaler = torch.amp.GradScaler(device.type)
 
     def state_bytes(self) -> int:
-        """Bytes of optimizer state allocated (0 before the first step): FusedAdamW's own
+        """Bytes of optimizer state this rank allocated (0 before the first step): FusedAdamW's own
         count, or for torch's AdamW its exp_avg / exp_avg_sq (step counters excluded in both)."""
         if self.args.optimizer == "cogkern":
             return self.opt.state_bytes()["total"]
-        return sum(t.numel() * t.element_size() for st in self.opt.state.values()
-                   for k, t in st.items() if k in ("exp_avg", "exp_avg_sq"))
+        local = [t.to_local() if hasattr(t, "to_local") else t  # FSDP: this rank's shards
+                 for st in self.opt.state.values() for k, t in st.items() if k in ("exp_avg", "exp_avg_sq")]
+        return sum(t.numel() * t.element_size() for t in local)
 
     def _set_lr(self) -> None:
         warm = self.args.warmup
@@ -176,7 +194,10 @@ class Stepper:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def step(self, loss: torch.Tensor, params: list[torch.Tensor]) -> StepOutputs:
+    def step(self, loss: torch.Tensor, params: list[torch.Tensor], report_loss: torch.Tensor | None = None
+             ) -> StepOutputs:
+        """Backward of ``loss`` and the optimizer step; ``report_loss`` is what the metrics show
+        (default ``loss``; context parallelism reports the whole sample's loss)."""
         one = torch.ones((), device=self.device)
         lr = self.lr.clone()
         if self.args.optimizer == "cogkern":
@@ -198,6 +219,8 @@ class Stepper:
             else:
                 loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm).float()
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor holding the global norm
+                grad_norm = grad_norm.full_tensor()
             if self.scaler is not None:
                 scale_before = self.scaler.get_scale()  # torch's GradScaler syncs here anyway
                 self.scaler.step(self.opt)
@@ -215,14 +238,18 @@ class Stepper:
             lr_now = float(self.lr)  # torch's foreach AdamW takes a float lr (free on the CPU)
             for g in self.opt.param_groups:
                 g["lr"] = lr_now
-        return StepOutputs(loss.detach().float(), scale.float(), skipped.float(), grad_norm.float(), lr)
+        report = loss if report_loss is None else report_loss
+        return StepOutputs(report.detach().float(), scale.float(), skipped.float(), grad_norm.float(), lr)
 
-    def state_dict(self) -> dict:
-        return dict(opt=self.opt.state_dict(), scaler=None if self.scaler is None else self.scaler.state_dict(),
-                    applied=self.applied.cpu())
+    def state_dict(self, with_optimizer: bool = True) -> dict:
+        """``with_optimizer=False``: the replicated part only (FSDP keeps the sharded optimizer
+        state in the DCP checkpoint)."""
+        state = dict(scaler=None if self.scaler is None else self.scaler.state_dict(), applied=self.applied.cpu())
+        return dict(state, opt=self.opt.state_dict()) if with_optimizer else state
 
     def load_state_dict(self, state: dict) -> None:
-        self.opt.load_state_dict(state["opt"])
+        if "opt" in state:
+            self.opt.load_state_dict(state["opt"])
         if self.scaler is not None:
             self.scaler.load_state_dict(state["scaler"])
         self.applied.copy_(state["applied"])
@@ -267,7 +294,163 @@ def run_key(args, world: int) -> dict:
     return dict(config=args.config, precision=args.precision, optimizer=args.optimizer, attention=args.attention,
                 batch_size=args.batch_size, seed=args.seed, lr=args.lr, warmup=args.warmup,
                 weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, world_size=world,
-                moments=args.moments, param_remainders=args.param_remainders)
+                moments=args.moments, param_remainders=args.param_remainders, fsdp=args.fsdp,
+                context_parallel=args.context_parallel)
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+@dataclass
+class Parallel:
+    """How the ranks split the work: data parallel over dp groups of cp ranks (world = dp * cp);
+    the cp ranks of a group (consecutive ranks) share its samples, each with a slice of the sequence."""
+
+    world: int
+    rank: int
+    fsdp: bool
+    cp: int
+    cp_group: object = None  # the process group of this rank's context-parallel ranks (cp > 1)
+
+    @property
+    def dp(self) -> int:
+        return self.world // self.cp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.cp
+
+
+def check_parallel_supported(args, world: int, cfg: ModelConfig) -> None:
+    cp = args.context_parallel
+    if args.fsdp and world == 1:
+        raise SystemExit("--fsdp needs more than one process: start the run with torchrun --nproc_per_node N")
+    if cp == 1:
+        return
+    if world % cp:
+        raise SystemExit(f"--context-parallel {cp} needs a world size divisible by {cp} (world = data parallel x "
+                         f"context parallel), got {world} processes; start it with torchrun --nproc_per_node {cp}")
+    if args.attention != "cogkern":
+        raise SystemExit(f"--context-parallel needs --attention cogkern (ulysses_attention runs the fused op), got "
+                         f"{args.attention}")
+    if cfg.heads % cp:
+        raise SystemExit(f"--context-parallel {cp}: the {args.config} config's {cfg.heads} heads do not split over "
+                         f"{cp} ranks (Ulysses gives each rank heads / {cp} heads)")
+    if cfg.seq_len < cp:
+        raise SystemExit(f"--context-parallel {cp}: the {args.config} config has only {cfg.seq_len} tokens")
+
+
+def setup_parallel(args, world: int, rank: int, device: torch.device) -> Parallel:
+    """Joins the process group (torchrun's env://) and makes the context-parallel groups."""
+    if world > 1 and not dist.is_initialized():
+        import datetime
+
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=PROCESS_GROUP_TIMEOUT_S))
+    par = Parallel(world=world, rank=rank, fsdp=args.fsdp, cp=args.context_parallel)
+    if par.cp > 1:
+        # every rank takes part in creating every group, in the same order
+        for d in range(par.dp):
+            group = dist.new_group(ranks=list(range(d * par.cp, (d + 1) * par.cp)))
+            if d == par.dp_rank:
+                par.cp_group = group
+    return par
+
+
+def wrap_model(model: nn.Module, par: Parallel, device: torch.device) -> nn.Module:
+    """The module to call: FSDP2 (each block, then the root, sharded over all ranks), DDP, or as is.
+    Both average the gradients over all ranks, data and context parallel alike (see sample_loss)."""
+    if par.fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(device.type, (par.world,))
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
+    if par.world > 1:
+        return nn.parallel.DistributedDataParallel(model)
+    return model
+
+
+def sample_loss(pred: torch.Tensor, v: torch.Tensor, model: VideoTransformer, par: Parallel):
+    """(loss to backpropagate, loss to report: the mean over the global batch, the same on every rank).
+
+    Under context parallelism pred is this rank's video tokens: its share of the squared error is
+    sum / (all of the sample's elements), and a sample's loss is the sum of its group's shares.
+    The gradient wanted is that of the mean of the dp groups' losses; DDP / FSDP average over all
+    dp * cp ranks, so each rank backpropagates cp times its share."""
+    if par.cp == 1:
+        share = loss = v_loss(pred, v)
+    else:
+        target = model.local_video_tokens(v)
+        share = v_loss(pred, target) * (target.numel() / v.numel())
+        loss = share * par.cp
+    if par.world == 1:
+        return loss, loss
+    report = share.detach().clone()
+    dist.all_reduce(report)  # no host sync: read at the next log line
+    return loss, report / par.dp
+
+
+def full_params(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Every param whole, on the CPU in fp32 (FSDP's shards are gathered: all ranks must call)."""
+    return [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().float().cpu() for p in params]
+
+
+def save_dcp_checkpoint(path: str, model: nn.Module, stepper: Stepper, extra: dict, rank: int) -> None:
+    """--fsdp: each rank writes its shards (torch.distributed.checkpoint) into a fresh directory,
+    which rank 0 then swaps in for the old one, so a crash mid-write leaves the last good one."""
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    tmp = f"{path}.tmp"
+    if rank == 0 and os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    dist.barrier()
+    dcp.save(dict(model=get_model_state_dict(model), optim=get_optimizer_state_dict(model, stepper.opt)),
+             checkpoint_id=tmp)
+    if rank == 0:
+        torch.save(dict(extra, stepper=stepper.state_dict(with_optimizer=False)), os.path.join(tmp, DCP_EXTRA))
+        old = f"{path}.old"
+        if os.path.exists(path):
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def load_dcp_checkpoint(path: str, key: dict, model: nn.Module, stepper: Stepper) -> dict:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+
+    ckpt = load_checkpoint(os.path.join(path, DCP_EXTRA), key)
+    state = dict(model=get_model_state_dict(model), optim=get_optimizer_state_dict(model, stepper.opt))
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, stepper.opt, state["optim"])
+    stepper.load_state_dict(ckpt["stepper"])
+    return ckpt
+
+
+def training_batch(data: ShapesVideos, schedule: DDPMSchedule, seed: int, step: int, batch_size: int,
+                   rank: int, world: int):
+    """(x_t, v, caption ids, t) of a data-parallel rank: each sample's timestep and noise come from
+    its global index, so the same global batch gives the same inputs on any number of ranks."""
+    latents, ids = data.batch(step, batch_size, rank, world)
+    first = (step * world + rank) * batch_size
+    ts, noises = [], []
+    for index in range(first, first + batch_size):
+        g = torch.Generator().manual_seed((seed * 1_000_003 + index) * 2 + 1)  # not the stream describing this sample
+        ts.append(schedule.sample_timesteps(1, g))
+        noises.append(torch.randn(latents.shape[1:], generator=g))
+    t = torch.cat(ts)
+    xt, v = schedule.noisy_and_target(latents, torch.stack(noises), t)
+    return xt, v, ids, t
 
 
 def save_checkpoint(path: str, payload: dict) -> None:
@@ -353,37 +536,40 @@ def train(argv=None) -> dict:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(args.device, local_rank)
     check_precision_supported(args, device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    cfg: ModelConfig = CONFIGS[args.config]
+    check_parallel_supported(args, world, cfg)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.cuda.reset_peak_memory_stats(device)
+    par = setup_parallel(args, world, rank, device)
 
-    cfg: ModelConfig = CONFIGS[args.config]
     data = ShapesVideos(cfg.video_spec(), seed=args.seed)
     schedule = DDPMSchedule()
 
     torch.manual_seed(args.seed)
-    model = cast_model(VideoTransformer(cfg, attention=args.attention), args).to(device)
+    model = cast_model(VideoTransformer(cfg, attention=args.attention, cp_group=par.cp_group), args).to(device)
+    ddp_model = wrap_model(model, par, device)  # before the optimizer: FSDP turns the params into DTensors
     params = [p for p in model.parameters() if p.requires_grad]
     stepper = Stepper(model, args, device)
-    ddp_model = nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
     os.makedirs(args.out, exist_ok=True)
-    ckpt_path = os.path.join(args.out, "checkpoint.pt")
+    ckpt_path = os.path.join(args.out, DCP_DIR if par.fsdp else "checkpoint.pt")
     metrics_path = os.path.join(args.out, "metrics.csv")
     key = run_key(args, world)
     start_step, rows = 0, []
     if args.resume:
-        ckpt = load_checkpoint(ckpt_path, key)
-        model.load_state_dict(ckpt["model"])
-        stepper.load_state_dict(ckpt["stepper"])
+        if par.fsdp:
+            ckpt = load_dcp_checkpoint(ckpt_path, key, model, stepper)
+        else:
+            ckpt = load_checkpoint(ckpt_path, key)
+            model.load_state_dict(ckpt["model"])
+            stepper.load_state_dict(ckpt["stepper"])
         start_step = ckpt["step"]
         rows = [r for r in read_metrics(metrics_path) if r["step"] < start_step]
     if start_step >= args.steps:
         raise TrainingError(f"--resume: the checkpoint is at step {start_step}, nothing left of --steps {args.steps}")
 
-    tokens_per_step = args.batch_size * cfg.seq_len * world
+    tokens_per_step = args.batch_size * cfg.seq_len * par.dp
     pending: list[tuple[int, StepOutputs]] = []
     last_log_time, last_log_step = time.perf_counter(), start_step
     show = rank == 0 and not args.quiet
@@ -419,22 +605,21 @@ def train(argv=None) -> dict:
     def checkpoint(step_now: int) -> None:
         nonlocal last_good_step
         flush(step_now)
+        extra = dict(format=CKPT_FORMAT, run=key, step=step_now, model_config=cfg.to_dict())
+        if par.fsdp:
+            save_dcp_checkpoint(ckpt_path, model, stepper, extra, rank)
+        elif rank == 0:
+            save_checkpoint(ckpt_path, dict(extra, model=model.state_dict(), stepper=stepper.state_dict()))
         if rank == 0:
-            save_checkpoint(ckpt_path, dict(format=CKPT_FORMAT, run=key, step=step_now, model=model.state_dict(),
-                                            stepper=stepper.state_dict(), model_config=cfg.to_dict()))
             write_metrics(metrics_path, rows)
         last_good_step = step_now
 
     for step in range(start_step, args.steps):
-        latents, ids = data.batch(step, args.batch_size, rank, world)
-        g = torch.Generator().manual_seed((args.seed * 1_000_003 + step) * 64 + rank)
-        t = schedule.sample_timesteps(args.batch_size, g)
-        noise = torch.randn(latents.shape, generator=g)
-        xt, v = schedule.noisy_and_target(latents, noise, t)
+        xt, v, ids, t = training_batch(data, schedule, args.seed, step, args.batch_size, par.dp_rank, par.dp)
         xt, v, ids, t = xt.to(device), v.to(device), ids.to(device), t.to(device)
         with stepper.autocast():
-            loss = v_loss(ddp_model(xt, ids, t), v)
-        pending.append((step, stepper.step(loss, params)))
+            loss, report_loss = sample_loss(ddp_model(xt, ids, t), v, model, par)
+        pending.append((step, stepper.step(loss, params, report_loss)))
         done = step + 1
         if done % args.log_every == 0:
             flush(done)
@@ -444,7 +629,7 @@ def train(argv=None) -> dict:
     summary = dict(rows=rows, out=args.out, precision=args.precision, steps=args.steps, world=world, rank=rank,
                    moments=args.moments, param_remainders=args.param_remainders,
                    optimizer_state_bytes=stepper.state_bytes(),
-                   params=[p.detach().float().cpu() for p in params] if world > 1 else None)
+                   params=full_params(params) if world > 1 else None)
     if rank == 0 and not args.no_plot:
         plot_losses(os.path.join(args.out, "loss.png"), rows,
                     f"{args.config}, {args.precision}, attention={args.attention}, optimizer={args.optimizer}"
