@@ -7,7 +7,7 @@ A sample shows what was learned when it looks like its caption: the right
 color, a shape, and the shape moving the way the caption says. The last is
 measured, not eyeballed: ``advance_per_frame`` is how far the shape's centroid
 moves each frame along the caption's direction (training data: +0.06 to +0.12
-of the frame per latent frame).
+of the frame per latent frame, less while the shape leaves the frame).
 
 Images are written with pillow (matplotlib needs pillow too, so without it
 neither can write a PNG or GIF): without it the writers say so and return
