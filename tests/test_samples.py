@@ -238,9 +238,9 @@ def test_study_samples_section_shows_fp16_inference(tmp_path):
     result = samples_section(str(tmp_path / "tame"), "tiny", tame, seed=0, device="cpu", steps=3)
     assert list(result["facts"]) == ["fp32", "bf16", "bf16 -> fp16 inference"]
     assert all(f["finite"] for f in result["facts"].values())
-    assert result["facts"]["bf16 -> fp16 inference"]["inference"] == "float16"
+    assert result["facts"]["bf16 -> fp16 inference"]["inference"] == "fp16"
     assert "did not go wrong on `tiny`" in result["verdict"]
-    assert any(line.startswith("| bf16 -> fp16 inference | bf16 | float16 | yes |") for line in result["markdown"])
+    assert any(line.startswith("| bf16 -> fp16 inference | bf16 | fp16 | yes |") for line in result["markdown"])
     broken = _checkpoint_dirs(tmp_path / "broken", overflowing_model())
     result = samples_section(str(tmp_path / "broken"), "tiny", broken, seed=0, device="cpu", steps=3)
     f = result["facts"]["bf16 -> fp16 inference"]

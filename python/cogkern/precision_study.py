@@ -170,6 +170,7 @@ def samples_section(out_dir: str, config: str, run_dirs: dict[str, str], seed: i
     run; columns: frames; non-finite pixels magenta). Returns {"facts": {row: inference facts}, "verdict":
     the fp16-inference sentence (None without a bf16 run), "markdown": the report's lines, "image": path}.
     """
+    from .diffusion import SAMPLE_DTYPES
     from .precision import FP16_MAX
     from .samples import advance_per_frame, caption_batch, inference_facts, training_videos, write_strip
 
@@ -188,7 +189,8 @@ def samples_section(out_dir: str, config: str, run_dirs: dict[str, str], seed: i
         f = inference_facts(model.to(dev), ids, dtype=dtype, steps=steps, seed=seed)
         latents[row] = f.pop("latents")
         video = data.decode(latents[row].float())[0]
-        facts[row] = dict(f, trained=run, inference=str(dtype or model.patch_embed.weight.dtype).split(".")[-1],
+        short = {d: k for k, d in SAMPLE_DTYPES.items()}
+        facts[row] = dict(f, trained=run, inference=short[dtype or model.patch_embed.weight.dtype],
                           advance=advance_per_frame(video, captions[0]))
         rows.append(video)
         labels.append(f"{row}" + ("" if f["finite"] else f": {f['nonfinite']} non-finite values (magenta)"))
