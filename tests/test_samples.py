@@ -12,8 +12,8 @@ from cogkern.data import ShapesVideos
 from cogkern.diffusion import DDIMSampler, DDPMSchedule, ddim_sample
 from cogkern.model import CONFIGS, ModelConfig, VideoTransformer
 from cogkern.precision_study import samples_section
-from cogkern.samples import (LABEL_HEIGHT, NONFINITE_RGB, advance_per_frame, centroid_track, inference_facts,
-                             training_videos, write_gif, write_strip)
+from cogkern.samples import (LABEL_HEIGHT, NONFINITE_RGB, advance_per_frame, centroid_track, foreground_color,
+                             inference_facts, training_videos, write_gif, write_strip)
 from cogkern.train import main
 
 ODD = ModelConfig(latent_channels=3, latent_frames=3, latent_size=6, latent_width=10)
@@ -144,6 +144,14 @@ def test_centroid_advance_measures_motion():
     assert all(advance_per_frame(v.flip(1), c) == pytest.approx(-a) for v, c, a in zip(videos, captions, advances))
 
 
+def test_foreground_color_names_the_captions_color():
+    data = ShapesVideos(seed=2)
+    captions = data.captions(torch.arange(24))
+    assert len({c.split()[0] for c in captions}) == 6  # every color is there
+    assert [foreground_color(v) for v in training_videos(data, 24)] == [c.split()[0] for c in captions]
+    assert foreground_color(torch.full((3, 2, 8, 8), -0.9) + 0.1 * torch.rand(3, 2, 8, 8)) is None
+
+
 def _videos(frames=5, h=7, w=9):
     rows = [torch.rand(3, frames, h, w) * 2 - 1 for _ in range(3)]
     rows[2][:, 1, 2, 3] = float("nan")  # one broken pixel, drawn magenta
@@ -178,7 +186,7 @@ def test_training_ends_with_samples(tmp_path, capsys):
     assert main(["--device", "cpu", "--quiet", "--no-plot", "--steps", "2", "--log-every", "1",
                  "--samples", "2", "--sample-steps", "3", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "samples: 2 videos, 3 DDIM steps" in printed and "samples.gif" in printed
+    assert "samples: 2 videos, 3 DDIM steps" in printed and "samples.gif" in printed and "/2 in their caption" in printed
     saved = torch.load(out / "samples.pt", weights_only=False)
     assert saved["latents"].shape == (2, *CONFIGS["tiny"].latent_shape) and torch.isfinite(saved["latents"]).all()
     assert saved["captions"] == ShapesVideos(CONFIGS["tiny"].video_spec()).captions(torch.arange(2))
@@ -240,7 +248,7 @@ def test_study_samples_section_shows_fp16_inference(tmp_path):
     assert all(f["finite"] for f in result["facts"].values())
     assert result["facts"]["bf16 -> fp16 inference"]["inference"] == "fp16"
     assert "did not go wrong on `tiny`" in result["verdict"]
-    assert any(line.startswith("| bf16 -> fp16 inference | bf16 | fp16 | yes |") for line in result["markdown"])
+    assert any(line.startswith("| bf16-trained | fp16 | yes |") for line in result["markdown"])
     broken = _checkpoint_dirs(tmp_path / "broken", overflowing_model())
     result = samples_section(str(tmp_path / "broken"), "tiny", broken, seed=0, device="cpu", steps=3)
     f = result["facts"]["bf16 -> fp16 inference"]

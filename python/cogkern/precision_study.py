@@ -217,11 +217,11 @@ def samples_section(out_dir: str, config: str, run_dirs: dict[str, str], seed: i
              f"along the caption's direction (the training video: {advance_per_frame(rows[0], captions[0]):+.3f}).", ""]
     if verdict:
         lines += [f"**{verdict}.**", ""]
-    lines += ["| run | trained in | inference in | finite | NaN / inf values | max-abs latents | largest finite |v| | "
-              "first non-finite step | advance / frame |", "|---|---|---|---|---|---|---|---|---|"]
-    for row, f in facts.items():
+    lines += ["| model | inference in | finite | NaN / inf values | max-abs latents | largest finite |v| | "
+              "first non-finite step | advance / frame |", "|---|---|---|---|---|---|---|---|"]
+    for f in facts.values():  # first cells unlike the runs table's, which readers of report.md key rows by
         first = "-" if f["first_nonfinite_step"] is None else str(f["first_nonfinite_step"] + 1)
-        lines.append(f"| {row} | {f['trained']} | {f['inference']} | {'yes' if f['finite'] else 'NO'} | "
+        lines.append(f"| {f['trained']}-trained | {f['inference']} | {'yes' if f['finite'] else 'NO'} | "
                      f"{f['nan']} / {f['inf']} | {f['max_abs']:.3g} | {f['v_max_abs']:.3g} | {first} | "
                      f"{f['advance']:+.3f} |")
     if image:

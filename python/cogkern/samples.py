@@ -13,7 +13,8 @@ Images are written with pillow (matplotlib needs pillow too, so without it
 neither can write a PNG or GIF): without it the writers say so and return
 False; the latents are saved in ``samples.pt`` either way. Non-finite pixels
 (a NaN or inf video) are drawn magenta, so a broken sample is visible as such
-rather than as black.
+rather than as black. ``foreground_color`` measures the other thing a sample
+can get right: the caption's color.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import sys
 
 import torch
 
-from .data import DIRECTIONS, ShapesVideos, tokenize
+from .data import COLORS, DIRECTIONS, ShapesVideos, tokenize
 from .diffusion import DDPMSchedule, ddim_sample
 
 BACKGROUND = -0.9  # the demo videos' background level in every channel (cogkern.data)
@@ -90,11 +91,31 @@ def write_gif(path: str, rows: list[torch.Tensor], labels: list[str], scale: int
     return True
 
 
+def _foreground_weight(v: torch.Tensor) -> torch.Tensor:
+    """(3, T, H, W) -> (T, H, W): how far each pixel's brightest channel is above the background, past
+    FOREGROUND_MARGIN (0 for background, noise and non-finite pixels)."""
+    return (v.amax(dim=0) - BACKGROUND - FOREGROUND_MARGIN).clamp(min=0).nan_to_num(0.0)
+
+
+def foreground_color(video: torch.Tensor) -> str | None:
+    """The caption color (cogkern.data.COLORS) closest in hue to the video's foreground: the cosine of
+    the weighted mean color above the background against each color, so a shape blurred into the dark
+    background by pooling keeps its color. None when nothing stands out of the background."""
+    v = video.detach().double().cpu()
+    weight = _foreground_weight(v)
+    if not weight.sum() > 0:
+        return None
+    above = ((v.nan_to_num(BACKGROUND) - BACKGROUND) * weight).sum(dim=(1, 2, 3))
+    colors = torch.tensor(list(COLORS.values()), dtype=torch.float64)
+    cosine = colors @ above / (colors.norm(dim=1) * above.norm())
+    return list(COLORS)[int(cosine.argmax())]
+
+
 def centroid_track(video: torch.Tensor) -> torch.Tensor:
     """(3, T, H, W) pixels -> (T, 2): per frame the (x, y) centroid, in fractions of the frame, of the
     pixels brighter than the background by more than FOREGROUND_MARGIN (NaN for a frame with none)."""
     v = video.detach().double().cpu()
-    weight = (v.amax(dim=0) - BACKGROUND - FOREGROUND_MARGIN).clamp(min=0).nan_to_num(0.0)  # (T, H, W)
+    weight = _foreground_weight(v)
     _, h, w = weight.shape
     ys = (torch.arange(h, dtype=torch.float64) + 0.5) / h
     xs = (torch.arange(w, dtype=torch.float64) + 0.5) / w
@@ -128,8 +149,8 @@ def write_run_samples(model, data: ShapesVideos, out_dir: str, count: int = 2, s
                       seed: int = 0) -> dict:
     """The end of a training run: `count` videos for the first training captions, each under the training
     video it was captioned from, into OUT/samples.png (strip), samples.gif and samples.pt (latents).
-    Returns the facts: captions, files, and how far each sample's and each training video's shape moves
-    per frame along its caption's direction."""
+    Returns the facts: captions, files, each sample's foreground color (`foreground_color`), and how far
+    each sample's and each training video's shape moves per frame along its caption's direction."""
     captions, ids = caption_batch(data, count)
     latents = ddim_sample(model, ids, schedule=DDPMSchedule(), steps=steps, seed=seed)
     videos = data.decode(latents.float().cpu())
@@ -145,6 +166,7 @@ def write_run_samples(model, data: ShapesVideos, out_dir: str, count: int = 2, s
         if writer(path, rows, labels):
             files[name] = path
     return dict(captions=captions, files=files, steps=steps, seed=seed,
+                sample_colors=[foreground_color(v) for v in videos],
                 sample_advance=[advance_per_frame(v, c) for v, c in zip(videos, captions)],
                 data_advance=[advance_per_frame(v, c) for v, c in zip(reference, captions)])
 

@@ -487,9 +487,10 @@ def main(argv=None) -> int:
     if "samples" in summary:
         s = summary["samples"]
         fmt = lambda xs: ", ".join(f"{x:+.3f}" for x in xs)  # noqa: E731
+        colors = sum(c.split()[0] == got for c, got in zip(s["captions"], s["sample_colors"]))
         print(f"samples: {len(s['captions'])} videos, {s['steps']} DDIM steps -> {', '.join(s['files'].values())}; "
-              f"shape's advance per frame along its caption's direction: {fmt(s['sample_advance'])} "
-              f"(the training videos: {fmt(s['data_advance'])})")
+              f"{colors}/{len(s['captions'])} in their caption's color; shape's advance per frame along its "
+              f"caption's direction: {fmt(s['sample_advance'])} (the training videos: {fmt(s['data_advance'])})")
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0
