@@ -13,7 +13,7 @@ from cogkern.precision_study import main as study_main
 from cogkern.precision_study import moments_available
 from cogkern.train import TrainingError, main, train
 
-FAST = ["--device", "cpu", "--quiet", "--no-plot", "--log-every", "5"]
+FAST = ["--device", "cpu", "--quiet", "--no-plot", "--log-every", "5", "--sample-steps", "2"]  # samples: cheap
 
 
 def read_csv(path):

@@ -103,6 +103,13 @@ class ShapesVideos:
         pooled = F.avg_pool3d(videos, kernel_size=(2, 4, 4))
         return torch.einsum("cr,brthw->bcthw", self._proj, pooled) * 1.2
 
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, C, T, H, W) latents -> (B, 3, T, 4H, 4W) pixels: the least-squares inverse of `encode`'s
+        projection, each latent pixel shown as the 4x4 block it pooled (one frame per latent frame)."""
+        pooled = torch.einsum("rc,bcthw->brthw", torch.linalg.pinv(self._proj.double()).to(latents.dtype),
+                              latents / 1.2)
+        return pooled.repeat_interleave(4, dim=3).repeat_interleave(4, dim=4)
+
     def batch(self, step: int, batch_size: int, rank: int = 0, world: int = 1):
         """The batch of a training step: samples [(step * world + rank) * batch_size, ...)."""
         first = (step * world + rank) * batch_size

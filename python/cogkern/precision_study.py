@@ -159,6 +159,76 @@ def plot(path: str, runs: dict) -> bool:
     return True
 
 
+def samples_section(out_dir: str, config: str, run_dirs: dict[str, str], seed: int = 0, device: str = "auto",
+                    steps: int = 50) -> dict:
+    """Samples of each precision's trained model side by side, and fp16 inference of the bf16-trained one.
+
+    Loads RUN/checkpoint.pt of each of PRECISIONS in `run_dirs`, generates one video per model for the
+    first training caption from the same seed (DDIM, `steps` steps) in the precision it trained in, and
+    once more the bf16 model cast to fp16: CogVideoX-5B was trained in bf16 and users who run it in fp16
+    report black or NaN videos. Writes OUT/samples_by_precision.png (rows: the training video, then each
+    run; columns: frames; non-finite pixels magenta). Returns {"facts": {row: inference facts}, "verdict":
+    the fp16-inference sentence (None without a bf16 run), "markdown": the report's lines, "image": path}.
+    """
+    from .diffusion import SAMPLE_DTYPES
+    from .precision import FP16_MAX
+    from .samples import advance_per_frame, caption_batch, inference_facts, training_videos, write_strip
+
+    cfg = CONFIGS[config]
+    data = ShapesVideos(cfg.video_spec(), seed=seed)
+    captions, ids = caption_batch(data, 1)
+    dev = train_mod.resolve_device(device, 0)
+    plan = [(name, name, None) for name in PRECISIONS if name in run_dirs]
+    if "bf16" in run_dirs:
+        plan.append(("bf16 -> fp16 inference", "bf16", torch.float16))
+    rows, labels, facts, latents = [training_videos(data, 1)[0]], [f"training video: {captions[0]}"], {}, {}
+    for row, run, dtype in plan:
+        state = torch.load(os.path.join(run_dirs[run], "checkpoint.pt"), map_location="cpu", weights_only=False)
+        model = VideoTransformer(cfg).to(state["model"]["patch_embed.weight"].dtype)
+        model.load_state_dict(state["model"])
+        f = inference_facts(model.to(dev), ids, dtype=dtype, steps=steps, seed=seed)
+        latents[row] = f.pop("latents")
+        video = data.decode(latents[row].float())[0]
+        short = {d: k for k, d in SAMPLE_DTYPES.items()}
+        facts[row] = dict(f, trained=run, inference=short[dtype or model.patch_embed.weight.dtype],
+                          advance=advance_per_frame(video, captions[0]))
+        rows.append(video)
+        labels.append(f"{row}" + ("" if f["finite"] else f": {f['nonfinite']} non-finite values (magenta)"))
+    image = os.path.join(out_dir, "samples_by_precision.png")
+    if not write_strip(image, rows, labels):
+        image = None
+    verdict = None
+    if "bf16" in run_dirs:
+        f = facts["bf16 -> fp16 inference"]
+        if not f["finite"]:
+            verdict = (f"fp16 inference of the bf16-trained model went wrong on `{config}`: {f['nan']} NaN and "
+                       f"{f['inf']} inf of its {f['numel']} latent values; ")
+            verdict += ("v itself stayed finite" if f["first_nonfinite_step"] is None else
+                        f"the model's v was first non-finite at step {f['first_nonfinite_step'] + 1} of {steps} "
+                        f"({f['v_nonfinite']} non-finite v values over all steps)")
+        else:
+            diff = float((latents["bf16 -> fp16 inference"] - latents["bf16"]).abs().max())
+            verdict = (f"fp16 inference of the bf16-trained model did not go wrong on `{config}`: all {f['numel']} "
+                       f"latent values finite (max-abs {f['max_abs']:.3g}), largest |v| {f['v_max_abs']:.3g} "
+                       f"(fp16's limit is {FP16_MAX:.0f}), max-abs difference from the bf16 inference {diff:.3g}")
+    lines = ["## Samples", "", f"One video per run for \"{captions[0]}\" (the first training caption), seed {seed}, "
+             f"{steps} DDIM steps (v-prediction, the training schedule), in the precision each run trained in; the "
+             "last row is the bf16-trained model run in fp16. Advance: how far the shape's centroid moves per frame "
+             f"along the caption's direction (the training video: {advance_per_frame(rows[0], captions[0]):+.3f}).", ""]
+    if verdict:
+        lines += [f"**{verdict}.**", ""]
+    lines += ["| model | inference in | finite | NaN / inf values | max-abs latents | largest finite |v| | "
+              "first non-finite step | advance / frame |", "|---|---|---|---|---|---|---|---|"]
+    for f in facts.values():  # first cells unlike the runs table's, which readers of report.md key rows by
+        first = "-" if f["first_nonfinite_step"] is None else str(f["first_nonfinite_step"] + 1)
+        lines.append(f"| {f['trained']}-trained | {f['inference']} | {'yes' if f['finite'] else 'NO'} | "
+                     f"{f['nan']} / {f['inf']} | {f['max_abs']:.3g} | {f['v_max_abs']:.3g} | {first} | "
+                     f"{f['advance']:+.3f} |")
+    if image:
+        lines += ["", "![samples by precision](samples_by_precision.png)"]
+    return dict(facts=facts, verdict=verdict, markdown=lines + [""], image=image)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m cogkern.precision_study", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -220,6 +290,8 @@ def main(argv=None) -> int:
               "excluded) per parameter; kept: params + gradients + that state.", ""]
     if plotted:
         lines += ["![loss by precision](precision_study.png)", ""]
+    lines += samples_section(args.out, args.config, {n: os.path.join(args.out, n) for n in runs}, args.seed,
+                             args.device)["markdown"]
     lines += ["## Audit (one batch, fp32 model)", "", report.to_markdown(), ""]
     with open(os.path.join(args.out, "report.md"), "w") as f:
         f.write("\n".join(lines))

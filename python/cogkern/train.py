@@ -30,7 +30,10 @@ optimizer state takes are in metrics.csv (opt_state_bytes) and the last line.
 
 Writes DIR/metrics.csv, DIR/loss.png and DIR/checkpoint.pt (atomically, every
 ``--ckpt-every`` steps and at the end); ``--resume`` continues a run so that its
-losses equal an uninterrupted run's.
+losses equal an uninterrupted run's. At the end it generates ``--samples`` videos
+(DDIM, v-prediction, ``--sample-steps`` steps) for the first training captions and
+writes them beside those training videos as DIR/samples.png (frame strip),
+DIR/samples.gif and DIR/samples.pt (cogkern.samples); ``--no-samples`` skips it.
 """
 from __future__ import annotations
 
@@ -51,6 +54,7 @@ import torch.nn as nn
 from .data import ShapesVideos
 from .diffusion import DDPMSchedule, v_loss
 from .model import ATTENTION_IMPLS, CONFIGS, ModelConfig, VideoTransformer
+from .samples import write_run_samples
 
 PRECISIONS = ("fp32", "fp16", "bf16", "bf16-sr")
 TRAIN_CONFIGS = sorted(k for k, c in CONFIGS.items() if c.trainable_on_demo_data)
@@ -99,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context-parallel", type=_positive_int, default=1, metavar="N",
                    help="N ranks share each sample, each holding a slice of the sequence (Ulysses attention)")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--samples", type=_nonneg_int, default=2, help="videos to generate at the end (0: none)")
+    p.add_argument("--no-samples", dest="samples", action="store_const", const=0, help="same as --samples 0")
+    p.add_argument("--sample-steps", type=_sample_steps, default=50, help="DDIM steps per generated video")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     return p
 
@@ -107,6 +114,13 @@ def _positive_int(s: str) -> int:
     v = int(s)
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {s}")
+    return v
+
+
+def _sample_steps(s: str) -> int:
+    v = _positive_int(s)
+    if v > DDPMSchedule().num_steps:
+        raise argparse.ArgumentTypeError(f"must be at most the {DDPMSchedule().num_steps} training timesteps, got {s}")
     return v
 
 
@@ -635,6 +649,8 @@ def train(argv=None) -> dict:
                     f"{args.config}, {args.precision}, attention={args.attention}, optimizer={args.optimizer}"
                     + (f", m/v {args.moments}" if args.moments != "fp32" else "")
                     + (", remainders" if args.param_remainders else ""))
+    if rank == 0 and args.samples:
+        summary["samples"] = write_run_samples(model, data, args.out, args.samples, args.sample_steps, args.seed)
     if world > 1:
         dist.barrier()
     return summary
@@ -653,6 +669,13 @@ def main(argv=None) -> int:
         print(f"done: {len(rows)} steps logged, loss {first:.4f} (first 10) -> {last:.4f} (last 10); "
               f"skipped {sum(r['skipped'] for r in rows)}; optimizer state {summary['optimizer_state_bytes']:,} B; "
               f"wrote {summary['out']}")
+    if "samples" in summary:
+        s = summary["samples"]
+        fmt = lambda xs: ", ".join(f"{x:+.3f}" for x in xs)  # noqa: E731
+        colors = sum(c.split()[0] == got for c, got in zip(s["captions"], s["sample_colors"]))
+        print(f"samples: {len(s['captions'])} videos, {s['steps']} DDIM steps -> {', '.join(s['files'].values())}; "
+              f"{colors}/{len(s['captions'])} in their caption's color; shape's advance per frame along its "
+              f"caption's direction: {fmt(s['sample_advance'])} (the training videos: {fmt(s['data_advance'])})")
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0
