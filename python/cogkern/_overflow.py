@@ -4,7 +4,8 @@
 The grad check (``cogkern::amp_grad_check_``) writes, in its one pass, an int32 per
 param into a flags buffer (``GRAD_INF`` / ``GRAD_NAN`` bits) and a summary entry last
 (their OR, ``GRAD_SCANNED``, ``GRAD_FOUND_INF_IN``). :class:`SkipMemory` keeps, on the
-device and without a sync, the flags of the last skipped step and which step it was;
+device and without a sync, the flags of the last skipped step and which step it was
+(one ``torch.where`` a step);
 :meth:`SkipMemory.read` is the one host read, made when a report is asked for.
 """
 from __future__ import annotations
@@ -106,51 +107,41 @@ def flags_buffer(num_params: int, device: torch.device) -> torch.Tensor:
     return torch.zeros(num_params + 1, dtype=torch.int32, device=device)
 
 
+def step_record(num_params: int, device: torch.device, previous: torch.Tensor | None = None) -> torch.Tensor:
+    """A step's record, int32 [count, one flag per param, summary]: the grad check writes
+    ``record[1:]``, the caller counts in ``record[0]``. Carries `previous`'s count and, when
+    params were added (their flat indices follow the old ones), its flags."""
+    record = torch.zeros(num_params + 2, dtype=torch.int32, device=device)
+    if previous is not None:
+        previous = previous.to(device)
+        keep = min(record.numel(), previous.numel()) - 1
+        record[:keep].copy_(previous[:keep])
+        record[-1:].copy_(previous[-1:])
+    return record
+
+
 class SkipMemory:
-    """The flags of the last skipped step, kept on the device (updated without a sync),
-    and the count (1-based) of that step."""
+    """The record (step_record) of the last skipped step, kept on the device and updated
+    without a sync; its count slot says which step that was (0: none yet)."""
 
     def __init__(self) -> None:
-        self.count: torch.Tensor | None = None  # int64, this memory's steps so far
-        self.last_step: torch.Tensor | None = None  # int64, count at the last skip (0: none)
-        self.flags: torch.Tensor | None = None  # int32, the flags of that step
+        self.last: torch.Tensor | None = None
 
-    def _fit(self, flags: torch.Tensor) -> None:
-        if self.count is None or self.count.device != flags.device:
-            self.count = torch.zeros((), dtype=torch.int64, device=flags.device)
-            self.last_step = torch.zeros((), dtype=torch.int64, device=flags.device)
-            self.flags = torch.zeros_like(flags)
-        elif self.flags.numel() != flags.numel():  # params were added: the old flat indices stay valid
-            resized = torch.zeros_like(flags)
-            keep = min(resized.numel(), self.flags.numel()) - 1
-            resized[:keep].copy_(self.flags[:keep])
-            resized[-1:].copy_(self.flags[-1:])
-            self.flags = resized
-
-    def tick(self, device: torch.device) -> torch.Tensor:
-        """Counts a step (no sync); returns the count."""
-        if self.count is None or self.count.device != device:
-            self._fit(flags_buffer(0, device))
-        self.count += 1
-        return self.count
-
-    def record(self, skipped: torch.Tensor, flags: torch.Tensor, count: torch.Tensor | None = None) -> None:
-        """After tick(): keeps `flags` (this step's) and `count` (default: this memory's own)
-        when `skipped` (a device flag, nonzero: skipped)."""
-        self._fit(flags)
-        hit = skipped.reshape(()) != 0
-        torch.where(hit, flags, self.flags, out=self.flags)
-        torch.where(hit, self.count if count is None else count, self.last_step, out=self.last_step)
+    def record(self, skipped: torch.Tensor, current: torch.Tensor) -> None:
+        """Keeps `current` (this step's record) if `skipped` (a 0-dim bool device tensor)."""
+        if self.last is None or self.last.numel() != current.numel() or self.last.device != current.device:
+            self.last = step_record(current.numel() - 2, current.device, self.last)
+        torch.where(skipped, current, self.last, out=self.last)
 
     def packed(self, device: torch.device) -> torch.Tensor:
-        """[last skipped step (0: none), flags...] as int64 on `device`, to read with others at once."""
-        if self.count is None:
+        """The record as int64 on `device` ([0] before any step), to read with others at once."""
+        if self.last is None:
             return torch.zeros(1, dtype=torch.int64, device=device)
-        return torch.cat([self.last_step.reshape(1), self.flags.to(torch.int64)]).to(device, non_blocking=True)
+        return self.last.to(device=device, dtype=torch.int64, non_blocking=True)
 
     def read(self) -> tuple[int, list[int]]:
-        """(last skipped step or 0, its flags): the one host read."""
-        values = self.packed(self.count.device if self.count is not None else torch.device("cpu")).tolist()
+        """(last skipped step or 0, its flags then the summary): the one host read."""
+        values = self.packed(self.last.device if self.last is not None else torch.device("cpu")).tolist()
         return values[0], values[1:]
 
 

@@ -123,7 +123,8 @@ class DynamicLossScaler:
         self._per_optimizer: dict[int, dict[str, Any]] = {}
         # The last skipped iteration (counted in update() calls), and per optimizer the
         # per-param inf/NaN flags it had then: on the device, read by overflow_report().
-        self._iterations = SkipMemory()
+        self._iteration: torch.Tensor | None = None  # int32 (1,): update() calls that read the flags
+        self._iterations = SkipMemory()  # records [iteration] alone: the last skipped one
         self._optimizer_skips: dict[int, tuple[weakref.ref, SkipMemory]] = {}
 
     # ------------------------------------------------------------------ state
@@ -352,8 +353,11 @@ class DynamicLossScaler:
 
     def _remember_skip(self) -> None:
         """Keeps this iteration's per-param flags on the device if it was skipped (no sync)."""
-        count = self._iterations.tick(self._found_inf.device)
-        self._iterations.record(self._found_inf, flags_buffer(0, self._found_inf.device))
+        if self._iteration is None:
+            self._iteration = torch.zeros(1, dtype=torch.int32, device=self._found_inf.device)
+        self._iteration += 1
+        skipped = self._found_inf != 0
+        self._iterations.record(skipped, self._iteration)
         for key, st in self._per_optimizer.items():
             if st["flags"] is None:
                 continue
@@ -361,16 +365,16 @@ class DynamicLossScaler:
             if ref is None or ref() is not st["optimizer"]():  # new, or an id reused by another optimizer
                 memory = SkipMemory()
                 self._optimizer_skips[key] = (st["optimizer"], memory)
-            memory.record(self._found_inf, st["flags"], count)
+            memory.record(skipped, torch.cat([self._iteration, st["flags"].to(self._iteration.device)]))
 
     def overflow_report(self) -> OverflowReport:
         """The last skipped iteration (counted in update() calls, from 1) and the params whose
         gradients held inf / NaN in it, by name when the optimizer was built from
         named_parameters(), else by group and index; or why none is named (another rank
         overflowed, the flag came from elsewhere). One sync, however many optimizers."""
-        if self._iterations.count is None:
+        if self._iteration is None:
             return OverflowReport(None, "none", counted_as="iteration")
-        device = self._iterations.count.device
+        device = self._iteration.device
         live = [(ref(), memory) for ref, memory in self._optimizer_skips.values() if ref() is not None]
         packed = [self._iterations.packed(device)] + [memory.packed(device) for _, memory in live]
         values = torch.cat(packed).tolist()  # the one host read

@@ -54,7 +54,7 @@ import torch
 
 from . import _extension, _guard  # noqa: F401  (_extension loads the ops)
 from ._distributed import reduce_found_inf_
-from ._overflow import OverflowReport, SkipMemory, build_report, flags_buffer, param_labels
+from ._overflow import OverflowReport, SkipMemory, build_report, param_labels, step_record
 
 _ops = torch.ops.cogkern
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -322,7 +322,7 @@ class FusedAdamW(torch.optim.Optimizer):
         self._device: torch.device | None = None
         self._param_dtypes: dict[int, torch.dtype] = {}
         self._scalars: torch.Tensor | None = None
-        self._grad_flags: torch.Tensor | None = None  # the last step's per-param inf/NaN bits (_overflow.py)
+        self._step_record: torch.Tensor | None = None  # [step() calls, per-param inf/NaN bits, summary]
         self._skips = SkipMemory()
         self._checked_dtypes: set[torch.dtype] = set()  # precision modes past their first-use check
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
@@ -403,7 +403,7 @@ class FusedAdamW(torch.optim.Optimizer):
     def grad_flags(self) -> torch.Tensor | None:
         """int32 device tensor of the last step: per param (flat over param_groups) its
         gradient's inf (1) / NaN (2) bits, then a summary entry (cogkern._overflow). No sync."""
-        return self._grad_flags
+        return None if self._step_record is None else self._step_record[1:]
 
     def overflow_report(self) -> OverflowReport:
         """The last skipped step (counted in step() calls) and the params whose gradients
@@ -526,16 +526,17 @@ class FusedAdamW(torch.optim.Optimizer):
         found_in = self._as_device_scalar(found_in, "found_inf")
 
         grads = [g for _, _, _, g in entries]
-        if self._grad_flags is None or self._grad_flags.numel() != flat + 1:
-            self._grad_flags = flags_buffer(flat, device)
+        record = self._step_record
+        if record is None or record.numel() != flat + 2:
+            record = self._step_record = step_record(flat, device, record)
+        record[:1] += 1  # step() calls, counted on the device
         # Always rewrites the step scalars and flags, so skipped_flag and grad_flags describe
         # this step even when there is nothing to update.
         _ops.amp_grad_check_(grads, scale, found_in, self.max_grad_norm or 0.0, scan and bool(entries), False, scalars,
-                             self._grad_flags, [index for index, _, _, _ in entries])
+                             record[1:], [index for index, _, _, _ in entries])
         if scan or found_in is not None:
             reduce_found_inf_(scalars[0:1], self.process_group)
-        self._skips.tick(device)
-        self._skips.record(scalars[0], self._grad_flags)
+        self._skips.record(scalars[0] != 0, record)
         if entries:
             self._apply(entries, scalars)
         return loss

@@ -226,6 +226,20 @@ def test_several_optimizers_of_one_scaler_are_told_apart():
     assert not opt_a.last_step_skipped and opt_a.overflow_report().cause == "none"
 
 
+def test_params_added_after_a_skip_keep_the_report_and_get_named_later():
+    params = named_params("cpu", seed=6)
+    opt = FusedAdamW(params[:3], lr=1e-3)
+    scaler = DynamicLossScaler(init_scale=2.0**8, hysteresis=1)
+    scaled_step(scaler, opt, params[:3], 1, {"blocks.0.attn.to_q.bias": [(5, math.inf)]})
+    opt.add_param_group({"params": params[3:], "lr": 1e-4})  # the flags grow: the old indices keep their meaning
+    scaled_step(scaler, opt, params, 2)
+    for report in (scaler.overflow_report(), opt.overflow_report()):
+        assert report.step == 1 and names_kinds(report) == [("blocks.0.attn.to_q.bias", "inf")]
+    scaled_step(scaler, opt, params, 3, {"proj_out.weight": [(2, math.nan)]})
+    for report in (scaler.overflow_report(), opt.overflow_report()):
+        assert report.step == 3 and report.entries == (OverflowEntry("proj_out.weight", 1, 2, "NaN"),)
+
+
 # ----------------------------------------------------------------------------- no host sync in the step
 
 
