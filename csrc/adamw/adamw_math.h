@@ -709,7 +709,14 @@ struct GradCheckChunk {
     const T zero = from_acc<T>(0.0f);
     const int64_t load_stride = int64_t(nlanes) * N;  // between a lane's loads
     float sumsq[N];
-    uint32_t nonfinite = 0;
+#if defined(__CUDA_ARCH__)
+    constexpr int kFlagLanes = 1;  // one register: the GPU check is bandwidth-bound
+#else
+    constexpr int kFlagLanes = N;  // one per SIMD lane: no horizontal OR per iteration (OR: any order)
+#endif
+    uint32_t nonfinite[kFlagLanes];
+#pragma unroll
+    for (int k = 0; k < kFlagLanes; ++k) nonfinite[k] = 0;
 #pragma unroll
     for (int k = 0; k < N; ++k) sumsq[k] = 0.0f;
     for (int64_t i0 = begin + int64_t(lane) * N; i0 < end; i0 += load_stride * LOADS) {
@@ -735,7 +742,7 @@ struct GradCheckChunk {
 #pragma unroll
         for (int k = 0; k < N; ++k) {
           const float g = to_acc<float>(g_raw[j][k]);
-          nonfinite |= nonfinite_bits(g);
+          nonfinite[k % kFlagLanes] |= nonfinite_bits(g);
           u[k] = mul_rn(g, inv_scale);
           sumsq[k] = add_rn(sumsq[k], mul_rn(u[k], u[k]));
         }
@@ -749,7 +756,8 @@ struct GradCheckChunk {
     GradCheckPartial r;
 #pragma unroll
     for (int k = 0; k < N; ++k) r.sumsq = add_rn(r.sumsq, sumsq[k]);
-    r.nonfinite = nonfinite;
+#pragma unroll
+    for (int k = 0; k < kFlagLanes; ++k) r.nonfinite |= nonfinite[k];
     return r;
   }
 };
