@@ -15,7 +15,10 @@ optimizer is a :class:`cogkern.optim.FusedAdamW` (or a torch optimizer that
 takes ``grad_scale``/``found_inf``, such as ``AdamW(fused=True)``): the
 overflow check, the skip and the scale update all happen on the device. Other
 optimizers need one host read per step to decide whether to step, as with
-torch's GradScaler. ``unscale_`` also works on float16 gradients.
+torch's GradScaler. ``unscale_`` also works on float16 gradients, and on DTensor
+(FSDP2) gradients: their local shards, with the overflow flag MAX-reduced over
+``process_group``. Its state is a dict of numbers, the same on every rank: it
+goes into a DCP checkpoint as it is.
 
 ``overflow_report()`` says which params' gradients held inf / NaN in the last
 skipped iteration (the check's per-param flags are kept on the device; the
@@ -32,7 +35,7 @@ from typing import Any
 import torch
 
 from . import _extension  # noqa: F401  (loads the ops)
-from ._distributed import reduce_found_inf_
+from ._distributed import check_dtensor_grad, local, reduce_found_inf_
 from ._overflow import OverflowReport, SkipMemory, build_report, flags_buffer, param_labels
 
 _ops = torch.ops.cogkern
@@ -238,6 +241,8 @@ class DynamicLossScaler:
                     continue
                 if g.is_sparse or g.layout != torch.strided:
                     raise ValueError(f"param_groups[{gi}] has a param with a sparse gradient; not supported")
+                check_dtensor_grad(p, g, f"param_groups[{gi}]")
+                g = local(g)  # DTensor (FSDP2): its local shard, unscaled in place
                 grads, indices = by_device.setdefault(g.device, ([], []))
                 grads.append(g)
                 indices.append(index)

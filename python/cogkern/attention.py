@@ -270,6 +270,17 @@ class FusedAttention(nn.Module):
         bias: bias in to_q, to_k, to_v.
         out_bias: bias in the output projection.
         eps: the QK-norm epsilon.
+        group: None (one process, the whole sequence), or a torch.distributed
+            ProcessGroup (e.g. ``torch.distributed.group.WORLD``) over which the
+            sequence is split: ``forward`` then runs
+            :func:`cogkern.parallel.ulysses_attention`, ``hidden_states`` is this
+            rank's contiguous slice of [text; video] (ranks in order) and
+            ``text_len`` and ``rope`` are the full sequence's. ``heads`` must be
+            divisible by the group size. The parameters' gradients are then this
+            rank's share: all-reduce them over the group (as DDP or FSDP over the
+            group does) for the full-sequence gradient. Copies of the module
+            (``copy.deepcopy``) share the group; ``module.group = ...`` sets it
+            later.
     """
 
     def __init__(
@@ -281,6 +292,7 @@ class FusedAttention(nn.Module):
         bias: bool = True,
         out_bias: bool = True,
         eps: float = 1e-6,
+        group=None,
     ) -> None:
         super().__init__()
         if not _is_int(dim) or dim < 1:
@@ -312,11 +324,33 @@ class FusedAttention(nn.Module):
             self.norm_q = None
             self.norm_k = None
         self.to_out = nn.ModuleList([nn.Linear(inner, dim, bias=out_bias), nn.Dropout(0.0)])
+        self.group = group
+
+    @property
+    def group(self):
+        """The process group the sequence is split over, or None. Settable, e.g. on a model built
+        before ``init_process_group``; heads must be divisible by its size."""
+        return None if self._group is None else self._group.group
+
+    @group.setter
+    def group(self, group) -> None:
+        self._group = None
+        if group is not None:
+            from .parallel import SharedGroup, check_group  # (parallel imports this module)
+
+            check_group(group, self.heads)
+            self._group = SharedGroup(group)
 
     def forward(
-        self, hidden_states: torch.Tensor, rope: Union[RoPE3D, RopeTable, None] = None, text_len: int = 0
+        self,
+        hidden_states: torch.Tensor,
+        rope: Union[RoPE3D, RopeTable, None] = None,
+        text_len: int = 0,
+        seq_lens=None,
     ) -> torch.Tensor:
-        """``hidden_states``: ``(batch, seq, dim)`` = [text; video] tokens; returns the same shape."""
+        """``hidden_states``: ``(batch, seq, dim)`` = [text; video] tokens (with a group: this rank's
+        slice of them); returns the same shape. ``seq_lens`` (with a group only): every rank's
+        slice length, to skip ulysses_attention's all_gather of them (a host sync per call)."""
         if not torch.is_tensor(hidden_states) or hidden_states.dim() != 3:
             shape = tuple(hidden_states.shape) if torch.is_tensor(hidden_states) else type(hidden_states).__name__
             raise ValueError(f"hidden_states must be (batch, seq, dim), got {shape}")
@@ -335,7 +369,16 @@ class FusedAttention(nn.Module):
                 k_norm_bias=getattr(self.norm_k, "bias", None),
                 norm_eps=_norm_eps(self.norm_q, hidden_states.dtype),
             )
-        out = fused_attention(q, k, v, rope=rope, text_len=text_len, **norm_kwargs)
+        if self._group is None:
+            if seq_lens is not None:
+                raise ValueError("seq_lens is for a FusedAttention built with a group; this one has none")
+            out = fused_attention(q, k, v, rope=rope, text_len=text_len, **norm_kwargs)
+        else:
+            from .parallel import ulysses_attention  # (parallel imports this module)
+
+            out = ulysses_attention(
+                q, k, v, group=self.group, seq_lens=seq_lens, rope=rope, text_len=text_len, **norm_kwargs
+            )
         out = self.to_out[0](out.flatten(2))
         return self.to_out[1](out)
 

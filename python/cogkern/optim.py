@@ -43,6 +43,10 @@ then unscales and clips inside (gradients are never written back) and, on
 overflow, leaves params, master weights, moments and step counts bit-for-bit
 unchanged. The decision is made on the device: a step never synchronizes with
 the host, so it can be captured into a CUDA graph (``capturable=True``).
+
+Under FSDP2 (DTensor params) the update runs on the local shards, ``max_grad_norm``
+clips by the norm over all shards and ranks, and the state checkpoints with
+torch.distributed.checkpoint, also to another world size (see ``FusedAdamW``).
 """
 from __future__ import annotations
 
@@ -53,7 +57,7 @@ from typing import Any, Callable
 import torch
 
 from . import _extension, _guard  # noqa: F401  (_extension loads the ops)
-from ._distributed import reduce_found_inf_
+from ._distributed import check_dtensor_grad, grad_check_, is_dtensor, like_param, local, local_state
 from ._overflow import OverflowReport, SkipMemory, build_report, param_labels, step_record
 
 _ops = torch.ops.cogkern
@@ -128,6 +132,26 @@ def _dequantize_moment(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tenso
     out = torch.empty_like(codes, dtype=torch.float32, memory_format=torch.preserve_format)
     _memory_flat(out).copy_(value)
     return out
+
+
+def _element_scales(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Each code's block scale, as a fp32 tensor of the codes' shape and layout."""
+    out = torch.empty_like(codes, dtype=torch.float32, memory_format=torch.preserve_format)
+    _memory_flat(out).copy_(scales.repeat_interleave(MOMENT_BLOCK)[: codes.numel()])
+    return out
+
+
+def _from_element_scales(codes: torch.Tensor, element_scales: torch.Tensor):
+    """(codes, block scales) when the per-element scales are constant over each of this
+    layout's blocks (the blocks they were saved from: exact); else (fp32 moments, None)."""
+    scales = torch.empty_like(codes, dtype=torch.float32, memory_format=torch.preserve_format)
+    scales.copy_(element_scales)  # into the codes' memory order
+    flat = _memory_flat(scales)
+    firsts = flat[::MOMENT_BLOCK].clone()
+    if torch.equal(firsts.repeat_interleave(MOMENT_BLOCK)[: flat.numel()], flat):
+        return codes, firsts
+    ones = torch.ones(-(-codes.numel() // MOMENT_BLOCK), dtype=torch.float32, device=codes.device)
+    return _dequantize_moment(codes, ones) * scales, None  # code value * 1, then * its scale: exact
 
 
 def _quantize_moment(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,14 +281,44 @@ class FusedAdamW(torch.optim.Optimizer):
             one bf16 ulp where the master lies exactly halfway).
         max_grad_norm: clip the global norm of the (unscaled) gradients to this,
             like ``torch.nn.utils.clip_grad_norm_``, inside the update. A step
-            whose gradients contain inf/NaN is then skipped. The norm is over
-            this process's gradients (identical on every rank under DDP;
-            sharded gradients would need a sum across ranks, not done here).
+            whose gradients contain inf/NaN is then skipped. The norm is global
+            over ranks: DTensor (FSDP2/HSDP) gradients' local squared sums are
+            summed over their shard groups (one all-reduce of a 2-element device
+            tensor, which carries the overflow flag too when the shard group is
+            ``process_group``'s ranks), replicated gradients (plain tensors, as
+            under DDP, and Replicate placements) count once; the clip coefficient
+            is min(max_norm / (norm + 1e-6), 1) in fp32, as the kernel's. No sync.
         capturable: allow the step inside CUDA graph capture. (Steps never
             synchronize; this only enables the capture-time checks.)
         seed: stochastic-rounding seed (default: ``torch.initial_seed()``).
+            ``get_optimizer_state_dict`` does not carry it: for a bit-exact
+            resume of bf16 / int8 moments or stochastic rounding under DCP, build
+            the optimizer with the same seed.
         process_group: overflow flags are MAX-reduced over it under
             torch.distributed (default: the world).
+
+    DTensor params (``torch.distributed.fsdp.fully_shard``) are updated on their
+    local shards, in every precision and ``moments`` mode; plain and DTensor
+    params mix in one optimizer. Their state is sized from the local shard and
+    is a DTensor laid out as the param (``step`` is a plain scalar, as in torch's
+    AdamW), except the int8 block scales: plain tensors, one per 256 elements of
+    the local shard in memory order (blocks never straddle shards). DTensor
+    gradients with a Partial placement are refused (ValueError).
+
+    Checkpoints under torch.distributed.checkpoint: ``get_optimizer_state_dict`` /
+    ``set_optimizer_state_dict`` and ``dcp.save`` / ``dcp.load`` work; the same
+    world size resumes bit for bit. Another world size (or sharding) reshards
+    every param-shaped state elementwise (moments, masters, remainders: exact).
+    int8 moments reshard too: ``state_dict`` gives a sharded param's block scales
+    per element (``exp_avg_scale`` / ``exp_avg_sq_scale`` as fp32 DTensors of
+    the param's shape, 8 checkpoint bytes per element beside the 2 of the codes),
+    so that each code travels with its scale. On load, where an element's scales
+    are constant over each of the new local blocks (the same sharding), codes and
+    scales are taken as they are (exact); otherwise the moments are decoded
+    exactly and requantized on the new blocks, rounded to nearest (at most 1/16
+    relative, plus the tiny-code floor). A plain-tensor (unsharded) optimizer does
+    not load a sharded int8 checkpoint through DCP (its template's block scales
+    have another shape, which DCP refuses); load it into a 1-rank FSDP2 model.
 
     After a step, ``skipped_flag`` (device tensor, 1.0 if the step was skipped)
     and ``grad_norm`` (device tensor) are available without synchronizing;
@@ -391,7 +445,8 @@ class FusedAdamW(torch.optim.Optimizer):
     @property
     def grad_norm(self) -> torch.Tensor:
         """0-dim float32 device tensor: the global norm of the last step's unscaled gradients
-        (computed when ``max_grad_norm`` is set or a loss scaler checked the gradients)."""
+        (computed when ``max_grad_norm`` is set or a loss scaler checked the gradients), over
+        all shards and ranks for DTensor gradients."""
         return self._step_scalars()[3]
 
     @property
@@ -420,21 +475,29 @@ class FusedAdamW(torch.optim.Optimizer):
     # ------------------------------------------------------------------ state
     def _init_state(self, p: torch.Tensor, mode: str) -> dict:
         state = self.state[p]
+        # A DTensor param's state is sized from its local shard and is a DTensor laid out as
+        # the param (as torch's AdamW state under FSDP2); int8 blocks (plain tensors) are
+        # per local shard. ``step`` is a plain scalar, the same on every rank.
+        owner, p = p, local(p)
         if "step" not in state:
             m_dtype, v_dtype = _MOMENT_DTYPES[self.moments]
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
             # Zero codes with zero scales are zero moments.
-            state["exp_avg"] = torch.zeros_like(p, dtype=m_dtype, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=v_dtype, memory_format=torch.preserve_format)
+            state["exp_avg"] = like_param(owner, torch.zeros_like(p, dtype=m_dtype,
+                                                                  memory_format=torch.preserve_format))
+            state["exp_avg_sq"] = like_param(owner, torch.zeros_like(p, dtype=v_dtype,
+                                                                     memory_format=torch.preserve_format))
             if self.moments == "int8":
                 blocks = -(-p.numel() // MOMENT_BLOCK)
                 state["exp_avg_scale"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
                 state["exp_avg_sq_scale"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
         if mode == _MASTER and "master_param" not in state:
-            state["master_param"] = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
+            state["master_param"] = like_param(owner, p.detach().to(torch.float32, memory_format=torch.preserve_format,
+                                                                    copy=True))
         if mode == _REMAINDER and "master_remainder" not in state:
             # The master starts as the param itself: a zero remainder.
-            state["master_remainder"] = torch.zeros_like(p, dtype=torch.int16, memory_format=torch.preserve_format)
+            state["master_remainder"] = like_param(owner, torch.zeros_like(p, dtype=torch.int16,
+                                                                           memory_format=torch.preserve_format))
         return state
 
     def state_bytes(self) -> dict[str, int]:
@@ -450,6 +513,7 @@ class FusedAdamW(torch.optim.Optimizer):
             for name, kind in kinds.items():
                 t = state.get(name)
                 if torch.is_tensor(t):
+                    t = local(t)  # this process's bytes
                     out[kind] += t.numel() * t.element_size()
         out["total"] = sum(v for k, v in out.items() if k != "total")
         return out
@@ -499,6 +563,7 @@ class FusedAdamW(torch.optim.Optimizer):
                 if g.dtype != p.dtype:
                     raise ValueError(f"param_groups[{gi}]: a {p.dtype} param has a {g.dtype} gradient; "
                                      "they must match")
+                check_dtensor_grad(p, g, f"param_groups[{gi}]")
                 entries.append((index, gi, p, g))
         device = self._device
         if device is None:  # no params at all
@@ -531,11 +596,9 @@ class FusedAdamW(torch.optim.Optimizer):
             record = self._step_record = step_record(flat, device, record)
         record[:1] += 1  # step() calls, counted on the device
         # Always rewrites the step scalars and flags, so skipped_flag and grad_flags describe
-        # this step even when there is nothing to update.
-        _ops.amp_grad_check_(grads, scale, found_in, self.max_grad_norm or 0.0, scan and bool(entries), False, scalars,
-                             record[1:], [index for index, _, _, _ in entries])
-        if scan or found_in is not None:
-            reduce_found_inf_(scalars[0:1], self.process_group)
+        # this step even when there is nothing to update. DTensor grads: the global norm (cogkern._distributed).
+        grad_check_(grads, scale, found_in, self.max_grad_norm or 0.0, scan, scalars, self.process_group,
+                    record[1:], [index for index, _, _, _ in entries])
         self._skips.record(scalars[0] != 0, record)
         if entries:
             self._apply(entries, scalars)
@@ -577,15 +640,16 @@ class FusedAdamW(torch.optim.Optimizer):
             m_scales, v_scales = [], []
             for index, gi, p, g in items:
                 state = self._init_state(p, mode)
-                params.append(p)
-                grads.append(g)
-                ms.append(state["exp_avg"])
-                vs.append(state["exp_avg_sq"])
+                # DTensors (FSDP2): the ops update the local shards in place.
+                params.append(local(p))
+                grads.append(local(g))
+                ms.append(local(state["exp_avg"]))
+                vs.append(local(state["exp_avg_sq"]))
                 steps.append(state["step"])
                 if mode == _MASTER:
-                    masters.append(state["master_param"])
+                    masters.append(local(state["master_param"]))
                 elif mode == _REMAINDER:
-                    masters.append(state["master_remainder"])  # int16 masters: remainders, to the op
+                    masters.append(local(state["master_remainder"]))  # int16 masters: remainders, to the op
                 if self.moments == "int8":
                     m_scales.append(state["exp_avg_scale"])
                     v_scales.append(state["exp_avg_sq_scale"])
@@ -599,8 +663,20 @@ class FusedAdamW(torch.optim.Optimizer):
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         """torch's optimizer state_dict (state holds step, exp_avg, exp_avg_sq and, with
-        master weights, master_param) plus this optimizer's settings under 'cogkern'."""
+        master weights, master_param) plus this optimizer's settings under 'cogkern'.
+        A DTensor param's int8 block scales go out per element (see the class docstring)."""
         sd = super().state_dict()
+        if self.moments == "int8":
+            # A sharded param's int8 block scales belong to blocks of its local shard (in memory
+            # order), which another sharding cuts elsewhere: they go out per element, as DTensors
+            # laid out as the param, so that DCP reshards them with the codes.
+            params = [p for group in self.param_groups for p in group["params"]]
+            for index, st in sd["state"].items():
+                p = params[index]
+                if is_dtensor(p) and "exp_avg_scale" in st:
+                    st = sd["state"][index] = dict(st)  # a copy: self.state keeps the block scales
+                    for name, codes in (("exp_avg_scale", "exp_avg"), ("exp_avg_sq_scale", "exp_avg_sq")):
+                        st[name] = like_param(p, _element_scales(local(st[codes]), st[name]))
         sd["cogkern"] = {
             "seed": self.seed,
             "master_weights": self.master_weights,
@@ -651,18 +727,21 @@ class FusedAdamW(torch.optim.Optimizer):
             if p is None:
                 continue
             state = self.state[p]
+            # A DTensor param's state loads as local shards (cogkern._distributed.local_state).
+            owner, p = p, local(p)
+            saved_state = {name: local_state(owner, value) for name, value in saved_state.items()}
             for name, value in self._loaded_state(p, saved_state).items():
                 if not torch.is_tensor(value):
                     state[name] = value
                     continue
-                current = state.get(name)
+                current = local(state.get(name))
                 if (current is not None and torch.is_tensor(current) and current.shape == value.shape
                         and current.dtype == value.dtype):
                     current.copy_(value)  # in place: a captured graph keeps its pointers
                 elif name in _PARAM_SHAPED:
                     like = torch.empty_like(p, dtype=value.dtype, memory_format=torch.preserve_format)
                     like.copy_(value)
-                    state[name] = like
+                    state[name] = like_param(owner, like)
                 else:
                     state[name] = value.detach().to(p.device).clone()
 
@@ -696,6 +775,15 @@ class FusedAdamW(torch.optim.Optimizer):
                 blocks = -(-p.numel() // MOMENT_BLOCK)
                 m_scale = saved["exp_avg_scale"].detach().to(device=p.device, dtype=torch.float32)
                 v_scale = saved["exp_avg_sq_scale"].detach().to(device=p.device, dtype=torch.float32)
+                if tuple(m_scale.shape) == tuple(p.shape) and v.dtype == torch.uint8:
+                    # Per-element scales (a sharded param's checkpoint, see state_dict).
+                    m, m_scale = _from_element_scales(m, m_scale)
+                    v, v_scale = _from_element_scales(v, v_scale)
+                    if m_scale is None or v_scale is None:  # blocks moved (another sharding): fp32 values
+                        m = m if m_scale is None else _dequantize_moment(m, m_scale)
+                        v = v if v_scale is None else _dequantize_moment(v, v_scale)
+                        saved_int8 = False
+            if saved_int8:
                 if m_scale.numel() != blocks or v_scale.numel() != blocks or v.dtype != torch.uint8:
                     raise ValueError(f"state_dict's int8 moments need uint8 exp_avg_sq and {blocks} scales per "
                                      f"moment for a param of {p.numel()} elements")
