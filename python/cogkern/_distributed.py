@@ -4,6 +4,8 @@ DTensor plumbing (FSDP2's ``fully_shard`` params and grads are DTensors; the ops
 take their local shards, and the gradient norm is summed over the shards)."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import _extension  # noqa: F401  (loads the ops)
@@ -112,7 +114,8 @@ def _same_ranks(group, process_group) -> bool:
 
 
 def grad_check_(grads: list[torch.Tensor], scale: torch.Tensor | None, found_inf: torch.Tensor | None,
-                max_norm: float, scan: bool, out: torch.Tensor, process_group=None) -> None:
+                max_norm: float, scan: bool, out: torch.Tensor, process_group=None,
+                tensor_flags: torch.Tensor | None = None, flag_indices: list[int] | None = None) -> None:
     """``cogkern.amp_grad_check_`` over plain tensors and DTensors, with the overflow flag
     MAX-reduced over process_group (the world by default); writes out = [found_inf,
     inv_scale, clip_coef, grad_norm], the step scalars the update kernel reads.
@@ -122,20 +125,29 @@ def grad_check_(grads: list[torch.Tensor], scale: torch.Tensor | None, found_inf
     carries the overflow flag, when the shard group is process_group's ranks), the
     replicated ones (plain tensors, Replicate placements) count once, and the clip
     coefficient follows the kernel's rule (adamw_math.h finalize_grad_check). No host sync.
+    tensor_flags / flag_indices: the op's per-grad inf/NaN bits (this rank's shards), as the op.
     """
     if not scan or not any(is_dtensor(g) for g in grads):
-        _ops.amp_grad_check_([local(g) for g in grads], scale, found_inf, max_norm, scan and bool(grads), False, out)
+        _ops.amp_grad_check_([local(g) for g in grads], scale, found_inf, max_norm, scan and bool(grads), False, out,
+                             tensor_flags, flag_indices)
         if scan or found_inf is not None:
             reduce_found_inf_(out[0:1], process_group)
         return
-    buckets: dict[tuple, list[torch.Tensor]] = {}  # shard groups -> local grads; () counts once
-    for g in grads:
-        buckets.setdefault(_shard_groups(g), []).append(local(g))
-    partial = {}
-    for groups, local_grads in buckets.items():
+    buckets: dict[tuple, tuple[list, list]] = {}  # shard groups -> local grads, their flag indices; () counts once
+    for i, g in enumerate(grads):
+        local_grads, indices = buckets.setdefault(_shard_groups(g), ([], []))
+        local_grads.append(local(g))
+        indices.append(i if flag_indices is None else flag_indices[i])
+    partial, bucket_flags = {}, []
+    for groups, (local_grads, indices) in buckets.items():
         o = torch.empty(4, dtype=torch.float32, device=out.device)
-        _ops.amp_grad_check_(local_grads, scale, found_inf, 0.0, True, False, o)
+        flags = None if tensor_flags is None else torch.empty_like(tensor_flags)
+        _ops.amp_grad_check_(local_grads, scale, found_inf, 0.0, True, False, o, flags,
+                             None if flags is None else indices)
         partial[groups] = o
+        bucket_flags.append(flags)
+    if tensor_flags is not None:  # each bucket's call wrote every entry: the OR is the whole picture
+        tensor_flags.copy_(functools.reduce(torch.bitwise_or, bucket_flags))
     found = torch.stack([o[0] for o in partial.values()]).amax()
     sharded = [(groups, o[3] * o[3]) for groups, o in partial.items() if groups]
     if len(sharded) == 1 and len(sharded[0][0]) == 1 and _same_ranks(sharded[0][0][0], process_group):

@@ -231,6 +231,8 @@ def _sharded_worker(rank, world, out_dir):
                 _train(model, opt, range(step, step + 1), rank, world, scaler=scaler, overflow=(1, 1))
                 records.append((before, _snapshot(model, opt), scaler.get_scale()))
             out["overflow_" + name] = records
+            report = (opt if name == "gradscaler" else scaler).overflow_report()  # this rank's shards' flags
+            out["report_" + name] = (str(report), report.cause, report.step)
         # 4. bf16 and int8 moments track fp32 moments.
         for moments in ("fp32", "bf16", "int8"):
             model, opt = _sharded(PRECISION["fp32"], mesh, moments=moments)
@@ -376,6 +378,11 @@ def test_overflow_on_one_rank_skips_the_step_on_both(runs, scaler):
     for a, b in zip(r0["overflow_" + scaler], r1["overflow_" + scaler]):
         for x, y in zip(a[1][0], b[1][0]):
             assert _bits_equal(x, y)  # gathered params agree on both ranks
+    # Rank 1 names its culprit (the second step() / update() call); rank 0 says where its skip came from.
+    counted = "step" if scaler == "gradscaler" else "iteration"
+    assert r1["report_" + scaler] == (f"{counted} 2 skipped: inf in param_groups[0]['params'][0].grad", "overflow", 2)
+    # torch's GradScaler hands rank 0 a found_inf that is already set (its check of the DTensor grads).
+    assert r0["report_" + scaler][1:] == ("found_inf_in" if scaler == "gradscaler" else "other_rank", 2)
 
 
 def test_lean_moments_track_fp32_moments(runs):
