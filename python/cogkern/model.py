@@ -42,6 +42,10 @@ class ModelConfig:
     text_len: int = 4
     time_embed_dim: int = 128
     mlp_ratio: int = 4
+    # Massive activations (the "stress" config): the first `massive_channels` channels of every block's
+    # adaptive-LayerNorm gains start at `massive_gain` instead of 1. See MASSIVE_ACTIVATIONS below.
+    massive_channels: int = 0
+    massive_gain: float = 1.0
 
     @property
     def head_dim(self) -> int:
@@ -152,6 +156,11 @@ class VideoTransformer(nn.Module):
             nn.Linear(cfg.dim, cfg.time_embed_dim), nn.SiLU(), nn.Linear(cfg.time_embed_dim, cfg.time_embed_dim)
         )
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
+        if cfg.massive_channels:
+            with torch.no_grad():  # after the random init, so every other weight is the default config's
+                for block in self.blocks:
+                    for norm in (block.norm1.norm, block.norm2.norm):
+                        norm.weight[: cfg.massive_channels] = cfg.massive_gain
         self.norm_final = nn.LayerNorm(cfg.dim, eps=1e-5)
         self.norm_out = nn.Linear(cfg.time_embed_dim, 2 * cfg.dim)  # AdaLayerNorm's shift and scale
         self.proj_out = nn.Linear(cfg.dim, c * p * p)

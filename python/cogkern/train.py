@@ -40,6 +40,7 @@ import torch.nn as nn
 from .data import ShapesVideos
 from .diffusion import DDPMSchedule, v_loss
 from .model import ATTENTION_IMPLS, CONFIGS, ModelConfig, VideoTransformer
+from .precision import watch as watch_activations
 
 PRECISIONS = ("fp32", "fp16", "bf16", "bf16-sr")
 TRAIN_CONFIGS = sorted(k for k, c in CONFIGS.items() if c.trainable_on_demo_data)
@@ -83,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.add_argument("--watch", action="store_true",
+                   help="watch every module's output approach fp16's range (cogkern.precision.watch): prints "
+                        "its report at the end, writes DIR/watch.csv (and watch.png)")
     return p
 
 
@@ -368,6 +372,7 @@ def train(argv=None) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     stepper = Stepper(model, args, device)
     ddp_model = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    activation_watch = None
 
     os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
@@ -383,6 +388,8 @@ def train(argv=None) -> dict:
     if start_step >= args.steps:
         raise TrainingError(f"--resume: the checkpoint is at step {start_step}, nothing left of --steps {args.steps}")
 
+    if args.watch:
+        activation_watch = watch_activations(model, start_step=start_step)
     tokens_per_step = args.batch_size * cfg.seq_len * world
     pending: list[tuple[int, StepOutputs]] = []
     last_log_time, last_log_step = time.perf_counter(), start_step
@@ -435,6 +442,8 @@ def train(argv=None) -> dict:
         with stepper.autocast():
             loss = v_loss(ddp_model(xt, ids, t), v)
         pending.append((step, stepper.step(loss, params)))
+        if activation_watch is not None:
+            activation_watch.step()
         done = step + 1
         if done % args.log_every == 0:
             flush(done)
@@ -445,6 +454,13 @@ def train(argv=None) -> dict:
                    moments=args.moments, param_remainders=args.param_remainders,
                    optimizer_state_bytes=stepper.state_bytes(),
                    params=[p.detach().float().cpu() for p in params] if world > 1 else None)
+    if activation_watch is not None:
+        activation_watch.close()
+        summary["watch"] = activation_watch.report()
+        if rank == 0:
+            activation_watch.to_csv(os.path.join(args.out, "watch.csv"))
+            if not args.no_plot:
+                activation_watch.plot(os.path.join(args.out, "watch.png"))
     if rank == 0 and not args.no_plot:
         plot_losses(os.path.join(args.out, "loss.png"), rows,
                     f"{args.config}, {args.precision}, attention={args.attention}, optimizer={args.optimizer}"
@@ -468,6 +484,8 @@ def main(argv=None) -> int:
         print(f"done: {len(rows)} steps logged, loss {first:.4f} (first 10) -> {last:.4f} (last 10); "
               f"skipped {sum(r['skipped'] for r in rows)}; optimizer state {summary['optimizer_state_bytes']:,} B; "
               f"wrote {summary['out']}")
+        if "watch" in summary:
+            print(summary["watch"])
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0

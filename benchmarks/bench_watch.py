@@ -1,0 +1,67 @@
+"""What `cogkern.precision.watch` costs: one demo training step with and without it.
+
+    python -m benchmarks.bench_watch [--quick] [--device cpu|cuda] [--config NAME] [--precision P] [--json out.json]
+
+The step is bench_train_step's (cogkern attention and optimizer, fixed batch);
+"watch" adds the forward hooks, "watch+backward" the gradient hooks too, and
+each step ends with `w.step()`, as in `python -m cogkern.train --watch`.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from benchmarks.bench_train_step import make_step
+from benchmarks.common import device_name, report, time_fn
+from cogkern.model import CONFIGS
+from cogkern.precision import watch
+
+MODES = {"no watch": None, "watch": False, "watch+backward": True}
+
+
+def run(device: str, config: str, precision: str, batch: int, quick: bool) -> list[dict]:
+    rows, base = [], None
+    for name, backward in MODES.items():
+        row = dict(mode=name)
+        try:
+            step = make_step(CONFIGS[config], "cogkern", "cogkern", precision, batch, device)
+            if backward is None:
+                timed = step
+            else:
+                w = watch(step.model, backward=backward)
+
+                def timed(step=step, w=w):
+                    step()
+                    w.step()
+
+            t = time_fn(timed, device, warmup=2, repeats=5 if quick else 20)
+            base = base or t
+            row.update(ms=t * 1e3, overhead_pct=100 * (t / base - 1), status="ok")
+        except Exception as exc:  # reported, never dropped
+            row["status"] = f"FAILED: {type(exc).__name__}: {exc}"[:160]
+        rows.append(row)
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA GPU is available")
+    rows = run(args.device, args.config, args.precision, args.batch_size, args.quick)
+    title = (f"Activation watch on {device_name(args.device)}: config {args.config}, {args.precision}, "
+             f"batch {args.batch_size}, torch {torch.__version__}; one training step")
+    return report(title, rows, ["mode", "ms", "overhead_pct", "status"], args.json, benchmark="watch",
+                  device=device_name(args.device), config=args.config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
