@@ -167,3 +167,24 @@ def test_train_watch_flag_writes_the_csv(tmp_path):
     assert [r["step"] for r in rows] == ["0", "1", "2"]
     assert {"patch_embed", "blocks.0.attn1", "blocks.1.ff.2", "proj_out"} <= set(rows[0])
     assert all(0 < float(r["proj_out"]) < 100 for r in rows)
+
+
+@pytest.mark.slow
+def test_stress_config_overflows_in_fp16_and_trains_in_bf16(tmp_path):
+    """The stress config (massive activations, cogkern.model) with the default seed: fp16's forward
+    overflows from step 0 and the dynamic loss scale backs off to its floor (1) by step 17, well inside the
+    study's default 200 steps; bf16 holds the same values (beyond 65504) and trains. 20 steps of each."""
+    steps = 20
+    runs = {p: train(FAST + ["--config", "stress", "--precision", p, "--steps", str(steps), "--watch",
+                             "--out", str(tmp_path / p)]) for p in ("fp16", "bf16")}
+    fp16, bf16 = runs["fp16"]["rows"], runs["bf16"]["rows"]
+    assert all(r["skipped"] for r in fp16)  # every step overflowed
+    assert [r["loss_scale"] for r in fp16][-3:] == [1.0, 1.0, 1.0]  # at the floor, and stalled there
+    watched16 = {r.module: r for r in runs["fp16"]["watch"].rows}
+    assert runs["fp16"]["watch"].first_unsafe == "blocks.0.norm1.norm"
+    assert watched16["blocks.0.norm1.norm"].max_abs == math.inf and watched16["blocks.0.norm1.norm"].first_unsafe_step == 0
+    # bf16: no overflow, every step applied, the loss falls; the values fp16 could not hold are real ones
+    assert not any(r["skipped"] for r in bf16) and all(math.isfinite(r["loss"]) for r in bf16)
+    assert sum(r["loss"] for r in bf16[-5:]) < 0.9 * sum(r["loss"] for r in bf16[:5])
+    held = {r.module: r.max_abs for r in runs["bf16"]["watch"].rows}
+    assert FP16_MAX < held["blocks.0.norm1.norm"] < 1e6 and all(math.isfinite(v) for v in held.values())

@@ -222,6 +222,12 @@ class WatchReport:
         return "\n".join(lines)
 
 
+def _headroom(limit: float, max_abs: float) -> float:
+    if not math.isfinite(max_abs):
+        return 0.0  # it already went past: no headroom left
+    return limit / max_abs if max_abs else math.inf
+
+
 def _sort_key(x: float) -> float:
     return math.inf if math.isnan(x) else x
 
@@ -325,7 +331,7 @@ class Watch:
 
     def report(self) -> WatchReport:
         running, first = self._totals()
-        rows = [WatchRow(self._names[r], running[r], self.limit / running[r] if running[r] else math.inf,
+        rows = [WatchRow(self._names[r], running[r], _headroom(self.limit, running[r]),
                          first[r] if first[r] >= 0 else None) for r in self._order]
         hits = [(first[r], k, r) for k, r in enumerate(self._order) if first[r] >= 0]
         return WatchReport(rows, self._names[min(hits)[2]] if hits else None, self.steps, self.headroom, self.limit)

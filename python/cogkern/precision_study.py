@@ -30,6 +30,7 @@ from .optim import FusedAdamW
 from .precision import FP16_MAX, audit
 
 PRECISIONS = ("fp32", "fp16", "bf16", "bf16-sr")
+WATCHED = ("fp16", "bf16")  # runs trained under the activation watch: where fp16 overflows, what bf16 holds
 # The optimizer's memory-lean modes: name -> (--precision, extra demo flags).
 LEAN_VARIANTS = {
     "bf16+remainders": ("bf16", ["--param-remainders"]),
@@ -218,7 +219,7 @@ def main(argv=None) -> int:
         summary = train_mod.train([
             "--precision", prec, *extra, "--steps", str(args.steps), "--config", args.config,
             "--device", args.device, "--seed", str(args.seed), "--out", os.path.join(args.out, name),
-            "--ckpt-every", str(10**9), "--no-plot", "--quiet", *(["--watch"] if name in PRECISIONS else [])])
+            "--ckpt-every", str(10**9), "--no-plot", "--quiet", *(["--watch"] if name in WATCHED else [])])
         runs[name] = summary["rows"]
         if "watch" in summary:
             watches[name] = summary["watch"]

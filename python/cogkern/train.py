@@ -19,7 +19,12 @@ optimizer state takes are in metrics.csv (opt_state_bytes) and the last line.
 
 Writes DIR/metrics.csv, DIR/loss.png and DIR/checkpoint.pt (atomically, every
 ``--ckpt-every`` steps and at the end); ``--resume`` continues a run so that its
-losses equal an uninterrupted run's.
+losses equal an uninterrupted run's. ``--watch`` trains under the activation
+watch (``cogkern.precision.watch``): each module's largest output per step, on the
+device, printed as a table at the end (the first module that went non-finite or
+within 2x of fp16's 65504) and written to DIR/watch.csv and watch.png.
+``--config stress`` is the tiny model with massive activations, where fp16
+overflows and bf16 trains (see cogkern.model).
 """
 from __future__ import annotations
 
