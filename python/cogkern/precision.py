@@ -257,6 +257,7 @@ class Watch:
         self._fired: set[int] = set()  # rows recorded in the open step (host-side bookkeeping only)
         self._current = self._running = self._first = None  # device tensors, made on the first output's device
         self._history: list[tuple[int, torch.Tensor, frozenset[int]]] = []
+        self._closed_steps = 0
         self._hooks = [m.register_forward_hook(self._forward_hook(i, len(modules))) for i, (_, m) in enumerate(modules)]
 
     # -------------------------------------------------------------- recording (no host sync)
@@ -304,6 +305,7 @@ class Watch:
                 self._history.append((self.current_step, self._current.clone(), frozenset(self._fired)))
             self._current.zero_()
             self._fired = set()
+            self._closed_steps += 1
         self.current_step += 1
 
     # -------------------------------------------------------------- reading (one sync each)
@@ -320,7 +322,8 @@ class Watch:
 
     @property
     def steps(self) -> int:
-        return len(self._history) + bool(self._fired) if self._keep_history else self.current_step
+        """Steps in which something was recorded, the open one included."""
+        return self._closed_steps + bool(self._fired)
 
     def first_unsafe(self) -> str | None:
         """The first module (earliest step, then execution order) whose output went non-finite or within
