@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 
+#include <algorithm>
 #include <stdexcept>
 
 #include "common/cpu/fp16_bits.h"
@@ -64,8 +65,7 @@ void run_grad_check(const GradCheckLaunch& L, GradCheckChunkFn chunk_fn) {
     for (int64_t c = begin; c < end; ++c) {
       const int t = find_chunk_owner(L.num_tensors, c, [&](int i) { return L.tensors[i].chunk_begin; });
       const GradCheckPartial p = chunk_fn(L, t, c - L.tensors[t].chunk_begin);
-      L.partials[2 * c] = p.sumsq;
-      L.partials[2 * c + 1] = p.nonfinite;
+      store_grad_check_partial(L.partials, c, p, L.tensors[t].flag_index);
     }
   });
 }
@@ -95,14 +95,18 @@ void grad_check(const GradCheckLaunch& L, DType grad_dtype) {
   throw std::invalid_argument("cogkern::cpu::grad_check: unsupported dtype");
 }
 
-void grad_check_finalize(const float* partials, int64_t num_chunks, const float* scale, const float* found_inf_in,
-                         double max_norm, float* out) {
-  float sumsq = 0.0f, nonfinite = 0.0f;
-  for (int64_t i = 0; i < num_chunks; ++i) {
-    sumsq += partials[2 * i];
-    nonfinite = partials[2 * i + 1] > nonfinite ? partials[2 * i + 1] : nonfinite;
+void grad_check_finalize(const GradCheckFinalize& F) {
+  float sumsq = 0.0f;
+  uint32_t nonfinite = 0;
+  for (int64_t i = 0; i < F.num_chunks; ++i) {
+    sumsq += partial_sumsq(F.partials, i);
+    nonfinite |= partial_bits(F.partials, i);
   }
-  finalize_grad_check(sumsq, nonfinite, scale, found_inf_in, max_norm, out);
+  if (F.tensor_flags != nullptr) {
+    std::fill(F.tensor_flags, F.tensor_flags + F.num_flags, 0);
+    for (int64_t c = 0; c < F.num_chunks; ++c) tensor_flag_of_run(F, c);
+  }
+  finalize_grad_check(sumsq, nonfinite, F);
 }
 
 void loss_scale_update(float* scale, int32_t* growth_tracker, int32_t* hysteresis_tracker, const float* found_inf,

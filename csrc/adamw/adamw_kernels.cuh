@@ -59,12 +59,18 @@ __global__ void advance_steps_kernel(const __grid_constant__ StepAdvance A) {
   *A.steps[t] += 1.0f;
 }
 
-// Sum and max over the block, in a fixed order (reproducible). Result in thread 0.
-__device__ float2 block_sum_max(float s, float f) {
-  __shared__ float warp_s[32], warp_f[32];
+struct SumBits {
+  float sum;
+  uint32_t bits;
+};
+
+// Sum and bitwise OR over the block, in a fixed order (reproducible). Result in thread 0.
+__device__ SumBits block_sum_or(float s, uint32_t f) {
+  __shared__ float warp_s[32];
+  __shared__ uint32_t warp_f[32];
   for (int o = 16; o > 0; o >>= 1) {
     s += __shfl_down_sync(0xFFFFFFFFu, s, o);
-    f = fmaxf(f, __shfl_down_sync(0xFFFFFFFFu, f, o));
+    f |= __shfl_down_sync(0xFFFFFFFFu, f, o);
   }
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (lane == 0) {
@@ -75,14 +81,14 @@ __device__ float2 block_sum_max(float s, float f) {
   if (warp == 0) {
     const int nwarps = blockDim.x / 32;
     s = lane < nwarps ? warp_s[lane] : 0.0f;
-    f = lane < nwarps ? warp_f[lane] : 0.0f;
+    f = lane < nwarps ? warp_f[lane] : 0u;
     for (int o = 16; o > 0; o >>= 1) {
       s += __shfl_down_sync(0xFFFFFFFFu, s, o);
-      f = fmaxf(f, __shfl_down_sync(0xFFFFFFFFu, f, o));
+      f |= __shfl_down_sync(0xFFFFFFFFu, f, o);
     }
   }
   __syncthreads();  // the scratch is reused by the next call
-  return make_float2(s, f);
+  return SumBits{s, f};
 }
 
 // The grad check streams each gradient once: 16 bytes per lane and load
@@ -95,24 +101,25 @@ __global__ void __launch_bounds__(kThreads) grad_check_kernel(const __grid_const
   for (int64_t c = blockIdx.x; c < L.num_chunks; c += gridDim.x) {
     const int t = find_chunk_owner(L.num_tensors, c, [&](int i) { return L.tensors[i].chunk_begin; });
     const GradCheckPartial p = Chunk{}(L, t, c - L.tensors[t].chunk_begin, threadIdx.x, blockDim.x);
-    const float2 r = block_sum_max(p.sumsq, p.nonfinite);
-    if (threadIdx.x == 0) {
-      L.partials[2 * c] = r.x;
-      L.partials[2 * c + 1] = r.y;
-    }
+    const SumBits r = block_sum_or(p.sumsq, p.nonfinite);
+    if (threadIdx.x == 0) store_grad_check_partial(L.partials, c, GradCheckPartial{r.sum, r.bits}, L.tensors[t].flag_index);
   }
 }
 
-__global__ void __launch_bounds__(kFinalizeThreads)
-    grad_check_finalize_kernel(const float* partials, int64_t num_chunks, const float* scale,
-                               const float* found_inf_in, double max_norm, float* out) {
-  float s = 0.0f, f = 0.0f;
-  for (int64_t i = threadIdx.x; i < num_chunks; i += blockDim.x) {
-    s += partials[2 * i];
-    f = fmaxf(f, partials[2 * i + 1]);
+__global__ void __launch_bounds__(kFinalizeThreads) grad_check_finalize_kernel(const GradCheckFinalize F) {
+  float s = 0.0f;
+  uint32_t f = 0;
+  for (int64_t i = threadIdx.x; i < F.num_chunks; i += blockDim.x) {
+    s += partial_sumsq(F.partials, i);
+    f |= partial_bits(F.partials, i);
   }
-  const float2 r = block_sum_max(s, f);
-  if (threadIdx.x == 0) finalize_grad_check(r.x, r.y, scale, found_inf_in, max_norm, out);
+  if (F.tensor_flags != nullptr) {  // uniform over the block: every thread reaches the barrier
+    for (int64_t i = threadIdx.x; i < F.num_flags; i += blockDim.x) F.tensor_flags[i] = 0;
+    __syncthreads();  // the zeros land before a run's first chunk writes its tensor's entry
+    for (int64_t c = threadIdx.x; c < F.num_chunks; c += blockDim.x) tensor_flag_of_run(F, c);
+  }
+  const SumBits r = block_sum_or(s, f);
+  if (threadIdx.x == 0) finalize_grad_check(r.sum, r.bits, F);
 }
 
 __global__ void loss_scale_update_kernel(float* scale, int32_t* growth_tracker, int32_t* hysteresis_tracker,

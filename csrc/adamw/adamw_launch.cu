@@ -84,10 +84,8 @@ cudaError_t launch_grad_check(const GradCheckLaunch& L, DType grad_dtype, cudaSt
   }
 }
 
-cudaError_t launch_grad_check_finalize(const float* partials, int64_t num_chunks, const float* scale,
-                                       const float* found_inf_in, double max_norm, float* out, cudaStream_t stream) {
-  return launch_kernel(grad_check_finalize_kernel, 1, kFinalizeThreads, 0, stream, partials, num_chunks, scale,
-                       found_inf_in, max_norm, out);
+cudaError_t launch_grad_check_finalize(const GradCheckFinalize& F, cudaStream_t stream) {
+  return launch_kernel(grad_check_finalize_kernel, 1, kFinalizeThreads, 0, stream, F);
 }
 
 cudaError_t launch_loss_scale_update(float* scale, int32_t* growth_tracker, int32_t* hysteresis_tracker,

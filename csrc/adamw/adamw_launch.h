@@ -14,12 +14,12 @@ namespace cogkern {
 cudaError_t launch_adamw(const AdamWLaunch& L, DType param_dtype, AdamWMode mode, MomentStore moments,
                          cudaStream_t stream);
 
-// Per-chunk (sum of squares, non-finite) partials of L's gradients.
+// Per-chunk (sum of squares, inf/NaN bits, flag index) partials of L's gradients.
 cudaError_t launch_grad_check(const GradCheckLaunch& L, DType grad_dtype, cudaStream_t stream);
 
-// Reduces num_chunks partials (in a fixed order) into the step scalars `out`.
-cudaError_t launch_grad_check_finalize(const float* partials, int64_t num_chunks, const float* scale,
-                                       const float* found_inf_in, double max_norm, float* out, cudaStream_t stream);
+// Reduces F.num_chunks partials (in a fixed order) into the step scalars F.out and, when
+// F.tensor_flags is set, the per-tensor inf/NaN bits and their summary. One block.
+cudaError_t launch_grad_check_finalize(const GradCheckFinalize& F, cudaStream_t stream);
 
 cudaError_t launch_loss_scale_update(float* scale, int32_t* growth_tracker, int32_t* hysteresis_tracker,
                                      const float* found_inf, const LossScaleConfig& config, cudaStream_t stream);

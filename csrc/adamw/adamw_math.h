@@ -3,11 +3,13 @@
 //
 // One optimizer step reads the gradients at most twice (check, update), plus
 // two tiny kernels:
-//   1. grad check (read-only): per chunk, "any inf/NaN" and the sum of squares
-//      of the unscaled gradients, written to one slot per chunk (no atomics, so
-//      the norm is reproducible run to run);
+//   1. grad check (read-only): per chunk, which of inf / NaN it holds (GradFlag
+//      bits) and the sum of squares of the unscaled gradients, written to one
+//      slot per chunk (no atomics, so the norm is reproducible run to run);
 //   2. finalize (one block): found_inf, inv_scale, clip coefficient, grad norm
-//      into a 4-float device buffer, the "step scalars";
+//      into a 4-float device buffer, the "step scalars"; optionally, per tensor,
+//      the OR of its chunks' bits (which gradients overflowed), from the same
+//      partials, so naming the culprits costs no extra pass over the gradients;
 //   3. update: each chunk reads the step scalars; on found_inf it returns
 //      before touching anything, so params, master weights, moments and step
 //      counts stay bit-for-bit unchanged without the host ever looking.
@@ -119,13 +121,14 @@ struct GradCheckTensor {
   int64_t numel = 0;
   int64_t chunk_begin = 0;
   int32_t vector_ok = 0;
+  int32_t flag_index = 0;  // this tensor's entry of the finalize's tensor_flags
 };
 
 struct GradCheckLaunch {
   GradCheckTensor tensors[kGradCheckMaxTensors];
   int num_tensors = 0;
   int64_t num_chunks = 0;
-  float* partials = nullptr;    // 2 floats per chunk (sum of squares, non-finite flag), this launch's part
+  float* partials = nullptr;    // kGradCheckPartialWords per chunk, this launch's part
   const float* scale = nullptr; // loss scale; null means 1
   bool unscale_inplace = false; // also write grad * (1 / scale) back (GradScaler.unscale_)
 };
@@ -151,11 +154,13 @@ inline void append_tensor(AdamWLaunch& L, AdamWTensor t, size_t elem_bytes, size
   L.tensors[L.num_tensors++] = t;
   L.num_chunks += chunks_of(t.numel);
 }
-inline void append_tensor(GradCheckLaunch& L, void* grad, int64_t numel, size_t /*elem_bytes: 16-byte rule for all*/) {
+inline void append_tensor(GradCheckLaunch& L, void* grad, int64_t numel, size_t /*elem_bytes: 16-byte rule for all*/,
+                          int32_t flag_index = 0) {
   GradCheckTensor& d = L.tensors[L.num_tensors++];
   d.grad = grad;
   d.numel = numel;
   d.chunk_begin = L.num_chunks;
+  d.flag_index = flag_index;
   // Chunks start at multiples of kMultiTensorChunk elements: aligned when the tensor is.
   d.vector_ok = reinterpret_cast<uintptr_t>(grad) % kGradCheckVectorBytes == 0;
   L.num_chunks += chunks_of(numel);
@@ -646,10 +651,38 @@ CK_HD void adamw_advance_step(const AdamWLaunch& L, int t) {
   *L.tensors[t].step += 1.0f;
 }
 
+// What the grad check found, as bits: per tensor (tensor_flags[i]) kGradInf / kGradNaN; in the
+// summary entry after them also kGradScanned (the gradients were scanned at all) and
+// kGradFoundInfIn (the found_inf passed in, e.g. torch.amp.GradScaler's, was set), so that a
+// skipped step with no culprit here can say where its flag came from.
+enum GradFlag : uint32_t { kGradInf = 1, kGradNaN = 2, kGradScanned = 4, kGradFoundInfIn = 8 };
+
+// kGradInf if g is +-inf, kGradNaN if it is a NaN, else 0 (branch-free: the CPU loop vectorizes).
+CK_HD uint32_t nonfinite_bits(float g) {
+  const uint32_t magnitude = float_bits(g) & 0x7FFFFFFFu;
+  return uint32_t(magnitude == 0x7F800000u) * kGradInf | uint32_t(magnitude > 0x7F800000u) * kGradNaN;
+}
+
 struct GradCheckPartial {
   float sumsq = 0.0f;
-  float nonfinite = 0.0f;
+  uint32_t nonfinite = 0;  // GradFlag bits
 };
+
+// A chunk's slot in the partials buffer (float32): its sum of squares, then its bits and its
+// tensor's flag index, both stored bit for bit (the finalize groups chunks by that index).
+constexpr int kGradCheckPartialWords = 3;
+CK_HD void store_grad_check_partial(float* partials, int64_t c, const GradCheckPartial& p, int32_t flag_index) {
+  partials[kGradCheckPartialWords * c] = p.sumsq;
+  partials[kGradCheckPartialWords * c + 1] = bits_float(p.nonfinite);
+  partials[kGradCheckPartialWords * c + 2] = bits_float(uint32_t(flag_index));
+}
+CK_HD float partial_sumsq(const float* partials, int64_t c) { return partials[kGradCheckPartialWords * c]; }
+CK_HD uint32_t partial_bits(const float* partials, int64_t c) {
+  return float_bits(partials[kGradCheckPartialWords * c + 1]);
+}
+CK_HD int32_t partial_flag_index(const float* partials, int64_t c) {
+  return int32_t(float_bits(partials[kGradCheckPartialWords * c + 2]));
+}
 
 CK_HD float inv_loss_scale(const float* scale) {
   return scale != nullptr ? float(1.0 / double(*scale)) : 1.0f;
@@ -702,7 +735,7 @@ struct GradCheckChunk {
 #pragma unroll
         for (int k = 0; k < N; ++k) {
           const float g = to_acc<float>(g_raw[j][k]);
-          nonfinite |= uint32_t(!is_finite_acc(g));
+          nonfinite |= nonfinite_bits(g);
           u[k] = mul_rn(g, inv_scale);
           sumsq[k] = add_rn(sumsq[k], mul_rn(u[k], u[k]));
         }
@@ -716,27 +749,54 @@ struct GradCheckChunk {
     GradCheckPartial r;
 #pragma unroll
     for (int k = 0; k < N; ++k) r.sumsq = add_rn(r.sumsq, sumsq[k]);
-    r.nonfinite = nonfinite ? 1.0f : 0.0f;
+    r.nonfinite = nonfinite;
     return r;
   }
 };
 
-// Turns the reduced check into the step scalars. found_inf_in (nullable) is
-// OR-ed in: e.g. the flag torch.amp.GradScaler computed.
-CK_HD void finalize_grad_check(float sumsq, float nonfinite, const float* scale, const float* found_inf_in,
-                               double max_norm, float* out) {
-  const bool found = nonfinite != 0.0f || (found_inf_in != nullptr && *found_inf_in != 0.0f);
+// The finalize's arguments (one small kernel, one block).
+struct GradCheckFinalize {
+  const float* partials = nullptr;     // num_chunks slots of kGradCheckPartialWords
+  int64_t num_chunks = 0;
+  const float* scale = nullptr;        // loss scale; null means 1
+  const float* found_inf_in = nullptr; // OR-ed in (nullable): e.g. the flag torch.amp.GradScaler computed
+  double max_norm = 0;                 // 0: no clipping
+  float* out = nullptr;                // the step scalars
+  int32_t* tensor_flags = nullptr;     // null, or num_flags per-tensor GradFlag entries, then the summary
+  int64_t num_flags = 0;
+  bool scanned = false;                // the grad check ran (else there are no partials)
+};
+
+// Turns the reduced check (sum of squares, OR of the chunks' bits) into the step scalars.
+CK_HD void finalize_grad_check(float sumsq, uint32_t nonfinite, const GradCheckFinalize& F) {
+  const bool found_in = F.found_inf_in != nullptr && *F.found_inf_in != 0.0f;
   const float norm = sqrtf(sumsq);
-  out[kFoundInf] = found ? 1.0f : 0.0f;
-  out[kInvScale] = inv_loss_scale(scale);
-  out[kGradNorm] = norm;
+  F.out[kFoundInf] = nonfinite != 0 || found_in ? 1.0f : 0.0f;
+  F.out[kInvScale] = inv_loss_scale(F.scale);
+  F.out[kGradNorm] = norm;
   // torch.nn.utils.clip_grad_norm_: max_norm / (norm + 1e-6), at most 1.
   float clip = 1.0f;
-  if (max_norm > 0) {
-    clip = float(max_norm) / (norm + 1e-6f);
+  if (F.max_norm > 0) {
+    clip = float(F.max_norm) / (norm + 1e-6f);
     clip = clip < 1.0f ? clip : 1.0f;
   }
-  out[kClipCoef] = clip;
+  F.out[kClipCoef] = clip;
+  if (F.tensor_flags != nullptr) {
+    F.tensor_flags[F.num_flags] =
+        int32_t(nonfinite | (F.scanned ? kGradScanned : 0u) | (found_in ? kGradFoundInfIn : 0u));
+  }
+}
+
+// Per-tensor flags, step 2 of 2 (step 1 zeroes the num_flags entries: tensors without chunks keep
+// 0). A tensor's chunks are consecutive in the partials, so the chunk that starts its run ORs the
+// run's bits and is the one writer of the tensor's entry: no atomics, the same on every schedule.
+CK_HD void tensor_flag_of_run(const GradCheckFinalize& F, int64_t c) {
+  const int32_t index = partial_flag_index(F.partials, c);
+  if (c > 0 && partial_flag_index(F.partials, c - 1) == index) return;  // not the run's first chunk
+  uint32_t bits = 0;
+  for (int64_t k = c; k < F.num_chunks && partial_flag_index(F.partials, k) == index; ++k)
+    bits |= partial_bits(F.partials, k);
+  F.tensor_flags[index] = int32_t(bits);
 }
 
 // ---------------------------------------------------------------------------

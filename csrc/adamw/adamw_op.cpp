@@ -13,10 +13,7 @@ struct CpuBackend {
     cpu::adamw(L, dtype, mode, moments);
   }
   static void grad_check(const GradCheckLaunch& L, DType dtype, const at::Tensor&) { cpu::grad_check(L, dtype); }
-  static void grad_check_finalize(const float* partials, int64_t chunks, const float* scale,
-                                  const float* found_inf_in, double max_norm, float* out, const at::Tensor&) {
-    cpu::grad_check_finalize(partials, chunks, scale, found_inf_in, max_norm, out);
-  }
+  static void grad_check_finalize(const GradCheckFinalize& F, const at::Tensor&) { cpu::grad_check_finalize(F); }
   static void loss_scale_update(float* scale, int32_t* growth, int32_t* hysteresis, const float* found_inf,
                                 const LossScaleConfig& c, const at::Tensor&) {
     cpu::loss_scale_update(scale, growth, hysteresis, found_inf, c);
@@ -33,9 +30,10 @@ TORCH_LIBRARY_FRAGMENT(cogkern, m) {
         "Tensor?[] lr_tensors, float[] beta1s, float[] beta2s, float[] epss, float[] weight_decays, "
         "Tensor? step_scalars, int seed, bool stochastic_rounding, Tensor(f!)[] exp_avg_scales, "
         "Tensor(g!)[] exp_avg_sq_scales) -> ()");
-  // out = [found_inf, inv_scale, clip_coef, grad_norm]; max_norm 0: no clipping.
+  // out = [found_inf, inv_scale, clip_coef, grad_norm]; max_norm 0: no clipping. tensor_flags: int32,
+  // grads[i]'s inf (1) / NaN (2) bits at flag_indices[i] (default i), the summary last (adamw_op.h).
   m.def("amp_grad_check_(Tensor(a!)[] grads, Tensor? scale, Tensor? found_inf, float max_norm, bool scan, "
-        "bool unscale_inplace, Tensor(b!) out) -> ()");
+        "bool unscale_inplace, Tensor(b!) out, Tensor(c!)? tensor_flags=None, int[]? flag_indices=None) -> ()");
   m.def("loss_scale_update_(Tensor(a!) scale, Tensor(b!) growth_tracker, Tensor(c!) hysteresis_tracker, "
         "Tensor found_inf, float growth_factor, float backoff_factor, int growth_interval, int hysteresis, "
         "float min_scale, float max_scale) -> ()");

@@ -9,6 +9,7 @@
 #include <ATen/ops/empty.h>
 #include <c10/core/TensorOptions.h>
 
+#include <algorithm>
 #include <memory>
 #include <optional>
 #include <string>
@@ -64,8 +65,7 @@ inline void check_hyper(const char* op, const char* name, size_t g, double v, do
 // Backend: a type with
 //   static void adamw(const AdamWLaunch&, DType, AdamWMode, const at::Tensor& ref);
 //   static void grad_check(const GradCheckLaunch&, DType, const at::Tensor& ref);
-//   static void grad_check_finalize(const float* partials, int64_t chunks, const float* scale,
-//                                   const float* found_inf_in, double max_norm, float* out, const at::Tensor& ref);
+//   static void grad_check_finalize(const GradCheckFinalize&, const at::Tensor& ref);
 //   static void loss_scale_update(float*, int32_t*, int32_t*, const float*, const LossScaleConfig&, const at::Tensor& ref);
 template <typename Backend>
 struct AdamWOps {
@@ -232,10 +232,14 @@ struct AdamWOps {
   // dtype) and the norm of grads / scale, and writes the step scalars
   // [found_inf, inv_scale, clip_coef, grad_norm] to `out`. scan=False skips
   // the pass (only combines scale and found_inf). unscale_inplace also writes
-  // grads * (1 / scale) back.
+  // grads * (1 / scale) back. tensor_flags (int32, optional): every entry is
+  // rewritten; grads[i]'s inf/NaN bits (GradFlag) go to entry flag_indices[i]
+  // (default i), all but the last entry, and the last one gets the summary (the
+  // OR of all, kGradScanned, kGradFoundInfIn). Same pass, same partials.
   static void amp_grad_check_(at::TensorList grads, const std::optional<at::Tensor>& scale,
                               const std::optional<at::Tensor>& found_inf, double max_norm, bool scan,
-                              bool unscale_inplace, const at::Tensor& out) {
+                              bool unscale_inplace, const at::Tensor& out,
+                              const std::optional<at::Tensor>& tensor_flags, at::OptionalIntArrayRef flag_indices) {
     const char* op = "amp_grad_check_";
     TORCH_CHECK_VALUE(out.defined(), op, ": out is undefined");
     const at::Device device = out.device();
@@ -253,26 +257,64 @@ struct AdamWOps {
       TORCH_CHECK_VALUE(grads[i].device() == device, op, ": grads[", i, "] is on ", grads[i].device(),
                         " but out is on ", device);
     }
+    TORCH_CHECK_VALUE(tensor_flags.has_value() || !flag_indices.has_value(), op,
+                      ": flag_indices need tensor_flags");
+    std::vector<int32_t> flag_of(grads.size());
+    for (size_t i = 0; i < grads.size(); ++i) flag_of[i] = int32_t(i);
+    int64_t num_flags = 0;
+    if (tensor_flags.has_value()) {
+      const at::Tensor& f = *tensor_flags;
+      TORCH_CHECK_VALUE(f.defined() && f.scalar_type() == at::kInt && f.dim() == 1 && f.is_contiguous(), op,
+                        ": tensor_flags must be a contiguous 1-D int32 tensor");
+      TORCH_CHECK_VALUE(f.numel() >= 1, op, ": tensor_flags needs at least its last entry, the summary");
+      TORCH_CHECK_VALUE(f.device() == device, op, ": tensor_flags is on ", f.device(), " but out is on ", device);
+      num_flags = f.numel() - 1;  // the last entry is the summary
+      TORCH_CHECK_VALUE(num_flags < INT32_MAX, op, ": tensor_flags has too many entries, ", f.numel());
+      if (flag_indices.has_value()) {
+        TORCH_CHECK_VALUE(flag_indices->size() == grads.size(), op, ": flag_indices must have one entry per grad (",
+                          grads.size(), "), got ", flag_indices->size());
+        // Distinct, so that each entry has one writer.
+        std::vector<bool> taken(size_t(std::max<int64_t>(num_flags, 0)), false);
+        for (size_t i = 0; i < grads.size(); ++i) {
+          const int64_t k = (*flag_indices)[i];
+          TORCH_CHECK_VALUE(k >= 0 && k < num_flags, op, ": flag_indices[", i, "] must be in [0, ", num_flags,
+                            ") (tensor_flags' last entry is the summary), got ", k);
+          TORCH_CHECK_VALUE(!taken[size_t(k)], op, ": flag_indices[", i, "] = ", k, " appears twice");
+          taken[size_t(k)] = true;
+          flag_of[i] = int32_t(k);
+        }
+      } else {
+        TORCH_CHECK_VALUE(num_flags >= int64_t(grads.size()), op, ": tensor_flags needs one entry per grad (",
+                          grads.size(), ") plus the summary, got ", f.numel());
+      }
+    }
 
     const float* scale_ptr = scale.has_value() ? scale->const_data_ptr<float>() : nullptr;
     const float* found_ptr = found_inf.has_value() ? found_inf->const_data_ptr<float>() : nullptr;
-    float* out_ptr = out.data_ptr<float>();
+    GradCheckFinalize F;
+    F.scale = scale_ptr;
+    F.found_inf_in = found_ptr;
+    F.max_norm = max_norm;
+    F.out = out.data_ptr<float>();
+    F.tensor_flags = tensor_flags.has_value() ? tensor_flags->data_ptr<int32_t>() : nullptr;
+    F.num_flags = num_flags;
+    F.scanned = scan;
     int64_t total_chunks = 0;
     if (scan) {
       for (const at::Tensor& g : grads) total_chunks += chunks_of(g.numel());
     }
     if (total_chunks == 0) {
-      Backend::grad_check_finalize(nullptr, 0, scale_ptr, found_ptr, max_norm, out_ptr, out);
+      Backend::grad_check_finalize(F, out);
       return;
     }
-    const at::Tensor partials = at::empty({2 * total_chunks}, out.options());
+    const at::Tensor partials = at::empty({kGradCheckPartialWords * total_chunks}, out.options());
     float* partials_ptr = partials.data_ptr<float>();
     int64_t offset = 0;  // chunks already assigned a partial slot
     auto L = std::make_unique<GradCheckLaunch>();
     for (const at::ScalarType dt : {at::kFloat, at::kHalf, at::kBFloat16}) {
       const auto reset = [&] {
         *L = GradCheckLaunch{};
-        L->partials = partials_ptr + 2 * offset;
+        L->partials = partials_ptr + kGradCheckPartialWords * offset;
         L->scale = scale_ptr;
         L->unscale_inplace = unscale_inplace;
       };
@@ -282,14 +324,17 @@ struct AdamWOps {
         reset();
       };
       reset();
-      for (const at::Tensor& g : grads) {
+      for (size_t i = 0; i < grads.size(); ++i) {
+        const at::Tensor& g = grads[i];
         if (g.scalar_type() != dt || g.numel() == 0) continue;
         if (L->num_tensors == kGradCheckMaxTensors) flush();
-        append_tensor(*L, g.data_ptr(), g.numel(), g.element_size());
+        append_tensor(*L, g.data_ptr(), g.numel(), g.element_size(), flag_of[i]);
       }
       flush();
     }
-    Backend::grad_check_finalize(partials_ptr, total_chunks, scale_ptr, found_ptr, max_norm, out_ptr, out);
+    F.partials = partials_ptr;
+    F.num_chunks = total_chunks;
+    Backend::grad_check_finalize(F, out);
   }
 
   static void loss_scale_update_(const at::Tensor& scale, const at::Tensor& growth_tracker,

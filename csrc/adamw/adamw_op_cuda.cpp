@@ -24,12 +24,9 @@ struct CudaBackend {
     const c10::cuda::CUDAGuard guard(ref.device());
     check_launch(launch_grad_check(L, dtype, c10::cuda::getCurrentCUDAStream()), "amp_grad_check_");
   }
-  static void grad_check_finalize(const float* partials, int64_t chunks, const float* scale,
-                                  const float* found_inf_in, double max_norm, float* out, const at::Tensor& ref) {
+  static void grad_check_finalize(const GradCheckFinalize& F, const at::Tensor& ref) {
     const c10::cuda::CUDAGuard guard(ref.device());
-    check_launch(launch_grad_check_finalize(partials, chunks, scale, found_inf_in, max_norm, out,
-                                            c10::cuda::getCurrentCUDAStream()),
-                 "amp_grad_check_ (finalize)");
+    check_launch(launch_grad_check_finalize(F, c10::cuda::getCurrentCUDAStream()), "amp_grad_check_ (finalize)");
   }
   static void loss_scale_update(float* scale, int32_t* growth, int32_t* hysteresis, const float* found_inf,
                                 const LossScaleConfig& c, const at::Tensor& ref) {

@@ -16,17 +16,24 @@ takes ``grad_scale``/``found_inf``, such as ``AdamW(fused=True)``): the
 overflow check, the skip and the scale update all happen on the device. Other
 optimizers need one host read per step to decide whether to step, as with
 torch's GradScaler. ``unscale_`` also works on float16 gradients.
+
+``overflow_report()`` says which params' gradients held inf / NaN in the last
+skipped iteration (the check's per-param flags are kept on the device; the
+report reads them with one sync).
 """
 from __future__ import annotations
 
 import enum
+import functools
 import math
+import weakref
 from typing import Any
 
 import torch
 
 from . import _extension  # noqa: F401  (loads the ops)
 from ._distributed import reduce_found_inf_
+from ._overflow import OverflowReport, SkipMemory, build_report, flags_buffer, param_labels
 
 _ops = torch.ops.cogkern
 
@@ -114,6 +121,10 @@ class DynamicLossScaler:
         self._found_inf: torch.Tensor | None = None
         self._pending: dict[str, Any] | None = None  # a loaded state waiting for a device
         self._per_optimizer: dict[int, dict[str, Any]] = {}
+        # The last skipped iteration (counted in update() calls), and per optimizer the
+        # per-param inf/NaN flags it had then: on the device, read by overflow_report().
+        self._iterations = SkipMemory()
+        self._optimizer_skips: dict[int, tuple[weakref.ref, SkipMemory]] = {}
 
     # ------------------------------------------------------------------ state
     def _lazy_init(self, device: torch.device) -> None:
@@ -131,7 +142,7 @@ class DynamicLossScaler:
     def _opt_state(self, optimizer) -> dict[str, Any]:
         st = self._per_optimizer.get(id(optimizer))
         if st is None:
-            st = {"stage": _Stage.READY, "found_inf": None}
+            st = {"stage": _Stage.READY, "found_inf": None, "flags": None, "optimizer": weakref.ref(optimizer)}
             self._per_optimizer[id(optimizer)] = st
         return st
 
@@ -211,38 +222,48 @@ class DynamicLossScaler:
             raise RuntimeError("unscale_() has already been called on this optimizer since the last update().")
         if st["stage"] is _Stage.STEPPED:
             raise RuntimeError("unscale_() is being called after step().")
-        st["found_inf"] = self._check(optimizer, unscale=True)
+        st["found_inf"], st["flags"] = self._check(optimizer, unscale=True)
         st["stage"] = _Stage.UNSCALED
 
-    def _grads_by_device(self, optimizer) -> dict[torch.device, list[torch.Tensor]]:
-        by_device: dict[torch.device, list[torch.Tensor]] = {}
+    def _grads_by_device(self, optimizer) -> tuple[dict[torch.device, tuple[list, list]], int]:
+        """Per device (grads, their flat param indices), and the number of params."""
+        by_device: dict[torch.device, tuple[list, list]] = {}
+        flat = 0
         for gi, group in enumerate(optimizer.param_groups):
             for p in group["params"]:
+                index, flat = flat, flat + 1
                 g = p.grad
                 if g is None:
                     continue
                 if g.is_sparse or g.layout != torch.strided:
                     raise ValueError(f"param_groups[{gi}] has a param with a sparse gradient; not supported")
-                by_device.setdefault(g.device, []).append(g)
-        return by_device
+                grads, indices = by_device.setdefault(g.device, ([], []))
+                grads.append(g)
+                indices.append(index)
+        return by_device, flat
 
-    def _check(self, optimizer, unscale: bool) -> torch.Tensor:
-        """Scans the optimizer's grads (optionally unscaling them); returns a (1,) float32 found_inf flag."""
+    def _check(self, optimizer, unscale: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scans the optimizer's grads (optionally unscaling them); returns a (1,) float32 found_inf
+        flag and the per-param inf/NaN flags (cogkern._overflow), on the scale's device."""
         scale = self._require_scale("unscale_" if unscale else "step")
-        flags = []
-        for device, grads in self._grads_by_device(optimizer).items():
+        found_flags, param_flags = [], []
+        by_device, num_params = self._grads_by_device(optimizer)
+        for device, (grads, indices) in by_device.items():
             out = torch.empty(4, dtype=torch.float32, device=device)
+            flags = flags_buffer(num_params, device)
             s = scale if scale.device == device else scale.to(device, non_blocking=True)
-            _ops.amp_grad_check_(grads, s, None, 0.0, True, unscale, out)
-            flags.append(out[0:1].to(scale.device, non_blocking=True))
-        if not flags:
+            _ops.amp_grad_check_(grads, s, None, 0.0, True, unscale, out, flags, indices)
+            found_flags.append(out[0:1].to(scale.device, non_blocking=True))
+            param_flags.append(flags.to(scale.device, non_blocking=True))
+        if not found_flags:
             found = torch.zeros(1, dtype=torch.float32, device=scale.device)
-        elif len(flags) == 1:
-            found = flags[0]
+            param_flags = [flags_buffer(num_params, scale.device)]
+        elif len(found_flags) == 1:
+            found = found_flags[0]
         else:
-            found = torch.stack(flags).amax(0)
+            found = torch.stack(found_flags).amax(0)
         reduce_found_inf_(found, self.process_group)
-        return found
+        return found, functools.reduce(torch.bitwise_or, param_flags)
 
     def step(self, optimizer, *args, **kwargs):
         """Steps the optimizer unless its gradients overflowed.
@@ -273,10 +294,11 @@ class DynamicLossScaler:
             scale = self._require_scale("step")
             retval = optimizer.step(*args, grad_scale=scale, **kwargs)
             st["found_inf"] = optimizer.skipped_flag.reshape(1)
+            st["flags"] = getattr(optimizer, "grad_flags", None)  # its own check's per-param flags
         elif amp_aware:
             scale = self._require_scale("step")
             if st["stage"] is _Stage.READY:
-                st["found_inf"] = self._check(optimizer, unscale=False)
+                st["found_inf"], st["flags"] = self._check(optimizer, unscale=False)
                 optimizer.grad_scale = scale.reshape(1)
             else:
                 optimizer.grad_scale = None
@@ -313,6 +335,7 @@ class DynamicLossScaler:
                 raise RuntimeError("No inf checks were recorded prior to update(); call scaler.step(optimizer) first.")
             found = flags[0] if len(flags) == 1 else torch.stack([f.reshape(1) for f in flags]).amax(0)
             self._found_inf.copy_(found.reshape(()))
+            self._remember_skip()
             _ops.loss_scale_update_(
                 scale,
                 self._growth_tracker,
@@ -326,6 +349,38 @@ class DynamicLossScaler:
                 self._max_scale,
             )
         self._per_optimizer.clear()
+
+    def _remember_skip(self) -> None:
+        """Keeps this iteration's per-param flags on the device if it was skipped (no sync)."""
+        count = self._iterations.tick(self._found_inf.device)
+        self._iterations.record(self._found_inf, flags_buffer(0, self._found_inf.device))
+        for key, st in self._per_optimizer.items():
+            if st["flags"] is None:
+                continue
+            ref, memory = self._optimizer_skips.get(key, (None, None))
+            if ref is None or ref() is not st["optimizer"]():  # new, or an id reused by another optimizer
+                memory = SkipMemory()
+                self._optimizer_skips[key] = (st["optimizer"], memory)
+            memory.record(self._found_inf, st["flags"], count)
+
+    def overflow_report(self) -> OverflowReport:
+        """The last skipped iteration (counted in update() calls, from 1) and the params whose
+        gradients held inf / NaN in it, by name when the optimizer was built from
+        named_parameters(), else by group and index; or why none is named (another rank
+        overflowed, the flag came from elsewhere). One sync, however many optimizers."""
+        if self._iterations.count is None:
+            return OverflowReport(None, "none", counted_as="iteration")
+        device = self._iterations.count.device
+        live = [(ref(), memory) for ref, memory in self._optimizer_skips.values() if ref() is not None]
+        packed = [self._iterations.packed(device)] + [memory.packed(device) for _, memory in live]
+        values = torch.cat(packed).tolist()  # the one host read
+        step, offset, parts = values[0], len(packed[0]), []
+        for (optimizer, _), chunk in zip(live, packed[1:]):
+            record = values[offset: offset + len(chunk)]
+            offset += len(chunk)
+            if step and record[0] == step:  # this optimizer took part in that iteration
+                parts.append((record[1:], param_labels(optimizer.param_groups)))
+        return build_report(step, parts, "iteration")
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:

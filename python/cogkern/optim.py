@@ -54,6 +54,7 @@ import torch
 
 from . import _extension, _guard  # noqa: F401  (_extension loads the ops)
 from ._distributed import reduce_found_inf_
+from ._overflow import OverflowReport, SkipMemory, build_report, flags_buffer, param_labels
 
 _ops = torch.ops.cogkern
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -230,8 +231,10 @@ class FusedAdamW(torch.optim.Optimizer):
     """AdamW (as ``torch.optim.AdamW``) fused over all tensors, with mixed precision.
 
     Args:
-        params: params or param groups (dicts with per-group ``lr``, ``betas``,
-            ``eps``, ``weight_decay``). All params must be on one device.
+        params: params, ``model.named_parameters()`` (the names then appear in
+            ``overflow_report()`` and in ``param_groups[i]['param_names']``, as
+            with torch's optimizers) or param groups (dicts with per-group ``lr``,
+            ``betas``, ``eps``, ``weight_decay``). All params must be on one device.
         lr: float, or a 1-element float32 tensor on the params' device (read by
             the kernel at every step: changing it needs no recapture).
         betas, eps, weight_decay: as ``torch.optim.AdamW``.
@@ -267,6 +270,8 @@ class FusedAdamW(torch.optim.Optimizer):
     and ``grad_norm`` (device tensor) are available without synchronizing;
     ``last_step_skipped`` reads the flag on the host. Per-param step counts
     (``state[p]['step']``) only advance on steps that were taken.
+    ``overflow_report()`` names the params whose gradients held inf or NaN in the
+    last skipped step (kept on the device, read with one sync when asked).
     """
 
     # The loss-scaler protocol (this module knows no scaler; see cogkern.amp):
@@ -317,6 +322,8 @@ class FusedAdamW(torch.optim.Optimizer):
         self._device: torch.device | None = None
         self._param_dtypes: dict[int, torch.dtype] = {}
         self._scalars: torch.Tensor | None = None
+        self._grad_flags: torch.Tensor | None = None  # the last step's per-param inf/NaN bits (_overflow.py)
+        self._skips = SkipMemory()
         self._checked_dtypes: set[torch.dtype] = set()  # precision modes past their first-use check
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         _check_hyper(defaults, "FusedAdamW")
@@ -391,6 +398,18 @@ class FusedAdamW(torch.optim.Optimizer):
     def last_step_skipped(self) -> bool:
         """Whether the last step was skipped. Reads the device flag: synchronizes."""
         return self._scalars is not None and bool(self._scalars[0].item() != 0.0)
+
+    @property
+    def grad_flags(self) -> torch.Tensor | None:
+        """int32 device tensor of the last step: per param (flat over param_groups) its
+        gradient's inf (1) / NaN (2) bits, then a summary entry (cogkern._overflow). No sync."""
+        return self._grad_flags
+
+    def overflow_report(self) -> OverflowReport:
+        """The last skipped step (counted in step() calls) and the params whose gradients
+        held inf / NaN then, by name when built from named_parameters(). One sync."""
+        step, flags = self._skips.read()
+        return build_report(step, [(flags, param_labels(self.param_groups))], "step")
 
     def _step_scalars(self) -> torch.Tensor:
         if self._scalars is None:
@@ -507,11 +526,16 @@ class FusedAdamW(torch.optim.Optimizer):
         found_in = self._as_device_scalar(found_in, "found_inf")
 
         grads = [g for _, _, _, g in entries]
-        # Always rewrites the step scalars, so skipped_flag describes this step
-        # even when there is nothing to update.
-        _ops.amp_grad_check_(grads, scale, found_in, self.max_grad_norm or 0.0, scan and bool(entries), False, scalars)
+        if self._grad_flags is None or self._grad_flags.numel() != flat + 1:
+            self._grad_flags = flags_buffer(flat, device)
+        # Always rewrites the step scalars and flags, so skipped_flag and grad_flags describe
+        # this step even when there is nothing to update.
+        _ops.amp_grad_check_(grads, scale, found_in, self.max_grad_norm or 0.0, scan and bool(entries), False, scalars,
+                             self._grad_flags, [index for index, _, _, _ in entries])
         if scan or found_in is not None:
             reduce_found_inf_(scalars[0:1], self.process_group)
+        self._skips.tick(device)
+        self._skips.record(scalars[0], self._grad_flags)
         if entries:
             self._apply(entries, scalars)
         return loss
@@ -611,8 +635,8 @@ class FusedAdamW(torch.optim.Optimizer):
 
         for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
             for key, value in saved.items():
-                if key == "params":
-                    continue
+                if key == "params" or (key == "param_names" and "param_names" in group):
+                    continue  # as torch: this optimizer's own names win
                 if key == "lr" and torch.is_tensor(group["lr"]):
                     group["lr"].copy_(value if torch.is_tensor(value) else torch.tensor(value))
                 elif key == "lr" and torch.is_tensor(value):
@@ -714,7 +738,8 @@ def _fused_adamw_fake(params, grads, exp_avgs, exp_avg_sqs, masters, steps, tens
 
 
 @torch.library.register_fake("cogkern::amp_grad_check_")
-def _amp_grad_check_fake(grads, scale, found_inf, max_norm, scan, unscale_inplace, out):
+def _amp_grad_check_fake(grads, scale, found_inf, max_norm, scan, unscale_inplace, out, tensor_flags=None,
+                         flag_indices=None):
     return None
 
 

@@ -144,9 +144,9 @@ class Stepper:
         self.applied = torch.zeros((), dtype=torch.float32, device=device)  # steps taken so far
         self.lr = torch.full((), args.lr, dtype=torch.float32, device=device)
         self._set_lr()
-        params = [p for p in model.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
+        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # names: overflow reports
+        decay = [(n, p) for n, p in params if p.dim() >= 2]
+        no_decay = [(n, p) for n, p in params if p.dim() < 2]
         groups = [dict(params=decay, weight_decay=args.weight_decay), dict(params=no_decay, weight_decay=0.0)]
         self.scaler = None
         self.autocast_dtype = None
@@ -174,6 +174,11 @@ class Stepper:
             return self.opt.state_bytes()["total"]
         return sum(t.numel() * t.element_size() for st in self.opt.state.values()
                    for k, t in st.items() if k in ("exp_avg", "exp_avg_sq"))
+
+    def overflow_report(self):
+        """Which gradients overflowed in the last skipped step (one sync), or None for torch's optimizers."""
+        report = getattr(self.scaler if self.scaler is not None else self.opt, "overflow_report", None)
+        return report() if report is not None else None
 
     def _set_lr(self) -> None:
         warm = self.args.warmup
@@ -419,7 +424,12 @@ def train(argv=None) -> dict:
                     f"(step {last_good_step}) is kept in {ckpt_path}")
             rows.append(dict(step=s, loss=loss, loss_scale=scale, skipped=int(skipped), grad_norm=gnorm,
                              lr=lr, tokens_per_s=tps, peak_mem_mb=mem, opt_state_bytes=state_bytes))
+        skipped_now = [s for (s, _), v in zip(pending, values) if v[2]]
         pending.clear()
+        report = stepper.overflow_report() if skipped_now and show else None  # one sync, at a log step
+        if report:
+            more = f" ({len(skipped_now) - 1} more skipped since the last log)" if len(skipped_now) > 1 else ""
+            print((report.format(f"step {skipped_now[-1] + 1}") + more).ljust(78), file=sys.stderr, flush=True)
         if show:
             r = rows[-1]
             skips = sum(x["skipped"] for x in rows)

@@ -18,7 +18,8 @@ using namespace cogkern;
 // with int8 moments, one fp32 scale per block in exp_avg_scales[i], exp_avg_sq_scales[i]; else those are null),
 // masters[i] (kMaster: fp32, kRemainder: int16; else masters is null), steps[i], numels[i] elements,
 // hyper-parameter group groups[i] (of num_groups: lr[g], ...), stochastic-rounding id rng_ids[i]. check: run the
-// gradient check (loss scale `scale` or null, clipping at max_norm, 0: none) into step_scalars[4] first.
+// gradient check (loss scale `scale` or null, clipping at max_norm, 0: none) into step_scalars[4] first,
+// and its per-tensor inf/NaN bits into tensor_flags[num_tensors + 1] (the summary last; null: none).
 // Returns 0, or the first failing launch's error.
 extern "C" int emu_adamw_step(int num_tensors, void* const* params, void* const* grads, void* const* exp_avgs,
                               void* const* exp_avg_sqs, void* const* masters, float* const* steps,
@@ -26,7 +27,7 @@ extern "C" int emu_adamw_step(int num_tensors, void* const* params, void* const*
                               const double* lr, const double* beta1, const double* beta2, const double* eps,
                               const double* weight_decay, int dtype, int mode, const float* scale, double max_norm,
                               int check, uint64_t seed, float* step_scalars, int moments,
-                              float* const* exp_avg_scales, float* const* exp_avg_sq_scales) {
+                              float* const* exp_avg_scales, float* const* exp_avg_sq_scales, int32_t* tensor_flags) {
   if (num_tensors > kAdamWMaxTensors || num_tensors > kGradCheckMaxTensors || num_groups > kAdamWMaxGroups) return -1;
   const DType dt = DType(dtype);
   const MomentStore ms = MomentStore(moments);
@@ -56,16 +57,24 @@ extern "C" int emu_adamw_step(int num_tensors, void* const* params, void* const*
     d.group = int(groups[i]);
     d.rng_id = uint32_t(rng_ids[i]);
     append_tensor(L, d, elem, moment_bytes, master_bytes);
-    if (numels[i] > 0) append_tensor(C, grads[i], numels[i], elem);
+    if (numels[i] > 0) append_tensor(C, grads[i], numels[i], elem, i);
   }
-  std::vector<float> partials(2 * C.num_chunks + 1, NAN);
+  std::vector<float> partials(kGradCheckPartialWords * C.num_chunks + 1, NAN);
   cudaError_t err = cudaSuccess;
   if (check) {
     C.partials = partials.data();
     C.scale = scale;
     err = launch_grad_check(C, dt, nullptr);
-    if (err == cudaSuccess)
-      err = launch_grad_check_finalize(partials.data(), C.num_chunks, scale, nullptr, max_norm, step_scalars, nullptr);
+    GradCheckFinalize F;
+    F.partials = partials.data();
+    F.num_chunks = C.num_chunks;
+    F.scale = scale;
+    F.max_norm = max_norm;
+    F.out = step_scalars;
+    F.tensor_flags = tensor_flags;
+    F.num_flags = num_tensors;
+    F.scanned = true;
+    if (err == cudaSuccess) err = launch_grad_check_finalize(F, nullptr);
     L.step_scalars = step_scalars;
   }
   L.seed = seed;

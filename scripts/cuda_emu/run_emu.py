@@ -133,7 +133,7 @@ def declare_api(lib):
         "emu_rope3d": (I32, [P, I32, I32]),
         # emu_optim.cpp
         "emu_adamw_step": (I32, [I32, P, P, P, P, P, P, P, P, P, I32, P, P, P, P, P, I32, I32, P, F64, I32,
-                                 ctypes.c_uint64, P, I32, P, P]),
+                                 ctypes.c_uint64, P, I32, P, P, P]),
         # emu_wgmma.cpp
         "emu_wgmma_selftest": (I32, [P, P, P, P, P, P, I32, I32, I32]),
     }
@@ -376,8 +376,9 @@ def clone_state(state):
 
 def optim_suite(lib):
     """The optimizer's CUDA kernels (csrc/adamw/adamw_kernels.cuh: grad check with its block
-    reduction, finalize, multi-tensor update in every param precision and moment storage, int8 blocks
-    shared by a warp with a shuffle max, step advance) against the CPU backend's ops on the same data:
+    reduction, finalize with its per-tensor inf/NaN flags, multi-tensor update in every param precision and
+    moment storage, int8 blocks shared by a warp with a shuffle max, step advance) against the CPU backend's
+    ops on the same data:
     params, moments (codes and scales), master weights or remainders and steps bit for bit (within an
     ulp where the clip coefficient enters, since the grad norm's summation order differs; int8 codes
     there within one code), skipped steps untouched."""
@@ -408,8 +409,10 @@ def optim_suite(lib):
     for name, dtype, mode, moments, scale, max_norm, inject in configs:
         g = torch.Generator().manual_seed(7)
         state = optim_state(dtype, mode, moments, sizes, g)
-        if inject:
+        if inject:  # tensor 3: inf in its first chunk, NaN in its third; tensor 5 (element path): NaN
             state[3]["g"][12345] = float("inf")
+            state[3]["g"][69999] = float("nan")
+            state[5]["g"][7] = float("nan")
         groups = [0, 1, 0, 1, 1, 0]
         hyper = dict(lr=[1e-3, 3e-4], beta1=[0.9, 0.8], beta2=[0.999, 0.99], eps=[1e-8, 1e-6], weight_decay=[1e-2, 0.0])
         check = scale is not None or max_norm > 0
@@ -420,8 +423,10 @@ def optim_suite(lib):
         # The CPU backend.
         cpu = clone_state(state)
         scalars_cpu = torch.zeros(4)
+        flags_cpu = torch.full((len(sizes) + 1,), -1, dtype=torch.int32)
         if check:
-            torch.ops.cogkern.amp_grad_check_([d["g"] for d in cpu], scale_t, None, max_norm, True, False, scalars_cpu)
+            torch.ops.cogkern.amp_grad_check_([d["g"] for d in cpu], scale_t, None, max_norm, True, False, scalars_cpu,
+                                              flags_cpu)
         torch.ops.cogkern.fused_adamw_(
             [d["p"] for d in cpu], [d["g"] for d in cpu], [d["m"] for d in cpu], [d["v"] for d in cpu],
             [d["master"] for d in cpu] if mode in (1, 3) else [], [d["step"] for d in cpu], groups,
@@ -432,6 +437,7 @@ def optim_suite(lib):
         # The CUDA kernels, emulated.
         emu = clone_state(state)
         scalars_emu = torch.zeros(4)
+        flags_emu = torch.full((len(sizes) + 1,), -1, dtype=torch.int32)
         lists = [i64s(d[k] for d in emu) for k in ("p", "g", "m", "v", "master", "step")]  # data pointers
         lists[4] = lists[4] if mode in (1, 3) else None  # no masters
         scale_lists = [i64s(d[k] for d in emu) if quantized else None for k in ("ms", "vs")]
@@ -440,11 +446,15 @@ def optim_suite(lib):
         rc = lib.emu_adamw_step(len(sizes), *(ptr(t) for t in lists), ptr(sizes_t), ptr(groups_t), ptr(ids_t), 2,
                                 *(ptr(hyper_t[k]) for k in ("lr", "beta1", "beta2", "eps", "weight_decay")),
                                 dtype_code[dtype], mode, ptr(scale_t), max_norm, int(check), 1234, ptr(scalars_emu),
-                                moments, *(ptr(t) for t in scale_lists))
+                                moments, *(ptr(t) for t in scale_lists), ptr(flags_emu))
 
         bad = [] if rc == 0 else [f"rc {rc}"]
         if check and not torch.allclose(scalars_emu, scalars_cpu, rtol=1e-5, atol=0):
             bad.append(f"step scalars {scalars_emu.tolist()} vs {scalars_cpu.tolist()}")
+        # Per-tensor bits (inf 1, NaN 2), then the summary (their OR + 4: scanned).
+        expected_flags = [0, 0, 0, 3, 0, 2, 7] if inject else [0] * len(sizes) + [4]
+        if check and (flags_emu.tolist() != expected_flags or not torch.equal(flags_emu, flags_cpu)):
+            bad.append(f"tensor flags {flags_emu.tolist()} (CPU {flags_cpu.tolist()}, expected {expected_flags})")
         exact = max_norm == 0
         for i, (a, b, o) in enumerate(zip(emu, cpu, orig)):
             for k in ("p", "m", "v", "master", "step", "ms", "vs"):
