@@ -109,8 +109,9 @@ def tracks_fp32(r: dict, fp32_final: float) -> bool:
     return r["final_loss"] <= fp32_final * 1.10 and r.get("rel_dist_from_fp32", 0) <= 0.15
 
 
-def where_fp16_overflowed(rows: list[dict], watch_report) -> str | None:
-    """What the fp16 run's scaler and activation watch saw, in one sentence; None when it never skipped."""
+def where_fp16_overflowed(rows: list[dict], watch_report, overflow_report=None) -> str | None:
+    """What the fp16 run's activation watch and loss scaler saw (and, given its overflow report, which
+    gradients held inf / NaN in the last skipped step), in one sentence; None when it never skipped."""
     skipped = [r["step"] for r in rows if r["skipped"]]
     if not skipped:
         return None
@@ -124,10 +125,14 @@ def where_fp16_overflowed(rows: list[dict], watch_report) -> str | None:
                  f"largest output of {row.max_abs:.4g} ({FP16_MAX:g} is fp16's largest value)")
         if nonfinite:
             text += f"; {len(nonfinite)} module output(s) went non-finite in the forward"
+    if overflow_report:
+        text += (f"; in the last skipped step (step {skipped[-1]}) {len(overflow_report.entries)} gradient(s) "
+                 f"held inf or NaN: {overflow_report.summary}")
     return text
 
 
-def recommend(results: dict, report, watches: dict | None = None) -> tuple[str, list[str]]:
+def recommend(results: dict, report, watches: dict | None = None, overflows: dict | None = None
+              ) -> tuple[str, list[str]]:
     why = []
     fp32 = results["fp32"]["final_loss"]
     ok = {}
@@ -141,13 +146,19 @@ def recommend(results: dict, report, watches: dict | None = None) -> tuple[str, 
     if report.recommendation == "bf16" or not ok["fp16"]:
         choice = "bf16" if ok["bf16"] else "fp32"
         why.append("the audit or the fp16 run shows fp16's range is not enough: " + report.reasons[0])
-        overflow = where_fp16_overflowed(results["fp16"]["rows"], (watches or {}).get("fp16"))
+        overflow = where_fp16_overflowed(results["fp16"]["rows"], (watches or {}).get("fp16"),
+                                         (overflows or {}).get("fp16"))
         if overflow:
             why.append(overflow + (": values beyond fp16's range, which bf16 (fp32's exponent range) holds"
                                    if choice == "bf16" else ""))
     else:
         choice = "fp16"
         why.append("fp16 tracked fp32 and the audit finds its range sufficient; it keeps more mantissa than bf16")
+        watched = (watches or {}).get("fp16")
+        if watched is not None and watched.rows:
+            top = max(watched.rows, key=lambda r: r.max_abs)
+            why.append(f"the activation watch over the fp16 run: the largest output (`{top.module}`, "
+                       f"{top.max_abs:.4g}) stayed {top.headroom:.0f}x below fp16's limit {FP16_MAX:g}")
     if ok["bf16-sr"]:
         why.append("bf16 with stochastic rounding (no master weights, 12 instead of 16 bytes/param) also tracked "
                    "fp32: an option when optimizer memory is the limit")
@@ -204,7 +215,7 @@ def main(argv=None) -> int:
     if args.steps < 10:
         p.error("--steps must be at least 10")
     os.makedirs(args.out, exist_ok=True)
-    runs, results, unavailable, watches = {}, {}, {}, {}
+    runs, results, unavailable, watches, overflows = {}, {}, {}, {}, {}
     state_bytes = {}
     torch.manual_seed(args.seed)
     n_params = sum(q.numel() for q in VideoTransformer(CONFIGS[args.config]).parameters() if q.requires_grad)
@@ -223,12 +234,14 @@ def main(argv=None) -> int:
         runs[name] = summary["rows"]
         if "watch" in summary:
             watches[name] = summary["watch"]
+        if summary.get("overflow_report"):
+            overflows[name] = summary["overflow_report"]
         state_bytes[name] = summary["optimizer_state_bytes"]
     for name in runs:
         results[name] = summarize(runs[name], None if name == "fp32" else runs["fp32"], state_bytes[name], n_params,
                                   kept_bytes_per_param(VARIANTS[name][0]))
     report = audit_batch(args.config, args.seed)
-    choice, why = recommend(results, report, watches)
+    choice, why = recommend(results, report, watches, overflows)
     plotted = plot(os.path.join(args.out, "precision_study.png"), runs)
 
     lines = [f"# Precision study: config `{args.config}`, {args.steps} steps, seed {args.seed}", "",

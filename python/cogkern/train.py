@@ -469,6 +469,8 @@ def train(argv=None) -> dict:
                    moments=args.moments, param_remainders=args.param_remainders,
                    optimizer_state_bytes=stepper.state_bytes(),
                    params=[p.detach().float().cpu() for p in params] if world > 1 else None)
+    if rows and any(r["skipped"] for r in rows):
+        summary["overflow_report"] = stepper.overflow_report()  # the last skipped step's culprits: one sync
     if activation_watch is not None:
         activation_watch.close()
         summary["watch"] = activation_watch.report()
