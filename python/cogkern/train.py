@@ -382,7 +382,6 @@ def train(argv=None) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     stepper = Stepper(model, args, device)
     ddp_model = nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    activation_watch = None
 
     os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
@@ -398,8 +397,7 @@ def train(argv=None) -> dict:
     if start_step >= args.steps:
         raise TrainingError(f"--resume: the checkpoint is at step {start_step}, nothing left of --steps {args.steps}")
 
-    if args.watch:
-        activation_watch = watch_activations(model, start_step=start_step)
+    activation_watch = watch_activations(model, start_step=start_step) if args.watch else None
     tokens_per_step = args.batch_size * cfg.seq_len * world
     pending: list[tuple[int, StepOutputs]] = []
     last_log_time, last_log_step = time.perf_counter(), start_step
