@@ -7,6 +7,25 @@ on the video tokens) and a GELU MLP, each modulated by the timestep through
 adaptive LayerNorm (CogVideoX's ``CogVideoXLayerNormZero``: separate shift,
 scale and gate for video and text). The model predicts v.
 
+Massive activations (``--config stress``). Large transformers develop a few
+channels whose values stand thousands of times above the rest ("massive
+activations": Sun et al. 2024 for LLMs, Darcet et al. 2024 for ViTs, and
+diffusion transformers alike), carried by the residual stream and scaled up by
+the learned gains of the normalization layers. They are why CogVideoX-5B trains
+in bf16: in fp16 they pass its largest value, 65504, and become inf. The tiny
+demo does not grow them in a few hundred steps, so the stress config starts
+where such a model ends up: the first ``massive_channels`` (2) channels of the
+gain of every block's adaptive LayerNorm (norm1 and norm2: the inputs of
+attention and of the MLP) start at ``massive_gain`` instead of 1; every other
+weight, the data and the learning rate are the tiny config's. Those channels'
+normalized values (up to ~4 on the demo data) times the gain put the norms'
+outputs at tens of thousands. Measured with seed 0 (fp16 run, 60 steps): gain
+1e4 peaks at 4.3e4 and fp16 trains; 1.6e4 peaks at 5.2e4 at step 0 and
+overflows on some batches (the loss scale falls 65536 -> 4096 by step 60);
+2.2e4 (the stress config) overflows in the forward from step 0, the loss
+scale backs off to its floor (1) by step 20 and every step is skipped, while
+bf16, with fp32's exponent range, holds the same values and trains.
+
 ``attention="cogkern"`` uses the fused op; ``"sdpa"`` and ``"eager"`` compute
 the same attention from the same parameters the way diffusers writes it
 (cogkern.reference.diffusers_attention), for A/B runs.
@@ -56,6 +75,10 @@ class ModelConfig:
     text_len: int = 4
     time_embed_dim: int = 128
     mlp_ratio: int = 4
+    # Massive activations (the "stress" config, see the module docstring): the first `massive_channels`
+    # channels of every block's adaptive-LayerNorm gains start at `massive_gain` instead of 1.
+    massive_channels: int = 0
+    massive_gain: float = 1.0
 
     @property
     def head_dim(self) -> int:
@@ -88,9 +111,10 @@ class ModelConfig:
         return VideoSpec(frames=self.latent_frames * 2, size=self.latent_size * 4, latent_channels=self.latent_channels)
 
 
-# Named sizes. tiny: the CPU demo; small/base: GPU runs.
+# Named sizes. tiny: the CPU demo; small/base: GPU runs; stress: tiny with massive activations (fp16's wall).
 CONFIGS = {
     "tiny": ModelConfig(),
+    "stress": ModelConfig(massive_channels=2, massive_gain=22000.0),
     "small": ModelConfig(latent_frames=4, latent_size=16, dim=256, heads=4, layers=4, time_embed_dim=256),
     "base": ModelConfig(latent_channels=16, latent_frames=8, latent_size=32, dim=768, heads=12, layers=8,
                         time_embed_dim=512),
@@ -176,6 +200,11 @@ class VideoTransformer(nn.Module):
             nn.Linear(cfg.dim, cfg.time_embed_dim), nn.SiLU(), nn.Linear(cfg.time_embed_dim, cfg.time_embed_dim)
         )
         self.blocks = nn.ModuleList(Block(cfg, cp_group) for _ in range(cfg.layers))
+        if cfg.massive_channels:
+            with torch.no_grad():  # after the random init, so every other weight is the default config's
+                for block in self.blocks:
+                    for norm in (block.norm1.norm, block.norm2.norm):
+                        norm.weight[: cfg.massive_channels] = cfg.massive_gain
         self.norm_final = nn.LayerNorm(cfg.dim, eps=1e-5)
         self.norm_out = nn.Linear(cfg.time_embed_dim, 2 * cfg.dim)  # AdaLayerNorm's shift and scale
         self.proj_out = nn.Linear(cfg.dim, c * p * p)

@@ -15,6 +15,7 @@ those measurements.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -26,9 +27,10 @@ from .data import ShapesVideos
 from .diffusion import DDPMSchedule, v_loss
 from .model import CONFIGS, VideoTransformer
 from .optim import FusedAdamW
-from .precision import audit
+from .precision import FP16_MAX, audit
 
 PRECISIONS = ("fp32", "fp16", "bf16", "bf16-sr")
+WATCHED = ("fp16", "bf16")  # runs trained under the activation watch: where fp16 overflows, what bf16 holds
 # The optimizer's memory-lean modes: name -> (--precision, extra demo flags).
 LEAN_VARIANTS = {
     "bf16+remainders": ("bf16", ["--param-remainders"]),
@@ -82,6 +84,7 @@ def summarize(rows: list[dict], ref: list[dict] | None, state_bytes: int = 0, pa
         peak_mem_mb=max(r["peak_mem_mb"] for r in rows),
         state_bytes=state_bytes, state_per_param=state_bytes / params,
         kept_per_param=kept_bytes + state_bytes / params,
+        rows=rows,
     )
     if ref is not None:
         a, b = smooth(losses), smooth([r["loss"] for r in ref])
@@ -106,7 +109,30 @@ def tracks_fp32(r: dict, fp32_final: float) -> bool:
     return r["final_loss"] <= fp32_final * 1.10 and r.get("rel_dist_from_fp32", 0) <= 0.15
 
 
-def recommend(results: dict, report) -> tuple[str, list[str]]:
+def where_fp16_overflowed(rows: list[dict], watch_report, overflow_report=None) -> str | None:
+    """What the fp16 run's activation watch and loss scaler saw (and, given its overflow report, which
+    gradients held inf / NaN in the last skipped step), in one sentence; None when it never skipped."""
+    skipped = [r["step"] for r in rows if r["skipped"]]
+    if not skipped:
+        return None
+    scales = [r["loss_scale"] for r in rows]
+    text = (f"fp16 skipped {len(skipped)} of {len(rows)} steps (the first at step {skipped[0]}) and its loss scale "
+            f"backed off from {scales[0]:g} to {min(scales):g}")
+    if watch_report is not None and watch_report.first_unsafe is not None:
+        row = next(r for r in watch_report.rows if r.module == watch_report.first_unsafe)
+        nonfinite = [r for r in watch_report.rows if not math.isfinite(r.max_abs)]
+        text += (f"; the activation watch names `{row.module}` first, at step {row.first_unsafe_step}, with a "
+                 f"largest output of {row.max_abs:.4g} ({FP16_MAX:g} is fp16's largest value)")
+        if nonfinite:
+            text += f"; {len(nonfinite)} module output(s) went non-finite in the forward"
+    if overflow_report:
+        text += (f"; in the last skipped step (step {skipped[-1]}) {len(overflow_report.entries)} gradient(s) "
+                 f"held inf or NaN: {overflow_report.summary}")
+    return text
+
+
+def recommend(results: dict, report, watches: dict | None = None, overflows: dict | None = None
+              ) -> tuple[str, list[str]]:
     why = []
     fp32 = results["fp32"]["final_loss"]
     ok = {}
@@ -120,9 +146,19 @@ def recommend(results: dict, report) -> tuple[str, list[str]]:
     if report.recommendation == "bf16" or not ok["fp16"]:
         choice = "bf16" if ok["bf16"] else "fp32"
         why.append("the audit or the fp16 run shows fp16's range is not enough: " + report.reasons[0])
+        overflow = where_fp16_overflowed(results["fp16"]["rows"], (watches or {}).get("fp16"),
+                                         (overflows or {}).get("fp16"))
+        if overflow:
+            why.append(overflow + (": values beyond fp16's range, which bf16 (fp32's exponent range) holds"
+                                   if choice == "bf16" else ""))
     else:
         choice = "fp16"
         why.append("fp16 tracked fp32 and the audit finds its range sufficient; it keeps more mantissa than bf16")
+        watched = (watches or {}).get("fp16")
+        if watched is not None and watched.rows:
+            top = max(watched.rows, key=lambda r: r.max_abs)
+            why.append(f"the activation watch over the fp16 run: the largest output (`{top.module}`, "
+                       f"{top.max_abs:.4g}) stayed {top.headroom:.0f}x below fp16's limit {FP16_MAX:g}")
     if ok["bf16-sr"]:
         why.append("bf16 with stochastic rounding (no master weights, 12 instead of 16 bytes/param) also tracked "
                    "fp32: an option when optimizer memory is the limit")
@@ -152,6 +188,11 @@ def plot(path: str, runs: dict) -> bool:
     a1.legend(fontsize="small")
     rows = runs["fp16"]
     a2.plot([r["step"] for r in rows], [r["loss_scale"] for r in rows], color="tab:orange")
+    skipped = [r for r in rows if r["skipped"]]
+    if skipped:  # where it backed off: every skipped step is an overflow the scaler saw
+        a2.scatter([r["step"] for r in skipped], [r["loss_scale"] for r in skipped], s=6, color="tab:red",
+                   label=f"skipped step ({len(skipped)})", zorder=3)
+        a2.legend(fontsize="small")
     a2.set(xlabel="step", ylabel="loss scale", yscale="log", title="fp16 dynamic loss scale")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -244,7 +285,7 @@ def main(argv=None) -> int:
     if args.steps < 10:
         p.error("--steps must be at least 10")
     os.makedirs(args.out, exist_ok=True)
-    runs, results, unavailable = {}, {}, {}
+    runs, results, unavailable, watches, overflows = {}, {}, {}, {}, {}
     state_bytes = {}
     torch.manual_seed(args.seed)
     n_params = sum(q.numel() for q in VideoTransformer(CONFIGS[args.config]).parameters() if q.requires_grad)
@@ -259,14 +300,18 @@ def main(argv=None) -> int:
         summary = train_mod.train([
             "--precision", prec, *extra, "--steps", str(args.steps), "--config", args.config,
             "--device", args.device, "--seed", str(args.seed), "--out", os.path.join(args.out, name),
-            "--ckpt-every", str(10**9), "--no-plot", "--quiet"])
+            "--ckpt-every", str(10**9), "--no-plot", "--quiet", *(["--watch"] if name in WATCHED else [])])
         runs[name] = summary["rows"]
+        if "watch" in summary:
+            watches[name] = summary["watch"]
+        if summary.get("overflow_report"):
+            overflows[name] = summary["overflow_report"]
         state_bytes[name] = summary["optimizer_state_bytes"]
     for name in runs:
         results[name] = summarize(runs[name], None if name == "fp32" else runs["fp32"], state_bytes[name], n_params,
                                   kept_bytes_per_param(VARIANTS[name][0]))
     report = audit_batch(args.config, args.seed)
-    choice, why = recommend(results, report)
+    choice, why = recommend(results, report, watches, overflows)
     plotted = plot(os.path.join(args.out, "precision_study.png"), runs)
 
     lines = [f"# Precision study: config `{args.config}`, {args.steps} steps, seed {args.seed}", "",
@@ -290,6 +335,11 @@ def main(argv=None) -> int:
               "excluded) per parameter; kept: params + gradients + that state.", ""]
     if plotted:
         lines += ["![loss by precision](precision_study.png)", ""]
+    for name, w in watches.items():
+        lines += [f"## Activation watch: {name} run", "",
+                  "The largest output of each module over the run (`cogkern.precision.watch`; the 8 nearest "
+                  f"fp16's limit), against fp16's largest value {FP16_MAX:g}; unsafe: non-finite or within "
+                  f"{w.headroom:g}x of it. All of them: `{name}/watch.csv`.", "", w.to_markdown(top=8), ""]
     lines += samples_section(args.out, args.config, {n: os.path.join(args.out, n) for n in runs}, args.seed,
                              args.device)["markdown"]
     lines += ["## Audit (one batch, fp32 model)", "", report.to_markdown(), ""]

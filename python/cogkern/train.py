@@ -34,6 +34,12 @@ losses equal an uninterrupted run's. At the end it generates ``--samples`` video
 (DDIM, v-prediction, ``--sample-steps`` steps) for the first training captions and
 writes them beside those training videos as DIR/samples.png (frame strip),
 DIR/samples.gif and DIR/samples.pt (cogkern.samples); ``--no-samples`` skips it.
+``--watch`` trains under the activation
+watch (``cogkern.precision.watch``): each module's largest output per step, on the
+device, printed as a table at the end (the first module that went non-finite or
+within 2x of fp16's 65504) and written to DIR/watch.csv and watch.png.
+``--config stress`` is the tiny model with massive activations, where fp16
+overflows and bf16 trains (see cogkern.model).
 """
 from __future__ import annotations
 
@@ -55,6 +61,7 @@ from .data import ShapesVideos
 from .diffusion import DDPMSchedule, v_loss
 from .model import ATTENTION_IMPLS, CONFIGS, ModelConfig, VideoTransformer
 from .samples import write_run_samples
+from .precision import watch as watch_activations
 
 PRECISIONS = ("fp32", "fp16", "bf16", "bf16-sr")
 TRAIN_CONFIGS = sorted(k for k, c in CONFIGS.items() if c.trainable_on_demo_data)
@@ -107,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-samples", dest="samples", action="store_const", const=0, help="same as --samples 0")
     p.add_argument("--sample-steps", type=_sample_steps, default=50, help="DDIM steps per generated video")
     p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.add_argument("--watch", action="store_true",
+                   help="watch every module's output approach fp16's range (cogkern.precision.watch): prints "
+                        "its report at the end, writes DIR/watch.csv (and watch.png)")
     return p
 
 
@@ -588,6 +598,7 @@ def train(argv=None) -> dict:
     if start_step >= args.steps:
         raise TrainingError(f"--resume: the checkpoint is at step {start_step}, nothing left of --steps {args.steps}")
 
+    activation_watch = watch_activations(model, start_step=start_step) if args.watch else None
     tokens_per_step = args.batch_size * cfg.seq_len * par.dp
     pending: list[tuple[int, StepOutputs]] = []
     last_log_time, last_log_step = time.perf_counter(), start_step
@@ -644,6 +655,8 @@ def train(argv=None) -> dict:
         with stepper.autocast():
             loss, report_loss = sample_loss(ddp_model(xt, ids, t), v, model, par)
         pending.append((step, stepper.step(loss, params, report_loss)))
+        if activation_watch is not None:
+            activation_watch.step()
         done = step + 1
         if done % args.log_every == 0:
             flush(done)
@@ -654,6 +667,15 @@ def train(argv=None) -> dict:
                    moments=args.moments, param_remainders=args.param_remainders,
                    optimizer_state_bytes=stepper.state_bytes(),
                    params=full_params(params) if world > 1 else None)
+    if rows and any(r["skipped"] for r in rows):
+        summary["overflow_report"] = stepper.overflow_report()  # the last skipped step's culprits: one sync
+    if activation_watch is not None:
+        activation_watch.close()
+        summary["watch"] = activation_watch.report()
+        if rank == 0:
+            activation_watch.to_csv(os.path.join(args.out, "watch.csv"))
+            if not args.no_plot:
+                activation_watch.plot(os.path.join(args.out, "watch.png"))
     if rank == 0 and not args.no_plot:
         plot_losses(os.path.join(args.out, "loss.png"), rows,
                     f"{args.config}, {args.precision}, attention={args.attention}, optimizer={args.optimizer}"
@@ -686,6 +708,8 @@ def main(argv=None) -> int:
         print(f"samples: {len(s['captions'])} videos, {s['steps']} DDIM steps -> {', '.join(s['files'].values())}; "
               f"{colors}/{len(s['captions'])} in their caption's color; shape's advance per frame along its "
               f"caption's direction: {fmt(s['sample_advance'])} (the training videos: {fmt(s['data_advance'])})")
+    if "watch" in summary and summary["rank"] == 0:
+        print(summary["watch"])
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0
