@@ -147,7 +147,7 @@ def _from_element_scales(codes: torch.Tensor, element_scales: torch.Tensor):
     scales = torch.empty_like(codes, dtype=torch.float32, memory_format=torch.preserve_format)
     scales.copy_(element_scales)  # into the codes' memory order
     flat = _memory_flat(scales)
-    firsts = flat[::MOMENT_BLOCK].clone()
+    firsts = flat[::MOMENT_BLOCK].clone(memory_format=torch.contiguous_format)  # dense (stride 1) even for one block
     if torch.equal(firsts.repeat_interleave(MOMENT_BLOCK)[: flat.numel()], flat):
         return codes, firsts
     ones = torch.ones(-(-codes.numel() // MOMENT_BLOCK), dtype=torch.float32, device=codes.device)
