@@ -681,7 +681,13 @@ def train(argv=None) -> dict:
                     f"{args.config}, {args.precision}, attention={args.attention}, optimizer={args.optimizer}"
                     + (f", m/v {args.moments}" if args.moments != "fp32" else "")
                     + (", remainders" if args.param_remainders else ""))
-    if rank == 0 and args.samples:
+    if args.samples and (par.fsdp or par.cp > 1):
+        # The sharded model's forward is collective (FSDP2 all-gathers, Ulysses all-to-alls): one rank sampling
+        # alone would wait for the others forever. Not done in these modes yet.
+        if rank == 0:
+            print("samples: skipped under --fsdp / --context-parallel (sample from the checkpoint on one process)",
+                  file=sys.stderr)
+    elif rank == 0 and args.samples:
         summary["samples"] = write_run_samples(model, data, args.out, args.samples, args.sample_steps, args.seed)
     if world > 1:
         dist.barrier()
